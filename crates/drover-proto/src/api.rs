@@ -1,0 +1,364 @@
+//! Types of the REST API under `/api/v1`.
+//!
+//! Request bodies reject unknown fields, so a typo in a field name is an error rather than a
+//! silently ignored setting. Timestamps are RFC 3339 strings in UTC.
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "openapi")]
+use utoipa::{IntoParams, ToSchema};
+
+/// The path prefix of every API route.
+pub const API_PREFIX: &str = "/api/v1";
+
+/// The body of every failed API request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong: a stable machine-readable `code` and a message for people.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ErrorDetail {
+    /// Stable identifier, e.g. `invalid_request`, `unauthorized`, `forbidden`, `not_found`.
+    pub code: String,
+    pub message: String,
+}
+
+/// A role within an organization.
+///
+/// - `admin`: everything.
+/// - `operator`: devices, deployments and remote access; not users or tokens.
+/// - `viewer`: reads everything, changes nothing.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Admin, Role::Operator, Role::Viewer];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "operator" => Some(Role::Operator),
+            "viewer" => Some(Role::Viewer),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::parse(s).ok_or_else(|| format!("unknown role {s:?}: expected admin, operator or viewer"))
+    }
+}
+
+/// One page of a listing. Pass `next_cursor` back as `cursor` to get the next page; it is
+/// absent on the last page.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Organization {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct UpdateOrganization {
+    pub name: String,
+}
+
+/// A user's membership of the caller's organization.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct User {
+    pub id: String,
+    pub username: String,
+    pub role: Role,
+    pub disabled: bool,
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_login_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct CreateUser {
+    pub username: String,
+    pub role: Role,
+    /// Omit to have the server generate one; it is then returned once in the response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct CreatedUser {
+    pub user: User,
+    /// Present only when the server generated the password; shown this once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generated_password: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct UpdateUser {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+}
+
+/// An administrator sets another user's password.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct SetPassword {
+    pub password: String,
+}
+
+/// A signed-in user changes their own password.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ChangePassword {
+    pub current_password: String,
+    pub new_password: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub enum PrincipalKind {
+    User,
+    Token,
+    System,
+}
+
+impl PrincipalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrincipalKind::User => "user",
+            PrincipalKind::Token => "token",
+            PrincipalKind::System => "system",
+        }
+    }
+}
+
+/// Who the caller is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Me {
+    pub kind: PrincipalKind,
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub organization: Organization,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct LoginRequest {
+    pub username: String,
+    pub password: String,
+}
+
+/// The answer to a successful `POST /api/v1/auth/login`; the session itself travels in an
+/// HttpOnly cookie.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct LoginResponse {
+    /// Send this as the `X-CSRF-Token` header with every change made through the session.
+    pub csrf_token: String,
+    pub me: Me,
+}
+
+/// An API token as listed: never its secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ApiToken {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    /// The first characters of the secret, to recognise a token without revealing it.
+    pub prefix: String,
+    pub created_at: String,
+    pub created_by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct CreateToken {
+    pub name: String,
+    pub role: Role,
+    /// Days until the token expires; omit for a token that does not expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_days: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct CreatedToken {
+    pub token: ApiToken,
+    /// The bearer secret. Shown this once; the server keeps only its hash.
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Actor {
+    pub kind: PrincipalKind,
+    pub id: String,
+    pub name: String,
+}
+
+/// One entry of the append-only, hash-chained audit log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct AuditEntry {
+    /// Position in the chain, increasing by one per entry across the whole server.
+    pub seq: i64,
+    pub at: String,
+    pub actor: Actor,
+    /// Dotted verb, e.g. `user.create`, `token.revoke`, `session.login`.
+    pub action: String,
+    pub target_kind: String,
+    pub target_id: String,
+    /// Where the request came from: a client address, `cli` or `system`.
+    pub source: String,
+    /// What changed, for people.
+    pub summary: String,
+    /// SHA-256 of this entry chained to the previous one (hex).
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct AuditVerification {
+    pub ok: bool,
+    /// Entries checked.
+    pub checked: i64,
+    /// The first entry whose hash does not match, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_bad_seq: Option<i64>,
+    pub message: String,
+}
+
+/// Query of `GET /api/v1/users`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct UserListQuery {
+    /// Page size, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// `username`, `created_at`; prefix `-` for descending. Default `username`.
+    pub sort: Option<String>,
+    pub role: Option<Role>,
+    /// Substring of the username.
+    pub q: Option<String>,
+    pub disabled: Option<bool>,
+}
+
+/// Query of `GET /api/v1/tokens`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct TokenListQuery {
+    /// Page size, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+    /// `created_at`, `name`; prefix `-` for descending. Default `-created_at`.
+    pub sort: Option<String>,
+    pub role: Option<Role>,
+    /// Include revoked tokens (default false).
+    pub include_revoked: Option<bool>,
+}
+
+/// Query of `GET /api/v1/audit`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct AuditListQuery {
+    /// Page size, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+    /// `seq` or `-seq` (default, newest first).
+    pub sort: Option<String>,
+    /// Exact action, or a prefix ending in `.` such as `user.`.
+    pub action: Option<String>,
+    /// Actor name (username or token name).
+    pub actor: Option<String>,
+    pub target_kind: Option<String>,
+    pub target_id: Option<String>,
+    /// RFC 3339 lower bound (inclusive).
+    pub since: Option<String>,
+    /// RFC 3339 upper bound (exclusive).
+    pub until: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_bodies_reject_unknown_fields() {
+        let err = serde_json::from_str::<CreateToken>(r#"{"name":"ci","role":"admin","rol":"x"}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown field `rol`"), "{err}");
+    }
+
+    #[test]
+    fn roles_are_lowercase_on_the_wire_and_ordered_by_power() {
+        assert_eq!(serde_json::to_string(&Role::Operator).unwrap(), r#""operator""#);
+        assert!(Role::Admin > Role::Operator && Role::Operator > Role::Viewer);
+        assert_eq!("viewer".parse::<Role>().unwrap(), Role::Viewer);
+        assert!("root".parse::<Role>().is_err());
+    }
+}

@@ -1,0 +1,214 @@
+//! The REST API under `/api/v1`, and its OpenAPI 3.1 document, generated from these
+//! handlers' annotations.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use drover_proto::api::*;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+
+use crate::app::{ApiJson, ApiPath, ApiQuery, AppState, client_ip, cookie};
+use crate::audit;
+use crate::auth::{Principal, SESSION_COOKIE};
+use crate::error::{AppError, AppResult};
+use crate::ops;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/openapi.json", get(openapi_json))
+        .route("/auth/login", post(login))
+        .route("/auth/logout", post(logout))
+        .route("/me", get(me))
+        .route("/me/password", post(change_password))
+        .route("/organization", get(get_organization).patch(update_organization))
+        .route("/users", get(list_users).post(create_user))
+        .route("/users/{id}", get(get_user).patch(update_user).delete(delete_user))
+        .route("/users/{id}/password", post(set_password))
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/tokens/{id}", get(get_token).delete(revoke_token))
+        .route("/audit", get(list_audit))
+        .route("/audit/verify", get(verify_audit))
+}
+
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("An API token (drv_…) from `drover token create` or `droverd token create`.")).build()),
+        );
+        components.add_security_scheme(
+            "session",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(SESSION_COOKIE, "A web session from POST /api/v1/auth/login; changes also need the X-CSRF-Token header."))),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Drover API", description = "Manage a fleet of devices: users, tokens and the audit log of a Drover server. Every failure answers with `{\"error\":{\"code\":…,\"message\":…}}`; listings are paginated with `cursor`/`next_cursor`."),
+    paths(
+        login, logout, me, change_password, get_organization, update_organization,
+        list_users, create_user, get_user, update_user, delete_user, set_password,
+        list_tokens, create_token, get_token, revoke_token, list_audit, verify_audit,
+    ),
+    modifiers(&SecurityAddon),
+    security(("token" = []), ("session" = [])),
+    tags(
+        (name = "auth", description = "Sessions and the caller's identity"),
+        (name = "organization", description = "The caller's organization"),
+        (name = "users", description = "People who sign in, with a role each"),
+        (name = "tokens", description = "API tokens for automation"),
+        (name = "audit", description = "The append-only, hash-chained record of every change"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as JSON.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc
+}
+
+async fn openapi_json() -> Response {
+    Json(openapi_document()).into_response()
+}
+
+fn secure_request(s: &AppState, headers: &HeaderMap) -> bool {
+    s.config.secure_cookies
+        || headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("https"))
+}
+
+pub fn session_cookie(value: &str, max_age_secs: i64, secure: bool) -> String {
+    format!(
+        "{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_secs}{}",
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest, security(),
+    responses((status = 200, body = LoginResponse, description = "Signed in; the session cookie is set"),
+              (status = 401, body = ErrorBody), (status = 429, body = ErrorBody, description = "Too many failed attempts")))]
+async fn login(State(s): State<AppState>, parts: axum::http::request::Parts, ApiJson(req): ApiJson<LoginRequest>) -> AppResult<Response> {
+    let ip = client_ip(&parts);
+    let source = crate::app::source_of(&parts);
+    let session = ops::login(&s.db, &s.limiter, &req.username, req.password, ip, source, s.config.idle_timeout_ms()).await?;
+    let me = ops::me(&s.db, &session.principal).await?;
+    let set_cookie = session_cookie(&session.cookie, ops::SESSION_MAX_AGE_MS / 1000, secure_request(&s, &parts.headers));
+    Ok(([(header::SET_COOKIE, set_cookie)], Json(LoginResponse { csrf_token: session.csrf, me })).into_response())
+}
+
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", responses((status = 204, description = "Signed out"), (status = 401, body = ErrorBody)))]
+async fn logout(State(s): State<AppState>, p: Principal, headers: HeaderMap) -> AppResult<Response> {
+    if let Some(c) = cookie(&headers, SESSION_COOKIE) {
+        ops::logout(&s.db, &p, &c).await?;
+    }
+    let clear = session_cookie("", 0, secure_request(&s, &headers));
+    Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, clear)]).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/me", tag = "auth", responses((status = 200, body = Me), (status = 401, body = ErrorBody)))]
+async fn me(State(s): State<AppState>, p: Principal) -> AppResult<Json<Me>> {
+    Ok(Json(ops::me(&s.db, &p).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/me/password", tag = "auth", request_body = ChangePassword,
+    responses((status = 204, description = "Changed; every session of the user ended"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn change_password(State(s): State<AppState>, p: Principal, ApiJson(req): ApiJson<ChangePassword>) -> AppResult<StatusCode> {
+    ops::change_own_password(&s.db, &p, req).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/organization", tag = "organization", responses((status = 200, body = Organization), (status = 401, body = ErrorBody)))]
+async fn get_organization(State(s): State<AppState>, p: Principal) -> AppResult<Json<Organization>> {
+    Ok(Json(ops::get_org(&s.db, p.org()).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/organization", tag = "organization", request_body = UpdateOrganization,
+    responses((status = 200, body = Organization), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn update_organization(State(s): State<AppState>, p: Principal, ApiJson(req): ApiJson<UpdateOrganization>) -> AppResult<Json<Organization>> {
+    Ok(Json(ops::update_org(&s.db, &p, req).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/users", tag = "users", params(UserListQuery),
+    responses((status = 200, body = Page<User>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn list_users(State(s): State<AppState>, p: Principal, ApiQuery(q): ApiQuery<UserListQuery>) -> AppResult<Json<Page<User>>> {
+    Ok(Json(ops::list_users(&s.db, &p, &q).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/users", tag = "users", request_body = CreateUser,
+    responses((status = 201, body = CreatedUser), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_user(State(s): State<AppState>, p: Principal, ApiJson(req): ApiJson<CreateUser>) -> AppResult<(StatusCode, Json<CreatedUser>)> {
+    Ok((StatusCode::CREATED, Json(ops::create_user(&s.db, &p, req).await?)))
+}
+
+#[utoipa::path(get, path = "/api/v1/users/{id}", tag = "users", params(("id" = String, Path, description = "User id")),
+    responses((status = 200, body = User), (status = 404, body = ErrorBody)))]
+async fn get_user(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<String>) -> AppResult<Json<User>> {
+    Ok(Json(ops::get_user(&s.db, &p, &id).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/users/{id}", tag = "users", params(("id" = String, Path, description = "User id")), request_body = UpdateUser,
+    responses((status = 200, body = User), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Would leave no active admin")))]
+async fn update_user(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<String>, ApiJson(req): ApiJson<UpdateUser>) -> AppResult<Json<User>> {
+    Ok(Json(ops::update_user(&s.db, &p, &id, req).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/users/{id}", tag = "users", params(("id" = String, Path, description = "User id")),
+    responses((status = 204, description = "Deleted"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_user(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<String>) -> AppResult<StatusCode> {
+    ops::delete_user(&s.db, &p, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/users/{id}/password", tag = "users", params(("id" = String, Path, description = "User id")), request_body = SetPassword,
+    responses((status = 204, description = "Set; the user's sessions ended"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn set_password(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<String>, ApiJson(req): ApiJson<SetPassword>) -> AppResult<StatusCode> {
+    ops::set_password(&s.db, &p, &id, req).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", params(TokenListQuery),
+    responses((status = 200, body = Page<ApiToken>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn list_tokens(State(s): State<AppState>, p: Principal, ApiQuery(q): ApiQuery<TokenListQuery>) -> AppResult<Json<Page<ApiToken>>> {
+    Ok(Json(ops::list_tokens(&s.db, &p, &q).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", request_body = CreateToken,
+    responses((status = 201, body = CreatedToken, description = "Created; `secret` is shown this once"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn create_token(State(s): State<AppState>, p: Principal, ApiJson(req): ApiJson<CreateToken>) -> AppResult<(StatusCode, Json<CreatedToken>)> {
+    Ok((StatusCode::CREATED, Json(ops::create_token(&s.db, &p, req).await?)))
+}
+
+#[utoipa::path(get, path = "/api/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path, description = "Token id")),
+    responses((status = 200, body = ApiToken), (status = 404, body = ErrorBody)))]
+async fn get_token(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<String>) -> AppResult<Json<ApiToken>> {
+    Ok(Json(ops::get_token(&s.db, &p, &id).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path, description = "Token id")),
+    responses((status = 200, body = ApiToken, description = "Revoked (kept for the record)"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn revoke_token(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<String>) -> AppResult<Json<ApiToken>> {
+    Ok(Json(ops::revoke_token(&s.db, &p, &id).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditListQuery),
+    responses((status = 200, body = Page<AuditEntry>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn list_audit(State(s): State<AppState>, p: Principal, ApiQuery(q): ApiQuery<AuditListQuery>) -> AppResult<Json<Page<AuditEntry>>> {
+    p.require(Role::Viewer, "reading the audit log")?;
+    let (items, next_cursor) = audit::list(&s.db, p.org(), &q).await?;
+    Ok(Json(Page { items, next_cursor }))
+}
+
+#[utoipa::path(get, path = "/api/v1/audit/verify", tag = "audit",
+    responses((status = 200, body = AuditVerification, description = "The result of checking the whole chain"), (status = 403, body = ErrorBody)))]
+async fn verify_audit(State(s): State<AppState>, p: Principal) -> AppResult<Json<AuditVerification>> {
+    p.require(Role::Admin, "verifying the audit log")?;
+    Ok(Json(audit::verify(&s.db).await.map_err(AppError::from)?))
+}

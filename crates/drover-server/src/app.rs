@@ -1,0 +1,363 @@
+//! The HTTP application: shared state, extractors that give bad input the API's error
+//! shape, the router, and the server's start and graceful stop.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::de::DeserializeOwned;
+
+use crate::auth::{CSRF_HEADER, LoginLimiter, Principal, SESSION_COOKIE};
+use crate::config::Config;
+use crate::db::Db;
+use crate::error::AppError;
+use crate::metrics::Metrics;
+use crate::ops;
+
+pub struct Inner {
+    pub db: Db,
+    pub config: Config,
+    pub limiter: LoginLimiter,
+    pub metrics: Metrics,
+    pub ui: crate::ui::Templates,
+}
+
+/// Shared state of every request handler.
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(db: Db, config: Config) -> AppState {
+        AppState(Arc::new(Inner {
+            db,
+            config,
+            limiter: LoginLimiter::default(),
+            metrics: Metrics::default(),
+            ui: crate::ui::Templates::new(),
+        }))
+    }
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    let api = crate::api::routes()
+        .fallback(|| async { AppError::NotFound("no such API route: see /api/v1/openapi.json".into()) })
+        .layer(middleware::from_fn(json_errors));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .nest("/api/v1", api)
+        .merge(crate::ui::routes())
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    match s.db.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check: database unreachable");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n").into_response()
+        }
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let pool = s.db.pool();
+    let body = s.metrics.render(pool.size(), pool.num_idle(), pool.options().get_max_connections(), s.db.backend().name());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| if req.uri().path().starts_with("/api/") { "/api/unmatched".into() } else { "unmatched".into() });
+    let resp = next.run(req).await;
+    s.metrics.observe(method.as_str(), &route, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+/// Errors that axum produces itself (405, a rejected body…) leave the API in its error shape too.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (code, message) = match status {
+        StatusCode::NOT_FOUND => ("not_found", "no such route".to_string()),
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "this method is not allowed on this route".to_string()),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large".to_string()),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "unsupported content type".to_string()),
+        s if s.is_server_error() => ("internal", "internal server error".to_string()),
+        s => ("invalid_request", s.canonical_reason().unwrap_or("bad request").to_lowercase()),
+    };
+    let body = drover_proto::api::ErrorBody {
+        error: drover_proto::api::ErrorDetail { code: code.into(), message },
+    };
+    let mut out = (status, axum::Json(body)).into_response();
+    if let Some(allow) = resp.headers().get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
+}
+
+/// A JSON body; malformed, mistyped, unknown-field, oversized and wrongly labelled bodies are
+/// refused with the API's error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> AppError {
+    match r {
+        JsonRejection::JsonDataError(e) => AppError::BadRequest(format!("invalid request body: {}", e.body_text().trim_start_matches("Failed to deserialize the JSON body into the target type: "))),
+        JsonRejection::JsonSyntaxError(e) => AppError::BadRequest(format!("malformed JSON: {}", e.body_text().trim_start_matches("Failed to parse the request body as JSON: "))),
+        JsonRejection::MissingJsonContentType(_) => {
+            AppError::UnsupportedMediaType("send the body as JSON with Content-Type: application/json".into())
+        }
+        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            AppError::PayloadTooLarge("the request body is larger than the server accepts (max_body_bytes)".into())
+        }
+        other => AppError::BadRequest(other.body_text()),
+    }
+}
+
+/// Query parameters with the API's error shape on failure.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e: QueryRejection| {
+                AppError::BadRequest(format!("invalid query: {}", e.body_text().trim_start_matches("Failed to deserialize query string: ")))
+            })
+    }
+}
+
+/// A path parameter with the API's error shape on failure.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e: PathRejection| AppError::BadRequest(e.body_text()))
+    }
+}
+
+pub fn client_ip(parts: &Parts) -> Option<IpAddr> {
+    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
+}
+
+pub fn source_of(parts: &Parts) -> String {
+    client_ip(parts).map(|ip| ip.to_string()).unwrap_or_else(|| "local".into())
+}
+
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+fn is_safe(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// An API caller: a bearer token, or a web session (whose changes must carry the session's
+/// CSRF token in the `X-CSRF-Token` header).
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
+        let source = source_of(parts);
+        if let Some(auth) = parts.headers.get(header::AUTHORIZATION) {
+            let auth = auth.to_str().unwrap_or_default();
+            let Some(secret) = auth.strip_prefix("Bearer ").or_else(|| auth.strip_prefix("bearer ")) else {
+                return Err(AppError::Unauthorized("use Authorization: Bearer <API token>".into()));
+            };
+            return ops::authenticate_token(&s.db, secret.trim(), source).await;
+        }
+        let Some(cookie) = cookie(&parts.headers, SESSION_COOKIE) else {
+            return Err(AppError::Unauthorized(
+                "authentication required: send an API token as Authorization: Bearer <token>".into(),
+            ));
+        };
+        let p = ops::authenticate_session(&s.db, &cookie, source, s.config.idle_timeout_ms()).await?;
+        if !is_safe(&parts.method) {
+            let sent = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
+            if sent.is_none() || sent != p.session_csrf.as_deref() {
+                return Err(AppError::Forbidden("missing or wrong X-CSRF-Token header for a session-authenticated change".into()));
+            }
+        }
+        Ok(p)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot use the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("cannot listen on {addr}: {source}{hint}")]
+    Listen { addr: String, source: std::io::Error, hint: &'static str },
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    #[error("{0}")]
+    Bootstrap(String),
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Makes the data directory (mode 0700) and its default config file if they are missing.
+pub fn prepare_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
+    let err = |source| StartError::DataDir { path: dir.display().to_string(), source };
+    if !dir.exists() {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+        b.create(dir).map_err(err)?;
+    }
+    let meta = std::fs::metadata(dir).map_err(err)?;
+    if !meta.is_dir() {
+        return Err(err(std::io::Error::new(std::io::ErrorKind::NotADirectory, "it is not a directory")));
+    }
+    std::fs::read_dir(dir).map_err(err)?;
+    // The database holds password hashes and token hashes: readable by droverd's user only.
+    // (SQLite gives its -wal and -shm files the same mode.)
+    let db_file = dir.join(crate::config::SQLITE_FILE);
+    if !db_file.exists() {
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        o.open(&db_file).map_err(err)?;
+    }
+    let cfg = dir.join(crate::config::CONFIG_FILE);
+    if !cfg.exists() {
+        std::fs::write(&cfg, crate::config::DEFAULT_TOML).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Opens the database and creates the default organization and admin on first start,
+/// printing the admin's password once.
+pub async fn open_db(config: &Config, admin_password: Option<String>) -> Result<Db, StartError> {
+    let db = Db::open(&config.effective_database_url()).await?;
+    match ops::bootstrap(&db, admin_password).await {
+        Ok(Some(b)) => match b.generated_password {
+            // Straight to the terminal, not the log: the log may be shipped elsewhere.
+            Some(pw) => println!(
+                "droverd: first start — created organization \"default\" and user {:?} with password: {pw}\n\
+                 droverd: this password is shown once; sign in and change it.",
+                b.username
+            ),
+            None => println!("droverd: first start — created user {:?} with the password from DROVER_ADMIN_PASSWORD", b.username),
+        },
+        Ok(None) => {}
+        Err(e) => return Err(StartError::Bootstrap(e.to_string())),
+    }
+    Ok(db)
+}
+
+/// Runs the server until SIGTERM or Ctrl-C (or until `stop` resolves), then finishes the
+/// requests in flight and closes the database.
+pub async fn serve(
+    config: Config,
+    db: Db,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), StartError> {
+    let listener = tokio::net::TcpListener::bind(&config.http_listen).await.map_err(|source| {
+        let hint = match source.kind() {
+            std::io::ErrorKind::AddrInUse => " (another program, perhaps another droverd, uses it: choose another with --http-listen)",
+            std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges: choose another with --http-listen)",
+            _ => "",
+        };
+        StartError::Listen { addr: config.http_listen.clone(), source, hint }
+    })?;
+    let addr = listener.local_addr().map_err(StartError::Serve)?;
+    let state = AppState::new(db.clone(), config);
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    on_listening(addr);
+    tracing::info!(%addr, backend = db.backend().name(), "droverd listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = stop => {}
+                _ = shutdown_signal() => {}
+            }
+            tracing::info!("shutting down: finishing requests in flight");
+        })
+        .await
+        .map_err(StartError::Serve)?;
+    db.close().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

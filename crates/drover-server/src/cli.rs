@@ -1,0 +1,167 @@
+//! The `droverd` command line: run the server, and the tasks that need no running server
+//! (print the default configuration, make an API token, verify the audit log).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use drover_proto::api::{CreateToken, Role};
+
+use crate::app;
+use crate::auth::Principal;
+use crate::config::{Config, DEFAULT_TOML, Overrides};
+use crate::ops;
+
+#[derive(Parser, Debug)]
+#[command(name = "droverd", version, about = "The Drover fleet server")]
+pub struct Args {
+    /// Where droverd keeps its configuration and (by default) its SQLite database.
+    #[arg(long, env = "DROVER_DATA_DIR", default_value = "./drover-data", global = true)]
+    pub data_dir: PathBuf,
+    /// Address of the web UI and REST API (overrides http_listen in the config file).
+    #[arg(long, global = true)]
+    pub http_listen: Option<String>,
+    /// sqlite://PATH or postgres://USER@HOST/DB (overrides database_url in the config file).
+    #[arg(long, global = true)]
+    pub database_url: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Configuration tasks.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// API tokens, without a running server (automation and recovery).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Print the OpenAPI document of the REST API.
+    Openapi,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Print the commented default configuration file.
+    Generate,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create an API token and print its secret (shown once).
+    Create {
+        #[arg(long)]
+        role: Role,
+        #[arg(long)]
+        name: String,
+        /// Days until it expires (default: never).
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+        /// Organization name (default: the default organization).
+        #[arg(long)]
+        org: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check the hash chain of the whole audit log; exits 1 and names the first bad entry
+    /// when it was altered.
+    Verify,
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    match &args.command {
+        Some(Command::Config { command: ConfigCommand::Generate }) => {
+            print!("{DEFAULT_TOML}");
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Openapi) => {
+            println!("{}", serde_json::to_string_pretty(&crate::api::openapi_document()).unwrap_or_default());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
+    let flags = Overrides { http_listen: args.http_listen.clone(), database_url: args.database_url.clone() };
+    let env = |k: &str| std::env::var(k).ok();
+    let config = match Config::load(&args.data_dir, &env, &flags) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.to_string()),
+    };
+    init_logging(&config.log, args.command.is_none() || matches!(args.command, Some(Command::Serve)));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(run(args, config))
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("droverd: error: {msg}");
+    ExitCode::FAILURE
+}
+
+fn init_logging(filter: &str, serving: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // One-off commands print their result; only warnings and errors go to the log.
+    let filter = if serving { filter } else { tracing_subscriber::EnvFilter::new("warn") };
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn run(args: Args, config: Config) -> ExitCode {
+    if let Err(e) = app::prepare_data_dir(&config.data_dir) {
+        return fail(&e.to_string());
+    }
+    let admin_password = std::env::var("DROVER_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
+    let db = match app::open_db(&config, admin_password).await {
+        Ok(db) => db,
+        Err(e) => return fail(&e.to_string()),
+    };
+    match args.command {
+        None | Some(Command::Serve) => match app::serve(config, db, std::future::pending(), |_| {}).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e.to_string()),
+        },
+        Some(Command::Token { command: TokenCommand::Create { role, name, expires_in_days, org } }) => {
+            let org_id = match ops::find_org(&db, org.as_deref()).await {
+                Ok(id) => id,
+                Err(e) => return fail(&e.public_message()),
+            };
+            match ops::create_token(&db, &Principal::cli(&org_id), CreateToken { name, role, expires_in_days }).await {
+                Ok(created) => {
+                    println!("{}", created.secret);
+                    eprintln!(
+                        "droverd: created token {:?} ({}, id {}); the secret above is shown once",
+                        created.token.name, created.token.role, created.token.id
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.public_message()),
+            }
+        }
+        Some(Command::Audit { command: AuditCommand::Verify }) => match crate::audit::verify(&db).await {
+            Ok(v) if v.ok => {
+                println!("{}", v.message);
+                ExitCode::SUCCESS
+            }
+            Ok(v) => {
+                println!("audit log TAMPERED: {}", v.message);
+                ExitCode::FAILURE
+            }
+            Err(e) => fail(&format!("cannot read the audit log: {e}")),
+        },
+        Some(Command::Config { .. }) | Some(Command::Openapi) => ExitCode::SUCCESS,
+    }
+}

@@ -1,0 +1,228 @@
+//! droverd's configuration: built-in defaults, then `drover.toml` in the data directory, then
+//! `DROVER_*` environment variables, then command-line flags — each overriding the one before.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const CONFIG_FILE: &str = "drover.toml";
+pub const SQLITE_FILE: &str = "drover.db";
+
+/// The commented default configuration, as `droverd config generate` prints it and the first
+/// start writes it.
+pub const DEFAULT_TOML: &str = r#"# droverd configuration.
+#
+# Every setting can also be given as an environment variable DROVER_<NAME IN CAPITALS>
+# (for example DROVER_HTTP_LISTEN) and some as command-line flags (droverd --help).
+# Flags override the environment, which overrides this file.
+
+# Address of the web UI and REST API.
+http_listen = "127.0.0.1:8080"
+
+# Where state is kept. Empty: the SQLite file drover.db in the data directory.
+# PostgreSQL: "postgres://USER:PASSWORD@HOST:5432/DATABASE".
+database_url = ""
+
+# Log filter: error, warn, info, debug, trace, or per module ("info,drover_server=debug").
+log = "info"
+
+# Largest request body the API accepts, in bytes.
+max_body_bytes = 1048576
+
+# A web session ends after this many seconds without use (and after 7 days in any case).
+session_idle_timeout_secs = 43200
+
+# Mark session cookies Secure. Set this when droverd is reached over HTTPS through a
+# reverse proxy that does not send X-Forwarded-Proto.
+secure_cookies = false
+"#;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub http_listen: String,
+    pub database_url: String,
+    pub log: String,
+    pub max_body_bytes: usize,
+    pub session_idle_timeout_secs: u64,
+    pub secure_cookies: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    http_listen: Option<String>,
+    database_url: Option<String>,
+    log: Option<String>,
+    max_body_bytes: Option<usize>,
+    session_idle_timeout_secs: Option<u64>,
+    secure_cookies: Option<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid configuration in {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value {value:?} for {name}: {message}")]
+    Env { name: String, value: String, message: String },
+}
+
+/// Values given on the command line; `None` leaves the lower layers in force.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub http_listen: Option<String>,
+    pub database_url: Option<String>,
+}
+
+impl Config {
+    /// Defaults for a data directory, with nothing read from disk or the environment.
+    pub fn defaults(data_dir: &Path) -> Config {
+        Config {
+            data_dir: data_dir.to_path_buf(),
+            http_listen: "127.0.0.1:8080".into(),
+            database_url: String::new(),
+            log: "info".into(),
+            max_body_bytes: 1024 * 1024,
+            session_idle_timeout_secs: 12 * 3600,
+            secure_cookies: false,
+        }
+    }
+
+    /// Reads all layers. `env` is the process environment (a parameter so tests can give their own).
+    pub fn load(
+        data_dir: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+        flags: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut c = Config::defaults(data_dir);
+        let path = data_dir.join(CONFIG_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let f: FileConfig =
+                    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.message().to_string() })?;
+                c.apply_file(f);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        }
+        c.apply_env(env)?;
+        if let Some(v) = &flags.http_listen {
+            c.http_listen = v.clone();
+        }
+        if let Some(v) = &flags.database_url {
+            c.database_url = v.clone();
+        }
+        Ok(c)
+    }
+
+    fn apply_file(&mut self, f: FileConfig) {
+        if let Some(v) = f.http_listen {
+            self.http_listen = v;
+        }
+        if let Some(v) = f.database_url {
+            self.database_url = v;
+        }
+        if let Some(v) = f.log {
+            self.log = v;
+        }
+        if let Some(v) = f.max_body_bytes {
+            self.max_body_bytes = v;
+        }
+        if let Some(v) = f.session_idle_timeout_secs {
+            self.session_idle_timeout_secs = v;
+        }
+        if let Some(v) = f.secure_cookies {
+            self.secure_cookies = v;
+        }
+    }
+
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parsed<T: std::str::FromStr>(name: &str, value: String) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            value.parse().map_err(|e: T::Err| ConfigError::Env { name: name.into(), value, message: e.to_string() })
+        }
+        if let Some(v) = env("DROVER_HTTP_LISTEN") {
+            self.http_listen = v;
+        }
+        if let Some(v) = env("DROVER_DATABASE_URL") {
+            self.database_url = v;
+        }
+        if let Some(v) = env("DROVER_LOG") {
+            self.log = v;
+        }
+        if let Some(v) = env("DROVER_MAX_BODY_BYTES") {
+            self.max_body_bytes = parsed("DROVER_MAX_BODY_BYTES", v)?;
+        }
+        if let Some(v) = env("DROVER_SESSION_IDLE_TIMEOUT_SECS") {
+            self.session_idle_timeout_secs = parsed("DROVER_SESSION_IDLE_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = env("DROVER_SECURE_COOKIES") {
+            self.secure_cookies = parsed("DROVER_SECURE_COOKIES", v)?;
+        }
+        Ok(())
+    }
+
+    /// The database URL in force: the configured one, or the SQLite file in the data dir.
+    pub fn effective_database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!("sqlite://{}?mode=rwc", self.data_dir.join(SQLITE_FILE).display())
+        } else {
+            self.database_url.clone()
+        }
+    }
+
+    pub fn idle_timeout_ms(&self) -> i64 {
+        i64::try_from(self.session_idle_timeout_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn tmp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("drover-config-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn the_generated_default_parses_to_the_defaults() {
+        let d = tmp_dir("default");
+        std::fs::write(d.join(CONFIG_FILE), DEFAULT_TOML).unwrap();
+        let c = Config::load(&d, &|_| None, &Overrides::default()).unwrap();
+        assert_eq!(c, Config::defaults(&d));
+    }
+
+    #[test]
+    fn flags_beat_environment_beats_file() {
+        let d = tmp_dir("layers");
+        std::fs::write(d.join(CONFIG_FILE), "http_listen = \"0.0.0.0:1\"\nlog = \"debug\"\nmax_body_bytes = 10\n").unwrap();
+        let env: HashMap<&str, &str> = [("DROVER_HTTP_LISTEN", "0.0.0.0:2"), ("DROVER_MAX_BODY_BYTES", "20")].into();
+        let get = |k: &str| env.get(k).map(|v| v.to_string());
+        let c = Config::load(&d, &get, &Overrides::default()).unwrap();
+        assert_eq!((c.http_listen.as_str(), c.log.as_str(), c.max_body_bytes), ("0.0.0.0:2", "debug", 20));
+        let flags = Overrides { http_listen: Some("0.0.0.0:3".into()), ..Default::default() };
+        let c = Config::load(&d, &get, &flags).unwrap();
+        assert_eq!(c.http_listen, "0.0.0.0:3");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let d = tmp_dir("bad");
+        std::fs::write(d.join(CONFIG_FILE), "htp_listen = \"x\"\n").unwrap();
+        let e = Config::load(&d, &|_| None, &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("htp_listen"), "{e}");
+        std::fs::remove_file(d.join(CONFIG_FILE)).unwrap();
+        let e = Config::load(&d, &|k| (k == "DROVER_MAX_BODY_BYTES").then(|| "lots".into()), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("DROVER_MAX_BODY_BYTES") && e.contains("lots"), "{e}");
+    }
+}

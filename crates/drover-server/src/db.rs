@@ -1,0 +1,308 @@
+//! One storage layer over SQLite (the embedded default, in WAL mode) and PostgreSQL.
+//!
+//! Queries are written once in the SQL both engines accept, with `$1`-style parameters;
+//! schema migrations are written per engine. Values cross the boundary as `i64`, `String`
+//! and `Option`s of them — timestamps are Unix milliseconds — so every query decodes the
+//! same way on both.
+
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Connection as _, Executor as _};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use crate::migrations::MIGRATIONS;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://USER@HOST/DB")]
+    UnsupportedUrl(String),
+    #[error("cannot open the database at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database migration {version} ({name}) failed: {source}")]
+    Migration {
+        version: i64,
+        name: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("the database schema is at version {found}, newer than this droverd knows ({known}); run a newer droverd")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+/// A pool of connections plus which engine is behind it.
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+    backend: Backend,
+    /// SQLite allows one writer at a time; writers queue here instead of failing with
+    /// `SQLITE_BUSY` when a read transaction tries to upgrade. PostgreSQL needs no such lock.
+    write_lock: Option<Arc<Mutex<()>>>,
+}
+
+/// A write transaction. On SQLite it also holds the writer lock until it ends.
+pub struct WriteTx {
+    pub tx: sqlx::Transaction<'static, sqlx::Any>,
+    _guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl WriteTx {
+    pub fn conn(&mut self) -> &mut sqlx::AnyConnection {
+        &mut self.tx
+    }
+
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
+static DRIVERS: Once = Once::new();
+
+/// Removes the password from a database URL so that it can be shown in a message.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((creds, host)) = rest.split_once('@')
+        && let Some((user, _pw)) = creds.split_once(':')
+    {
+        return format!("{scheme}://{user}:***@{host}");
+    }
+    url.to_string()
+}
+
+impl Db {
+    /// Connects and applies pending migrations.
+    pub async fn open(url: &str) -> Result<Db, DbError> {
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(DbError::UnsupportedUrl(redact_url(url)));
+        };
+        let connect_err = |source| DbError::Connect { url: redact_url(url), source };
+        let opts: AnyConnectOptions = url.parse().map_err(connect_err)?;
+        let pool = match backend {
+            Backend::Sqlite => {
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .after_connect(|conn, _meta| {
+                        Box::pin(async move {
+                            conn.execute(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                                 PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                            )
+                            .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(opts)
+                    .await
+            }
+            Backend::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_with(opts)
+                    .await
+            }
+        }
+        .map_err(connect_err)?;
+        let db = Db {
+            pool,
+            backend,
+            write_lock: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(()))),
+        };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Starts a transaction that will write.
+    pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
+        let guard = match &self.write_lock {
+            Some(lock) => Some(lock.clone().lock_owned().await),
+            None => None,
+        };
+        let tx = self.pool.begin().await?;
+        Ok(WriteTx { tx, _guard: guard })
+    }
+
+    /// Checks the database answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn migrate(&self) -> Result<(), DbError> {
+        let mut conn = self.pool.acquire().await?;
+        if self.backend == Backend::Postgres {
+            // Replicas starting together: one migrates, the others wait for it.
+            sqlx::query("SELECT pg_advisory_lock(7243001)").execute(&mut *conn).await?;
+        }
+        let result = self.migrate_on(&mut conn).await;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_unlock(7243001)").execute(&mut *conn).await?;
+        }
+        result
+    }
+
+    async fn migrate_on(&self, conn: &mut sqlx::AnyConnection) -> Result<(), DbError> {
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (\
+               version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&mut *conn)
+        .await?;
+        let applied: Vec<(i64,)> = sqlx::query_as("SELECT version FROM schema_migrations ORDER BY version")
+            .fetch_all(&mut *conn)
+            .await?;
+        let known = MIGRATIONS.last().map(|m| m.version).unwrap_or(0);
+        if let Some(&(found,)) = applied.last()
+            && found > known
+        {
+            return Err(DbError::SchemaTooNew { found, known });
+        }
+        for m in MIGRATIONS {
+            if applied.iter().any(|(v,)| *v == m.version) {
+                continue;
+            }
+            let sql = match self.backend {
+                Backend::Sqlite => m.sqlite,
+                Backend::Postgres => m.postgres,
+            };
+            let err = |source| DbError::Migration { version: m.version, name: m.name, source };
+            let mut tx = conn.begin().await?;
+            sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(err)?;
+            sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
+                .bind(m.version)
+                .bind(m.name)
+                .bind(crate::time::now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+            tx.commit().await.map_err(err)?;
+            tracing::info!(version = m.version, name = m.name, "applied database migration");
+        }
+        Ok(())
+    }
+}
+
+/// True when the error is a violated unique constraint (on either engine).
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    err.as_database_error().is_some_and(|e| e.is_unique_violation())
+}
+
+/// A value bound to a dynamically built query.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bind {
+    Int(i64),
+    Text(String),
+}
+
+/// Builds a `WHERE` clause with numbered parameters for both engines.
+#[derive(Debug, Default)]
+pub struct Filter {
+    clauses: Vec<String>,
+    pub binds: Vec<Bind>,
+}
+
+impl Filter {
+    /// Adds a clause; each `?` in it becomes the next numbered parameter.
+    pub fn and(&mut self, clause: &str, binds: impl IntoIterator<Item = Bind>) -> &mut Self {
+        let mut out = String::with_capacity(clause.len() + 8);
+        let mut binds = binds.into_iter();
+        for ch in clause.chars() {
+            if ch == '?' {
+                let b = binds.next().expect("one bind per placeholder");
+                self.binds.push(b);
+                out.push_str(&format!("${}", self.binds.len()));
+            } else {
+                out.push(ch);
+            }
+        }
+        assert!(binds.next().is_none(), "more binds than placeholders");
+        self.clauses.push(out);
+        self
+    }
+
+    pub fn sql(&self) -> String {
+        if self.clauses.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", self.clauses.join(" AND "))
+        }
+    }
+
+    /// The next free parameter number.
+    pub fn next_param(&self) -> usize {
+        self.binds.len() + 1
+    }
+}
+
+/// Binds the values of a [`Filter`] to a query built from its SQL.
+pub fn bind_all<'q, O>(
+    mut q: sqlx::query::QueryAs<'q, sqlx::Any, O, sqlx::any::AnyArguments<'q>>,
+    binds: &[Bind],
+) -> sqlx::query::QueryAs<'q, sqlx::Any, O, sqlx::any::AnyArguments<'q>> {
+    for b in binds {
+        q = match b {
+            Bind::Int(i) => q.bind(*i),
+            Bind::Text(s) => q.bind(s.clone()),
+        };
+    }
+    q
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_numbers_parameters_in_order() {
+        let mut f = Filter::default();
+        f.and("role = ?", [Bind::Text("admin".into())])
+            .and("(created_at > ? OR (created_at = ? AND id > ?))", [Bind::Int(1), Bind::Int(1), Bind::Text("x".into())]);
+        assert_eq!(f.sql(), " WHERE role = $1 AND (created_at > $2 OR (created_at = $3 AND id > $4))");
+        assert_eq!(f.next_param(), 5);
+    }
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(redact_url("postgres://drover:s3cret@db:5432/drover"), "postgres://drover:***@db:5432/drover");
+        assert_eq!(redact_url("postgres://drover@db/drover"), "postgres://drover@db/drover");
+    }
+}

@@ -1,0 +1,20 @@
+//! `droverd`, the Drover fleet server: REST API with OpenAPI, web UI, storage on SQLite or
+//! PostgreSQL, organizations, users, roles and tokens, and the hash-chained audit log.
+//!
+//! Entry points: [`app::router`] builds the HTTP application from an [`app::AppState`];
+//! [`app::serve`] runs it; [`cli`] is the `droverd` command line.
+
+pub mod api;
+pub mod app;
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod metrics;
+pub mod migrations;
+pub mod ops;
+pub mod page;
+pub mod time;
+pub mod ui;

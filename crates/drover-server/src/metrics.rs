@@ -1,0 +1,98 @@
+//! The server's own figures in the Prometheus text format: requests by route and status,
+//! request latency, and the database pool.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+const BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    latency: Mutex<BTreeMap<String, Histogram>>,
+}
+
+impl Metrics {
+    /// `route` is the matched route pattern (e.g. `/api/v1/users/{id}`), never the raw path,
+    /// so that the number of series stays bounded.
+    pub fn observe(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        {
+            let mut r = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+            *r.entry((method.to_string(), route.to_string(), status)).or_default() += 1;
+        }
+        let secs = elapsed.as_secs_f64();
+        let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let h = l.entry(route.to_string()).or_default();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += secs;
+    }
+
+    pub fn render(&self, pool_size: u32, pool_idle: usize, pool_max: u32, backend: &str) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP drover_http_requests_total HTTP requests served, by method, route and status.\n");
+        out.push_str("# TYPE drover_http_requests_total counter\n");
+        for ((method, route, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "drover_http_requests_total{{method=\"{method}\",route=\"{}\",status=\"{status}\"}} {n}",
+                escape(route)
+            );
+        }
+        out.push_str("# HELP drover_http_request_duration_seconds Time to answer HTTP requests, by route.\n");
+        out.push_str("# TYPE drover_http_request_duration_seconds histogram\n");
+        for (route, h) in self.latency.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let route = escape(route);
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(out, "drover_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {}", h.counts[i]);
+            }
+            let _ = writeln!(out, "drover_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(out, "drover_http_request_duration_seconds_sum{{route=\"{route}\"}} {}", h.sum);
+            let _ = writeln!(out, "drover_http_request_duration_seconds_count{{route=\"{route}\"}} {}", h.count);
+        }
+        out.push_str("# HELP drover_db_pool_connections Open database connections.\n# TYPE drover_db_pool_connections gauge\n");
+        let _ = writeln!(out, "drover_db_pool_connections{{backend=\"{backend}\"}} {pool_size}");
+        out.push_str("# HELP drover_db_pool_idle_connections Idle database connections.\n# TYPE drover_db_pool_idle_connections gauge\n");
+        let _ = writeln!(out, "drover_db_pool_idle_connections{{backend=\"{backend}\"}} {pool_idle}");
+        out.push_str("# HELP drover_db_pool_max_connections Largest size of the database pool.\n# TYPE drover_db_pool_max_connections gauge\n");
+        let _ = writeln!(out, "drover_db_pool_max_connections{{backend=\"{backend}\"}} {pool_max}");
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.observe("GET", "/api/v1/users", 200, Duration::from_millis(3));
+        m.observe("GET", "/api/v1/users", 200, Duration::from_millis(30));
+        m.observe("POST", "/api/v1/users", 403, Duration::from_millis(1));
+        let text = m.render(2, 1, 8, "sqlite");
+        assert!(text.contains("drover_http_requests_total{method=\"GET\",route=\"/api/v1/users\",status=\"200\"} 2"));
+        assert!(text.contains("drover_http_requests_total{method=\"POST\",route=\"/api/v1/users\",status=\"403\"} 1"));
+        assert!(text.contains("drover_http_request_duration_seconds_bucket{route=\"/api/v1/users\",le=\"0.005\"} 2"));
+        assert!(text.contains("drover_http_request_duration_seconds_bucket{route=\"/api/v1/users\",le=\"0.025\"} 2"));
+        assert!(text.contains("drover_http_request_duration_seconds_bucket{route=\"/api/v1/users\",le=\"0.05\"} 3"));
+        assert!(text.contains("drover_db_pool_connections{backend=\"sqlite\"} 2"));
+    }
+}
