@@ -269,16 +269,6 @@ pub fn prepare_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
         return Err(err(std::io::Error::new(std::io::ErrorKind::NotADirectory, "it is not a directory")));
     }
     std::fs::read_dir(dir).map_err(err)?;
-    // The database holds password hashes and token hashes: readable by droverd's user only.
-    // (SQLite gives its -wal and -shm files the same mode.)
-    let db_file = dir.join(crate::config::SQLITE_FILE);
-    if !db_file.exists() {
-        let mut o = std::fs::OpenOptions::new();
-        o.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-        o.open(&db_file).map_err(err)?;
-    }
     let cfg = dir.join(crate::config::CONFIG_FILE);
     if !cfg.exists() {
         std::fs::write(&cfg, crate::config::DEFAULT_TOML).map_err(err)?;
@@ -289,6 +279,19 @@ pub fn prepare_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
 /// Opens the database and creates the default organization and admin on first start,
 /// printing the admin's password once.
 pub async fn open_db(config: &Config, admin_password: Option<String>) -> Result<Db, StartError> {
+    if config.database_url.is_empty() {
+        // The database holds password and token hashes: readable by droverd's user only.
+        // (SQLite gives its -wal and -shm files the same mode.)
+        let db_file = config.data_dir.join(crate::config::SQLITE_FILE);
+        if !db_file.exists() {
+            let err = |source| StartError::DataDir { path: config.data_dir.display().to_string(), source };
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+            o.open(&db_file).map_err(err)?;
+        }
+    }
     let db = Db::open(&config.effective_database_url()).await?;
     match ops::bootstrap(&db, admin_password).await {
         Ok(Some(b)) => match b.generated_password {

@@ -94,6 +94,9 @@ pub fn main() -> ExitCode {
         }
         _ => {}
     }
+    if let Err(e) = app::prepare_data_dir(&args.data_dir) {
+        return fail(&e.to_string());
+    }
     let flags = Overrides { http_listen: args.http_listen.clone(), database_url: args.database_url.clone() };
     let env = |k: &str| std::env::var(k).ok();
     let config = match Config::load(&args.data_dir, &env, &flags) {
@@ -121,9 +124,6 @@ fn init_logging(filter: &str, serving: bool) {
 }
 
 async fn run(args: Args, config: Config) -> ExitCode {
-    if let Err(e) = app::prepare_data_dir(&config.data_dir) {
-        return fail(&e.to_string());
-    }
     let admin_password = std::env::var("DROVER_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
     let db = match app::open_db(&config, admin_password).await {
         Ok(db) => db,

@@ -1,0 +1,11 @@
+//! droverd's integration tests: the API through the router on SQLite and PostgreSQL, the
+//! real binary, and the web UI in a real headless Chromium.
+//!
+//! PostgreSQL is found through `DROVER_TEST_DATABASE_URL` (the README's test command sets
+//! it); each test gets a schema of its own there.
+
+mod api;
+mod browser;
+mod e2e;
+mod support;
+mod ui;

@@ -1,0 +1,208 @@
+//! Shared test harness: a fresh database per test on each backend, and an app to call.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use axum::Router;
+use drover_proto::api::{CreateToken, Role};
+use drover_server::app::{AppState, router};
+use drover_server::auth::Principal;
+use drover_server::config::Config;
+use drover_server::db::Db;
+use serde_json::Value;
+use tower::ServiceExt as _;
+
+pub const ADMIN_PASSWORD: &str = "first-admin-password";
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}_{}_{n}_{nanos}", std::process::id())
+}
+
+/// A temporary directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let d = std::env::temp_dir().join(unique(&format!("drover-it-{name}")));
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A database for one test.
+pub struct TestDb {
+    pub label: &'static str,
+    pub url: String,
+    pub dir: TempDir,
+    schema: Option<(String, String)>,
+}
+
+pub fn pg_base_url() -> Option<String> {
+    std::env::var("DROVER_TEST_DATABASE_URL").ok().filter(|u| !u.is_empty())
+}
+
+impl TestDb {
+    pub fn sqlite() -> TestDb {
+        let dir = TempDir::new("sqlite");
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("drover.db").display());
+        TestDb { label: "sqlite", url, dir, schema: None }
+    }
+
+    /// A fresh schema in the test PostgreSQL database.
+    pub async fn postgres(base: &str) -> TestDb {
+        let schema = unique("drover_t");
+        let mut conn = pg_connect(base).await;
+        sqlx::raw_sql(&format!("CREATE SCHEMA {schema}")).execute(&mut conn).await.unwrap();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+        TestDb { label: "postgres", url, dir: TempDir::new("pg"), schema: Some((base.to_string(), schema)) }
+    }
+
+    /// Every backend this run tests: SQLite always, PostgreSQL when configured (always in CI).
+    pub async fn all() -> Vec<TestDb> {
+        let mut v = vec![TestDb::sqlite()];
+        match pg_base_url() {
+            Some(base) => v.push(TestDb::postgres(&base).await),
+            None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("CI must test PostgreSQL too: set DROVER_TEST_DATABASE_URL")
+            }
+            None => eprintln!("note: DROVER_TEST_DATABASE_URL is not set; testing SQLite only"),
+        }
+        v
+    }
+
+    pub async fn drop_schema(&self) {
+        if let Some((base, schema)) = &self.schema {
+            let mut conn = pg_connect(base).await;
+            let _ = sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut conn).await;
+        }
+    }
+}
+
+async fn pg_connect(url: &str) -> sqlx::AnyConnection {
+    use sqlx::Connection as _;
+    sqlx::any::install_default_drivers();
+    sqlx::AnyConnection::connect(url).await.unwrap()
+}
+
+/// The HTTP application over a fresh database, with an admin token ready.
+pub struct TestApp {
+    pub db: Db,
+    pub app: Router,
+    pub admin_token: String,
+    pub label: &'static str,
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: axum::http::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl TestApp {
+    pub async fn new(tdb: &TestDb) -> TestApp {
+        let mut config = Config::defaults(tdb.dir.path());
+        config.database_url = tdb.url.clone();
+        let db = drover_server::app::open_db(&config, Some(ADMIN_PASSWORD.into())).await.unwrap();
+        let org_id = drover_server::ops::find_org(&db, None).await.unwrap();
+        let admin_token = drover_server::ops::create_token(
+            &db,
+            &Principal::cli(&org_id),
+            CreateToken { name: "test admin".into(), role: Role::Admin, expires_in_days: None },
+        )
+        .await
+        .unwrap()
+        .secret;
+        let state = AppState::new(db.clone(), config);
+        let app = router(state.clone());
+        TestApp { db, app, admin_token, label: tdb.label }
+    }
+
+    pub async fn send(&self, req: Request<Body>) -> Resp {
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), 64 * 1024 * 1024).await.unwrap();
+        let text = String::from_utf8_lossy(&bytes).to_string();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Resp { status, headers, body, text }
+    }
+
+    /// A JSON API call with a bearer token.
+    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Resp {
+        let mut b = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = match body {
+            Some(v) => b.header(header::CONTENT_TYPE, "application/json").body(Body::from(v.to_string())).unwrap(),
+            None => b.body(Body::empty()).unwrap(),
+        };
+        self.send(req).await
+    }
+
+    pub async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> Resp {
+        self.call(method, path, Some(&self.admin_token.clone()), body).await
+    }
+
+    /// A token of the given role, made through the API.
+    pub async fn token(&self, role: &str) -> String {
+        let r = self
+            .admin(Method::POST, "/api/v1/tokens", Some(serde_json::json!({"name": format!("{role} token"), "role": role})))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        r.body["secret"].as_str().unwrap().to_string()
+    }
+
+    pub async fn audit_count(&self) -> i64 {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit_log").fetch_one(self.db.pool()).await.unwrap();
+        n
+    }
+}
+
+/// Runs `f` against every backend, naming the backend when it fails.
+#[macro_export]
+macro_rules! each_backend {
+    (|$app:ident| $body:block) => {{
+        for tdb in $crate::support::TestDb::all().await {
+            let $app = $crate::support::TestApp::new(&tdb).await;
+            eprintln!("— on {}", $app.label);
+            $body
+            $app.db.close().await;
+            tdb.drop_schema().await;
+        }
+    }};
+}
+
+/// Waits until `cond` holds, or panics after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
