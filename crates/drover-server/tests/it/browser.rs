@@ -1,4 +1,206 @@
-//! The web UI in a real headless Chromium, driven over WebDriver (chromedriver).
+//! The web UI in a real headless Chromium, driven over WebDriver by chromedriver: sign in,
+//! move around, create a token through a form, filter the audit log.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::e2e::{Server, agent, get_json};
+use crate::support::{TempDir, eventually, free_port};
+
+const W3C_ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+    _profile: TempDir,
+}
+
+fn find_program(candidates: &[&str]) -> Option<String> {
+    candidates.iter().find(|p| Path::new(p).exists()).map(|p| p.to_string())
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let install = "run the README's test command (scripts/test.sh), which installs Debian's chromium and chromium-driver";
+        let chromium = find_program(&["/usr/bin/chromium", "/usr/bin/chromium-browser"]).unwrap_or_else(|| panic!("Chromium is missing: {install}"));
+        let chromedriver = find_program(&["/usr/bin/chromedriver"]).unwrap_or_else(|| panic!("chromedriver is missing: {install}"));
+        let port = free_port();
+        let driver = Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        eventually(Duration::from_secs(20), "chromedriver to listen", || {
+            agent().get(&format!("{base}/status")).call().ok().filter(|r| r.status() == 200)
+        });
+        let profile = TempDir::new("chromium-profile");
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.path().display()),
+                ]
+            }
+        }}});
+        let mut resp = agent().post(&format!("{base}/session")).send_json(caps).unwrap();
+        let v: Value = resp.body_mut().read_json().unwrap();
+        let session = v["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no WebDriver session: {v}")).to_string();
+        Browser { driver, base, session, _profile: profile }
+    }
+
+    fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        self.try_cmd(method, path, body).unwrap_or_else(|e| panic!("WebDriver {method} {path} failed: {e}"))
+    }
+
+    fn try_cmd(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let mut resp = match method {
+            "GET" => agent().get(&url).call().unwrap(),
+            "DELETE" => agent().delete(&url).call().unwrap(),
+            _ => agent().post(&url).send_json(body.unwrap_or(json!({}))).unwrap(),
+        };
+        let v: Value = resp.body_mut().read_json().unwrap();
+        match v["value"].get("error") {
+            Some(err) => Err(format!("{err} {}", v["value"]["message"])),
+            None => Ok(v["value"].clone()),
+        }
+    }
+
+    /// Runs `f` on the element, finding it again when the page replaced it meanwhile
+    /// (htmx swaps parts of pages).
+    fn with_element(&self, css: &str, f: impl Fn(&str) -> Result<Value, String>) -> Value {
+        eventually(Duration::from_secs(10), &format!("a usable element {css}"), || match f(&self.find(css)) {
+            Ok(v) => Some(v),
+            Err(e) if e.contains("stale element") => None,
+            Err(e) => panic!("WebDriver on {css} failed: {e}"),
+        })
+    }
+
+    fn goto(&self, url: &str) {
+        self.cmd("POST", "/url", Some(json!({"url": url})));
+    }
+
+    fn find(&self, css: &str) -> String {
+        let url = format!("{}/session/{}/element", self.base, self.session);
+        eventually(Duration::from_secs(10), &format!("element {css}"), || {
+            let mut r = agent().post(&url).send_json(json!({"using": "css selector", "value": css})).ok()?;
+            let v: Value = r.body_mut().read_json().ok()?;
+            v["value"][W3C_ELEMENT].as_str().map(str::to_string)
+        })
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        self.with_element(css, |el| self.try_cmd("POST", &format!("/element/{el}/clear"), None));
+        self.with_element(css, |el| self.try_cmd("POST", &format!("/element/{el}/value"), Some(json!({"text": text}))));
+    }
+
+    fn click(&self, css: &str) {
+        self.with_element(css, |el| self.try_cmd("POST", &format!("/element/{el}/click"), None));
+    }
+
+    fn text(&self, css: &str) -> String {
+        let v = self.with_element(css, |el| self.try_cmd("GET", &format!("/element/{el}/text"), None));
+        v.as_str().unwrap_or_default().to_string()
+    }
+
+    fn title(&self) -> String {
+        self.cmd("GET", "/title", None).as_str().unwrap_or_default().to_string()
+    }
+
+    fn wait_title(&self, contains: &str) {
+        eventually(Duration::from_secs(10), &format!("page title with {contains:?}"), || {
+            self.title().contains(contains).then_some(())
+        });
+    }
+
+    fn page_source(&self) -> String {
+        self.cmd("GET", "/source", None).as_str().unwrap_or_default().to_string()
+    }
+
+    /// Saves a PNG of the page when DROVER_SCREENSHOT_DIR is set, for people to look at.
+    fn screenshot(&self, name: &str) {
+        if let Ok(dir) = std::env::var("DROVER_SCREENSHOT_DIR") {
+            use base64::Engine as _;
+            let b64 = self.cmd("GET", "/screenshot", None);
+            let png = base64::engine::general_purpose::STANDARD.decode(b64.as_str().unwrap()).unwrap();
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(Path::new(&dir).join(format!("{name}.png")), png).unwrap();
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = agent().delete(&format!("{}/session/{}", self.base, self.session)).call();
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
 
 #[test]
-fn placeholder_until_written() {}
+fn sign_in_and_use_the_ui_in_headless_chromium() {
+    let dir = TempDir::new("browser");
+    let server = Server::start(&dir.path().join("data"), None, &[("DROVER_ADMIN_PASSWORD", "browser admin password")]);
+    let b = Browser::start();
+
+    b.goto(&format!("{}/tokens", server.base));
+    b.wait_title("Sign in");
+    b.type_into("input[name=username]", "admin");
+    b.type_into("input[name=password]", "wrong password!");
+    b.click("button[type=submit]");
+    eventually(Duration::from_secs(10), "the error message", || b.page_source().contains("wrong username or password").then_some(()));
+
+    b.type_into("input[name=username]", "admin");
+    b.type_into("input[name=password]", "browser admin password");
+    b.click("button[type=submit]");
+    // Back where the browser was going, signed in.
+    b.wait_title("API tokens");
+    assert!(b.text("header .who").contains("admin"));
+
+    b.click("a[href='/']");
+    b.wait_title("Overview");
+    assert!(b.text("main").contains("Recent changes"));
+    assert!(b.text("#audit-table").contains("session.login"));
+    b.screenshot("overview");
+
+    b.click("a[href='/tokens']");
+    b.wait_title("API tokens");
+    b.type_into("input[name=name]", "release pipeline");
+    b.click("form.stack button[type=submit]");
+    let secret = eventually(Duration::from_secs(10), "the new token", || {
+        let s = b.page_source();
+        s.contains("new-token").then(|| b.text("#new-token"))
+    });
+    assert!(secret.starts_with("drv_"), "{secret}");
+    let (status, me) = get_json(&format!("{}/api/v1/me", server.base), Some(&secret));
+    assert_eq!(status, 200);
+    assert_eq!(me["name"], "release pipeline");
+    assert_eq!(me["role"], "viewer");
+    b.screenshot("tokens");
+
+    b.click("a[href='/audit']");
+    b.wait_title("Audit log");
+    b.type_into("input[name=action]", "token.");
+    b.click("form.filters button[type=submit]");
+    eventually(Duration::from_secs(10), "the filtered audit log", || {
+        let t = b.text("#audit-table");
+        (t.contains("token.create") && !t.contains("session.login")).then_some(())
+    });
+    b.screenshot("audit");
+    let url = b.cmd("GET", "/url", None);
+    assert!(url.as_str().unwrap().contains("action=token."), "the filter is in the address, to share or reload: {url}");
+    assert!(!url.as_str().unwrap().contains("None"), "empty filters stay empty: {url}");
+
+    b.click("header form button");
+    b.wait_title("Sign in");
+}
