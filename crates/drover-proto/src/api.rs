@@ -349,8 +349,7 @@ mod tests {
 
     #[test]
     fn request_bodies_reject_unknown_fields() {
-        let err = serde_json::from_str::<CreateToken>(r#"{"name":"ci","role":"admin","rol":"x"}"#)
-            .unwrap_err();
+        let err = serde_json::from_str::<CreateToken>(r#"{"name":"ci","role":"admin","rol":"x"}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field `rol`"), "{err}");
     }
 

@@ -11,9 +11,7 @@ pub const MAX_PASSWORD_LEN: usize = 256;
 pub fn username(name: &str) -> Result<(), String> {
     let ok_len = (2..=64).contains(&name.len());
     let ok_first = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+    let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
     if ok_len && ok_first && ok_chars {
         Ok(())
     } else {

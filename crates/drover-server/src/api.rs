@@ -40,11 +40,19 @@ impl utoipa::Modify for SecurityAddon {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "token",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("An API token (drv_…) from `drover token create` or `droverd token create`.")).build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API token (drv_…) from `drover token create` or `droverd token create`."))
+                    .build(),
+            ),
         );
         components.add_security_scheme(
             "session",
-            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(SESSION_COOKIE, "A web session from POST /api/v1/auth/login; changes also need the X-CSRF-Token header."))),
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+                SESSION_COOKIE,
+                "A web session from POST /api/v1/auth/login; changes also need the X-CSRF-Token header.",
+            ))),
         );
     }
 }
@@ -82,7 +90,10 @@ async fn openapi_json() -> Response {
 
 fn secure_request(s: &AppState, headers: &HeaderMap) -> bool {
     s.config.secure_cookies
-        || headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("https"))
+        || headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("https"))
 }
 
 pub fn session_cookie(value: &str, max_age_secs: i64, secure: bool) -> String {
@@ -95,12 +106,18 @@ pub fn session_cookie(value: &str, max_age_secs: i64, secure: bool) -> String {
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest, security(),
     responses((status = 200, body = LoginResponse, description = "Signed in; the session cookie is set"),
               (status = 401, body = ErrorBody), (status = 429, body = ErrorBody, description = "Too many failed attempts")))]
-async fn login(State(s): State<AppState>, parts: axum::http::request::Parts, ApiJson(req): ApiJson<LoginRequest>) -> AppResult<Response> {
+async fn login(
+    State(s): State<AppState>,
+    parts: axum::http::request::Parts,
+    ApiJson(req): ApiJson<LoginRequest>,
+) -> AppResult<Response> {
     let ip = client_ip(&parts);
     let source = crate::app::source_of(&parts);
-    let session = ops::login(&s.db, &s.limiter, &req.username, req.password, ip, source, s.config.idle_timeout_ms()).await?;
+    let session =
+        ops::login(&s.db, &s.limiter, &req.username, req.password, ip, source, s.config.idle_timeout_ms()).await?;
     let me = ops::me(&s.db, &session.principal).await?;
-    let set_cookie = session_cookie(&session.cookie, ops::SESSION_MAX_AGE_MS / 1000, secure_request(&s, &parts.headers));
+    let set_cookie =
+        session_cookie(&session.cookie, ops::SESSION_MAX_AGE_MS / 1000, secure_request(&s, &parts.headers));
     Ok(([(header::SET_COOKIE, set_cookie)], Json(LoginResponse { csrf_token: session.csrf, me })).into_response())
 }
 
@@ -120,7 +137,11 @@ async fn me(State(s): State<AppState>, p: Principal) -> AppResult<Json<Me>> {
 
 #[utoipa::path(post, path = "/api/v1/me/password", tag = "auth", request_body = ChangePassword,
     responses((status = 204, description = "Changed; every session of the user ended"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn change_password(State(s): State<AppState>, p: Principal, ApiJson(req): ApiJson<ChangePassword>) -> AppResult<StatusCode> {
+async fn change_password(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiJson(req): ApiJson<ChangePassword>,
+) -> AppResult<StatusCode> {
     ops::change_own_password(&s.db, &p, req).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -132,19 +153,31 @@ async fn get_organization(State(s): State<AppState>, p: Principal) -> AppResult<
 
 #[utoipa::path(patch, path = "/api/v1/organization", tag = "organization", request_body = UpdateOrganization,
     responses((status = 200, body = Organization), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn update_organization(State(s): State<AppState>, p: Principal, ApiJson(req): ApiJson<UpdateOrganization>) -> AppResult<Json<Organization>> {
+async fn update_organization(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiJson(req): ApiJson<UpdateOrganization>,
+) -> AppResult<Json<Organization>> {
     Ok(Json(ops::update_org(&s.db, &p, req).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/users", tag = "users", params(UserListQuery),
     responses((status = 200, body = Page<User>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
-async fn list_users(State(s): State<AppState>, p: Principal, ApiQuery(q): ApiQuery<UserListQuery>) -> AppResult<Json<Page<User>>> {
+async fn list_users(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiQuery(q): ApiQuery<UserListQuery>,
+) -> AppResult<Json<Page<User>>> {
     Ok(Json(ops::list_users(&s.db, &p, &q).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/users", tag = "users", request_body = CreateUser,
     responses((status = 201, body = CreatedUser), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn create_user(State(s): State<AppState>, p: Principal, ApiJson(req): ApiJson<CreateUser>) -> AppResult<(StatusCode, Json<CreatedUser>)> {
+async fn create_user(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiJson(req): ApiJson<CreateUser>,
+) -> AppResult<(StatusCode, Json<CreatedUser>)> {
     Ok((StatusCode::CREATED, Json(ops::create_user(&s.db, &p, req).await?)))
 }
 
@@ -156,7 +189,12 @@ async fn get_user(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<
 
 #[utoipa::path(patch, path = "/api/v1/users/{id}", tag = "users", params(("id" = String, Path, description = "User id")), request_body = UpdateUser,
     responses((status = 200, body = User), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Would leave no active admin")))]
-async fn update_user(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<String>, ApiJson(req): ApiJson<UpdateUser>) -> AppResult<Json<User>> {
+async fn update_user(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<UpdateUser>,
+) -> AppResult<Json<User>> {
     Ok(Json(ops::update_user(&s.db, &p, &id, req).await?))
 }
 
@@ -169,20 +207,33 @@ async fn delete_user(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPa
 
 #[utoipa::path(post, path = "/api/v1/users/{id}/password", tag = "users", params(("id" = String, Path, description = "User id")), request_body = SetPassword,
     responses((status = 204, description = "Set; the user's sessions ended"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn set_password(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<String>, ApiJson(req): ApiJson<SetPassword>) -> AppResult<StatusCode> {
+async fn set_password(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<SetPassword>,
+) -> AppResult<StatusCode> {
     ops::set_password(&s.db, &p, &id, req).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", params(TokenListQuery),
     responses((status = 200, body = Page<ApiToken>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
-async fn list_tokens(State(s): State<AppState>, p: Principal, ApiQuery(q): ApiQuery<TokenListQuery>) -> AppResult<Json<Page<ApiToken>>> {
+async fn list_tokens(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiQuery(q): ApiQuery<TokenListQuery>,
+) -> AppResult<Json<Page<ApiToken>>> {
     Ok(Json(ops::list_tokens(&s.db, &p, &q).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", request_body = CreateToken,
     responses((status = 201, body = CreatedToken, description = "Created; `secret` is shown this once"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn create_token(State(s): State<AppState>, p: Principal, ApiJson(req): ApiJson<CreateToken>) -> AppResult<(StatusCode, Json<CreatedToken>)> {
+async fn create_token(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiJson(req): ApiJson<CreateToken>,
+) -> AppResult<(StatusCode, Json<CreatedToken>)> {
     Ok((StatusCode::CREATED, Json(ops::create_token(&s.db, &p, req).await?)))
 }
 
@@ -194,13 +245,21 @@ async fn get_token(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath
 
 #[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path, description = "Token id")),
     responses((status = 200, body = ApiToken, description = "Revoked (kept for the record)"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn revoke_token(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<String>) -> AppResult<Json<ApiToken>> {
+async fn revoke_token(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+) -> AppResult<Json<ApiToken>> {
     Ok(Json(ops::revoke_token(&s.db, &p, &id).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditListQuery),
     responses((status = 200, body = Page<AuditEntry>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
-async fn list_audit(State(s): State<AppState>, p: Principal, ApiQuery(q): ApiQuery<AuditListQuery>) -> AppResult<Json<Page<AuditEntry>>> {
+async fn list_audit(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiQuery(q): ApiQuery<AuditListQuery>,
+) -> AppResult<Json<Page<AuditEntry>>> {
     p.require(Role::Viewer, "reading the audit log")?;
     let (items, next_cursor) = audit::list(&s.db, p.org(), &q).await?;
     Ok(Json(Page { items, next_cursor }))

@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::Router;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
@@ -12,7 +13,6 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 use serde::de::DeserializeOwned;
 
 use crate::auth::{CSRF_HEADER, LoginLimiter, Principal, SESSION_COOKIE};
@@ -81,18 +81,17 @@ async fn readyz(State(s): State<AppState>) -> Response {
 
 async fn metrics(State(s): State<AppState>) -> Response {
     let pool = s.db.pool();
-    let body = s.metrics.render(pool.size(), pool.num_idle(), pool.options().get_max_connections(), s.db.backend().name());
+    let body =
+        s.metrics.render(pool.size(), pool.num_idle(), pool.options().get_max_connections(), s.db.backend().name());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| if req.uri().path().starts_with("/api/") { "/api/unmatched".into() } else { "unmatched".into() });
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| {
+        if req.uri().path().starts_with("/api/") { "/api/unmatched".into() } else { "unmatched".into() }
+    });
     let resp = next.run(req).await;
     s.metrics.observe(method.as_str(), &route, resp.status().as_u16(), start.elapsed());
     resp
@@ -112,15 +111,15 @@ async fn json_errors(req: Request, next: Next) -> Response {
     }
     let (code, message) = match status {
         StatusCode::NOT_FOUND => ("not_found", "no such route".to_string()),
-        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "this method is not allowed on this route".to_string()),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            ("method_not_allowed", "this method is not allowed on this route".to_string())
+        }
         StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large".to_string()),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "unsupported content type".to_string()),
         s if s.is_server_error() => ("internal", "internal server error".to_string()),
         s => ("invalid_request", s.canonical_reason().unwrap_or("bad request").to_lowercase()),
     };
-    let body = drover_proto::api::ErrorBody {
-        error: drover_proto::api::ErrorDetail { code: code.into(), message },
-    };
+    let body = drover_proto::api::ErrorBody { error: drover_proto::api::ErrorDetail { code: code.into(), message } };
     let mut out = (status, axum::Json(body)).into_response();
     if let Some(allow) = resp.headers().get(header::ALLOW) {
         out.headers_mut().insert(header::ALLOW, allow.clone());
@@ -145,8 +144,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 
 fn json_rejection(r: JsonRejection) -> AppError {
     match r {
-        JsonRejection::JsonDataError(e) => AppError::BadRequest(format!("invalid request body: {}", e.body_text().trim_start_matches("Failed to deserialize the JSON body into the target type: "))),
-        JsonRejection::JsonSyntaxError(e) => AppError::BadRequest(format!("malformed JSON: {}", e.body_text().trim_start_matches("Failed to parse the request body as JSON: "))),
+        JsonRejection::JsonDataError(e) => AppError::BadRequest(format!(
+            "invalid request body: {}",
+            e.body_text().trim_start_matches("Failed to deserialize the JSON body into the target type: ")
+        )),
+        JsonRejection::JsonSyntaxError(e) => AppError::BadRequest(format!(
+            "malformed JSON: {}",
+            e.body_text().trim_start_matches("Failed to parse the request body as JSON: ")
+        )),
         JsonRejection::MissingJsonContentType(_) => {
             AppError::UnsupportedMediaType("send the body as JSON with Content-Type: application/json".into())
         }
@@ -164,12 +169,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|q| ApiQuery(q.0))
-            .map_err(|e: QueryRejection| {
-                AppError::BadRequest(format!("invalid query: {}", e.body_text().trim_start_matches("Failed to deserialize query string: ")))
-            })
+        axum::extract::Query::<T>::from_request_parts(parts, state).await.map(|q| ApiQuery(q.0)).map_err(
+            |e: QueryRejection| {
+                AppError::BadRequest(format!(
+                    "invalid query: {}",
+                    e.body_text().trim_start_matches("Failed to deserialize query string: ")
+                ))
+            },
+        )
     }
 }
 
@@ -233,7 +240,9 @@ impl FromRequestParts<AppState> for Principal {
         if !is_safe(&parts.method) {
             let sent = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
             if sent.is_none() || sent != p.session_csrf.as_deref() {
-                return Err(AppError::Forbidden("missing or wrong X-CSRF-Token header for a session-authenticated change".into()));
+                return Err(AppError::Forbidden(
+                    "missing or wrong X-CSRF-Token header for a session-authenticated change".into(),
+                ));
             }
         }
         Ok(p)
@@ -301,7 +310,10 @@ pub async fn open_db(config: &Config, admin_password: Option<String>) -> Result<
                  droverd: this password is shown once; sign in and change it.",
                 b.username
             ),
-            None => println!("droverd: first start — created user {:?} with the password from DROVER_ADMIN_PASSWORD", b.username),
+            None => println!(
+                "droverd: first start — created user {:?} with the password from DROVER_ADMIN_PASSWORD",
+                b.username
+            ),
         },
         Ok(None) => {}
         Err(e) => return Err(StartError::Bootstrap(e.to_string())),
@@ -319,8 +331,12 @@ pub async fn serve(
 ) -> Result<(), StartError> {
     let listener = tokio::net::TcpListener::bind(&config.http_listen).await.map_err(|source| {
         let hint = match source.kind() {
-            std::io::ErrorKind::AddrInUse => " (another program, perhaps another droverd, uses it: choose another with --http-listen)",
-            std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges: choose another with --http-listen)",
+            std::io::ErrorKind::AddrInUse => {
+                " (another program, perhaps another droverd, uses it: choose another with --http-listen)"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                " (ports below 1024 need privileges: choose another with --http-listen)"
+            }
             _ => "",
         };
         StartError::Listen { addr: config.http_listen.clone(), source, hint }

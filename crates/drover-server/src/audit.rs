@@ -179,12 +179,11 @@ pub async fn verify(db: &Db) -> Result<AuditVerification, sqlx::Error> {
     };
     loop {
         // Batches keep memory flat on a long log.
-        let rows: Vec<Row> = sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM audit_log WHERE seq >= $1 ORDER BY seq LIMIT 1000"
-        ))
-        .bind(expected_seq)
-        .fetch_all(db.pool())
-        .await?;
+        let rows: Vec<Row> =
+            sqlx::query_as(&format!("SELECT {COLUMNS} FROM audit_log WHERE seq >= $1 ORDER BY seq LIMIT 1000"))
+                .bind(expected_seq)
+                .fetch_all(db.pool())
+                .await?;
         if rows.is_empty() {
             break;
         }
@@ -218,8 +217,15 @@ pub async fn verify(db: &Db) -> Result<AuditVerification, sqlx::Error> {
         return Ok(bad(
             checked + 1,
             checked,
-            format!("the audit log ends at entry {checked} but its head records entry {head_seq}: entries were removed"),
+            format!(
+                "the audit log ends at entry {checked} but its head records entry {head_seq}: entries were removed"
+            ),
         ));
     }
-    Ok(AuditVerification { ok: true, checked, first_bad_seq: None, message: format!("audit log intact: {checked} entries") })
+    Ok(AuditVerification {
+        ok: true,
+        checked,
+        first_bad_seq: None,
+        message: format!("audit log intact: {checked} entries"),
+    })
 }

@@ -7,8 +7,8 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use drover_proto::api::{PrincipalKind, Role};
@@ -121,7 +121,8 @@ pub async fn hash_password(password: String) -> AppResult<String> {
 /// spends the same work, so that timing does not reveal which usernames exist.
 pub async fn verify_password(password: String, stored: Option<String>) -> bool {
     tokio::task::spawn_blocking(move || {
-        const DUMMY: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$WJ5Q6a3jYk3Ms0p7VnQb8YV0Oe1JxJ8nqS8n1hU3r2k";
+        const DUMMY: &str =
+            "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$WJ5Q6a3jYk3Ms0p7VnQb8YV0Oe1JxJ8nqS8n1hU3r2k";
         let hash_str = stored.as_deref().unwrap_or(DUMMY);
         let Ok(parsed) = PasswordHash::new(hash_str) else { return false };
         let ok = Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok();

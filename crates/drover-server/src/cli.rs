@@ -117,7 +117,8 @@ fn fail(msg: &str) -> ExitCode {
 }
 
 fn init_logging(filter: &str, serving: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // One-off commands print their result; only warnings and errors go to the log.
     let filter = if serving { filter } else { tracing_subscriber::EnvFilter::new("warn") };
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();

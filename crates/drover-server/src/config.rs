@@ -100,8 +100,8 @@ impl Config {
         let path = data_dir.join(CONFIG_FILE);
         match std::fs::read_to_string(&path) {
             Ok(text) => {
-                let f: FileConfig =
-                    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.message().to_string() })?;
+                let f: FileConfig = toml::from_str(&text)
+                    .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.message().to_string() })?;
                 c.apply_file(f);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -203,7 +203,8 @@ mod tests {
     #[test]
     fn flags_beat_environment_beats_file() {
         let d = tmp_dir("layers");
-        std::fs::write(d.join(CONFIG_FILE), "http_listen = \"0.0.0.0:1\"\nlog = \"debug\"\nmax_body_bytes = 10\n").unwrap();
+        std::fs::write(d.join(CONFIG_FILE), "http_listen = \"0.0.0.0:1\"\nlog = \"debug\"\nmax_body_bytes = 10\n")
+            .unwrap();
         let env: HashMap<&str, &str> = [("DROVER_HTTP_LISTEN", "0.0.0.0:2"), ("DROVER_MAX_BODY_BYTES", "20")].into();
         let get = |k: &str| env.get(k).map(|v| v.to_string());
         let c = Config::load(&d, &get, &Overrides::default()).unwrap();

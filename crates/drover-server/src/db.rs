@@ -131,11 +131,7 @@ impl Db {
             }
         }
         .map_err(connect_err)?;
-        let db = Db {
-            pool,
-            backend,
-            write_lock: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(()))),
-        };
+        let db = Db { pool, backend, write_lock: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(()))) };
         db.migrate().await?;
         Ok(db)
     }
@@ -187,9 +183,8 @@ impl Db {
         )
         .execute(&mut *conn)
         .await?;
-        let applied: Vec<(i64,)> = sqlx::query_as("SELECT version FROM schema_migrations ORDER BY version")
-            .fetch_all(&mut *conn)
-            .await?;
+        let applied: Vec<(i64,)> =
+            sqlx::query_as("SELECT version FROM schema_migrations ORDER BY version").fetch_all(&mut *conn).await?;
         let known = MIGRATIONS.last().map(|m| m.version).unwrap_or(0);
         if let Some(&(found,)) = applied.last()
             && found > known
@@ -260,11 +255,7 @@ impl Filter {
     }
 
     pub fn sql(&self) -> String {
-        if self.clauses.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", self.clauses.join(" AND "))
-        }
+        if self.clauses.is_empty() { String::new() } else { format!(" WHERE {}", self.clauses.join(" AND ")) }
     }
 
     /// The next free parameter number.
@@ -294,8 +285,10 @@ mod tests {
     #[test]
     fn filter_numbers_parameters_in_order() {
         let mut f = Filter::default();
-        f.and("role = ?", [Bind::Text("admin".into())])
-            .and("(created_at > ? OR (created_at = ? AND id > ?))", [Bind::Int(1), Bind::Int(1), Bind::Text("x".into())]);
+        f.and("role = ?", [Bind::Text("admin".into())]).and(
+            "(created_at > ? OR (created_at = ? AND id > ?))",
+            [Bind::Int(1), Bind::Int(1), Bind::Text("x".into())],
+        );
         assert_eq!(f.sql(), " WHERE role = $1 AND (created_at > $2 OR (created_at = $3 AND id > $4))");
         assert_eq!(f.next_param(), 5);
     }

@@ -57,13 +57,23 @@ impl Metrics {
         for (route, h) in self.latency.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let route = escape(route);
             for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(out, "drover_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {}", h.counts[i]);
+                let _ = writeln!(
+                    out,
+                    "drover_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {}",
+                    h.counts[i]
+                );
             }
-            let _ = writeln!(out, "drover_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(
+                out,
+                "drover_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
+                h.count
+            );
             let _ = writeln!(out, "drover_http_request_duration_seconds_sum{{route=\"{route}\"}} {}", h.sum);
             let _ = writeln!(out, "drover_http_request_duration_seconds_count{{route=\"{route}\"}} {}", h.count);
         }
-        out.push_str("# HELP drover_db_pool_connections Open database connections.\n# TYPE drover_db_pool_connections gauge\n");
+        out.push_str(
+            "# HELP drover_db_pool_connections Open database connections.\n# TYPE drover_db_pool_connections gauge\n",
+        );
         let _ = writeln!(out, "drover_db_pool_connections{{backend=\"{backend}\"}} {pool_size}");
         out.push_str("# HELP drover_db_pool_idle_connections Idle database connections.\n# TYPE drover_db_pool_idle_connections gauge\n");
         let _ = writeln!(out, "drover_db_pool_idle_connections{{backend=\"{backend}\"}} {pool_idle}");

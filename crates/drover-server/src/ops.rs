@@ -48,16 +48,13 @@ pub async fn find_org(db: &Db, name: Option<&str>) -> AppResult<String> {
                 .fetch_optional(db.pool())
                 .await?
         }
-        None => {
-            sqlx::query_as(
-                "SELECT id FROM organizations ORDER BY CASE WHEN name = 'default' THEN 0 ELSE 1 END, created_at LIMIT 1",
-            )
-            .fetch_optional(db.pool())
-            .await?
-        }
+        None => sqlx::query_as(
+            "SELECT id FROM organizations ORDER BY CASE WHEN name = 'default' THEN 0 ELSE 1 END, created_at LIMIT 1",
+        )
+        .fetch_optional(db.pool())
+        .await?,
     };
-    row.map(|r| r.0)
-        .ok_or_else(|| AppError::NotFound(format!("no organization {:?}", name.unwrap_or("default"))))
+    row.map(|r| r.0).ok_or_else(|| AppError::NotFound(format!("no organization {:?}", name.unwrap_or("default"))))
 }
 
 pub async fn update_org(db: &Db, p: &Principal, req: UpdateOrganization) -> AppResult<Organization> {
@@ -77,7 +74,11 @@ pub async fn update_org(db: &Db, p: &Principal, req: UpdateOrganization) -> AppR
     }
     res?;
     let summary = format!("name: {:?} → {:?}", before.name, req.name);
-    audit::append(tx.conn(), Event { actor: p, action: "organization.update", target_kind: "organization", target_id: p.org(), summary }).await?;
+    audit::append(
+        tx.conn(),
+        Event { actor: p, action: "organization.update", target_kind: "organization", target_id: p.org(), summary },
+    )
+    .await?;
     tx.commit().await?;
     get_org(db, p.org()).await
 }
@@ -133,8 +134,28 @@ pub async fn bootstrap(db: &Db, admin_password: Option<String>) -> AppResult<Opt
     .execute(tx.conn())
     .await?;
     let system = Principal::system(Some(&org_id));
-    audit::append(tx.conn(), Event { actor: &system, action: "organization.create", target_kind: "organization", target_id: &org_id, summary: "first start: organization \"default\"".into() }).await?;
-    audit::append(tx.conn(), Event { actor: &system, action: "user.create", target_kind: "user", target_id: &user_id, summary: "first start: user \"admin\" with role admin".into() }).await?;
+    audit::append(
+        tx.conn(),
+        Event {
+            actor: &system,
+            action: "organization.create",
+            target_kind: "organization",
+            target_id: &org_id,
+            summary: "first start: organization \"default\"".into(),
+        },
+    )
+    .await?;
+    audit::append(
+        tx.conn(),
+        Event {
+            actor: &system,
+            action: "user.create",
+            target_kind: "user",
+            target_id: &user_id,
+            summary: "first start: user \"admin\" with role admin".into(),
+        },
+    )
+    .await?;
     tx.commit().await?;
     Ok(Some(Bootstrap { org_id, username: "admin".into(), generated_password: generated.then_some(password) }))
 }
@@ -187,11 +208,12 @@ pub async fn list_users(db: &Db, p: &Principal, q: &UserListQuery) -> AppResult<
 }
 
 async fn fetch_user(conn: &mut sqlx::AnyConnection, org_id: &str, id: &str) -> AppResult<User> {
-    let row: Option<UserRow> = sqlx::query_as(&format!("SELECT {USER_COLUMNS} FROM users WHERE org_id = $1 AND id = $2"))
-        .bind(org_id.to_string())
-        .bind(id.to_string())
-        .fetch_optional(conn)
-        .await?;
+    let row: Option<UserRow> =
+        sqlx::query_as(&format!("SELECT {USER_COLUMNS} FROM users WHERE org_id = $1 AND id = $2"))
+            .bind(org_id.to_string())
+            .bind(id.to_string())
+            .fetch_optional(conn)
+            .await?;
     to_user(row.ok_or_else(|| AppError::NotFound(format!("no user with id {id:?}")))?)
 }
 
@@ -235,7 +257,8 @@ pub async fn create_user(db: &Db, p: &Principal, req: CreateUser) -> AppResult<C
     }
     res?;
     let summary = format!("user {:?} with role {}", req.username, req.role);
-    audit::append(tx.conn(), Event { actor: p, action: "user.create", target_kind: "user", target_id: &id, summary }).await?;
+    audit::append(tx.conn(), Event { actor: p, action: "user.create", target_kind: "user", target_id: &id, summary })
+        .await?;
     let user = fetch_user(tx.conn(), p.org(), &id).await?;
     tx.commit().await?;
     Ok(CreatedUser { user, generated_password: generated })
@@ -243,13 +266,12 @@ pub async fn create_user(db: &Db, p: &Principal, req: CreateUser) -> AppResult<C
 
 /// Active administrators of an organization other than `except`.
 async fn other_active_admins(conn: &mut sqlx::AnyConnection, org_id: &str, except: &str) -> AppResult<i64> {
-    let (n,): (i64,) = sqlx::query_as(
-        "SELECT COUNT(*) FROM users WHERE org_id = $1 AND role = 'admin' AND disabled = 0 AND id <> $2",
-    )
-    .bind(org_id.to_string())
-    .bind(except.to_string())
-    .fetch_one(conn)
-    .await?;
+    let (n,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM users WHERE org_id = $1 AND role = 'admin' AND disabled = 0 AND id <> $2")
+            .bind(org_id.to_string())
+            .bind(except.to_string())
+            .fetch_one(conn)
+            .await?;
     Ok(n)
 }
 
@@ -260,7 +282,11 @@ pub async fn update_user(db: &Db, p: &Principal, id: &str, req: UpdateUser) -> A
     let role = req.role.unwrap_or(before.role);
     let disabled = req.disabled.unwrap_or(before.disabled);
     let still_admin = role == Role::Admin && !disabled;
-    if before.role == Role::Admin && !before.disabled && !still_admin && other_active_admins(tx.conn(), p.org(), id).await? == 0 {
+    if before.role == Role::Admin
+        && !before.disabled
+        && !still_admin
+        && other_active_admins(tx.conn(), p.org(), id).await? == 0
+    {
         return Err(AppError::Conflict(format!(
             "{:?} is the organization's last active admin: make another user admin first",
             before.username
@@ -290,7 +316,8 @@ pub async fn update_user(db: &Db, p: &Principal, id: &str, req: UpdateUser) -> A
         sqlx::query("DELETE FROM sessions WHERE user_id = $1").bind(id.to_string()).execute(tx.conn()).await?;
     }
     let summary = format!("user {:?}: {}", before.username, changes.join(", "));
-    audit::append(tx.conn(), Event { actor: p, action: "user.update", target_kind: "user", target_id: id, summary }).await?;
+    audit::append(tx.conn(), Event { actor: p, action: "user.update", target_kind: "user", target_id: id, summary })
+        .await?;
     let after = fetch_user(tx.conn(), p.org(), id).await?;
     tx.commit().await?;
     Ok(after)
@@ -304,7 +331,11 @@ pub async fn set_password(db: &Db, p: &Principal, id: &str, req: SetPassword) ->
     let user = fetch_user(tx.conn(), p.org(), id).await?;
     store_password(&mut tx, &user, hash).await?;
     let summary = format!("password of {:?} set by an admin; their sessions ended", user.username);
-    audit::append(tx.conn(), Event { actor: p, action: "user.set_password", target_kind: "user", target_id: id, summary }).await?;
+    audit::append(
+        tx.conn(),
+        Event { actor: p, action: "user.set_password", target_kind: "user", target_id: id, summary },
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }
@@ -321,7 +352,9 @@ async fn store_password(tx: &mut crate::db::WriteTx, user: &User, hash: String) 
 
 pub async fn change_own_password(db: &Db, p: &Principal, req: ChangePassword) -> AppResult<()> {
     if p.kind != PrincipalKind::User {
-        return Err(AppError::Forbidden("permission denied: only a signed-in user can change their own password; an API token has none".into()));
+        return Err(AppError::Forbidden(
+            "permission denied: only a signed-in user can change their own password; an API token has none".into(),
+        ));
     }
     validate::password(&req.new_password).map_err(AppError::BadRequest)?;
     let stored: Option<(String,)> = sqlx::query_as("SELECT password_hash FROM users WHERE id = $1")
@@ -335,7 +368,17 @@ pub async fn change_own_password(db: &Db, p: &Principal, req: ChangePassword) ->
     let mut tx = db.begin_write().await?;
     let user = fetch_user(tx.conn(), p.org(), &p.id).await?;
     store_password(&mut tx, &user, hash).await?;
-    audit::append(tx.conn(), Event { actor: p, action: "user.change_password", target_kind: "user", target_id: &p.id, summary: format!("{:?} changed their password; their sessions ended", user.username) }).await?;
+    audit::append(
+        tx.conn(),
+        Event {
+            actor: p,
+            action: "user.change_password",
+            target_kind: "user",
+            target_id: &p.id,
+            summary: format!("{:?} changed their password; their sessions ended", user.username),
+        },
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }
@@ -353,7 +396,8 @@ pub async fn delete_user(db: &Db, p: &Principal, id: &str) -> AppResult<()> {
     sqlx::query("DELETE FROM sessions WHERE user_id = $1").bind(id.to_string()).execute(tx.conn()).await?;
     sqlx::query("DELETE FROM users WHERE id = $1").bind(id.to_string()).execute(tx.conn()).await?;
     let summary = format!("user {:?} (role {}) deleted", user.username, user.role);
-    audit::append(tx.conn(), Event { actor: p, action: "user.delete", target_kind: "user", target_id: id, summary }).await?;
+    audit::append(tx.conn(), Event { actor: p, action: "user.delete", target_kind: "user", target_id: id, summary })
+        .await?;
     tx.commit().await?;
     Ok(())
 }
@@ -453,7 +497,8 @@ pub async fn create_token(db: &Db, p: &Principal, req: CreateToken) -> AppResult
         None => "does not expire".into(),
     };
     let summary = format!("token {:?} with role {}, {expiry}", req.name, req.role);
-    audit::append(tx.conn(), Event { actor: p, action: "token.create", target_kind: "token", target_id: &id, summary }).await?;
+    audit::append(tx.conn(), Event { actor: p, action: "token.create", target_kind: "token", target_id: &id, summary })
+        .await?;
     let token = fetch_token(tx.conn(), p.org(), &id).await?;
     tx.commit().await?;
     Ok(CreatedToken { token, secret })
@@ -472,7 +517,8 @@ pub async fn revoke_token(db: &Db, p: &Principal, id: &str) -> AppResult<ApiToke
         .execute(tx.conn())
         .await?;
     let summary = format!("token {:?} (role {}) revoked", token.name, token.role);
-    audit::append(tx.conn(), Event { actor: p, action: "token.revoke", target_kind: "token", target_id: id, summary }).await?;
+    audit::append(tx.conn(), Event { actor: p, action: "token.revoke", target_kind: "token", target_id: id, summary })
+        .await?;
     let token = fetch_token(tx.conn(), p.org(), id).await?;
     tx.commit().await?;
     Ok(token)
@@ -508,7 +554,15 @@ pub async fn authenticate_token(db: &Db, secret: &str, source: String) -> AppRes
             .execute(db.pool())
             .await?;
     }
-    Ok(Principal { kind: PrincipalKind::Token, id, name, role: role_of(&role)?, org_id: Some(org_id), source, session_csrf: None })
+    Ok(Principal {
+        kind: PrincipalKind::Token,
+        id,
+        name,
+        role: role_of(&role)?,
+        org_id: Some(org_id),
+        source,
+        session_csrf: None,
+    })
 }
 
 /// A new web session.
@@ -582,8 +636,22 @@ pub async fn login(
         .bind(now)
         .execute(tx.conn())
         .await?;
-    sqlx::query("UPDATE users SET last_login_at = $1 WHERE id = $2").bind(now).bind(user_id.clone()).execute(tx.conn()).await?;
-    audit::append(tx.conn(), Event { actor: &principal, action: "session.login", target_kind: "user", target_id: &user_id, summary: format!("{username:?} signed in") }).await?;
+    sqlx::query("UPDATE users SET last_login_at = $1 WHERE id = $2")
+        .bind(now)
+        .bind(user_id.clone())
+        .execute(tx.conn())
+        .await?;
+    audit::append(
+        tx.conn(),
+        Event {
+            actor: &principal,
+            action: "session.login",
+            target_kind: "user",
+            target_id: &user_id,
+            summary: format!("{username:?} signed in"),
+        },
+    )
+    .await?;
     tx.commit().await?;
     Ok(NewSession { cookie, csrf, principal })
 }
@@ -610,19 +678,46 @@ pub async fn authenticate_session(db: &Db, cookie: &str, source: String, idle_ti
             .execute(db.pool())
             .await?;
     }
-    Ok(Principal { kind: PrincipalKind::User, id, name, role: role_of(&role)?, org_id: Some(org_id), source, session_csrf: Some(csrf) })
+    Ok(Principal {
+        kind: PrincipalKind::User,
+        id,
+        name,
+        role: role_of(&role)?,
+        org_id: Some(org_id),
+        source,
+        session_csrf: Some(csrf),
+    })
 }
 
 pub async fn logout(db: &Db, p: &Principal, cookie: &str) -> AppResult<()> {
     let mut tx = db.begin_write().await?;
-    let gone = sqlx::query("DELETE FROM sessions WHERE id_hash = $1").bind(auth::sha256_hex(cookie)).execute(tx.conn()).await?;
+    let gone = sqlx::query("DELETE FROM sessions WHERE id_hash = $1")
+        .bind(auth::sha256_hex(cookie))
+        .execute(tx.conn())
+        .await?;
     if gone.rows_affected() > 0 {
-        audit::append(tx.conn(), Event { actor: p, action: "session.logout", target_kind: "user", target_id: &p.id, summary: format!("{:?} signed out", p.name) }).await?;
+        audit::append(
+            tx.conn(),
+            Event {
+                actor: p,
+                action: "session.logout",
+                target_kind: "user",
+                target_id: &p.id,
+                summary: format!("{:?} signed out", p.name),
+            },
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(())
 }
 
 pub async fn me(db: &Db, p: &Principal) -> AppResult<Me> {
-    Ok(Me { kind: p.kind, id: p.id.clone(), name: p.name.clone(), role: p.role, organization: get_org(db, p.org()).await? })
+    Ok(Me {
+        kind: p.kind,
+        id: p.id.clone(),
+        name: p.name.clone(),
+        role: p.role,
+        organization: get_org(db, p.org()).await?,
+    })
 }

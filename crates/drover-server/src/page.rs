@@ -83,7 +83,11 @@ impl PageRequest {
         let after = match cursor.filter(|c| !c.is_empty()) {
             None => None,
             Some(c) => {
-                let bad = || AppError::InvalidCursor("invalid pagination cursor: pass back next_cursor unchanged, or omit it to start over".into());
+                let bad = || {
+                    AppError::InvalidCursor(
+                        "invalid pagination cursor: pass back next_cursor unchanged, or omit it to start over".into(),
+                    )
+                };
                 let raw = URL_SAFE_NO_PAD.decode(c).map_err(|_| bad())?;
                 let data: CursorData = serde_json::from_slice(&raw).map_err(|_| bad())?;
                 if data.s != sort.spec() {
@@ -93,7 +97,8 @@ impl PageRequest {
                         sort.spec()
                     )));
                 }
-                let type_ok = matches!((&data.v, field.int), (CursorValue::Int(_), true) | (CursorValue::Text(_), false));
+                let type_ok =
+                    matches!((&data.v, field.int), (CursorValue::Int(_), true) | (CursorValue::Text(_), false));
                 if !type_ok {
                     return Err(bad());
                 }
@@ -176,7 +181,8 @@ mod tests {
     #[test]
     fn cursor_round_trip_and_sort_binding() {
         let req = PageRequest::parse(Some(2), None, Some("-created_at"), FIELDS, "username").unwrap();
-        let (rows, next) = req.finish(vec![(30, "c"), (20, "b"), (10, "a")], |r| (CursorValue::Int(r.0), Some(r.1.to_string())));
+        let (rows, next) =
+            req.finish(vec![(30, "c"), (20, "b"), (10, "a")], |r| (CursorValue::Int(r.0), Some(r.1.to_string())));
         assert_eq!(rows.len(), 2);
         let next = next.unwrap();
         let again = PageRequest::parse(Some(2), Some(&next), Some("-created_at"), FIELDS, "username").unwrap();

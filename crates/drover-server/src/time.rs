@@ -8,8 +8,8 @@ pub fn now_ms() -> i64 {
 }
 
 pub fn to_rfc3339(ms: i64) -> String {
-    let dt = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let dt =
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
     // Millisecond precision, always with a `Z`.
     let dt = dt.replace_nanosecond(dt.millisecond() as u32 * 1_000_000).unwrap_or(dt);
     dt.format(&Rfc3339).unwrap_or_else(|_| ms.to_string())

@@ -3,12 +3,12 @@
 //! operations as the REST API, so it is authorized and audited the same way; every form
 //! carries the session's CSRF token.
 
+use axum::Router;
 use axum::extract::{Form, FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use drover_proto::api::{
     AuditListQuery, ChangePassword, CreateToken, CreateUser, Role, SetPassword, TokenListQuery, UpdateUser,
     UserListQuery,
@@ -117,7 +117,9 @@ fn urlencode(s: &str) -> String {
 fn check_csrf(p: &Principal, sent: &str) -> Result<(), AppError> {
     match &p.session_csrf {
         Some(expected) if !sent.is_empty() && constant_time_eq(expected.as_bytes(), sent.as_bytes()) => Ok(()),
-        _ => Err(AppError::Forbidden("the form has expired or did not come from this site: reload the page and try again".into())),
+        _ => Err(AppError::Forbidden(
+            "the form has expired or did not come from this site: reload the page and try again".into(),
+        )),
     }
 }
 
@@ -157,9 +159,11 @@ fn error_page(s: &AppState, e: AppError) -> Response {
         tracing::error!(%detail, "page failed");
     }
     let status = e.status();
-    let body = s
-        .ui
-        .render("error.html", context! { status => status.as_u16(), message => e.public_message(), version => env!("CARGO_PKG_VERSION") })
+    let body =
+        s.ui.render(
+            "error.html",
+            context! { status => status.as_u16(), message => e.public_message(), version => env!("CARGO_PKG_VERSION") },
+        )
         .map(IntoResponse::into_response)
         .unwrap_or_else(|_| e.public_message().into_response());
     (status, body).into_response()
@@ -199,7 +203,13 @@ async fn login_page(State(s): State<AppState>, Query(q): Query<LoginQuery>) -> R
     render_login(&s, q.next.as_deref(), q.error, "", StatusCode::OK)
 }
 
-fn render_login(s: &AppState, next: Option<&str>, error: Option<String>, username: &str, status: StatusCode) -> Response {
+fn render_login(
+    s: &AppState,
+    next: Option<&str>,
+    error: Option<String>,
+    username: &str,
+    status: StatusCode,
+) -> Response {
     let login_csrf = random_secret(18);
     let ctx = context! { login_csrf => login_csrf, next => safe_next(next), error => error, username => username, version => env!("CARGO_PKG_VERSION") };
     match s.ui.render("login.html", ctx) {
@@ -260,7 +270,8 @@ async fn logout(State(s): State<AppState>, UiUser(p): UiUser, headers: HeaderMap
         return error_page(&s, e);
     }
     let mut resp = Redirect::to("/login").into_response();
-    resp.headers_mut().append(header::SET_COOKIE, session_cookie("", 0, s.config.secure_cookies).parse().expect("cookie header"));
+    resp.headers_mut()
+        .append(header::SET_COOKIE, session_cookie("", 0, s.config.secure_cookies).parse().expect("cookie header"));
     resp
 }
 
@@ -311,7 +322,9 @@ async fn account_password(State(s): State<AppState>, UiUser(p): UiUser, Form(f):
     let req = ChangePassword { current_password: f.current_password, new_password: f.new_password };
     match ops::change_own_password(&s.db, &p, req).await {
         // Every session ended, this one included.
-        Ok(()) => Redirect::to("/login?error=Password%20changed.%20Sign%20in%20with%20the%20new%20one.").into_response(),
+        Ok(()) => {
+            Redirect::to("/login?error=Password%20changed.%20Sign%20in%20with%20the%20new%20one.").into_response()
+        }
         Err(e) => back("/account", Err(e)),
     }
 }
@@ -328,13 +341,23 @@ async fn users(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Query<Lis
     render_users(&s, &p, q, None).await
 }
 
-async fn render_users(s: &AppState, p: &Principal, q: ListUi, created: Option<drover_proto::api::CreatedUser>) -> Response {
+async fn render_users(
+    s: &AppState,
+    p: &Principal,
+    q: ListUi,
+    created: Option<drover_proto::api::CreatedUser>,
+) -> Response {
     let flash = Flash { notice: q.notice, error: q.error };
     let r: Result<Html<String>, AppError> = async {
         let ctx = page_ctx(s, p, "users", &flash).await?;
-        let page = ops::list_users(&s.db, p, &UserListQuery { limit: Some(100), cursor: q.cursor, ..Default::default() }).await?;
+        let page =
+            ops::list_users(&s.db, p, &UserListQuery { limit: Some(100), cursor: q.cursor, ..Default::default() })
+                .await?;
         let next_url = page.next_cursor.map(|c| format!("/users?cursor={}", urlencode(&c)));
-        s.ui.render("users.html", merge(ctx, context! { users => page.items, next_url => next_url, created => created }))
+        s.ui.render(
+            "users.html",
+            merge(ctx, context! { users => page.items, next_url => next_url, created => created }),
+        )
     }
     .await;
     r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(s, e))
@@ -352,8 +375,11 @@ async fn users_create(State(s): State<AppState>, UiUser(p): UiUser, Form(f): For
     if let Err(e) = check_csrf(&p, &f.csrf) {
         return error_page(&s, e);
     }
-    let Some(role) = Role::parse(&f.role) else { return back("/users", Err(AppError::BadRequest(format!("unknown role {:?}", f.role)))) };
-    let req = CreateUser { username: f.username.trim().to_string(), role, password: f.password.filter(|p| !p.is_empty()) };
+    let Some(role) = Role::parse(&f.role) else {
+        return back("/users", Err(AppError::BadRequest(format!("unknown role {:?}", f.role))));
+    };
+    let req =
+        CreateUser { username: f.username.trim().to_string(), role, password: f.password.filter(|p| !p.is_empty()) };
     match ops::create_user(&s.db, &p, req).await {
         Ok(created) if created.generated_password.is_some() => {
             let q = ListUi { cursor: None, include_revoked: None, notice: None, error: None };
@@ -387,9 +413,11 @@ async fn users_action(
                 .map(|u| format!("{} is now {}.", u.username, u.role)),
             None => Err(AppError::BadRequest("choose a role".into())),
         },
-        "disable" | "enable" => ops::update_user(&s.db, &p, &id, UpdateUser { role: None, disabled: Some(action == "disable") })
-            .await
-            .map(|u| format!("{} is {}.", u.username, if u.disabled { "disabled" } else { "enabled" })),
+        "disable" | "enable" => {
+            ops::update_user(&s.db, &p, &id, UpdateUser { role: None, disabled: Some(action == "disable") })
+                .await
+                .map(|u| format!("{} is {}.", u.username, if u.disabled { "disabled" } else { "enabled" }))
+        }
         "delete" => ops::delete_user(&s.db, &p, &id).await.map(|()| "User deleted.".to_string()),
         "password" => ops::set_password(&s.db, &p, &id, SetPassword { password: f.password.unwrap_or_default() })
             .await
@@ -403,7 +431,12 @@ async fn tokens(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Query<Li
     render_tokens(&s, &p, q, None).await
 }
 
-async fn render_tokens(s: &AppState, p: &Principal, q: ListUi, created: Option<drover_proto::api::CreatedToken>) -> Response {
+async fn render_tokens(
+    s: &AppState,
+    p: &Principal,
+    q: ListUi,
+    created: Option<drover_proto::api::CreatedToken>,
+) -> Response {
     let flash = Flash { notice: q.notice, error: q.error };
     let include_revoked = q.include_revoked.unwrap_or(false);
     let r: Result<Html<String>, AppError> = async {
@@ -432,12 +465,16 @@ async fn tokens_create(State(s): State<AppState>, UiUser(p): UiUser, Form(f): Fo
     if let Err(e) = check_csrf(&p, &f.csrf) {
         return error_page(&s, e);
     }
-    let Some(role) = Role::parse(&f.role) else { return back("/tokens", Err(AppError::BadRequest(format!("unknown role {:?}", f.role)))) };
+    let Some(role) = Role::parse(&f.role) else {
+        return back("/tokens", Err(AppError::BadRequest(format!("unknown role {:?}", f.role))));
+    };
     let expires_in_days = match f.expires_in_days.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
         None => None,
         Some(v) => match v.parse() {
             Ok(d) => Some(d),
-            Err(_) => return back("/tokens", Err(AppError::BadRequest("expiry must be a whole number of days".into()))),
+            Err(_) => {
+                return back("/tokens", Err(AppError::BadRequest("expiry must be a whole number of days".into())));
+            }
         },
     };
     match ops::create_token(&s.db, &p, CreateToken { name: f.name, role, expires_in_days }).await {

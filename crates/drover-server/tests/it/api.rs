@@ -47,7 +47,9 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         let r = raw_post(&app, "/api/v1/users", json, br#"{"username": "ann", "role": "root"}"#.to_vec()).await;
         assert_error_shape(&r, StatusCode::BAD_REQUEST, "invalid_request");
 
-        let r = raw_post(&app, "/api/v1/users", json, br#"{"username": "ann", "role": "viewer", "admin": true}"#.to_vec()).await;
+        let r =
+            raw_post(&app, "/api/v1/users", json, br#"{"username": "ann", "role": "viewer", "admin": true}"#.to_vec())
+                .await;
         assert_error_shape(&r, StatusCode::BAD_REQUEST, "invalid_request");
         assert!(r.text.contains("unknown field"), "{}", r.text);
 
@@ -60,10 +62,18 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
 
         let r = raw_post(&app, "/api/v1/users", json, br#"{"username": "Not Valid", "role": "viewer"}"#.to_vec()).await;
         assert_error_shape(&r, StatusCode::BAD_REQUEST, "invalid_request");
-        let r = raw_post(&app, "/api/v1/users", json, br#"{"username": "shorty", "role": "viewer", "password": "short"}"#.to_vec()).await;
+        let r = raw_post(
+            &app,
+            "/api/v1/users",
+            json,
+            br#"{"username": "shorty", "role": "viewer", "password": "short"}"#.to_vec(),
+        )
+        .await;
         assert_error_shape(&r, StatusCode::BAD_REQUEST, "invalid_request");
 
-        for path in ["/api/v1/users?cursor=not-a-cursor", "/api/v1/tokens?cursor=eyJ4IjoxfQ", "/api/v1/audit?cursor=%00%01"] {
+        for path in
+            ["/api/v1/users?cursor=not-a-cursor", "/api/v1/tokens?cursor=eyJ4IjoxfQ", "/api/v1/audit?cursor=%00%01"]
+        {
             let r = app.admin(Method::GET, path, None).await;
             assert_error_shape(&r, StatusCode::BAD_REQUEST, "invalid_cursor");
         }
@@ -107,12 +117,16 @@ fn mutating_routes(doc: &Value) -> Vec<(Method, String)> {
 
 fn body_for(path: &str, method: &Method) -> Option<Value> {
     match (method.as_str(), path) {
-        ("POST", "/api/v1/users") => Some(json!({"username": "mallory", "role": "admin", "password": "long enough password"})),
+        ("POST", "/api/v1/users") => {
+            Some(json!({"username": "mallory", "role": "admin", "password": "long enough password"}))
+        }
         ("PATCH", "/api/v1/users/{id}") => Some(json!({"role": "viewer"})),
         ("POST", "/api/v1/users/{id}/password") => Some(json!({"password": "another long password"})),
         ("POST", "/api/v1/tokens") => Some(json!({"name": "escalate", "role": "admin"})),
         ("PATCH", "/api/v1/organization") => Some(json!({"name": "taken over"})),
-        ("POST", "/api/v1/me/password") => Some(json!({"current_password": "x", "new_password": "long enough password"})),
+        ("POST", "/api/v1/me/password") => {
+            Some(json!({"current_password": "x", "new_password": "long enough password"}))
+        }
         ("POST", "/api/v1/auth/login") => Some(json!({"username": "admin", "password": ADMIN_PASSWORD})),
         _ => None,
     }
@@ -142,7 +156,11 @@ async fn a_viewer_is_refused_on_every_mutating_route_and_the_audit_log_is_unchan
             for (who, token) in [("viewer", &viewer), ("operator", &operator)] {
                 let r = app.call(method.clone(), &concrete, Some(token), body_for(path, method)).await;
                 assert_error_shape(&r, StatusCode::FORBIDDEN, "forbidden");
-                assert!(r.body["error"]["message"].as_str().unwrap().contains("permission denied"), "{who} {method} {path}: {}", r.text);
+                assert!(
+                    r.body["error"]["message"].as_str().unwrap().contains("permission denied"),
+                    "{who} {method} {path}: {}",
+                    r.text
+                );
             }
             checked += 1;
         }
@@ -195,7 +213,13 @@ async fn revoked_expired_unknown_and_malformed_tokens_get_401() {
         let listed = app.admin(Method::GET, "/api/v1/tokens?include_revoked=true", None).await;
         assert!(listed.text.contains(&id), "…and listed on request");
 
-        let expiring = app.admin(Method::POST, "/api/v1/tokens", Some(json!({"name": "short", "role": "viewer", "expires_in_days": 1}))).await;
+        let expiring = app
+            .admin(
+                Method::POST,
+                "/api/v1/tokens",
+                Some(json!({"name": "short", "role": "viewer", "expires_in_days": 1})),
+            )
+            .await;
         let exp_secret = expiring.body["secret"].as_str().unwrap().to_string();
         assert_eq!(app.call(Method::GET, "/api/v1/me", Some(&exp_secret), None).await.status, StatusCode::OK);
         sqlx::query("UPDATE api_tokens SET expires_at = 1 WHERE id = $1")
@@ -209,7 +233,12 @@ async fn revoked_expired_unknown_and_malformed_tokens_get_401() {
         let r = app.call(Method::GET, "/api/v1/me", Some("drv_not-a-real-token"), None).await;
         assert_error_shape(&r, StatusCode::UNAUTHORIZED, "unauthorized");
         let r = app
-            .send(Request::get("/api/v1/me").header(header::AUTHORIZATION, "Basic YWRtaW46YWRtaW4=").body(Body::empty()).unwrap())
+            .send(
+                Request::get("/api/v1/me")
+                    .header(header::AUTHORIZATION, "Basic YWRtaW46YWRtaW4=")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
             .await;
         assert_error_shape(&r, StatusCode::UNAUTHORIZED, "unauthorized");
         let r = app.call(Method::GET, "/api/v1/users", None, None).await;
@@ -261,11 +290,13 @@ async fn users_lifecycle_pagination_and_last_admin_protection() {
 
         // Newest first, then filtered by role and substring.
         let r = app.admin(Method::GET, "/api/v1/users?sort=-created_at&limit=2", None).await;
-        let first: Vec<_> = r.body["items"].as_array().unwrap().iter().map(|u| u["username"].as_str().unwrap()).collect();
+        let first: Vec<_> =
+            r.body["items"].as_array().unwrap().iter().map(|u| u["username"].as_str().unwrap()).collect();
         assert_eq!(first, ["user6", "user5"]);
         let cursor = r.body["next_cursor"].as_str().unwrap();
         let r2 = app.admin(Method::GET, &format!("/api/v1/users?sort=-created_at&limit=2&cursor={cursor}"), None).await;
-        let second: Vec<_> = r2.body["items"].as_array().unwrap().iter().map(|u| u["username"].as_str().unwrap()).collect();
+        let second: Vec<_> =
+            r2.body["items"].as_array().unwrap().iter().map(|u| u["username"].as_str().unwrap()).collect();
         assert_eq!(second, ["user4", "user3"]);
         let r = app.admin(Method::GET, "/api/v1/users?role=operator", None).await;
         assert_eq!(r.body["items"].as_array().unwrap().len(), 3);
@@ -302,10 +333,11 @@ async fn users_lifecycle_pagination_and_last_admin_protection() {
         // Each change is in the audit log with who did it and what changed.
         let audit = app.admin(Method::GET, "/api/v1/audit?action=user.&limit=100", None).await;
         let entries = audit.body["items"].as_array().unwrap();
-        let creates = entries.iter().filter(|e| e["action"] == "user.create" && e["actor"]["name"] == "test admin").count();
+        let creates =
+            entries.iter().filter(|e| e["action"] == "user.create" && e["actor"]["name"] == "test admin").count();
         assert_eq!(creates, 7);
-        assert!(entries.iter().any(|e| e["action"] == "user.update" && e["summary"].as_str().unwrap().contains("role: viewer → admin")
-            || e["action"] == "user.update" && e["summary"].as_str().unwrap().contains("role: operator → admin")));
+        assert!(entries.iter().any(|e| e["action"] == "user.update"
+            && e["summary"].as_str().unwrap().contains("user \"user1\": role: operator → admin")));
         assert!(entries.iter().any(|e| e["action"] == "user.delete" && e["target_id"] == u2_id.as_str()));
         assert!(entries.iter().all(|e| e["actor"]["kind"] == "token" || e["actor"]["kind"] == "system"));
     });
@@ -315,7 +347,12 @@ async fn users_lifecycle_pagination_and_last_admin_protection() {
 async fn sessions_need_csrf_for_changes_and_repeated_wrong_passwords_are_throttled() {
     each_backend!(|app| {
         let login = app
-            .call(Method::POST, "/api/v1/auth/login", None, Some(json!({"username": "admin", "password": ADMIN_PASSWORD})))
+            .call(
+                Method::POST,
+                "/api/v1/auth/login",
+                None,
+                Some(json!({"username": "admin", "password": ADMIN_PASSWORD})),
+            )
             .await;
         assert_eq!(login.status, StatusCode::OK, "{}", login.text);
         let set_cookie = login.headers.get(header::SET_COOKIE).unwrap().to_str().unwrap().to_string();
@@ -376,7 +413,12 @@ async fn sessions_need_csrf_for_changes_and_repeated_wrong_passwords_are_throttl
         assert_error_shape(&r, StatusCode::TOO_MANY_REQUESTS, "too_many_requests");
         assert!(r.headers.get(header::RETRY_AFTER).is_some());
         let unknown = app
-            .call(Method::POST, "/api/v1/auth/login", None, Some(json!({"username": "nobody", "password": "whatever123"})))
+            .call(
+                Method::POST,
+                "/api/v1/auth/login",
+                None,
+                Some(json!({"username": "nobody", "password": "whatever123"})),
+            )
             .await;
         assert_error_shape(&unknown, StatusCode::UNAUTHORIZED, "unauthorized");
         assert_eq!(unknown.body["error"]["message"], json!("wrong username or password, or the account is disabled"));
@@ -387,7 +429,9 @@ async fn sessions_need_csrf_for_changes_and_repeated_wrong_passwords_are_throttl
 async fn the_audit_chain_detects_an_entry_edited_in_the_database() {
     each_backend!(|app| {
         for i in 0..5 {
-            let r = app.admin(Method::POST, "/api/v1/users", Some(json!({"username": format!("crew{i}"), "role": "viewer"}))).await;
+            let r = app
+                .admin(Method::POST, "/api/v1/users", Some(json!({"username": format!("crew{i}"), "role": "viewer"})))
+                .await;
             assert_eq!(r.status, StatusCode::CREATED);
         }
         let v = app.admin(Method::GET, "/api/v1/audit/verify", None).await;
@@ -401,7 +445,8 @@ async fn the_audit_chain_detects_an_entry_edited_in_the_database() {
             assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
         }
         // …and the database itself refuses it.
-        let refused = sqlx::query("UPDATE audit_log SET summary = 'nothing happened' WHERE seq = 4").execute(app.db.pool()).await;
+        let refused =
+            sqlx::query("UPDATE audit_log SET summary = 'nothing happened' WHERE seq = 4").execute(app.db.pool()).await;
         assert!(refused.is_err(), "the append-only trigger refuses edits");
         let refused = sqlx::query("DELETE FROM audit_log WHERE seq = 4").execute(app.db.pool()).await;
         assert!(refused.is_err(), "the append-only trigger refuses deletes");
@@ -412,7 +457,10 @@ async fn the_audit_chain_detects_an_entry_edited_in_the_database() {
             drover_server::db::Backend::Postgres => "DROP TRIGGER audit_log_no_change ON audit_log",
         };
         sqlx::query(drop_guard).execute(app.db.pool()).await.unwrap();
-        sqlx::query("UPDATE audit_log SET actor_name = 'somebody else' WHERE seq = 4").execute(app.db.pool()).await.unwrap();
+        sqlx::query("UPDATE audit_log SET actor_name = 'somebody else' WHERE seq = 4")
+            .execute(app.db.pool())
+            .await
+            .unwrap();
         let v = drover_server::audit::verify(&app.db).await.unwrap();
         assert!(!v.ok);
         assert_eq!(v.first_bad_seq, Some(4));
@@ -422,8 +470,13 @@ async fn the_audit_chain_detects_an_entry_edited_in_the_database() {
         assert_eq!(api.body["first_bad_seq"], 4);
 
         // Recomputing that entry's hash does not help: the next link breaks instead.
-        let (hash,): (String,) = sqlx::query_as("SELECT hash FROM audit_log WHERE seq = 5").fetch_one(app.db.pool()).await.unwrap();
-        sqlx::query("UPDATE audit_log SET prev_hash = $1 WHERE seq = 6").bind(hash.replace('a', "b")).execute(app.db.pool()).await.unwrap();
+        let (hash,): (String,) =
+            sqlx::query_as("SELECT hash FROM audit_log WHERE seq = 5").fetch_one(app.db.pool()).await.unwrap();
+        sqlx::query("UPDATE audit_log SET prev_hash = $1 WHERE seq = 6")
+            .bind(hash.replace('a', "b"))
+            .execute(app.db.pool())
+            .await
+            .unwrap();
         let v = drover_server::audit::verify(&app.db).await.unwrap();
         assert_eq!(v.first_bad_seq, Some(4), "the first break is reported");
     });
@@ -434,7 +487,8 @@ async fn audit_filters_and_paging() {
     each_backend!(|app| {
         let viewer = app.token("viewer").await;
         for i in 0..4 {
-            app.admin(Method::POST, "/api/v1/users", Some(json!({"username": format!("f{i}"), "role": "viewer"}))).await;
+            app.admin(Method::POST, "/api/v1/users", Some(json!({"username": format!("f{i}"), "role": "viewer"})))
+                .await;
         }
         let r = app.admin(Method::PATCH, "/api/v1/organization", Some(json!({"name": "Acme Fleet"}))).await;
         assert_eq!(r.body["name"], "Acme Fleet");
@@ -474,7 +528,11 @@ async fn health_readiness_and_metrics() {
         app.admin(Method::GET, "/api/v1/users", None).await;
         app.call(Method::GET, "/api/v1/users", Some("drv_nope"), None).await;
         let m = app.call(Method::GET, "/metrics", None, None).await;
-        assert!(m.text.contains("drover_http_requests_total{method=\"GET\",route=\"/api/v1/users\",status=\"200\"} 1"), "{}", m.text);
+        assert!(
+            m.text.contains("drover_http_requests_total{method=\"GET\",route=\"/api/v1/users\",status=\"200\"} 1"),
+            "{}",
+            m.text
+        );
         assert!(m.text.contains("drover_http_requests_total{method=\"GET\",route=\"/api/v1/users\",status=\"401\"} 1"));
         assert!(m.text.contains("drover_http_request_duration_seconds_count{route=\"/api/v1/users\"} 2"));
         assert!(m.text.contains(&format!("drover_db_pool_max_connections{{backend=\"{}\"}}", app.label)));
@@ -489,30 +547,51 @@ async fn health_readiness_and_metrics() {
 async fn own_password_change_needs_the_current_one_and_ends_sessions() {
     each_backend!(|app| {
         let login = app
-            .call(Method::POST, "/api/v1/auth/login", None, Some(json!({"username": "admin", "password": ADMIN_PASSWORD})))
+            .call(
+                Method::POST,
+                "/api/v1/auth/login",
+                None,
+                Some(json!({"username": "admin", "password": ADMIN_PASSWORD})),
+            )
             .await;
-        let cookie = login.headers.get(header::SET_COOKIE).unwrap().to_str().unwrap().split(';').next().unwrap().to_string();
+        let cookie =
+            login.headers.get(header::SET_COOKIE).unwrap().to_str().unwrap().split(';').next().unwrap().to_string();
         let csrf = login.body["csrf_token"].as_str().unwrap().to_string();
         let change = |current: &str| {
             Request::post("/api/v1/me/password")
                 .header(header::COOKIE, cookie.clone())
                 .header("x-csrf-token", csrf.clone())
                 .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(json!({"current_password": current, "new_password": "a brand new password"}).to_string()))
+                .body(Body::from(
+                    json!({"current_password": current, "new_password": "a brand new password"}).to_string(),
+                ))
                 .unwrap()
         };
         let r = app.send(change("wrong current password")).await;
         assert_error_shape(&r, StatusCode::BAD_REQUEST, "invalid_request");
         let r = app.send(change(ADMIN_PASSWORD)).await;
         assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
-        let r = app.send(Request::get("/api/v1/me").header(header::COOKIE, cookie.clone()).body(Body::empty()).unwrap()).await;
+        let r = app
+            .send(Request::get("/api/v1/me").header(header::COOKIE, cookie.clone()).body(Body::empty()).unwrap())
+            .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "sessions ended");
         let r = app
-            .call(Method::POST, "/api/v1/auth/login", None, Some(json!({"username": "admin", "password": "a brand new password"})))
+            .call(
+                Method::POST,
+                "/api/v1/auth/login",
+                None,
+                Some(json!({"username": "admin", "password": "a brand new password"})),
+            )
             .await;
         assert_eq!(r.status, StatusCode::OK);
         // A token has no password of its own.
-        let r = app.admin(Method::POST, "/api/v1/me/password", Some(json!({"current_password": "x", "new_password": "long enough password"}))).await;
+        let r = app
+            .admin(
+                Method::POST,
+                "/api/v1/me/password",
+                Some(json!({"current_password": "x", "new_password": "long enough password"})),
+            )
+            .await;
         assert_error_shape(&r, StatusCode::FORBIDDEN, "forbidden");
     });
 }

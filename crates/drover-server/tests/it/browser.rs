@@ -25,9 +25,12 @@ fn find_program(candidates: &[&str]) -> Option<String> {
 
 impl Browser {
     fn start() -> Browser {
-        let install = "run the README's test command (scripts/test.sh), which installs Debian's chromium and chromium-driver";
-        let chromium = find_program(&["/usr/bin/chromium", "/usr/bin/chromium-browser"]).unwrap_or_else(|| panic!("Chromium is missing: {install}"));
-        let chromedriver = find_program(&["/usr/bin/chromedriver"]).unwrap_or_else(|| panic!("chromedriver is missing: {install}"));
+        let install =
+            "run the README's test command (scripts/test.sh), which installs Debian's chromium and chromium-driver";
+        let chromium = find_program(&["/usr/bin/chromium", "/usr/bin/chromium-browser"])
+            .unwrap_or_else(|| panic!("Chromium is missing: {install}"));
+        let chromedriver =
+            find_program(&["/usr/bin/chromedriver"]).unwrap_or_else(|| panic!("chromedriver is missing: {install}"));
         let port = free_port();
         let driver = Command::new(chromedriver)
             .arg(format!("--port={port}"))
@@ -54,7 +57,8 @@ impl Browser {
         }}});
         let mut resp = agent().post(&format!("{base}/session")).send_json(caps).unwrap();
         let v: Value = resp.body_mut().read_json().unwrap();
-        let session = v["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no WebDriver session: {v}")).to_string();
+        let session =
+            v["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no WebDriver session: {v}")).to_string();
         Browser { driver, base, session, _profile: profile }
     }
 
@@ -158,7 +162,9 @@ fn sign_in_and_use_the_ui_in_headless_chromium() {
     b.type_into("input[name=username]", "admin");
     b.type_into("input[name=password]", "wrong password!");
     b.click("button[type=submit]");
-    eventually(Duration::from_secs(10), "the error message", || b.page_source().contains("wrong username or password").then_some(()));
+    eventually(Duration::from_secs(10), "the error message", || {
+        b.page_source().contains("wrong username or password").then_some(())
+    });
 
     b.type_into("input[name=username]", "admin");
     b.type_into("input[name=password]", "browser admin password");

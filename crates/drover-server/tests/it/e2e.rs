@@ -157,7 +157,10 @@ fn first_start_serves_the_api_and_stops_gracefully() {
         validate_openapi(&doc);
 
         // A token made by the command line beside the running server works at once.
-        let out = droverd(&data, url.as_deref()).args(["token", "create", "--role", "viewer", "--name", "dashboards"]).output().unwrap();
+        let out = droverd(&data, url.as_deref())
+            .args(["token", "create", "--role", "viewer", "--name", "dashboards"])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
         assert!(secret.starts_with("drv_"));
@@ -167,7 +170,8 @@ fn first_start_serves_the_api_and_stops_gracefully() {
         let (_, audit) = get_json(&format!("{}/api/v1/audit?action=token.create", server.base), Some(&secret));
         assert_eq!(audit["items"][0]["source"], "cli");
         assert_eq!(audit["items"][0]["actor"]["name"], "droverd command line");
-        let (_, metrics) = (0, agent().get(&format!("{}/metrics", server.base)).call().unwrap().body_mut().read_to_string().unwrap());
+        let (_, metrics) =
+            (0, agent().get(&format!("{}/metrics", server.base)).call().unwrap().body_mut().read_to_string().unwrap());
         assert!(metrics.contains("route=\"/api/v1/me\""));
 
         let status = server.terminate();
@@ -186,7 +190,7 @@ fn validate_openapi(doc: &Value) {
     let dir = TempDir::new("openapi");
     let path = dir.path().join("openapi.json");
     std::fs::write(&path, serde_json::to_vec(doc).unwrap()).unwrap();
-    let script = "import json, sys\nfrom openapi_spec_validator import validate\nfrom openapi_spec_validator.validation.validators import OpenAPIV31SpecValidator\nvalidate(json.load(open(sys.argv[1])), cls=OpenAPIV31SpecValidator)\nprint('valid')";
+    let script = "import json, sys\nfrom openapi_spec_validator import validate, OpenAPIV31SpecValidator\nvalidate(json.load(open(sys.argv[1])), cls=OpenAPIV31SpecValidator)\nprint('valid')";
     let out = Command::new("python3").arg("-c").arg(script).arg(&path).output().expect("python3 runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -275,12 +279,18 @@ fn audit_verify_names_an_entry_edited_behind_the_servers_back() {
             use sqlx::Connection as _;
             sqlx::any::install_default_drivers();
             let mut conn = sqlx::AnyConnection::connect(&db_url).await.unwrap();
-            let drop_guard = if label == "sqlite" { "DROP TRIGGER audit_log_no_update" } else { "DROP TRIGGER audit_log_no_change ON audit_log" };
+            let drop_guard = if label == "sqlite" {
+                "DROP TRIGGER audit_log_no_update"
+            } else {
+                "DROP TRIGGER audit_log_no_change ON audit_log"
+            };
             sqlx::query(drop_guard).execute(&mut conn).await.unwrap();
-            sqlx::query("UPDATE audit_log SET summary = 'token \"t1\" with role viewer, does not expire' WHERE seq = 4")
-                .execute(&mut conn)
-                .await
-                .unwrap();
+            sqlx::query(
+                "UPDATE audit_log SET summary = 'token \"t1\" with role viewer, does not expire' WHERE seq = 4",
+            )
+            .execute(&mut conn)
+            .await
+            .unwrap();
         });
         let out = droverd(&data, url.as_deref()).args(["audit", "verify"]).output().unwrap();
         assert_eq!(out.status.code(), Some(1));

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
-use axum::Router;
 use drover_proto::api::{CreateToken, Role};
 use drover_server::app::{AppState, router};
 use drover_server::auth::Principal;
@@ -165,7 +165,11 @@ impl TestApp {
     /// A token of the given role, made through the API.
     pub async fn token(&self, role: &str) -> String {
         let r = self
-            .admin(Method::POST, "/api/v1/tokens", Some(serde_json::json!({"name": format!("{role} token"), "role": role})))
+            .admin(
+                Method::POST,
+                "/api/v1/tokens",
+                Some(serde_json::json!({"name": format!("{role} token"), "role": role})),
+            )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
         r.body["secret"].as_str().unwrap().to_string()

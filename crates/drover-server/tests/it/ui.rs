@@ -14,7 +14,13 @@ fn form(pairs: &[(&str, &str)]) -> String {
         .map(|(k, v)| {
             let enc: String = v
                 .bytes()
-                .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
                 .collect();
             format!("{k}={enc}")
         })
@@ -32,9 +38,16 @@ fn extract(html: &str, before: &str, after: &str) -> Option<String> {
 async fn sign_in(app: &TestApp, username: &str, password: &str) -> (String, String) {
     let page = app.send(Request::get("/login").body(Body::empty()).unwrap()).await;
     assert_eq!(page.status, StatusCode::OK);
-    let login_cookie = page.headers.get(header::SET_COOKIE).unwrap().to_str().unwrap().split(';').next().unwrap().to_string();
+    let login_cookie =
+        page.headers.get(header::SET_COOKIE).unwrap().to_str().unwrap().split(';').next().unwrap().to_string();
     let csrf = extract(&page.text, r#"name="csrf" value=""#, "\"").unwrap();
-    let r = post_form(app, "/login", &login_cookie, &[("username", username), ("password", password), ("csrf", &csrf), ("next", "/")]).await;
+    let r = post_form(
+        app,
+        "/login",
+        &login_cookie,
+        &[("username", username), ("password", password), ("csrf", &csrf), ("next", "/")],
+    )
+    .await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.text);
     let session = r
         .headers
@@ -76,15 +89,21 @@ async fn sign_in_pages_and_forms() {
         assert_eq!(r.headers.get(header::LOCATION).unwrap(), "/login?next=/audit%3Faction%3Duser.");
 
         // A login form posted without its CSRF cookie is refused.
-        let r = post_form(&app, "/login", "", &[("username", "admin"), ("password", ADMIN_PASSWORD), ("csrf", "guess")]).await;
+        let r =
+            post_form(&app, "/login", "", &[("username", "admin"), ("password", ADMIN_PASSWORD), ("csrf", "guess")])
+                .await;
         assert_eq!(r.status, StatusCode::FORBIDDEN);
-        assert!(r.headers.get_all(header::SET_COOKIE).iter().all(|c| !c.to_str().unwrap().starts_with("drover_session=")));
+        assert!(
+            r.headers.get_all(header::SET_COOKIE).iter().all(|c| !c.to_str().unwrap().starts_with("drover_session="))
+        );
 
         // A wrong password shows the form again with a message.
         let page = app.send(Request::get("/login").body(Body::empty()).unwrap()).await;
         let lc = page.headers.get(header::SET_COOKIE).unwrap().to_str().unwrap().split(';').next().unwrap().to_string();
         let csrf = extract(&page.text, r#"name="csrf" value=""#, "\"").unwrap();
-        let r = post_form(&app, "/login", &lc, &[("username", "admin"), ("password", "nope nope nope"), ("csrf", &csrf)]).await;
+        let r =
+            post_form(&app, "/login", &lc, &[("username", "admin"), ("password", "nope nope nope"), ("csrf", &csrf)])
+                .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
         assert!(r.text.contains("wrong username or password"));
 
@@ -95,11 +114,24 @@ async fn sign_in_pages_and_forms() {
         assert!(!overview.text.contains("<script>") || overview.text.contains("htmx"), "no inline scripts");
 
         // Create a user through the form: refused without the token, done with it.
-        let r = post_form(&app, "/users", &session, &[("username", "dora"), ("role", "viewer"), ("password", "")]).await;
+        let r =
+            post_form(&app, "/users", &session, &[("username", "dora"), ("role", "viewer"), ("password", "")]).await;
         assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "a form without csrf is malformed: {}", r.text);
-        let r = post_form(&app, "/users", &session, &[("csrf", "wrong"), ("username", "dora"), ("role", "viewer"), ("password", "")]).await;
+        let r = post_form(
+            &app,
+            "/users",
+            &session,
+            &[("csrf", "wrong"), ("username", "dora"), ("role", "viewer"), ("password", "")],
+        )
+        .await;
         assert_eq!(r.status, StatusCode::FORBIDDEN);
-        let r = post_form(&app, "/users", &session, &[("csrf", &csrf), ("username", "dora"), ("role", "viewer"), ("password", "")]).await;
+        let r = post_form(
+            &app,
+            "/users",
+            &session,
+            &[("csrf", &csrf), ("username", "dora"), ("role", "viewer"), ("password", "")],
+        )
+        .await;
         assert_eq!(r.status, StatusCode::OK);
         let password = extract(&r.text, r#"id="new-password">"#, "<").expect("the generated password is shown once");
         let users = get(&app, "/users", &session).await;
@@ -107,7 +139,13 @@ async fn sign_in_pages_and_forms() {
         assert!(!users.text.contains(&password), "shown only once");
 
         // Tokens: created through the form, the secret shown once, not cached, revocable.
-        let r = post_form(&app, "/tokens", &session, &[("csrf", &csrf), ("name", "pipeline"), ("role", "operator"), ("expires_in_days", "30")]).await;
+        let r = post_form(
+            &app,
+            "/tokens",
+            &session,
+            &[("csrf", &csrf), ("name", "pipeline"), ("role", "operator"), ("expires_in_days", "30")],
+        )
+        .await;
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(r.headers.get(header::CACHE_CONTROL).unwrap(), "no-store");
         let secret = extract(&r.text, r#"id="new-token">"#, "<").unwrap();
@@ -116,7 +154,13 @@ async fn sign_in_pages_and_forms() {
         assert_eq!(me.body["name"], "pipeline");
 
         // Duplicate username: back to the page with the error.
-        let r = post_form(&app, "/users", &session, &[("csrf", &csrf), ("username", "dora"), ("role", "viewer"), ("password", "")]).await;
+        let r = post_form(
+            &app,
+            "/users",
+            &session,
+            &[("csrf", &csrf), ("username", "dora"), ("role", "viewer"), ("password", "")],
+        )
+        .await;
         assert_eq!(r.status, StatusCode::SEE_OTHER);
         let loc = r.headers.get(header::LOCATION).unwrap().to_str().unwrap().to_string();
         assert!(loc.starts_with("/users?error="), "{loc}");
@@ -133,7 +177,17 @@ async fn sign_in_pages_and_forms() {
         let users = get(&app, "/users", &vs).await;
         assert!(users.text.contains("dora") && users.text.contains("admin"));
         assert!(!users.text.contains("Add user"));
-        let r = post_form(&app, "/tokens", &vs, &[("csrf", &extract(&users.text, r#"name="csrf" value=""#, "\"").unwrap()), ("name", "x"), ("role", "admin")]).await;
+        let r = post_form(
+            &app,
+            "/tokens",
+            &vs,
+            &[
+                ("csrf", &extract(&users.text, r#"name="csrf" value=""#, "\"").unwrap()),
+                ("name", "x"),
+                ("role", "admin"),
+            ],
+        )
+        .await;
         assert_eq!(r.status, StatusCode::SEE_OTHER);
         assert!(r.headers.get(header::LOCATION).unwrap().to_str().unwrap().contains("permission%20denied"));
 
@@ -146,7 +200,11 @@ async fn sign_in_pages_and_forms() {
         let js = app.call(Method::GET, "/assets/vendor/htmx-2.0.4.min.js", None, None).await;
         assert_eq!(js.status, StatusCode::OK);
         let lic = app.call(Method::GET, "/assets/licenses", None, None).await;
-        assert!(lic.text.contains("htmx") && lic.text.contains("Zero-Clause BSD") || lic.text.contains("BSD"), "{}", lic.text);
+        assert!(
+            lic.text.contains("htmx") && lic.text.contains("Zero-Clause BSD") || lic.text.contains("BSD"),
+            "{}",
+            lic.text
+        );
         let _ = json!(null);
     });
 }
