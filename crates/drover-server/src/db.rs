@@ -57,8 +57,9 @@ pub enum DbError {
 pub struct Db {
     pool: AnyPool,
     backend: Backend,
-    /// SQLite allows one writer at a time; writers queue here instead of failing with
-    /// `SQLITE_BUSY` when a read transaction tries to upgrade. PostgreSQL needs no such lock.
+    /// SQLite allows one writer at a time; this process's writers queue here rather than
+    /// each holding a pooled connection while SQLite's busy handler spins. PostgreSQL needs
+    /// no such lock.
     write_lock: Option<Arc<Mutex<()>>>,
 }
 
@@ -150,7 +151,12 @@ impl Db {
             Some(lock) => Some(lock.clone().lock_owned().await),
             None => None,
         };
-        let tx = self.pool.begin().await?;
+        let tx = match self.backend {
+            // Take the write lock at BEGIN: a deferred transaction that read first and then
+            // writes fails with SQLITE_BUSY if anyone wrote in between, instead of waiting.
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
         Ok(WriteTx { tx, _guard: guard })
     }
 

@@ -595,3 +595,48 @@ async fn own_password_change_needs_the_current_one_and_ends_sessions() {
         assert_error_shape(&r, StatusCode::FORBIDDEN, "forbidden");
     });
 }
+
+/// Two server replicas on one database, changing things at the same time: every change
+/// lands, and the audit log stays one unbroken chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_changes_from_two_replicas_keep_one_unbroken_chain() {
+    for tdb in crate::support::TestDb::all().await {
+        let app = TestApp::new(&tdb).await;
+        eprintln!("— on {}", app.label);
+        let mut config = drover_server::config::Config::defaults(tdb.dir.path());
+        config.database_url = tdb.url.clone();
+        let db2 = drover_server::db::Db::open(&tdb.url).await.unwrap();
+        let replica2 = drover_server::app::router(drover_server::app::AppState::new(db2.clone(), config));
+        let before = app.audit_count().await;
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let router = if i % 2 == 0 { app.app.clone() } else { replica2.clone() };
+            let token = app.admin_token.clone();
+            tasks.push(tokio::spawn(async move {
+                use tower::ServiceExt as _;
+                let (method, path, body) = if i % 3 == 0 {
+                    ("POST", "/api/v1/tokens".to_string(), json!({"name": format!("t{i}"), "role": "viewer"}))
+                } else {
+                    ("POST", "/api/v1/users".to_string(), json!({"username": format!("u{i}"), "role": "viewer"}))
+                };
+                let req = Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(body.to_string()))
+                    .unwrap();
+                router.oneshot(req).await.unwrap().status()
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), StatusCode::CREATED);
+        }
+        assert_eq!(app.audit_count().await, before + 24);
+        let v = drover_server::audit::verify(&app.db).await.unwrap();
+        assert!(v.ok, "{}", v.message);
+        db2.close().await;
+        app.db.close().await;
+        tdb.drop_schema().await;
+    }
+}
