@@ -121,9 +121,12 @@ pub async fn hash_password(password: String) -> AppResult<String> {
 /// spends the same work, so that timing does not reveal which usernames exist.
 pub async fn verify_password(password: String, stored: Option<String>) -> bool {
     tokio::task::spawn_blocking(move || {
-        const DUMMY: &str =
-            "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$WJ5Q6a3jYk3Ms0p7VnQb8YV0Oe1JxJ8nqS8n1hU3r2k";
-        let hash_str = stored.as_deref().unwrap_or(DUMMY);
+        static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let dummy = DUMMY.get_or_init(|| {
+            let salt = SaltString::generate(&mut rand::rngs::OsRng);
+            Argon2::default().hash_password(b"no such user", &salt).map(|h| h.to_string()).unwrap_or_default()
+        });
+        let hash_str = stored.as_deref().unwrap_or(dummy);
         let Ok(parsed) = PasswordHash::new(hash_str) else { return false };
         let ok = Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok();
         ok && stored.is_some()
