@@ -175,11 +175,21 @@ async fn sign_in_pages_and_forms() {
         // An admin sets dora's password through the form.
         let dora = app.admin(Method::GET, "/api/v1/users?q=dora", None).await;
         let dora_id = dora.body["items"][0]["id"].as_str().unwrap().to_string();
-        let r = post_form(&app, &format!("/users/{dora_id}/password"), &session, &[("csrf", &csrf), ("password", "short")]).await;
+        let r =
+            post_form(&app, &format!("/users/{dora_id}/password"), &session, &[("csrf", &csrf), ("password", "short")])
+                .await;
         assert!(r.headers.get(header::LOCATION).unwrap().to_str().unwrap().contains("error=password%20too%20short"));
-        let r = post_form(&app, &format!("/users/{dora_id}/password"), &session, &[("csrf", &csrf), ("password", "dora's new password")]).await;
+        let r = post_form(
+            &app,
+            &format!("/users/{dora_id}/password"),
+            &session,
+            &[("csrf", &csrf), ("password", "dora's new password")],
+        )
+        .await;
         assert_eq!(r.headers.get(header::LOCATION).unwrap(), "/users?notice=Password%20set.");
-        let old = app.call(Method::POST, "/api/v1/auth/login", None, Some(json!({"username": "dora", "password": password}))).await;
+        let old = app
+            .call(Method::POST, "/api/v1/auth/login", None, Some(json!({"username": "dora", "password": password})))
+            .await;
         assert_eq!(old.status, StatusCode::UNAUTHORIZED);
 
         // The viewer sees everything and no forms that change things.

@@ -1,0 +1,119 @@
+//! A blocking client of the REST API that turns each failure into an error saying what to do.
+
+use std::time::Duration;
+
+use drover_proto::api::ErrorBody;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("not logged in: run `drover login --url URL --token TOKEN`, or set DROVER_URL and DROVER_TOKEN")]
+    NotLoggedIn,
+    #[error(
+        "cannot reach the Drover server at {url}: {cause}; check the address with `drover login --url URL` or DROVER_URL"
+    )]
+    Unreachable { url: String, cause: String },
+    #[error(
+        "the server rejected the token ({message}); run `drover login` with a valid token — `drover token create` or `droverd token create` makes one"
+    )]
+    Unauthorized { message: String },
+    #[error("{message}")]
+    Forbidden { message: String },
+    #[error("{message} [{code}, HTTP {status}]")]
+    Api { status: u16, code: String, message: String },
+    #[error("unexpected answer from the server (HTTP {status}): {detail}")]
+    Protocol { status: u16, detail: String },
+    #[error("config file {path}: {message}")]
+    Config { path: String, message: String },
+    #[error("{0}")]
+    Usage(String),
+}
+
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(base: &str, token: Option<String>) -> Client {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_global(Some(Duration::from_secs(60)))
+            .user_agent(concat!("drover-cli/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Client { base: base.trim_end_matches('/').to_string(), token, agent }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.base)
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str, query: &[(&str, String)]) -> Result<T, CliError> {
+        let mut req = self.agent.get(&self.url(path));
+        for (k, v) in query {
+            req = req.query(k, v);
+        }
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        self.finish(req.call())
+    }
+
+    pub fn send<B: Serialize, T: DeserializeOwned>(&self, method: &str, path: &str, body: &B) -> Result<T, CliError> {
+        let url = self.url(path);
+        let mut req = match method {
+            "POST" => self.agent.post(&url),
+            "PATCH" => self.agent.patch(&url),
+            "PUT" => self.agent.put(&url),
+            other => return Err(CliError::Usage(format!("unsupported method {other}"))),
+        };
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        self.finish(req.send_json(body))
+    }
+
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        let mut req = self.agent.delete(&self.url(path));
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        self.finish(req.call())
+    }
+
+    fn finish<T: DeserializeOwned>(
+        &self,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, CliError> {
+        let mut resp = result.map_err(|e| CliError::Unreachable { url: self.base.clone(), cause: e.to_string() })?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| CliError::Unreachable { url: self.base.clone(), cause: e.to_string() })?;
+        if (200..300).contains(&status) {
+            // 204 No Content decodes as JSON null.
+            let text = if text.is_empty() { "null" } else { &text };
+            return serde_json::from_str(text).map_err(|e| CliError::Protocol { status, detail: e.to_string() });
+        }
+        let Ok(err) = serde_json::from_str::<ErrorBody>(&text) else {
+            let detail: String = text.chars().take(200).collect();
+            return Err(CliError::Protocol { status, detail: format!("{detail} (is {} a Drover server?)", self.base) });
+        };
+        let message = err.error.message;
+        Err(match status {
+            401 => CliError::Unauthorized { message },
+            403 if message.starts_with("permission denied") => CliError::Forbidden { message },
+            403 => CliError::Forbidden { message: format!("permission denied: {message}") },
+            _ => CliError::Api { status, code: err.error.code, message },
+        })
+    }
+}

@@ -1,0 +1,453 @@
+//! The commands of `drover`.
+
+use std::ffi::OsString;
+use std::io::Read as _;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use drover_proto::api::{
+    ApiToken, AuditEntry, AuditVerification, CreateToken, CreateUser, CreatedToken, CreatedUser, Me, Page, Role,
+    SetPassword, UpdateUser, User,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::client::{CliError, Client};
+use crate::config;
+use crate::output::{self, Format};
+
+#[derive(Parser, Debug)]
+#[command(name = "drover", version, about = "Manage a Drover fleet from the command line")]
+struct Cli {
+    /// Output format of listings and records.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table", global = true)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Save the server address and an API token (read from stdin without --token).
+    Login {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        token: Option<String>,
+    },
+    /// Forget the saved token.
+    Logout,
+    /// Who the token belongs to.
+    Whoami,
+    /// People who sign in, with a role each.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// API tokens for scripts and pipelines.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Args, Debug, Clone)]
+struct Paging {
+    /// Items per page (1-500).
+    #[arg(long)]
+    limit: Option<u32>,
+    /// Follow every page instead of printing the first.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    List {
+        #[arg(long)]
+        role: Option<Role>,
+        /// Part of the username.
+        #[arg(long)]
+        q: Option<String>,
+        /// username, created_at; prefix - for descending.
+        #[arg(long)]
+        sort: Option<String>,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    /// Add a user; without --password-stdin the server generates a password and shows it once.
+    Create {
+        username: String,
+        #[arg(long)]
+        role: Role,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    Show {
+        /// Username or id.
+        user: String,
+    },
+    SetRole {
+        user: String,
+        role: Role,
+    },
+    Disable {
+        user: String,
+    },
+    Enable {
+        user: String,
+    },
+    /// Set a user's password to one read from stdin; their sessions end.
+    ResetPassword {
+        user: String,
+    },
+    Delete {
+        user: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    List {
+        #[arg(long)]
+        include_revoked: bool,
+        #[arg(long)]
+        role: Option<Role>,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    /// Create a token; its secret is printed once, alone on stdout.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        role: Role,
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    List {
+        /// Exact action, or a prefix ending in '.' (user.).
+        #[arg(long)]
+        action: Option<String>,
+        /// Username or token name.
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long)]
+        target_kind: Option<String>,
+        #[arg(long)]
+        target_id: Option<String>,
+        /// RFC 3339 time or YYYY-MM-DD.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    /// Check the audit log's hash chain (admin); exits 1 when it was altered.
+    Verify,
+}
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode, CliError> {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return Ok(ExitCode::from(if e.use_stderr() { 2 } else { 0 }));
+        }
+    };
+    let out = cli.output;
+    let cfg_path = config::path(&env);
+    match cli.command {
+        Command::Login { url, token } => {
+            let token = match token {
+                Some(t) => t,
+                None => read_stdin_line("the API token")?,
+            };
+            let client = Client::new(&url, Some(token.trim().to_string()));
+            let me: Me = client.get("/me", &[])?;
+            let mut saved = config::load(&cfg_path)?;
+            saved.url = Some(client.base().to_string());
+            saved.token = Some(token.trim().to_string());
+            config::save(&cfg_path, &saved)?;
+            eprintln!("logged in to {} as {} ({}), saved in {}", client.base(), me.name, me.role, cfg_path.display());
+            print_me(out, &me);
+        }
+        Command::Logout => {
+            let mut saved = config::load(&cfg_path)?;
+            saved.token = None;
+            config::save(&cfg_path, &saved)?;
+            eprintln!("forgot the token saved in {}", cfg_path.display());
+        }
+        Command::Whoami => {
+            let me: Me = client(&cfg_path)?.get("/me", &[])?;
+            print_me(out, &me);
+        }
+        Command::User(cmd) => return user(&client(&cfg_path)?, out, cmd),
+        Command::Token(cmd) => return token(&client(&cfg_path)?, out, cmd),
+        Command::Audit(cmd) => return audit(&client(&cfg_path)?, out, cmd),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn client(cfg_path: &std::path::Path) -> Result<Client, CliError> {
+    let saved = config::load(cfg_path)?;
+    let url = env("DROVER_URL").or(saved.url).ok_or(CliError::NotLoggedIn)?;
+    let token = env("DROVER_TOKEN").or(saved.token).ok_or(CliError::NotLoggedIn)?;
+    Ok(Client::new(&url, Some(token)))
+}
+
+fn read_stdin_line(what: &str) -> Result<String, CliError> {
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .map_err(|e| CliError::Usage(format!("cannot read {what} from stdin: {e}")))?;
+    let line = s.lines().next().unwrap_or_default().trim_end_matches('\r').to_string();
+    if line.trim().is_empty() {
+        return Err(CliError::Usage(format!("expected {what} on stdin")));
+    }
+    Ok(line)
+}
+
+fn print_me(out: Format, me: &Me) {
+    match out {
+        Format::Json => print!("{}", output::json(me)),
+        Format::Table => {
+            println!("{} {} ({}) in organization {}", me.kind.as_str(), me.name, me.role, me.organization.name)
+        }
+    }
+}
+
+/// Fetches one page, or every page with `--all`; tells on stderr when more pages exist.
+fn list<T: DeserializeOwned>(
+    client: &Client,
+    path: &str,
+    mut query: Vec<(&str, String)>,
+    paging: &Paging,
+) -> Result<Vec<T>, CliError> {
+    if let Some(l) = paging.limit {
+        query.push(("limit", l.to_string()));
+    }
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut q = query.clone();
+        if let Some(c) = &cursor {
+            q.push(("cursor", c.clone()));
+        }
+        let page: Page<T> = client.get(path, &q)?;
+        items.extend(page.items);
+        match page.next_cursor {
+            Some(c) if paging.all => cursor = Some(c),
+            Some(_) => {
+                eprintln!("(more results: add --all to list them all)");
+                break;
+            }
+            None => break,
+        }
+    }
+    Ok(items)
+}
+
+fn print_list<T: Serialize>(out: Format, items: &[T], headers: &[&str], row: impl Fn(&T) -> Vec<String>) {
+    match out {
+        Format::Json => print!("{}", output::json(&items)),
+        Format::Table => print!("{}", output::table(headers, &items.iter().map(row).collect::<Vec<_>>())),
+    }
+}
+
+fn user_row(u: &User) -> Vec<String> {
+    vec![
+        u.username.clone(),
+        u.role.to_string(),
+        if u.disabled { "disabled".into() } else { "active".into() },
+        output::short_time(Some(&u.created_at)),
+        output::short_time(u.last_login_at.as_deref()),
+        u.id.clone(),
+    ]
+}
+
+const USER_HEADERS: &[&str] = &["username", "role", "status", "created", "last sign-in", "id"];
+
+/// Finds a user by id or exact username.
+fn resolve_user(client: &Client, who: &str) -> Result<User, CliError> {
+    let page: Page<User> = client.get("/users", &[("q", who.to_string()), ("limit", "500".into())])?;
+    if let Some(u) = page.items.into_iter().find(|u| u.username == who) {
+        return Ok(u);
+    }
+    client.get(&format!("/users/{who}"), &[]).map_err(|e| match e {
+        CliError::Api { status: 404, .. } => CliError::Usage(format!("no user named or with id {who:?}")),
+        other => other,
+    })
+}
+
+fn user(client: &Client, out: Format, cmd: UserCommand) -> Result<ExitCode, CliError> {
+    let show = |u: &User| print_list(out, std::slice::from_ref(u), USER_HEADERS, user_row);
+    match cmd {
+        UserCommand::List { role, q, sort, paging } => {
+            let mut query = Vec::new();
+            if let Some(r) = role {
+                query.push(("role", r.to_string()));
+            }
+            if let Some(q) = q {
+                query.push(("q", q));
+            }
+            if let Some(s) = sort {
+                query.push(("sort", s));
+            }
+            let users: Vec<User> = list(client, "/users", query, &paging)?;
+            print_list(out, &users, USER_HEADERS, user_row);
+        }
+        UserCommand::Create { username, role, password_stdin } => {
+            let password = if password_stdin { Some(read_stdin_line("the password")?) } else { None };
+            let created: CreatedUser = client.send("POST", "/users", &CreateUser { username, role, password })?;
+            match out {
+                Format::Json => print!("{}", output::json(&created)),
+                Format::Table => {
+                    show(&created.user);
+                    if let Some(pw) = &created.generated_password {
+                        println!("password: {pw}");
+                        eprintln!("(the password is shown once: pass it on, and ask them to change it)");
+                    }
+                }
+            }
+        }
+        UserCommand::Show { user } => show(&resolve_user(client, &user)?),
+        UserCommand::SetRole { user, role } => {
+            let u = resolve_user(client, &user)?;
+            show(&client.send(
+                "PATCH",
+                &format!("/users/{}", u.id),
+                &UpdateUser { role: Some(role), disabled: None },
+            )?);
+        }
+        UserCommand::Disable { user } => {
+            let u = resolve_user(client, &user)?;
+            show(&client.send(
+                "PATCH",
+                &format!("/users/{}", u.id),
+                &UpdateUser { role: None, disabled: Some(true) },
+            )?);
+        }
+        UserCommand::Enable { user } => {
+            let u = resolve_user(client, &user)?;
+            show(&client.send(
+                "PATCH",
+                &format!("/users/{}", u.id),
+                &UpdateUser { role: None, disabled: Some(false) },
+            )?);
+        }
+        UserCommand::ResetPassword { user } => {
+            let u = resolve_user(client, &user)?;
+            let password = read_stdin_line("the new password")?;
+            let _: serde_json::Value =
+                client.send("POST", &format!("/users/{}/password", u.id), &SetPassword { password })?;
+            eprintln!("password of {} set; their sessions ended", u.username);
+        }
+        UserCommand::Delete { user } => {
+            let u = resolve_user(client, &user)?;
+            let _: serde_json::Value = client.delete(&format!("/users/{}", u.id))?;
+            eprintln!("deleted user {}", u.username);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+const TOKEN_HEADERS: &[&str] = &["name", "role", "prefix", "created", "by", "expires", "last used", "status", "id"];
+
+fn token_row(t: &ApiToken) -> Vec<String> {
+    vec![
+        t.name.clone(),
+        t.role.to_string(),
+        format!("{}…", t.prefix),
+        output::short_time(Some(&t.created_at)),
+        t.created_by.clone(),
+        output::short_time(t.expires_at.as_deref()),
+        output::short_time(t.last_used_at.as_deref()),
+        if t.revoked_at.is_some() { "revoked".into() } else { "active".into() },
+        t.id.clone(),
+    ]
+}
+
+fn token(client: &Client, out: Format, cmd: TokenCommand) -> Result<ExitCode, CliError> {
+    match cmd {
+        TokenCommand::List { include_revoked, role, paging } => {
+            let mut query = vec![("include_revoked", include_revoked.to_string())];
+            if let Some(r) = role {
+                query.push(("role", r.to_string()));
+            }
+            let tokens: Vec<ApiToken> = list(client, "/tokens", query, &paging)?;
+            print_list(out, &tokens, TOKEN_HEADERS, token_row);
+        }
+        TokenCommand::Create { name, role, expires_in_days } => {
+            let created: CreatedToken = client.send("POST", "/tokens", &CreateToken { name, role, expires_in_days })?;
+            match out {
+                Format::Json => print!("{}", output::json(&created)),
+                Format::Table => {
+                    println!("{}", created.secret);
+                    eprintln!(
+                        "created token {:?} ({}, id {}); the secret above is shown once",
+                        created.token.name, created.token.role, created.token.id
+                    );
+                }
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            let t: ApiToken = client.delete(&format!("/tokens/{id}"))?;
+            print_list(out, std::slice::from_ref(&t), TOKEN_HEADERS, token_row);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit(client: &Client, out: Format, cmd: AuditCommand) -> Result<ExitCode, CliError> {
+    match cmd {
+        AuditCommand::List { action, actor, target_kind, target_id, since, until, paging } => {
+            let mut query = Vec::new();
+            for (k, v) in [
+                ("action", action),
+                ("actor", actor),
+                ("target_kind", target_kind),
+                ("target_id", target_id),
+                ("since", since),
+                ("until", until),
+            ] {
+                if let Some(v) = v {
+                    query.push((k, v));
+                }
+            }
+            let entries: Vec<AuditEntry> = list(client, "/audit", query, &paging)?;
+            print_list(out, &entries, &["seq", "when", "who", "action", "target", "from", "what changed"], |e| {
+                vec![
+                    e.seq.to_string(),
+                    output::short_time(Some(&e.at)),
+                    format!("{} ({})", e.actor.name, e.actor.kind.as_str()),
+                    e.action.clone(),
+                    format!("{} {}", e.target_kind, e.target_id),
+                    e.source.clone(),
+                    e.summary.clone(),
+                ]
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Verify => {
+            let v: AuditVerification = client.get("/audit/verify", &[])?;
+            match out {
+                Format::Json => print!("{}", output::json(&v)),
+                Format::Table if v.ok => println!("{}", v.message),
+                Format::Table => println!("audit log TAMPERED: {}", v.message),
+            }
+            Ok(if v.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Output for people (aligned tables) or for programs (`-o json`).
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+/// Formats rows as columns padded to the widest cell.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(headers.iter().map(|h| h.to_uppercase()).collect());
+    for row in rows {
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+pub fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
+}
+
+/// A timestamp shortened for a table: `2026-11-23 07:06`.
+pub fn short_time(ts: Option<&str>) -> String {
+    match ts {
+        Some(t) => t.replace('T', " ").chars().take(16).collect(),
+        None => "-".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligns_columns() {
+        let t = table(
+            &["name", "role"],
+            &[vec!["ann".into(), "admin".into()], vec!["bartholomew".into(), "viewer".into()]],
+        );
+        assert_eq!(t, "NAME         ROLE\nann          admin\nbartholomew  viewer\n");
+        assert_eq!(short_time(Some("2026-11-23T07:06:27.299Z")), "2026-11-23 07:06");
+    }
+}

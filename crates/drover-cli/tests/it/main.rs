@@ -1,0 +1,239 @@
+//! The real `drover` binary against a real droverd (run in-process on a free port, SQLite).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+
+use drover_proto::api::{CreateToken, Role};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_drover");
+
+struct Server {
+    url: String,
+    admin_token: String,
+    dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = std::env::temp_dir().join(format!(
+            "drover-cli-it-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let data = dir.join("data");
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let mut config = drover_server::config::Config::defaults(&data);
+                config.http_listen = "127.0.0.1:0".into();
+                drover_server::app::prepare_data_dir(&data).unwrap();
+                let db = drover_server::app::open_db(&config, Some("cli test admin pw".into())).await.unwrap();
+                let org = drover_server::ops::find_org(&db, None).await.unwrap();
+                let created = drover_server::ops::create_token(
+                    &db,
+                    &drover_server::auth::Principal::cli(&org),
+                    CreateToken { name: "cli test admin".into(), role: Role::Admin, expires_in_days: None },
+                )
+                .await
+                .unwrap();
+                let stop = async move {
+                    let _ = stop_rx.await;
+                };
+                let secret = created.secret;
+                drover_server::app::serve(config, db, stop, move |addr| {
+                    ready_tx.send((format!("http://{addr}"), secret)).unwrap();
+                })
+                .await
+                .unwrap();
+            });
+        });
+        let (url, admin_token) = ready_rx.recv().unwrap();
+        Server { url, admin_token, dir, stop: Some(stop_tx), thread: Some(thread) }
+    }
+
+    fn config_path(&self, name: &str) -> PathBuf {
+        self.dir.join(name).join("config.json")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `drover` with its own config file and no inherited DROVER_* settings.
+fn drover(config: &Path, env: &[(&str, &str)], args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("DROVER_CONFIG", config)
+        .env_remove("DROVER_URL")
+        .env_remove("DROVER_TOKEN")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "drover failed: {}\nstdout: {}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn fails(out: &Output) -> String {
+    assert!(!out.status.success(), "expected failure: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_str(&ok(out)).unwrap()
+}
+
+#[test]
+fn login_saves_a_private_config_and_commands_use_it() {
+    let s = Server::start();
+    let cfg = s.config_path("admin");
+    let out = drover(&cfg, &[], &["login", "--url", &s.url], Some(&format!("{}\n", s.admin_token)));
+    let stdout = ok(&out);
+    assert!(stdout.contains("token cli test admin (admin) in organization default"), "{stdout}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let me = json(&drover(&cfg, &[], &["whoami", "-o", "json"], None));
+    assert_eq!(me["role"], "admin");
+
+    // A wrong token is not saved.
+    let other = s.config_path("wrong");
+    let err = fails(&drover(&other, &[], &["login", "--url", &s.url, "--token", "drv_wrong"], None));
+    assert!(err.contains("the server rejected the token"), "{err}");
+    assert!(!other.exists());
+    let err = fails(&drover(&other, &[], &["user", "list"], None));
+    assert!(err.contains("not logged in: run `drover login"), "{err}");
+
+    // Users: create, list, change, delete.
+    let created = json(&drover(&cfg, &[], &["user", "create", "nina", "--role", "viewer", "-o", "json"], None));
+    assert_eq!(created["user"]["username"], "nina");
+    assert!(created["generated_password"].as_str().unwrap().len() >= 16);
+    ok(&drover(
+        &cfg,
+        &[],
+        &["user", "create", "omar", "--role", "operator", "--password-stdin"],
+        Some("omar's password!\n"),
+    ));
+    let users = json(&drover(&cfg, &[], &["user", "list", "-o", "json"], None));
+    let names: Vec<&str> = users.as_array().unwrap().iter().map(|u| u["username"].as_str().unwrap()).collect();
+    assert_eq!(names, ["admin", "nina", "omar"]);
+    let table = ok(&drover(&cfg, &[], &["user", "list", "--role", "operator"], None));
+    assert!(table.starts_with("USERNAME") && table.contains("omar") && !table.contains("nina"), "{table}");
+    let u = json(&drover(&cfg, &[], &["user", "set-role", "nina", "operator", "-o", "json"], None));
+    assert_eq!(u[0]["role"], "operator");
+    let u = json(&drover(&cfg, &[], &["user", "disable", "nina", "-o", "json"], None));
+    assert_eq!(u[0]["disabled"], true);
+    ok(&drover(&cfg, &[], &["user", "reset-password", "omar"], Some("omar's new password\n")));
+    ok(&drover(&cfg, &[], &["user", "delete", "nina"], None));
+    let err = fails(&drover(&cfg, &[], &["user", "show", "nina"], None));
+    assert!(err.contains("no user named or with id \"nina\""), "{err}");
+    let err = fails(&drover(&cfg, &[], &["user", "create", "omar", "--role", "viewer"], None));
+    assert!(err.contains("the username \"omar\" is taken") && err.contains("conflict"), "{err}");
+
+    // The changes made through the command line are in the audit log, by this token.
+    let audit = json(&drover(&cfg, &[], &["audit", "list", "--action", "user.", "--all", "-o", "json"], None));
+    let actions: Vec<&str> = audit.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(
+        actions,
+        ["user.delete", "user.set_password", "user.update", "user.update", "user.create", "user.create", "user.create"]
+    );
+    assert!(audit[0]["actor"]["name"] == "cli test admin");
+    let verify = ok(&drover(&cfg, &[], &["audit", "verify"], None));
+    assert!(verify.starts_with("audit log intact"), "{verify}");
+
+    // Logging out forgets the token.
+    ok(&drover(&cfg, &[], &["logout"], None));
+    let err = fails(&drover(&cfg, &[], &["whoami"], None));
+    assert!(err.contains("not logged in"), "{err}");
+}
+
+#[test]
+fn tokens_roles_and_revocation() {
+    let s = Server::start();
+    let cfg = s.config_path("t");
+    let admin = [("DROVER_URL", s.url.as_str()), ("DROVER_TOKEN", s.admin_token.as_str())];
+    let out = drover(&cfg, &admin, &["token", "create", "--name", "dashboards", "--role", "viewer"], None);
+    let secret = ok(&out).trim().to_string();
+    assert!(secret.starts_with("drv_") && !secret.contains('\n'));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shown once"));
+
+    // The environment overrides the saved file: here there is none.
+    let viewer = [("DROVER_URL", s.url.as_str()), ("DROVER_TOKEN", secret.as_str())];
+    let me = json(&drover(&cfg, &viewer, &["whoami", "-o", "json"], None));
+    assert_eq!((me["name"].as_str(), me["role"].as_str()), (Some("dashboards"), Some("viewer")));
+    let err = fails(&drover(&cfg, &viewer, &["user", "create", "eve", "--role", "admin"], None));
+    assert!(err.starts_with("drover: error: permission denied: creating users needs the admin role"), "{err}");
+    let users = json(&drover(&cfg, &viewer, &["user", "list", "-o", "json"], None));
+    assert_eq!(users.as_array().unwrap().len(), 1, "a viewer reads, and eve was not created");
+
+    let tokens = json(&drover(&cfg, &admin, &["token", "list", "-o", "json"], None));
+    let id = tokens.as_array().unwrap().iter().find(|t| t["name"] == "dashboards").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!tokens.to_string().contains(&secret), "listings never show secrets");
+    ok(&drover(&cfg, &admin, &["token", "revoke", &id], None));
+    let err = fails(&drover(&cfg, &viewer, &["whoami"], None));
+    assert!(err.contains("the server rejected the token") && err.contains("drover token create"), "{err}");
+    let all = json(&drover(&cfg, &admin, &["token", "list", "--include-revoked", "-o", "json"], None));
+    assert!(all.as_array().unwrap().iter().any(|t| t["id"] == id.as_str() && t["revoked_at"].is_string()));
+}
+
+#[test]
+fn paging_with_all_and_an_unreachable_server() {
+    let s = Server::start();
+    let cfg = s.config_path("p");
+    let admin = [("DROVER_URL", s.url.as_str()), ("DROVER_TOKEN", s.admin_token.as_str())];
+    for i in 0..5 {
+        ok(&drover(&cfg, &admin, &["user", "create", &format!("p{i}"), "--role", "viewer"], None));
+    }
+    let first = drover(&cfg, &admin, &["user", "list", "--limit", "2", "-o", "json"], None);
+    assert_eq!(json(&first).as_array().unwrap().len(), 2);
+    assert!(String::from_utf8_lossy(&first.stderr).contains("--all"));
+    let all = json(&drover(&cfg, &admin, &["user", "list", "--limit", "2", "--all", "-o", "json"], None));
+    let names: Vec<&str> = all.as_array().unwrap().iter().map(|u| u["username"].as_str().unwrap()).collect();
+    assert_eq!(names, ["admin", "p0", "p1", "p2", "p3", "p4"]);
+    let err = fails(&drover(&cfg, &admin, &["user", "list", "--limit", "0"], None));
+    assert!(err.contains("limit must be between 1 and 500"), "{err}");
+
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let err = fails(&drover(&cfg, &[("DROVER_URL", &url), ("DROVER_TOKEN", "drv_x")], &["user", "list"], None));
+    assert!(err.contains(&format!("cannot reach the Drover server at {url}")) && err.contains("DROVER_URL"), "{err}");
+}
