@@ -6,4 +6,5 @@
 //! OpenAPI document); the agent, the CLI and the server all speak through these types.
 
 pub mod api;
+pub mod device;
 pub mod validate;
