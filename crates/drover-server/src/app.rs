@@ -257,6 +257,8 @@ pub enum StartError {
     Listen { addr: String, source: std::io::Error, hint: &'static str },
     #[error(transparent)]
     Db(#[from] crate::db::DbError),
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
     #[error("{0}")]
     Bootstrap(String),
     #[error("server error: {0}")]
@@ -286,8 +288,18 @@ pub fn prepare_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
 }
 
 /// Opens the database and creates the default organization and admin on first start,
-/// printing the admin's password once.
+/// printing the admin's password once on stdout.
 pub async fn open_db(config: &Config, admin_password: Option<String>) -> Result<Db, StartError> {
+    open_db_announcing(config, admin_password, |m| println!("{m}")).await
+}
+
+/// As [`open_db`], telling `announce` what the first start created (one-off commands send it
+/// to stderr, so that their own output on stdout stays clean).
+pub async fn open_db_announcing(
+    config: &Config,
+    admin_password: Option<String>,
+    announce: impl Fn(&str),
+) -> Result<Db, StartError> {
     if config.database_url.is_empty() {
         // The database holds password and token hashes: readable by droverd's user only.
         // (SQLite gives its -wal and -shm files the same mode.)
@@ -303,22 +315,36 @@ pub async fn open_db(config: &Config, admin_password: Option<String>) -> Result<
     }
     let db = Db::open(&config.effective_database_url()).await?;
     match ops::bootstrap(&db, admin_password).await {
+        // Straight to the terminal, not the log: the log may be shipped elsewhere.
         Ok(Some(b)) => match b.generated_password {
-            // Straight to the terminal, not the log: the log may be shipped elsewhere.
-            Some(pw) => println!(
+            Some(pw) => announce(&format!(
                 "droverd: first start — created organization \"default\" and user {:?} with password: {pw}\n\
                  droverd: this password is shown once; sign in and change it.",
                 b.username
-            ),
-            None => println!(
+            )),
+            None => announce(&format!(
                 "droverd: first start — created user {:?} with the password from DROVER_ADMIN_PASSWORD",
                 b.username
-            ),
+            )),
         },
         Ok(None) => {}
         Err(e) => return Err(StartError::Bootstrap(e.to_string())),
     }
     Ok(db)
+}
+
+/// The fleet CA: the configured files, or the one in the data directory (made on first start).
+pub async fn open_ca(config: &Config, db: &Db) -> Result<crate::ca::FleetCa, StartError> {
+    use crate::ca::{CA_DIR, FleetCa};
+    match (config.ca_cert_file.is_empty(), config.ca_key_file.is_empty()) {
+        (false, false) => Ok(FleetCa::from_files(config.ca_cert_file.as_ref(), config.ca_key_file.as_ref())?),
+        (true, true) => {
+            let org = ops::find_org(db, None).await.map_err(|e| StartError::Bootstrap(e.to_string()))?;
+            let name = ops::get_org(db, &org).await.map(|o| o.name).unwrap_or_else(|_| "default".into());
+            Ok(FleetCa::load_or_create(&config.data_dir.join(CA_DIR), &name)?)
+        }
+        _ => Err(StartError::Bootstrap("set both ca_cert_file and ca_key_file, or neither".into())),
+    }
 }
 
 /// Runs the server until SIGTERM or Ctrl-C (or until `stop` resolves), then finishes the

@@ -49,6 +49,17 @@ pub enum Command {
     },
     /// Print the OpenAPI document of the REST API.
     Openapi,
+    /// The fleet CA.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Print the fleet CA's certificate (PEM): what devices and tools trust.
+    Cert,
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,11 +137,21 @@ fn init_logging(filter: &str, serving: bool) {
 
 async fn run(args: Args, config: Config) -> ExitCode {
     let admin_password = std::env::var("DROVER_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
-    let db = match app::open_db(&config, admin_password).await {
+    let serving = matches!(args.command, None | Some(Command::Serve));
+    let announce = |m: &str| if serving { println!("{m}") } else { eprintln!("{m}") };
+    let db = match app::open_db_announcing(&config, admin_password, announce).await {
         Ok(db) => db,
         Err(e) => return fail(&e.to_string()),
     };
+    let ca = match app::open_ca(&config, &db).await {
+        Ok(ca) => ca,
+        Err(e) => return fail(&e.to_string()),
+    };
     match args.command {
+        Some(Command::Ca { command: CaCommand::Cert }) => {
+            print!("{}", ca.cert_pem());
+            ExitCode::SUCCESS
+        }
         None | Some(Command::Serve) => match app::serve(config, db, std::future::pending(), |_| {}).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e.to_string()),

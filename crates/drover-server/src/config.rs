@@ -32,6 +32,12 @@ max_body_bytes = 1048576
 # A web session ends after this many seconds without use (and after 7 days in any case).
 session_idle_timeout_secs = 43200
 
+# The fleet CA that issues device certificates. Empty: the CA made at first start in
+# DATA_DIR/ca/. Give both files (PEM) to use your own CA — and to let several droverd
+# replicas issue from one CA.
+ca_cert_file = ""
+ca_key_file = ""
+
 # Mark session cookies Secure. Set this when droverd is reached over HTTPS through a
 # reverse proxy that does not send X-Forwarded-Proto.
 secure_cookies = false
@@ -46,6 +52,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub session_idle_timeout_secs: u64,
     pub secure_cookies: bool,
+    pub ca_cert_file: String,
+    pub ca_key_file: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +65,8 @@ struct FileConfig {
     max_body_bytes: Option<usize>,
     session_idle_timeout_secs: Option<u64>,
     secure_cookies: Option<bool>,
+    ca_cert_file: Option<String>,
+    ca_key_file: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +97,8 @@ impl Config {
             max_body_bytes: 1024 * 1024,
             session_idle_timeout_secs: 12 * 3600,
             secure_cookies: false,
+            ca_cert_file: String::new(),
+            ca_key_file: String::new(),
         }
     }
 
@@ -136,6 +148,12 @@ impl Config {
         if let Some(v) = f.secure_cookies {
             self.secure_cookies = v;
         }
+        if let Some(v) = f.ca_cert_file {
+            self.ca_cert_file = v;
+        }
+        if let Some(v) = f.ca_key_file {
+            self.ca_key_file = v;
+        }
     }
 
     fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
@@ -159,6 +177,12 @@ impl Config {
         }
         if let Some(v) = env("DROVER_SESSION_IDLE_TIMEOUT_SECS") {
             self.session_idle_timeout_secs = parsed("DROVER_SESSION_IDLE_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = env("DROVER_CA_CERT_FILE") {
+            self.ca_cert_file = v;
+        }
+        if let Some(v) = env("DROVER_CA_KEY_FILE") {
+            self.ca_key_file = v;
         }
         if let Some(v) = env("DROVER_SECURE_COOKIES") {
             self.secure_cookies = parsed("DROVER_SECURE_COOKIES", v)?;

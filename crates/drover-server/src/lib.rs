@@ -8,6 +8,7 @@ pub mod api;
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -141,6 +141,17 @@ fn first_start_serves_the_api_and_stops_gracefully() {
                 assert_eq!(std::fs::metadata(data.join("drover.db")).unwrap().permissions().mode() & 0o777, 0o600);
             }
         }
+        // …and the fleet CA, its key private.
+        let ca_key = data.join("ca").join("fleet-ca.key");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&ca_key).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        let out = droverd(&data, url.as_deref()).args(["ca", "cert"]).output().unwrap();
+        let ca_pem = String::from_utf8(out.stdout).unwrap();
+        assert!(ca_pem.starts_with("-----BEGIN CERTIFICATE-----"), "{ca_pem}");
+        assert_eq!(ca_pem, std::fs::read_to_string(data.join("ca").join("fleet-ca.crt")).unwrap());
         let password = eventually(Duration::from_secs(5), "the initial password", || {
             server.stdout_lines().iter().find_map(|l| l.split("with password: ").nth(1).map(str::to_string))
         });
@@ -267,6 +278,10 @@ fn audit_verify_names_an_entry_edited_behind_the_servers_back() {
                 .output()
                 .unwrap();
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            // Only the secret on stdout, even on the first start, so scripts can capture it.
+            let stdout = String::from_utf8(out.stdout).unwrap();
+            assert_eq!(stdout.lines().count(), 1, "{stdout}");
+            assert!(stdout.starts_with("drv_"));
         }
         let out = droverd(&data, url.as_deref()).args(["audit", "verify"]).output().unwrap();
         assert!(out.status.success());
@@ -299,4 +314,34 @@ fn audit_verify_names_an_entry_edited_behind_the_servers_back() {
         let mut s = String::new();
         let _ = std::io::Cursor::new(out.stderr).read_to_string(&mut s);
     }
+}
+
+#[test]
+fn an_external_fleet_ca_is_used_instead_of_making_one() {
+    let dir = TempDir::new("external-ca");
+    let own = dir.path().join("own-ca");
+    let ca = drover_server::ca::FleetCa::load_or_create(&own, "Acme").unwrap();
+    let data = dir.path().join("data");
+    let cert = own.join("fleet-ca.crt");
+    let key = own.join("fleet-ca.key");
+    let out = droverd(&data, None)
+        .env("DROVER_CA_CERT_FILE", &cert)
+        .env("DROVER_CA_KEY_FILE", &key)
+        .args(["ca", "cert"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), ca.cert_pem());
+    assert!(!data.join("ca").exists(), "no CA of its own is made");
+
+    let err = run_fail(droverd(&data, None).env("DROVER_CA_CERT_FILE", &cert).args(["ca", "cert"]));
+    assert!(err.contains("set both ca_cert_file and ca_key_file"), "{err}");
+    std::fs::write(dir.path().join("garbage.key"), "not a key").unwrap();
+    let err = run_fail(
+        droverd(&data, None)
+            .env("DROVER_CA_CERT_FILE", &cert)
+            .env("DROVER_CA_KEY_FILE", dir.path().join("garbage.key"))
+            .args(["ca", "cert"]),
+    );
+    assert!(err.contains("the fleet CA at") && err.contains("private key"), "{err}");
 }
