@@ -6,6 +6,20 @@ use drover_proto::api::ErrorBody;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// Percent-encodes one path segment, so an id or name typed by someone stays one segment
+/// (`a b`, `x/../me`).
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error("not logged in: run `drover login --url URL --token TOKEN`, or set DROVER_URL and DROVER_TOKEN")]
@@ -37,7 +51,15 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str, token: Option<String>) -> Client {
+    /// A client of the server at `base`, which must be an `http://` or `https://` address.
+    pub fn new(base: &str, token: Option<String>) -> Result<Client, CliError> {
+        let base = base.trim().trim_end_matches('/');
+        let rest = base.strip_prefix("http://").or_else(|| base.strip_prefix("https://"));
+        if rest.is_none_or(|host| host.is_empty()) {
+            return Err(CliError::Usage(format!(
+                "invalid server address {base:?}: give it as http://HOST:PORT or https://HOST"
+            )));
+        }
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
@@ -45,7 +67,7 @@ impl Client {
             .user_agent(concat!("drover-cli/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        Client { base: base.trim_end_matches('/').to_string(), token, agent }
+        Ok(Client { base: base.to_string(), token, agent })
     }
 
     pub fn base(&self) -> &str {
@@ -115,5 +137,28 @@ impl Client {
             403 => CliError::Forbidden { message: format!("permission denied: {message}") },
             _ => CliError::Api { status, code: err.error.code, message },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_need_a_scheme() {
+        assert_eq!(Client::new("http://h:8080/ ", None).unwrap().base(), "http://h:8080");
+        assert_eq!(Client::new("https://h", None).unwrap().base(), "https://h");
+        for bad in ["h:8080", "127.0.0.1:8080", "http://", "ftp://h"] {
+            let err = Client::new(bad, None).err().unwrap().to_string();
+            assert!(err.contains("give it as http://HOST:PORT"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn segments_stay_one_segment() {
+        assert_eq!(segment("01a2-b_c~"), "01a2-b_c~");
+        assert_eq!(segment("x/../me"), "x%2F%2E%2E%2Fme");
+        assert_eq!(segment("a b"), "a%20b");
+        assert_eq!(segment("é"), "%C3%A9");
     }
 }

@@ -1,7 +1,7 @@
 //! The commands of `drover`.
 
 use std::ffi::OsString;
-use std::io::Read as _;
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -12,7 +12,7 @@ use drover_proto::api::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::client::{CliError, Client};
+use crate::client::{CliError, Client, segment};
 use crate::config;
 use crate::output::{self, Format};
 
@@ -172,22 +172,33 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode, CliErro
         Command::Login { url, token } => {
             let token = match token {
                 Some(t) => t,
-                None => read_stdin_line("the API token")?,
+                None => read_stdin_line("the API token", "API token: ")?,
             };
-            let client = Client::new(&url, Some(token.trim().to_string()));
+            let token = token.trim().to_string();
+            if token.is_empty() {
+                return Err(CliError::Usage("the API token is empty".into()));
+            }
+            let client = Client::new(&url, Some(token.clone()))?;
             let me: Me = client.get("/me", &[])?;
-            let mut saved = config::load(&cfg_path)?;
+            // An unreadable file is replaced: logging in again is how to repair it.
+            let mut saved = config::load(&cfg_path).unwrap_or_default();
             saved.url = Some(client.base().to_string());
-            saved.token = Some(token.trim().to_string());
+            saved.token = Some(token);
             config::save(&cfg_path, &saved)?;
             eprintln!("logged in to {} as {} ({}), saved in {}", client.base(), me.name, me.role, cfg_path.display());
             print_me(out, &me);
         }
         Command::Logout => {
             let mut saved = config::load(&cfg_path)?;
-            saved.token = None;
-            config::save(&cfg_path, &saved)?;
-            eprintln!("forgot the token saved in {}", cfg_path.display());
+            if saved.token.take().is_none() {
+                eprintln!("no token saved in {}", cfg_path.display());
+            } else {
+                config::save(&cfg_path, &saved)?;
+                eprintln!("forgot the token saved in {}", cfg_path.display());
+            }
+            if env("DROVER_TOKEN").is_some() {
+                eprintln!("note: DROVER_TOKEN is set in the environment and still applies");
+            }
         }
         Command::Whoami => {
             let me: Me = client(&cfg_path)?.get("/me", &[])?;
@@ -200,19 +211,29 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode, CliErro
     Ok(ExitCode::SUCCESS)
 }
 
+/// A client from DROVER_URL / DROVER_TOKEN, else from what `drover login` saved.
 fn client(cfg_path: &std::path::Path) -> Result<Client, CliError> {
-    let saved = config::load(cfg_path)?;
-    let url = env("DROVER_URL").or(saved.url).ok_or(CliError::NotLoggedIn)?;
-    let token = env("DROVER_TOKEN").or(saved.token).ok_or(CliError::NotLoggedIn)?;
-    Ok(Client::new(&url, Some(token)))
+    let (url, token) = (env("DROVER_URL"), env("DROVER_TOKEN"));
+    let (url, token) = match (url, token) {
+        (Some(u), Some(t)) => (u, t),
+        (url, token) => {
+            let saved = config::load(cfg_path)?;
+            (url.or(saved.url).ok_or(CliError::NotLoggedIn)?, token.or(saved.token).ok_or(CliError::NotLoggedIn)?)
+        }
+    };
+    Client::new(&url, Some(token))
 }
 
-fn read_stdin_line(what: &str) -> Result<String, CliError> {
-    let mut s = String::new();
-    std::io::stdin()
-        .read_to_string(&mut s)
-        .map_err(|e| CliError::Usage(format!("cannot read {what} from stdin: {e}")))?;
-    let line = s.lines().next().unwrap_or_default().trim_end_matches('\r').to_string();
+/// Reads one line of stdin (a pipe, or typed after `prompt` on a terminal), without its line end.
+fn read_stdin_line(what: &str, prompt: &str) -> Result<String, CliError> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("{prompt}");
+        let _ = std::io::stderr().flush();
+    }
+    let mut line = String::new();
+    stdin.lock().read_line(&mut line).map_err(|e| CliError::Usage(format!("cannot read {what} from stdin: {e}")))?;
+    let line = line.trim_end_matches(['\n', '\r']).to_string();
     if line.trim().is_empty() {
         return Err(CliError::Usage(format!("expected {what} on stdin")));
     }
@@ -259,6 +280,14 @@ fn list<T: DeserializeOwned>(
     Ok(items)
 }
 
+/// One record: a JSON object, or a table of one row.
+fn print_one<T: Serialize>(out: Format, item: &T, headers: &[&str], row: impl Fn(&T) -> Vec<String>) {
+    match out {
+        Format::Json => print!("{}", output::json(item)),
+        Format::Table => print!("{}", output::table(headers, &[row(item)])),
+    }
+}
+
 fn print_list<T: Serialize>(out: Format, items: &[T], headers: &[&str], row: impl Fn(&T) -> Vec<String>) {
     match out {
         Format::Json => print!("{}", output::json(&items)),
@@ -279,20 +308,35 @@ fn user_row(u: &User) -> Vec<String> {
 
 const USER_HEADERS: &[&str] = &["username", "role", "status", "created", "last sign-in", "id"];
 
-/// Finds a user by id or exact username.
+/// The part of a username to search with `q`: the server drops `%` and `_` from `q` rather
+/// than matching them literally, so search for the longest run without them.
+fn search_term(username: &str) -> &str {
+    username.split(['_', '%']).max_by_key(|part| part.len()).unwrap_or_default()
+}
+
+/// Finds a user by exact username (searching every page of matches), else by id.
 fn resolve_user(client: &Client, who: &str) -> Result<User, CliError> {
-    let page: Page<User> = client.get("/users", &[("q", who.to_string()), ("limit", "500".into())])?;
-    if let Some(u) = page.items.into_iter().find(|u| u.username == who) {
-        return Ok(u);
+    let term = search_term(who);
+    if !term.is_empty() {
+        let paging = Paging { limit: Some(500), all: true };
+        let users: Vec<User> = list(client, "/users", vec![("q", term.to_string())], &paging)?;
+        if let Some(u) = users.into_iter().find(|u| u.username == who) {
+            return Ok(u);
+        }
     }
-    client.get(&format!("/users/{who}"), &[]).map_err(|e| match e {
+    client.get(&format!("/users/{}", segment(who)), &[]).map_err(|e| match e {
         CliError::Api { status: 404, .. } => CliError::Usage(format!("no user named or with id {who:?}")),
         other => other,
     })
 }
 
+fn update_user(client: &Client, who: &str, change: UpdateUser) -> Result<User, CliError> {
+    let u = resolve_user(client, who)?;
+    client.send("PATCH", &format!("/users/{}", segment(&u.id)), &change)
+}
+
 fn user(client: &Client, out: Format, cmd: UserCommand) -> Result<ExitCode, CliError> {
-    let show = |u: &User| print_list(out, std::slice::from_ref(u), USER_HEADERS, user_row);
+    let show = |u: &User| print_one(out, u, USER_HEADERS, user_row);
     match cmd {
         UserCommand::List { role, q, sort, paging } => {
             let mut query = Vec::new();
@@ -309,7 +353,7 @@ fn user(client: &Client, out: Format, cmd: UserCommand) -> Result<ExitCode, CliE
             print_list(out, &users, USER_HEADERS, user_row);
         }
         UserCommand::Create { username, role, password_stdin } => {
-            let password = if password_stdin { Some(read_stdin_line("the password")?) } else { None };
+            let password = if password_stdin { Some(read_stdin_line("the password", "Password: ")?) } else { None };
             let created: CreatedUser = client.send("POST", "/users", &CreateUser { username, role, password })?;
             match out {
                 Format::Json => print!("{}", output::json(&created)),
@@ -324,39 +368,24 @@ fn user(client: &Client, out: Format, cmd: UserCommand) -> Result<ExitCode, CliE
         }
         UserCommand::Show { user } => show(&resolve_user(client, &user)?),
         UserCommand::SetRole { user, role } => {
-            let u = resolve_user(client, &user)?;
-            show(&client.send(
-                "PATCH",
-                &format!("/users/{}", u.id),
-                &UpdateUser { role: Some(role), disabled: None },
-            )?);
+            show(&update_user(client, &user, UpdateUser { role: Some(role), disabled: None })?)
         }
         UserCommand::Disable { user } => {
-            let u = resolve_user(client, &user)?;
-            show(&client.send(
-                "PATCH",
-                &format!("/users/{}", u.id),
-                &UpdateUser { role: None, disabled: Some(true) },
-            )?);
+            show(&update_user(client, &user, UpdateUser { role: None, disabled: Some(true) })?)
         }
         UserCommand::Enable { user } => {
-            let u = resolve_user(client, &user)?;
-            show(&client.send(
-                "PATCH",
-                &format!("/users/{}", u.id),
-                &UpdateUser { role: None, disabled: Some(false) },
-            )?);
+            show(&update_user(client, &user, UpdateUser { role: None, disabled: Some(false) })?)
         }
         UserCommand::ResetPassword { user } => {
             let u = resolve_user(client, &user)?;
-            let password = read_stdin_line("the new password")?;
+            let password = read_stdin_line("the new password", "New password: ")?;
             let _: serde_json::Value =
-                client.send("POST", &format!("/users/{}/password", u.id), &SetPassword { password })?;
+                client.send("POST", &format!("/users/{}/password", segment(&u.id)), &SetPassword { password })?;
             eprintln!("password of {} set; their sessions ended", u.username);
         }
         UserCommand::Delete { user } => {
             let u = resolve_user(client, &user)?;
-            let _: serde_json::Value = client.delete(&format!("/users/{}", u.id))?;
+            let _: serde_json::Value = client.delete(&format!("/users/{}", segment(&u.id)))?;
             eprintln!("deleted user {}", u.username);
         }
     }
@@ -403,8 +432,8 @@ fn token(client: &Client, out: Format, cmd: TokenCommand) -> Result<ExitCode, Cl
             }
         }
         TokenCommand::Revoke { id } => {
-            let t: ApiToken = client.delete(&format!("/tokens/{id}"))?;
-            print_list(out, std::slice::from_ref(&t), TOKEN_HEADERS, token_row);
+            let t: ApiToken = client.delete(&format!("/tokens/{}", segment(&id)))?;
+            print_one(out, &t, TOKEN_HEADERS, token_row);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -449,5 +478,24 @@ fn audit(client: &Client, out: Format, cmd: AuditCommand) -> Result<ExitCode, Cl
             }
             Ok(if v.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn searches_users_by_the_longest_part_the_server_can_match() {
+        assert_eq!(search_term("ann"), "ann");
+        assert_eq!(search_term("ann_b"), "ann");
+        assert_eq!(search_term("a_bcd_e"), "bcd");
+        assert_eq!(search_term("_"), "");
+    }
+
+    #[test]
+    fn text_is_another_name_for_table() {
+        let cli = Cli::try_parse_from(["drover", "-o", "text", "whoami"]).unwrap();
+        assert_eq!(cli.output, Format::Table);
     }
 }

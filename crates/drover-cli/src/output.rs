@@ -4,6 +4,8 @@ use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// Aligned columns for people (`text` is the same).
+    #[value(alias = "text")]
     Table,
     Json,
 }

@@ -3,6 +3,8 @@
 //! Request bodies reject unknown fields, so a typo in a field name is an error rather than a
 //! silently ignored setting. Timestamps are RFC 3339 strings in UTC.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "openapi")]
@@ -167,6 +169,7 @@ pub enum PrincipalKind {
     User,
     Token,
     System,
+    Device,
 }
 
 impl PrincipalKind {
@@ -175,6 +178,7 @@ impl PrincipalKind {
             PrincipalKind::User => "user",
             PrincipalKind::Token => "token",
             PrincipalKind::System => "system",
+            PrincipalKind::Device => "device",
         }
     }
 }
@@ -341,6 +345,155 @@ pub struct AuditListQuery {
     pub since: Option<String>,
     /// RFC 3339 upper bound (exclusive).
     pub until: Option<String>,
+}
+
+/// Where a device is in its life.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub enum DeviceStatus {
+    /// Asked to enroll; waits for an operator.
+    Pending,
+    /// Has a certificate and may connect.
+    Accepted,
+    /// Refused by an operator; stays refused.
+    Rejected,
+    /// Retired: its certificate is revoked.
+    Decommissioned,
+}
+
+impl DeviceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceStatus::Pending => "pending",
+            DeviceStatus::Accepted => "accepted",
+            DeviceStatus::Rejected => "rejected",
+            DeviceStatus::Decommissioned => "decommissioned",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DeviceStatus> {
+        [DeviceStatus::Pending, DeviceStatus::Accepted, DeviceStatus::Rejected, DeviceStatus::Decommissioned]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+    }
+}
+
+/// `POST /api/v1/enroll`, sent by a device. Unauthenticated: the proof is the token, a
+/// pre-authorized identity, or an operator's acceptance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct EnrollRequest {
+    /// PKCS#10 certificate signing request (PEM) for the key the device made.
+    pub csr_pem: String,
+    /// What identifies the hardware: serial number, MAC address… (1 to 16 attributes).
+    pub identity: BTreeMap<String, String>,
+    /// An enrollment token, for zero-touch provisioning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct EnrollResponse {
+    pub device_id: String,
+    pub status: DeviceStatus,
+    /// The device's certificate, once accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_pem: Option<String>,
+    /// The fleet CA certificate: trust it for the server's endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+    /// While pending: ask again (with the same CSR) after this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Device {
+    pub id: String,
+    pub status: DeviceStatus,
+    pub identity: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    /// `token:NAME`, `preauthorized` or `accepted:USER`.
+    pub enrolled_via: String,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_expires_at: Option<String>,
+}
+
+/// Query of `GET /api/v1/devices`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct DeviceListQuery {
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+    /// `created_at` (default, newest first with `-`), `updated_at`.
+    pub sort: Option<String>,
+    pub status: Option<DeviceStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct CreateEnrollmentToken {
+    pub name: String,
+    /// How many devices may enroll with it; omit for no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_days: Option<u32>,
+    /// Tags every device enrolled with it starts with.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct EnrollmentToken {
+    pub id: String,
+    pub name: String,
+    pub prefix: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+    pub uses: u32,
+    pub tags: BTreeMap<String, String>,
+    pub created_by: String,
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct CreatedEnrollmentToken {
+    pub token: EnrollmentToken,
+    /// Shown this once; give it to the factory or bake it into the image.
+    pub secret: String,
+}
+
+/// Devices an operator vouches for before they ask: each an identity as the device will send it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Preauthorize {
+    pub identities: Vec<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Preauthorized {
+    /// Identities newly pre-authorized.
+    pub added: u32,
+    /// Identities that were pre-authorized already.
+    pub already: u32,
 }
 
 #[cfg(test)]

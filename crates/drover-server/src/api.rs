@@ -31,6 +31,15 @@ pub fn routes() -> Router<AppState> {
         .route("/tokens/{id}", get(get_token).delete(revoke_token))
         .route("/audit", get(list_audit))
         .route("/audit/verify", get(verify_audit))
+        .route("/enroll", post(enroll))
+        .route("/devices", get(list_devices))
+        .route("/devices/preauthorize", post(preauthorize))
+        .route("/devices/{id}", get(get_device))
+        .route("/devices/{id}/accept", post(accept_device))
+        .route("/devices/{id}/reject", post(reject_device))
+        .route("/devices/{id}/decommission", post(decommission_device))
+        .route("/enrollment-tokens", get(list_enrollment_tokens).post(create_enrollment_token))
+        .route("/enrollment-tokens/{id}", axum::routing::delete(revoke_enrollment_token))
 }
 
 struct SecurityAddon;
@@ -64,6 +73,8 @@ impl utoipa::Modify for SecurityAddon {
         login, logout, me, change_password, get_organization, update_organization,
         list_users, create_user, get_user, update_user, delete_user, set_password,
         list_tokens, create_token, get_token, revoke_token, list_audit, verify_audit,
+        enroll, list_devices, get_device, accept_device, reject_device, decommission_device, preauthorize,
+        list_enrollment_tokens, create_enrollment_token, revoke_enrollment_token,
     ),
     modifiers(&SecurityAddon),
     security(("token" = []), ("session" = [])),
@@ -73,6 +84,7 @@ impl utoipa::Modify for SecurityAddon {
         (name = "users", description = "People who sign in, with a role each"),
         (name = "tokens", description = "API tokens for automation"),
         (name = "audit", description = "The append-only, hash-chained record of every change"),
+        (name = "devices", description = "The device registry and enrollment"),
     )
 )]
 pub struct ApiDoc;
@@ -270,4 +282,104 @@ async fn list_audit(
 async fn verify_audit(State(s): State<AppState>, p: Principal) -> AppResult<Json<AuditVerification>> {
     p.require(Role::Admin, "verifying the audit log")?;
     Ok(Json(audit::verify(&s.db).await.map_err(AppError::from)?))
+}
+
+#[utoipa::path(post, path = "/api/v1/enroll", tag = "devices", request_body = EnrollRequest, security(),
+    responses((status = 200, body = EnrollResponse, description = "Accepted: the certificate is in the answer"),
+              (status = 202, body = EnrollResponse, description = "Pending an operator: ask again with the same CSR"),
+              (status = 400, body = ErrorBody, description = "Malformed CSR or identity"),
+              (status = 401, body = ErrorBody, description = "Unknown, revoked or expired enrollment token"),
+              (status = 403, body = ErrorBody, description = "Rejected or decommissioned device, or a used-up token"),
+              (status = 409, body = ErrorBody, description = "The identity is enrolled already with another key")))]
+async fn enroll(
+    State(s): State<AppState>,
+    parts: axum::http::request::Parts,
+    ApiJson(req): ApiJson<EnrollRequest>,
+) -> AppResult<Response> {
+    let source = crate::app::source_of(&parts);
+    let resp = crate::devices::enroll(&s.db, &s.ca, req, &source).await?;
+    let status = if resp.status == DeviceStatus::Pending { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok((status, Json(resp)).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", params(DeviceListQuery),
+    responses((status = 200, body = Page<Device>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn list_devices(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiQuery(q): ApiQuery<DeviceListQuery>,
+) -> AppResult<Json<Page<Device>>> {
+    Ok(Json(crate::devices::list_devices(&s.db, &p, &q).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "Device id")),
+    responses((status = 200, body = Device), (status = 404, body = ErrorBody)))]
+async fn get_device(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<String>) -> AppResult<Json<Device>> {
+    Ok(Json(crate::devices::get_device(&s.db, &p, &id).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/devices/{id}/accept", tag = "devices", params(("id" = String, Path, description = "Device id")),
+    responses((status = 200, body = Device, description = "Accepted; its certificate is issued"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn accept_device(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+) -> AppResult<Json<Device>> {
+    Ok(Json(crate::devices::decide(&s.db, &s.ca, &p, &id, DeviceStatus::Accepted).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/devices/{id}/reject", tag = "devices", params(("id" = String, Path, description = "Device id")),
+    responses((status = 200, body = Device), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn reject_device(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+) -> AppResult<Json<Device>> {
+    Ok(Json(crate::devices::decide(&s.db, &s.ca, &p, &id, DeviceStatus::Rejected).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/devices/{id}/decommission", tag = "devices", params(("id" = String, Path, description = "Device id")),
+    responses((status = 200, body = Device, description = "Decommissioned; its certificate is revoked"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn decommission_device(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+) -> AppResult<Json<Device>> {
+    Ok(Json(crate::devices::decide(&s.db, &s.ca, &p, &id, DeviceStatus::Decommissioned).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/devices/preauthorize", tag = "devices", request_body = Preauthorize,
+    responses((status = 200, body = Preauthorized), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn preauthorize(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiJson(req): ApiJson<Preauthorize>,
+) -> AppResult<Json<Preauthorized>> {
+    Ok(Json(crate::devices::preauthorize(&s.db, &p, req).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/enrollment-tokens", tag = "devices",
+    responses((status = 200, body = Vec<EnrollmentToken>), (status = 401, body = ErrorBody)))]
+async fn list_enrollment_tokens(State(s): State<AppState>, p: Principal) -> AppResult<Json<Vec<EnrollmentToken>>> {
+    Ok(Json(crate::devices::list_enrollment_tokens(&s.db, &p).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/enrollment-tokens", tag = "devices", request_body = CreateEnrollmentToken,
+    responses((status = 201, body = CreatedEnrollmentToken, description = "Created; `secret` is shown this once"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn create_enrollment_token(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiJson(req): ApiJson<CreateEnrollmentToken>,
+) -> AppResult<(StatusCode, Json<CreatedEnrollmentToken>)> {
+    Ok((StatusCode::CREATED, Json(crate::devices::create_enrollment_token(&s.db, &p, req).await?)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/enrollment-tokens/{id}", tag = "devices", params(("id" = String, Path, description = "Enrollment token id")),
+    responses((status = 200, body = EnrollmentToken, description = "Revoked"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn revoke_enrollment_token(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+) -> AppResult<Json<EnrollmentToken>> {
+    Ok(Json(crate::devices::revoke_enrollment_token(&s.db, &p, &id).await?))
 }

@@ -24,6 +24,7 @@ use crate::ops;
 
 pub struct Inner {
     pub db: Db,
+    pub ca: Arc<crate::ca::FleetCa>,
     pub config: Config,
     pub limiter: LoginLimiter,
     pub metrics: Metrics,
@@ -42,9 +43,10 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(db: Db, config: Config) -> AppState {
+    pub fn new(db: Db, config: Config, ca: Arc<crate::ca::FleetCa>) -> AppState {
         AppState(Arc::new(Inner {
             db,
+            ca,
             config,
             limiter: LoginLimiter::default(),
             metrics: Metrics::default(),
@@ -368,7 +370,8 @@ pub async fn serve(
         StartError::Listen { addr: config.http_listen.clone(), source, hint }
     })?;
     let addr = listener.local_addr().map_err(StartError::Serve)?;
-    let state = AppState::new(db.clone(), config);
+    let ca = Arc::new(open_ca(&config, &db).await?);
+    let state = AppState::new(db.clone(), config, ca);
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     on_listening(addr);
     tracing::info!(%addr, backend = db.backend().name(), "droverd listening");

@@ -107,6 +107,7 @@ fn to_entry(r: Row) -> AuditEntry {
     let kind = match r.3.as_str() {
         "user" => PrincipalKind::User,
         "token" => PrincipalKind::Token,
+        "device" => PrincipalKind::Device,
         _ => PrincipalKind::System,
     };
     AuditEntry {

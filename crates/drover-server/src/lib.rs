@@ -12,6 +12,7 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod devices;
 pub mod error;
 pub mod metrics;
 pub mod migrations;

@@ -11,10 +11,11 @@ pub struct Migration {
 /// SHA-256 of nothing in particular: the `prev_hash` of the first audit entry.
 pub const AUDIT_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "organizations, users, tokens, sessions, audit log",
-    sqlite: r#"
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "organizations, users, tokens, sessions, audit log",
+        sqlite: r#"
 CREATE TABLE organizations (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -82,7 +83,7 @@ CREATE TABLE audit_head (
 );
 INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');
 "#,
-    postgres: r#"
+        postgres: r#"
 CREATE TABLE organizations (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -152,4 +153,99 @@ CREATE TABLE audit_head (
 );
 INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        name: "devices, enrollment tokens, pre-authorizations",
+        sqlite: r#"
+CREATE TABLE devices (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL REFERENCES organizations(id),
+    status TEXT NOT NULL CHECK (status IN ('pending', 'accepted', 'rejected', 'decommissioned')),
+    identity TEXT NOT NULL,
+    identity_hash TEXT NOT NULL,
+    key_fingerprint TEXT NOT NULL UNIQUE,
+    csr_pem TEXT NOT NULL,
+    cert_pem TEXT,
+    cert_serial TEXT,
+    cert_not_after INTEGER,
+    cert_revoked_at INTEGER,
+    enrolled_via TEXT NOT NULL,
+    tags TEXT NOT NULL DEFAULT '{}',
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX devices_org_created ON devices (org_id, created_at, id);
+CREATE INDEX devices_org_status ON devices (org_id, status, created_at, id);
+CREATE INDEX devices_identity ON devices (org_id, identity_hash);
+CREATE TABLE enrollment_tokens (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL REFERENCES organizations(id),
+    name TEXT NOT NULL,
+    secret_hash TEXT NOT NULL UNIQUE,
+    prefix TEXT NOT NULL,
+    max_uses INTEGER,
+    uses INTEGER NOT NULL DEFAULT 0,
+    tags TEXT NOT NULL DEFAULT '{}',
+    created_by TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    revoked_at INTEGER
+);
+CREATE INDEX enrollment_tokens_org_created ON enrollment_tokens (org_id, created_at, id);
+CREATE TABLE preauthorizations (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL REFERENCES organizations(id),
+    identity TEXT NOT NULL,
+    identity_hash TEXT NOT NULL UNIQUE,
+    created_by TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+"#,
+        postgres: r#"
+CREATE TABLE devices (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL REFERENCES organizations(id),
+    status TEXT NOT NULL CHECK (status IN ('pending', 'accepted', 'rejected', 'decommissioned')),
+    identity TEXT NOT NULL,
+    identity_hash TEXT NOT NULL,
+    key_fingerprint TEXT NOT NULL UNIQUE,
+    csr_pem TEXT NOT NULL,
+    cert_pem TEXT,
+    cert_serial TEXT,
+    cert_not_after BIGINT,
+    cert_revoked_at BIGINT,
+    enrolled_via TEXT NOT NULL,
+    tags TEXT NOT NULL DEFAULT '{}',
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX devices_org_created ON devices (org_id, created_at, id);
+CREATE INDEX devices_org_status ON devices (org_id, status, created_at, id);
+CREATE INDEX devices_identity ON devices (org_id, identity_hash);
+CREATE TABLE enrollment_tokens (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL REFERENCES organizations(id),
+    name TEXT NOT NULL,
+    secret_hash TEXT NOT NULL UNIQUE,
+    prefix TEXT NOT NULL,
+    max_uses BIGINT,
+    uses BIGINT NOT NULL DEFAULT 0,
+    tags TEXT NOT NULL DEFAULT '{}',
+    created_by TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT,
+    revoked_at BIGINT
+);
+CREATE INDEX enrollment_tokens_org_created ON enrollment_tokens (org_id, created_at, id);
+CREATE TABLE preauthorizations (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL REFERENCES organizations(id),
+    identity TEXT NOT NULL,
+    identity_hash TEXT NOT NULL UNIQUE,
+    created_by TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+"#,
+    },
+];

@@ -55,7 +55,9 @@ impl Server {
                 .unwrap();
             });
         });
-        let (url, admin_token) = ready_rx.recv().unwrap();
+        let (url, admin_token) = ready_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the test server did not start listening within 60 s (see its panic above)");
         Server { url, admin_token, dir, stop: Some(stop_tx), thread: Some(thread) }
     }
 
@@ -126,7 +128,10 @@ fn login_saves_a_private_config_and_commands_use_it() {
     {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(cfg.parent().unwrap()).unwrap().permissions().mode() & 0o777, 0o700);
     }
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    assert_eq!((saved["url"].as_str(), saved["token"].as_str()), (Some(s.url.as_str()), Some(s.admin_token.as_str())));
     let me = json(&drover(&cfg, &[], &["whoami", "-o", "json"], None));
     assert_eq!(me["role"], "admin");
 
@@ -154,9 +159,11 @@ fn login_saves_a_private_config_and_commands_use_it() {
     let table = ok(&drover(&cfg, &[], &["user", "list", "--role", "operator"], None));
     assert!(table.starts_with("USERNAME") && table.contains("omar") && !table.contains("nina"), "{table}");
     let u = json(&drover(&cfg, &[], &["user", "set-role", "nina", "operator", "-o", "json"], None));
-    assert_eq!(u[0]["role"], "operator");
+    assert_eq!((u["username"].as_str(), u["role"].as_str()), (Some("nina"), Some("operator")));
     let u = json(&drover(&cfg, &[], &["user", "disable", "nina", "-o", "json"], None));
-    assert_eq!(u[0]["disabled"], true);
+    assert_eq!(u["disabled"], true);
+    let shown = json(&drover(&cfg, &[], &["user", "show", u["id"].as_str().unwrap(), "-o", "json"], None));
+    assert_eq!(shown, u, "show takes an id as well as a username");
     ok(&drover(&cfg, &[], &["user", "reset-password", "omar"], Some("omar's new password\n")));
     ok(&drover(&cfg, &[], &["user", "delete", "nina"], None));
     let err = fails(&drover(&cfg, &[], &["user", "show", "nina"], None));
@@ -236,4 +243,41 @@ fn paging_with_all_and_an_unreachable_server() {
     drop(closed);
     let err = fails(&drover(&cfg, &[("DROVER_URL", &url), ("DROVER_TOKEN", "drv_x")], &["user", "list"], None));
     assert!(err.contains(&format!("cannot reach the Drover server at {url}")) && err.contains("DROVER_URL"), "{err}");
+}
+
+#[test]
+fn usernames_ids_and_addresses_that_need_care() {
+    let s = Server::start();
+    let cfg = s.config_path("c");
+    let admin = [("DROVER_URL", s.url.as_str()), ("DROVER_TOKEN", s.admin_token.as_str())];
+
+    // The server's `q` ignores '_', so the username is found by its longest other part.
+    ok(&drover(&cfg, &admin, &["user", "create", "ann_b", "--role", "viewer"], None));
+    ok(&drover(&cfg, &admin, &["user", "create", "annb", "--role", "viewer"], None));
+    let u = json(&drover(&cfg, &admin, &["user", "set-role", "ann_b", "operator", "-o", "json"], None));
+    assert_eq!((u["username"].as_str(), u["role"].as_str()), (Some("ann_b"), Some("operator")));
+    let table = ok(&drover(&cfg, &admin, &["-o", "text", "user", "show", "ann_b"], None));
+    assert!(table.starts_with("USERNAME") && table.lines().nth(1).unwrap().starts_with("ann_b "), "{table}");
+
+    // What is typed stays one path segment.
+    for odd in ["a b", "x/../../me"] {
+        let err = fails(&drover(&cfg, &admin, &["user", "show", odd], None));
+        assert!(err.contains(&format!("no user named or with id {odd:?}")), "{err}");
+    }
+
+    // `-o text` prints the secret alone.
+    let out = drover(&cfg, &admin, &["token", "create", "--name", "ci", "--role", "viewer", "-o", "text"], None);
+    assert!(ok(&out).trim_end().starts_with("drv_") && ok(&out).lines().count() == 1);
+
+    let err = fails(&drover(&cfg, &[], &["login", "--url", "127.0.0.1:1", "--token", "drv_x"], None));
+    assert!(err.contains("invalid server address \"127.0.0.1:1\": give it as http://HOST:PORT"), "{err}");
+    assert!(!cfg.exists());
+
+    // Logging in again repairs an unreadable config file.
+    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+    std::fs::write(&cfg, "{oops").unwrap();
+    let err = fails(&drover(&cfg, &[], &["whoami"], None));
+    assert!(err.contains("config.json"), "{err}");
+    ok(&drover(&cfg, &[], &["login", "--url", &s.url, "--token", &format!("  {}  ", s.admin_token)], None));
+    assert_eq!(json(&drover(&cfg, &[], &["whoami", "-o", "json"], None))["name"], "cli test admin");
 }

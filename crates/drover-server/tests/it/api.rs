@@ -128,6 +128,8 @@ fn body_for(path: &str, method: &Method) -> Option<Value> {
             Some(json!({"current_password": "x", "new_password": "long enough password"}))
         }
         ("POST", "/api/v1/auth/login") => Some(json!({"username": "admin", "password": ADMIN_PASSWORD})),
+        ("POST", "/api/v1/devices/preauthorize") => Some(json!({"identities": [{"serial": "SN-1"}]})),
+        ("POST", "/api/v1/enrollment-tokens") => Some(json!({"name": "factory", "max_uses": 10})),
         _ => None,
     }
 }
@@ -147,13 +149,20 @@ async fn a_viewer_is_refused_on_every_mutating_route_and_the_audit_log_is_unchan
         let before = app.audit_count().await;
         let mut checked = 0;
         for (method, path) in &routes {
-            // Signing in and out are how sessions start and end, not changes to the fleet.
-            if path.starts_with("/api/v1/auth/") {
+            // Signing in and out are how sessions start and end, and devices enroll with their
+            // own proofs: none of these act with a role.
+            if path.starts_with("/api/v1/auth/") || path == "/api/v1/enroll" {
                 continue;
             }
             let id = if path.starts_with("/api/v1/tokens/") { &token_id } else { &admin_id };
             let concrete = path.replace("{id}", id);
-            for (who, token) in [("viewer", &viewer), ("operator", &operator)] {
+            // Devices and enrollment tokens are an operator's work; the rest an admin's.
+            let operator_may = path.starts_with("/api/v1/devices") || path.starts_with("/api/v1/enrollment-tokens");
+            let mut refused = vec![("viewer", &viewer)];
+            if !operator_may {
+                refused.push(("operator", &operator));
+            }
+            for (who, token) in refused {
                 let r = app.call(method.clone(), &concrete, Some(token), body_for(path, method)).await;
                 assert_error_shape(&r, StatusCode::FORBIDDEN, "forbidden");
                 assert!(
@@ -164,7 +173,7 @@ async fn a_viewer_is_refused_on_every_mutating_route_and_the_audit_log_is_unchan
             }
             checked += 1;
         }
-        assert!(checked >= 8, "checked {checked} routes");
+        assert!(checked >= 14, "checked {checked} routes");
         assert_eq!(app.audit_count().await, before, "refused requests change nothing");
         // And the admin still is one, the organization keeps its name.
         let me = app.admin(Method::GET, "/api/v1/me", None).await;
@@ -606,7 +615,8 @@ async fn concurrent_changes_from_two_replicas_keep_one_unbroken_chain() {
         let mut config = drover_server::config::Config::defaults(tdb.dir.path());
         config.database_url = tdb.url.clone();
         let db2 = drover_server::db::Db::open(&tdb.url).await.unwrap();
-        let replica2 = drover_server::app::router(drover_server::app::AppState::new(db2.clone(), config));
+        let ca = std::sync::Arc::new(drover_server::app::open_ca(&config, &db2).await.unwrap());
+        let replica2 = drover_server::app::router(drover_server::app::AppState::new(db2.clone(), config, ca));
         let before = app.audit_count().await;
         let mut tasks = Vec::new();
         for i in 0..24 {

@@ -6,6 +6,7 @@
 
 mod api;
 mod browser;
+mod devices;
 mod e2e;
 mod support;
 mod ui;

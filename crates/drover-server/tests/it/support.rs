@@ -104,6 +104,7 @@ async fn pg_connect(url: &str) -> sqlx::AnyConnection {
 /// The HTTP application over a fresh database, with an admin token ready.
 pub struct TestApp {
     pub db: Db,
+    pub state: AppState,
     pub app: Router,
     pub admin_token: String,
     pub label: &'static str,
@@ -130,9 +131,10 @@ impl TestApp {
         .await
         .unwrap()
         .secret;
-        let state = AppState::new(db.clone(), config);
+        let ca = drover_server::app::open_ca(&config, &db).await.unwrap();
+        let state = AppState::new(db.clone(), config, std::sync::Arc::new(ca));
         let app = router(state.clone());
-        TestApp { db, app, admin_token, label: tdb.label }
+        TestApp { db, state, app, admin_token, label: tdb.label }
     }
 
     pub async fn send(&self, req: Request<Body>) -> Resp {
@@ -173,6 +175,10 @@ impl TestApp {
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
         r.body["secret"].as_str().unwrap().to_string()
+    }
+
+    pub fn state_ca_pem(&self) -> String {
+        self.state.ca.cert_pem().to_string()
     }
 
     pub async fn audit_count(&self) -> i64 {
