@@ -308,18 +308,11 @@ fn user_row(u: &User) -> Vec<String> {
 
 const USER_HEADERS: &[&str] = &["username", "role", "status", "created", "last sign-in", "id"];
 
-/// The part of a username to search with `q`: the server drops `%` and `_` from `q` rather
-/// than matching them literally, so search for the longest run without them.
-fn search_term(username: &str) -> &str {
-    username.split(['_', '%']).max_by_key(|part| part.len()).unwrap_or_default()
-}
-
 /// Finds a user by exact username (searching every page of matches), else by id.
 fn resolve_user(client: &Client, who: &str) -> Result<User, CliError> {
-    let term = search_term(who);
-    if !term.is_empty() {
+    if !who.is_empty() {
         let paging = Paging { limit: Some(500), all: true };
-        let users: Vec<User> = list(client, "/users", vec![("q", term.to_string())], &paging)?;
+        let users: Vec<User> = list(client, "/users", vec![("q", who.to_string())], &paging)?;
         if let Some(u) = users.into_iter().find(|u| u.username == who) {
             return Ok(u);
         }
@@ -484,14 +477,6 @@ fn audit(client: &Client, out: Format, cmd: AuditCommand) -> Result<ExitCode, Cl
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn searches_users_by_the_longest_part_the_server_can_match() {
-        assert_eq!(search_term("ann"), "ann");
-        assert_eq!(search_term("ann_b"), "ann");
-        assert_eq!(search_term("a_bcd_e"), "bcd");
-        assert_eq!(search_term("_"), "");
-    }
 
     #[test]
     fn text_is_another_name_for_table() {

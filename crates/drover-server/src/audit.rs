@@ -132,7 +132,7 @@ pub async fn list(db: &Db, org_id: &str, q: &AuditListQuery) -> AppResult<(Vec<A
     f.and("org_id = ?", [Bind::Text(org_id.to_string())]);
     if let Some(action) = q.action.as_deref().filter(|s| !s.is_empty()) {
         if let Some(prefix) = action.strip_suffix('.') {
-            f.and("action LIKE ?", [Bind::Text(format!("{}.%", escape_like(prefix)))]);
+            f.and("action LIKE ? ESCAPE '\\'", [Bind::Text(format!("{}.%", crate::db::like_escape(prefix)))]);
         } else {
             f.and("action = ?", [Bind::Text(action.to_string())]);
         }
@@ -159,12 +159,6 @@ pub async fn list(db: &Db, org_id: &str, q: &AuditListQuery) -> AppResult<(Vec<A
     let rows: Vec<Row> = bind_all(sqlx::query_as(&sql), &f.binds).fetch_all(db.pool()).await?;
     let (rows, next) = page.finish(rows, |r| (CursorValue::Int(r.0), None));
     Ok((rows.into_iter().map(to_entry).collect(), next))
-}
-
-/// `LIKE` treats `%` and `_` as wildcards; actions never contain them, but filters come
-/// from users.
-fn escape_like(s: &str) -> String {
-    s.replace(['%', '_'], "")
 }
 
 /// Walks the whole chain (every organization) and checks each link and hash.

@@ -227,6 +227,19 @@ pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     err.as_database_error().is_some_and(|e| e.is_unique_violation())
 }
 
+/// Escapes `\`, `%` and `_` for a `LIKE … ESCAPE '\'` pattern, so that user input matches
+/// literally (usernames and actions contain `_`).
+pub fn like_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// A value bound to a dynamically built query.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Bind {
@@ -297,6 +310,11 @@ mod tests {
         );
         assert_eq!(f.sql(), " WHERE role = $1 AND (created_at > $2 OR (created_at = $3 AND id > $4))");
         assert_eq!(f.next_param(), 5);
+    }
+
+    #[test]
+    fn like_patterns_match_literally() {
+        assert_eq!(like_escape("ann_b%\\"), "ann\\_b\\%\\\\");
     }
 
     #[test]

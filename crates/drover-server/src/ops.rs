@@ -193,7 +193,7 @@ pub async fn list_users(db: &Db, p: &Principal, q: &UserListQuery) -> AppResult<
         f.and("disabled = ?", [Bind::Int(i64::from(d))]);
     }
     if let Some(s) = q.q.as_deref().filter(|s| !s.is_empty()) {
-        f.and("username LIKE ?", [Bind::Text(format!("%{}%", s.replace(['%', '_'], "")))]);
+        f.and("username LIKE ? ESCAPE '\\'", [Bind::Text(format!("%{}%", crate::db::like_escape(s)))]);
     }
     page.apply(&mut f, Some("id"));
     let sql = format!("SELECT {USER_COLUMNS} FROM users{}{}", f.sql(), page.order_limit(Some("id")));

@@ -311,6 +311,23 @@ async fn users_lifecycle_pagination_and_last_admin_protection() {
         assert_eq!(r.body["items"].as_array().unwrap().len(), 3);
         let r = app.admin(Method::GET, "/api/v1/users?q=er6", None).await;
         assert_eq!(r.body["items"][0]["username"], "user6");
+        // '_' and '%' in a search match themselves, not any character.
+        for name in ["ann_b", "annxb"] {
+            app.admin(Method::POST, "/api/v1/users", Some(json!({"username": name, "role": "viewer"}))).await;
+        }
+        let r = app.admin(Method::GET, "/api/v1/users?q=n_b", None).await;
+        let found: Vec<&str> =
+            r.body["items"].as_array().unwrap().iter().map(|u| u["username"].as_str().unwrap()).collect();
+        assert_eq!(found, ["ann_b"]);
+        let r = app.admin(Method::GET, "/api/v1/users?q=%25", None).await;
+        assert!(r.body["items"].as_array().unwrap().is_empty());
+        for name in ["ann_b", "annxb"] {
+            let id = app.admin(Method::GET, &format!("/api/v1/users?q={name}"), None).await.body["items"][0]["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            app.admin(Method::DELETE, &format!("/api/v1/users/{id}"), None).await;
+        }
         let mixed = app.admin(Method::GET, &format!("/api/v1/users?sort=username&cursor={cursor}"), None).await;
         assert_error_shape(&mixed, StatusCode::BAD_REQUEST, "invalid_cursor");
 
@@ -344,7 +361,7 @@ async fn users_lifecycle_pagination_and_last_admin_protection() {
         let entries = audit.body["items"].as_array().unwrap();
         let creates =
             entries.iter().filter(|e| e["action"] == "user.create" && e["actor"]["name"] == "test admin").count();
-        assert_eq!(creates, 7);
+        assert_eq!(creates, 9, "user0-6, ann_b and annxb");
         assert!(entries.iter().any(|e| e["action"] == "user.update"
             && e["summary"].as_str().unwrap().contains("user \"user1\": role: operator → admin")));
         assert!(entries.iter().any(|e| e["action"] == "user.delete" && e["target_id"] == u2_id.as_str()));

@@ -71,6 +71,12 @@ async fn enrollment_by_token_is_zero_touch_and_limited() {
         let r = app.call(Method::DELETE, &format!("/api/v1/enrollment-tokens/{token_id}"), Some(&operator), None).await;
         assert!(r.body["revoked_at"].is_string());
 
+        // A prefix with '_' matches literally.
+        let audit = app.admin(Method::GET, "/api/v1/audit?action=enrollment_token.", None).await;
+        let actions: Vec<&str> =
+            audit.body["items"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+        assert_eq!(actions, ["enrollment_token.revoke", "enrollment_token.create"]);
+
         let audit = app.admin(Method::GET, "/api/v1/audit?action=device.enroll", None).await;
         let entries = audit.body["items"].as_array().unwrap();
         assert_eq!(entries.len(), 2);
