@@ -10,7 +10,7 @@ use drover_proto::api::*;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use crate::app::{ApiJson, ApiPath, ApiQuery, AppState, client_ip, cookie};
+use crate::app::{ApiJson, ApiPath, ApiQuery, AppState, client_ip, cookie, session_cookie};
 use crate::audit;
 use crate::auth::{Principal, SESSION_COOKIE};
 use crate::error::{AppError, AppResult};
@@ -100,21 +100,6 @@ async fn openapi_json() -> Response {
     Json(openapi_document()).into_response()
 }
 
-fn secure_request(s: &AppState, headers: &HeaderMap) -> bool {
-    s.config.secure_cookies
-        || headers
-            .get("x-forwarded-proto")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case("https"))
-}
-
-pub fn session_cookie(value: &str, max_age_secs: i64, secure: bool) -> String {
-    format!(
-        "{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_secs}{}",
-        if secure { "; Secure" } else { "" }
-    )
-}
-
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest, security(),
     responses((status = 200, body = LoginResponse, description = "Signed in; the session cookie is set"),
               (status = 401, body = ErrorBody), (status = 429, body = ErrorBody, description = "Too many failed attempts")))]
@@ -128,8 +113,7 @@ async fn login(
     let session =
         ops::login(&s.db, &s.limiter, &req.username, req.password, ip, source, s.config.idle_timeout_ms()).await?;
     let me = ops::me(&s.db, &session.principal).await?;
-    let set_cookie =
-        session_cookie(&session.cookie, ops::SESSION_MAX_AGE_MS / 1000, secure_request(&s, &parts.headers));
+    let set_cookie = session_cookie(&s, &parts.headers, &session.cookie, ops::SESSION_MAX_AGE_MS / 1000);
     Ok(([(header::SET_COOKIE, set_cookie)], Json(LoginResponse { csrf_token: session.csrf, me })).into_response())
 }
 
@@ -138,7 +122,7 @@ async fn logout(State(s): State<AppState>, p: Principal, headers: HeaderMap) -> 
     if let Some(c) = cookie(&headers, SESSION_COOKIE) {
         ops::logout(&s.db, &p, &c).await?;
     }
-    let clear = session_cookie("", 0, secure_request(&s, &headers));
+    let clear = session_cookie(&s, &headers, "", 0);
     Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, clear)]).into_response())
 }
 

@@ -215,6 +215,20 @@ pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
+/// The `Set-Cookie` value of a web session (an empty `value` with age 0 clears it). It is
+/// marked Secure when the config says so or the request came through an HTTPS proxy.
+pub fn session_cookie(s: &AppState, request: &HeaderMap, value: &str, max_age_secs: i64) -> String {
+    let secure = s.config.secure_cookies
+        || request
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("https"));
+    format!(
+        "{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_secs}{}",
+        if secure { "; Secure" } else { "" }
+    )
+}
+
 fn is_safe(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
 }
@@ -241,7 +255,7 @@ impl FromRequestParts<AppState> for Principal {
         let p = ops::authenticate_session(&s.db, &cookie, source, s.config.idle_timeout_ms()).await?;
         if !is_safe(&parts.method) {
             let sent = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
-            if sent.is_none() || sent != p.session_csrf.as_deref() {
+            if !crate::auth::csrf_matches(p.session_csrf.as_deref(), sent) {
                 return Err(AppError::Forbidden(
                     "missing or wrong X-CSRF-Token header for a session-authenticated change".into(),
                 ));

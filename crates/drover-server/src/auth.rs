@@ -82,6 +82,16 @@ impl Principal {
     }
 }
 
+/// True when `sent` is the expected CSRF token, compared in constant time.
+pub fn csrf_matches(expected: Option<&str>, sent: Option<&str>) -> bool {
+    match (expected, sent) {
+        (Some(e), Some(s)) if !e.is_empty() => {
+            e.len() == s.len() && e.bytes().zip(s.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        }
+        _ => false,
+    }
+}
+
 pub fn random_secret(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rngs::OsRng.fill_bytes(&mut buf);
@@ -240,6 +250,16 @@ mod tests {
         }
         assert!(l.check("someone-else", Some(ip), t0).is_err());
         assert!(l.check("someone-else", None, t0).is_ok());
+    }
+
+    #[test]
+    fn csrf_tokens_must_be_present_and_equal() {
+        assert!(csrf_matches(Some("abc"), Some("abc")));
+        assert!(!csrf_matches(Some("abc"), Some("abd")));
+        assert!(!csrf_matches(Some("abc"), Some("ab")));
+        assert!(!csrf_matches(Some("abc"), None));
+        assert!(!csrf_matches(None, Some("")));
+        assert!(!csrf_matches(Some(""), Some("")));
     }
 
     #[tokio::test]

@@ -143,15 +143,15 @@ async fn run(args: Args, config: Config) -> ExitCode {
         Ok(db) => db,
         Err(e) => return fail(&e.to_string()),
     };
-    let ca = match app::open_ca(&config, &db).await {
-        Ok(ca) => ca,
-        Err(e) => return fail(&e.to_string()),
-    };
     match args.command {
-        Some(Command::Ca { command: CaCommand::Cert }) => {
-            print!("{}", ca.cert_pem());
-            ExitCode::SUCCESS
-        }
+        // `serve` opens the CA itself; only this command needs it here.
+        Some(Command::Ca { command: CaCommand::Cert }) => match app::open_ca(&config, &db).await {
+            Ok(ca) => {
+                print!("{}", ca.cert_pem());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e.to_string()),
+        },
         None | Some(Command::Serve) => match app::serve(config, db, std::future::pending(), |_| {}).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e.to_string()),

@@ -61,9 +61,8 @@ fn key_fingerprint(csr_pem: &str) -> AppResult<String> {
     Ok(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(csr.public_key.der_bytes())))
 }
 
-type DeviceRow = (String, String, String, String, Option<i64>, String, i64, i64, Option<String>);
-const DEVICE_COLUMNS: &str =
-    "id, status, identity, tags, cert_not_after, enrolled_via, created_at, updated_at, cert_pem";
+type DeviceRow = (String, String, String, String, Option<i64>, String, i64, i64);
+const DEVICE_COLUMNS: &str = "id, status, identity, tags, cert_not_after, enrolled_via, created_at, updated_at";
 
 fn to_device(r: DeviceRow) -> AppResult<Device> {
     Ok(Device {
@@ -130,8 +129,8 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
         };
     }
 
-    // How it may come in: a token, a pre-authorization, or wait.
-    let (org_id, via, tags, token_id) = match &req.token {
+    // How it may come in: a token or a pre-authorization (`via`, accepted at once), or wait.
+    let (org_id, via, tags, token_id): (String, Option<String>, _, _) = match &req.token {
         Some(secret) => {
             let row: Option<(String, String, String, Option<i64>, i64, String, Option<i64>, Option<i64>)> = sqlx::query_as(
                 "SELECT id, org_id, name, max_uses, uses, tags, expires_at, revoked_at FROM enrollment_tokens WHERE secret_hash = $1",
@@ -154,7 +153,7 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
                     "the enrollment token {name:?} is used up ({uses} of {max} uses)"
                 )));
             }
-            (org, format!("token:{name}"), parse_map(&tags), Some(tid))
+            (org, Some(format!("token:{name}")), parse_map(&tags), Some(tid))
         }
         None => {
             let pre: Option<(String,)> =
@@ -163,8 +162,8 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
                     .fetch_optional(tx.conn())
                     .await?;
             match pre {
-                Some((org,)) => (org, "preauthorized".to_string(), BTreeMap::new(), None),
-                None => (find_org(db, None).await?, "pending".to_string(), BTreeMap::new(), None),
+                Some((org,)) => (org, Some("preauthorized".to_string()), BTreeMap::new(), None),
+                None => (find_org(db, None).await?, None, BTreeMap::new(), None),
             }
         }
     };
@@ -184,13 +183,14 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
     }
 
     let id = new_id();
-    let accepted = via != "pending";
-    let (status, cert) = if accepted {
-        let issued = ca.issue_device(&req.csr_pem, &id).map_err(|e| AppError::BadRequest(e.to_string()))?;
-        (DeviceStatus::Accepted, Some(issued))
-    } else {
-        (DeviceStatus::Pending, None)
+    let (status, cert) = match via {
+        Some(_) => {
+            let issued = ca.issue_device(&req.csr_pem, &id).map_err(|e| AppError::BadRequest(e.to_string()))?;
+            (DeviceStatus::Accepted, Some(issued))
+        }
+        None => (DeviceStatus::Pending, None),
     };
+    let via = via.unwrap_or_else(|| "pending".into());
     let now = now_ms();
     sqlx::query(
         "INSERT INTO devices (id, org_id, status, identity, identity_hash, key_fingerprint, csr_pem, cert_pem, cert_serial, \
@@ -250,31 +250,27 @@ pub async fn list_devices(db: &Db, p: &Principal, q: &DeviceListQuery) -> AppRes
     Ok(Page { items: rows.into_iter().map(to_device).collect::<AppResult<_>>()?, next_cursor })
 }
 
-async fn fetch_device(conn: &mut sqlx::AnyConnection, org_id: &str, id: &str) -> AppResult<(Device, String)> {
-    let row: Option<(DeviceRow, String)> =
-        sqlx::query_as::<_, (String, String, String, String, Option<i64>, String, i64, i64, Option<String>, String)>(
-            &format!("SELECT {DEVICE_COLUMNS}, csr_pem FROM devices WHERE org_id = $1 AND id = $2"),
-        )
-        .bind(org_id.to_string())
-        .bind(id.to_string())
-        .fetch_optional(conn)
-        .await?
-        .map(|r| ((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8), r.9));
-    let (row, csr) = row.ok_or_else(|| AppError::NotFound(format!("no device with id {id:?}")))?;
-    Ok((to_device(row)?, csr))
+async fn fetch_device(conn: &mut sqlx::AnyConnection, org_id: &str, id: &str) -> AppResult<Device> {
+    let row: Option<DeviceRow> =
+        sqlx::query_as(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE org_id = $1 AND id = $2"))
+            .bind(org_id.to_string())
+            .bind(id.to_string())
+            .fetch_optional(conn)
+            .await?;
+    to_device(row.ok_or_else(|| AppError::NotFound(format!("no device with id {id:?}")))?)
 }
 
 pub async fn get_device(db: &Db, p: &Principal, id: &str) -> AppResult<Device> {
     p.require(Role::Viewer, "reading devices")?;
     let mut conn = db.pool().acquire().await?;
-    Ok(fetch_device(&mut conn, p.org(), id).await?.0)
+    fetch_device(&mut conn, p.org(), id).await
 }
 
 /// An operator's decision about a device: accept, reject or decommission.
 pub async fn decide(db: &Db, ca: &FleetCa, p: &Principal, id: &str, to: DeviceStatus) -> AppResult<Device> {
     p.require(Role::Operator, "accepting, rejecting or decommissioning devices")?;
     let mut tx = db.begin_write().await?;
-    let (device, csr) = fetch_device(tx.conn(), p.org(), id).await?;
+    let device = fetch_device(tx.conn(), p.org(), id).await?;
     let allowed = matches!(
         (device.status, to),
         (DeviceStatus::Pending, DeviceStatus::Accepted | DeviceStatus::Rejected)
@@ -289,6 +285,10 @@ pub async fn decide(db: &Db, ca: &FleetCa, p: &Principal, id: &str, to: DeviceSt
     let now = now_ms();
     let action = match to {
         DeviceStatus::Accepted => {
+            let (csr,): (String,) = sqlx::query_as("SELECT csr_pem FROM devices WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_one(tx.conn())
+                .await?;
             let issued = ca.issue_device(&csr, id).map_err(|e| AppError::Internal(e.to_string()))?;
             sqlx::query(
                 "UPDATE devices SET status = 'accepted', cert_pem = $1, cert_serial = $2, cert_not_after = $3, \
@@ -327,7 +327,7 @@ pub async fn decide(db: &Db, ca: &FleetCa, p: &Principal, id: &str, to: DeviceSt
     let identity = identity_json(&device.identity);
     let summary = format!("device {identity}: {} → {}", device.status.as_str(), to.as_str());
     audit::append(tx.conn(), Event { actor: p, action, target_kind: "device", target_id: id, summary }).await?;
-    let after = fetch_device(tx.conn(), p.org(), id).await?.0;
+    let after = fetch_device(tx.conn(), p.org(), id).await?;
     tx.commit().await?;
     Ok(after)
 }

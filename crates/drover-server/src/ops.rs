@@ -659,11 +659,12 @@ pub async fn login(
 /// Resolves a session cookie to its principal; an idle or expired session is gone.
 pub async fn authenticate_session(db: &Db, cookie: &str, source: String, idle_timeout_ms: i64) -> AppResult<Principal> {
     let expired = || AppError::Unauthorized("your session has ended: sign in again".into());
+    let id_hash = auth::sha256_hex(cookie);
     let row: Option<(String, String, String, String, String, i64, i64, i64)> = sqlx::query_as(
         "SELECT u.id, u.org_id, u.username, u.role, s.csrf_token, s.expires_at, s.last_seen_at, u.disabled \
          FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id_hash = $1",
     )
-    .bind(auth::sha256_hex(cookie))
+    .bind(id_hash.clone())
     .fetch_optional(db.pool())
     .await?;
     let (id, org_id, name, role, csrf, expires_at, last_seen, disabled) = row.ok_or_else(expired)?;
@@ -674,7 +675,7 @@ pub async fn authenticate_session(db: &Db, cookie: &str, source: String, idle_ti
     if now - last_seen > 60_000 {
         sqlx::query("UPDATE sessions SET last_seen_at = $1 WHERE id_hash = $2")
             .bind(now)
-            .bind(auth::sha256_hex(cookie))
+            .bind(id_hash.clone())
             .execute(db.pool())
             .await?;
     }

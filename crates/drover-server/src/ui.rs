@@ -16,8 +16,7 @@ use drover_proto::api::{
 use minijinja::{Environment, Value, context};
 use serde::Deserialize;
 
-use crate::api::session_cookie;
-use crate::app::{AppState, client_ip, cookie, source_of};
+use crate::app::{AppState, client_ip, cookie, session_cookie, source_of};
 use crate::auth::{LOGIN_CSRF_COOKIE, Principal, SESSION_COOKIE, random_secret};
 use crate::error::AppError;
 use crate::ops;
@@ -115,16 +114,13 @@ fn urlencode(s: &str) -> String {
 
 /// Refuses a form post whose CSRF token is not the session's.
 fn check_csrf(p: &Principal, sent: &str) -> Result<(), AppError> {
-    match &p.session_csrf {
-        Some(expected) if !sent.is_empty() && constant_time_eq(expected.as_bytes(), sent.as_bytes()) => Ok(()),
-        _ => Err(AppError::Forbidden(
+    if crate::auth::csrf_matches(p.session_csrf.as_deref(), Some(sent)) {
+        Ok(())
+    } else {
+        Err(AppError::Forbidden(
             "the form has expired or did not come from this site: reload the page and try again".into(),
-        )),
+        ))
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Context every page shares.
@@ -230,17 +226,15 @@ struct LoginForm {
 }
 
 async fn login_submit(State(s): State<AppState>, parts: Parts, Form(f): Form<LoginForm>) -> Response {
-    let expected = cookie(&parts.headers, LOGIN_CSRF_COOKIE).unwrap_or_default();
-    if expected.is_empty() || !constant_time_eq(expected.as_bytes(), f.csrf.as_bytes()) {
+    let expected = cookie(&parts.headers, LOGIN_CSRF_COOKIE);
+    if !crate::auth::csrf_matches(expected.as_deref(), Some(&f.csrf)) {
         let msg = "The sign-in form expired or did not come from this site. Please try again.";
         return render_login(&s, f.next.as_deref(), Some(msg.into()), &f.username, StatusCode::FORBIDDEN);
     }
     let idle = s.config.idle_timeout_ms();
     match ops::login(&s.db, &s.limiter, &f.username, f.password, client_ip(&parts), source_of(&parts), idle).await {
         Ok(session) => {
-            let secure = s.config.secure_cookies
-                || parts.headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()) == Some("https");
-            let c = session_cookie(&session.cookie, ops::SESSION_MAX_AGE_MS / 1000, secure);
+            let c = session_cookie(&s, &parts.headers, &session.cookie, ops::SESSION_MAX_AGE_MS / 1000);
             let clear = format!("{LOGIN_CSRF_COOKIE}=; Path=/login; Max-Age=0");
             let mut resp = Redirect::to(&safe_next(f.next.as_deref())).into_response();
             resp.headers_mut().append(header::SET_COOKIE, c.parse().expect("cookie header"));
@@ -270,8 +264,7 @@ async fn logout(State(s): State<AppState>, UiUser(p): UiUser, headers: HeaderMap
         return error_page(&s, e);
     }
     let mut resp = Redirect::to("/login").into_response();
-    resp.headers_mut()
-        .append(header::SET_COOKIE, session_cookie("", 0, s.config.secure_cookies).parse().expect("cookie header"));
+    resp.headers_mut().append(header::SET_COOKIE, session_cookie(&s, &headers, "", 0).parse().expect("cookie header"));
     resp
 }
 

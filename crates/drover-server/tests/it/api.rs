@@ -372,20 +372,11 @@ async fn users_lifecycle_pagination_and_last_admin_protection() {
 #[tokio::test]
 async fn sessions_need_csrf_for_changes_and_repeated_wrong_passwords_are_throttled() {
     each_backend!(|app| {
-        let login = app
-            .call(
-                Method::POST,
-                "/api/v1/auth/login",
-                None,
-                Some(json!({"username": "admin", "password": ADMIN_PASSWORD})),
-            )
-            .await;
+        let (login, cookie, csrf) = app.sign_in("admin", ADMIN_PASSWORD).await;
         assert_eq!(login.status, StatusCode::OK, "{}", login.text);
         let set_cookie = login.headers.get(header::SET_COOKIE).unwrap().to_str().unwrap().to_string();
         assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Lax"), "{set_cookie}");
         assert!(!set_cookie.contains("Secure"), "plain HTTP without a proxy: no Secure flag");
-        let cookie = set_cookie.split(';').next().unwrap().to_string();
-        let csrf = login.body["csrf_token"].as_str().unwrap().to_string();
         let with_cookie = |method: Method, path: &str, csrf: Option<&str>, body: Option<Value>| {
             let mut b = Request::builder().method(method).uri(path).header(header::COOKIE, cookie.clone());
             if let Some(c) = csrf {
@@ -495,16 +486,26 @@ async fn the_audit_chain_detects_an_entry_edited_in_the_database() {
         assert_eq!(api.body["ok"], false);
         assert_eq!(api.body["first_bad_seq"], 4);
 
-        // Recomputing that entry's hash does not help: the next link breaks instead.
-        let (hash,): (String,) =
-            sqlx::query_as("SELECT hash FROM audit_log WHERE seq = 5").fetch_one(app.db.pool()).await.unwrap();
-        sqlx::query("UPDATE audit_log SET prev_hash = $1 WHERE seq = 6")
-            .bind(hash.replace('a', "b"))
+        // Recomputing the edited entry's own hash does not help: the next entry's link to it
+        // breaks instead.
+        let row: (String, i64, Option<String>, i64, String, String, String, String, String, String, String, String) =
+            sqlx::query_as(
+                "SELECT prev_hash, seq, org_id, at, actor_kind, actor_id, actor_name, action, target_kind, target_id, \
+                 source, summary FROM audit_log WHERE seq = 4",
+            )
+            .fetch_one(app.db.pool())
+            .await
+            .unwrap();
+        let canonical = serde_json::to_string(&row).unwrap();
+        let rehashed = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(canonical.as_bytes()));
+        sqlx::query("UPDATE audit_log SET hash = $1 WHERE seq = 4")
+            .bind(rehashed)
             .execute(app.db.pool())
             .await
             .unwrap();
         let v = drover_server::audit::verify(&app.db).await.unwrap();
-        assert_eq!(v.first_bad_seq, Some(4), "the first break is reported");
+        assert_eq!(v.first_bad_seq, Some(5), "{}", v.message);
+        assert!(v.message.contains("audit entry 5 does not link to entry 4"), "{}", v.message);
     });
 }
 
@@ -572,17 +573,7 @@ async fn health_readiness_and_metrics() {
 #[tokio::test]
 async fn own_password_change_needs_the_current_one_and_ends_sessions() {
     each_backend!(|app| {
-        let login = app
-            .call(
-                Method::POST,
-                "/api/v1/auth/login",
-                None,
-                Some(json!({"username": "admin", "password": ADMIN_PASSWORD})),
-            )
-            .await;
-        let cookie =
-            login.headers.get(header::SET_COOKIE).unwrap().to_str().unwrap().split(';').next().unwrap().to_string();
-        let csrf = login.body["csrf_token"].as_str().unwrap().to_string();
+        let (_, cookie, csrf) = app.sign_in("admin", ADMIN_PASSWORD).await;
         let change = |current: &str| {
             Request::post("/api/v1/me/password")
                 .header(header::COOKIE, cookie.clone())
@@ -601,14 +592,7 @@ async fn own_password_change_needs_the_current_one_and_ends_sessions() {
             .send(Request::get("/api/v1/me").header(header::COOKIE, cookie.clone()).body(Body::empty()).unwrap())
             .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "sessions ended");
-        let r = app
-            .call(
-                Method::POST,
-                "/api/v1/auth/login",
-                None,
-                Some(json!({"username": "admin", "password": "a brand new password"})),
-            )
-            .await;
+        let (r, _, _) = app.sign_in("admin", "a brand new password").await;
         assert_eq!(r.status, StatusCode::OK);
         // A token has no password of its own.
         let r = app

@@ -21,10 +21,6 @@ async fn enroll(app: &TestApp, csr: &str, identity: Value, token: Option<&str>) 
     app.call(Method::POST, "/api/v1/enroll", None, Some(body)).await
 }
 
-async fn ca_pem(app: &TestApp) -> String {
-    app.state_ca_pem()
-}
-
 #[tokio::test]
 async fn enrollment_by_token_is_zero_touch_and_limited() {
     each_backend!(|app| {
@@ -50,7 +46,7 @@ async fn enrollment_by_token_is_zero_touch_and_limited() {
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         assert_eq!(r.body["status"], "accepted");
         assert!(r.body["certificate_pem"].as_str().unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
-        assert_eq!(r.body["ca_pem"].as_str().unwrap(), ca_pem(&app).await);
+        assert_eq!(r.body["ca_pem"].as_str().unwrap(), app.state.ca.cert_pem());
         let id = r.body["device_id"].as_str().unwrap().to_string();
         let d = app.admin(Method::GET, &format!("/api/v1/devices/{id}"), None).await;
         assert_eq!(d.body["status"], "accepted");

@@ -164,6 +164,26 @@ impl TestApp {
         self.call(method, path, Some(&self.admin_token.clone()), body).await
     }
 
+    /// Signs in through `POST /api/v1/auth/login`. Returns the answer and, on success, the
+    /// session cookie (`name=value`) and its CSRF token.
+    pub async fn sign_in(&self, username: &str, password: &str) -> (Resp, String, String) {
+        let r = self
+            .call(
+                Method::POST,
+                "/api/v1/auth/login",
+                None,
+                Some(serde_json::json!({"username": username, "password": password})),
+            )
+            .await;
+        let cookie = r
+            .headers
+            .get(header::SET_COOKIE)
+            .map(|c| c.to_str().unwrap().split(';').next().unwrap().to_string())
+            .unwrap_or_default();
+        let csrf = r.body["csrf_token"].as_str().unwrap_or_default().to_string();
+        (r, cookie, csrf)
+    }
+
     /// A token of the given role, made through the API.
     pub async fn token(&self, role: &str) -> String {
         let r = self
@@ -175,10 +195,6 @@ impl TestApp {
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
         r.body["secret"].as_str().unwrap().to_string()
-    }
-
-    pub fn state_ca_pem(&self) -> String {
-        self.state.ca.cert_pem().to_string()
     }
 
     pub async fn audit_count(&self) -> i64 {
