@@ -248,4 +248,116 @@ CREATE TABLE preauthorizations (
 );
 "#,
     },
+    Migration {
+        version: 3,
+        name: "device presence, inventory attributes, tags, groups, events",
+        sqlite: r#"
+ALTER TABLE devices ADD COLUMN online INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN last_seen_at INTEGER;
+ALTER TABLE devices ADD COLUMN connected_at INTEGER;
+ALTER TABLE devices ADD COLUMN agent TEXT;
+ALTER TABLE devices ADD COLUMN boot_id TEXT;
+ALTER TABLE devices ADD COLUMN inventory_at INTEGER;
+CREATE INDEX devices_org_online ON devices (org_id, online, last_seen_at);
+CREATE INDEX devices_org_last_seen ON devices (org_id, last_seen_at, id);
+CREATE TABLE device_attributes (
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (device_id, key)
+);
+CREATE INDEX device_attributes_key_value ON device_attributes (key, value, device_id);
+CREATE TABLE device_tags (
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (device_id, key)
+);
+CREATE INDEX device_tags_key_value ON device_tags (key, value, device_id);
+CREATE TABLE device_groups (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL REFERENCES organizations(id),
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('static', 'dynamic')),
+    filter TEXT,
+    description TEXT NOT NULL DEFAULT '',
+    created_by TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    UNIQUE (org_id, name)
+);
+CREATE INDEX device_groups_org_created ON device_groups (org_id, created_at, id);
+CREATE TABLE device_group_members (
+    group_id TEXT NOT NULL REFERENCES device_groups(id),
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    added_at INTEGER NOT NULL,
+    PRIMARY KEY (group_id, device_id)
+);
+CREATE INDEX device_group_members_device ON device_group_members (device_id, group_id);
+CREATE TABLE device_events (
+    id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    at INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX device_events_device_at ON device_events (device_id, at, id);
+ALTER TABLE enrollment_tokens ADD COLUMN groups TEXT NOT NULL DEFAULT '[]';
+INSERT INTO device_tags (device_id, key, value) SELECT d.id, j.key, j.value FROM devices d, json_each(d.tags) j;
+"#,
+        postgres: r#"
+ALTER TABLE devices ADD COLUMN online INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN last_seen_at BIGINT;
+ALTER TABLE devices ADD COLUMN connected_at BIGINT;
+ALTER TABLE devices ADD COLUMN agent TEXT;
+ALTER TABLE devices ADD COLUMN boot_id TEXT;
+ALTER TABLE devices ADD COLUMN inventory_at BIGINT;
+CREATE INDEX devices_org_online ON devices (org_id, online, last_seen_at);
+CREATE INDEX devices_org_last_seen ON devices (org_id, last_seen_at, id);
+CREATE TABLE device_attributes (
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (device_id, key)
+);
+CREATE INDEX device_attributes_key_value ON device_attributes (key, value, device_id);
+CREATE TABLE device_tags (
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (device_id, key)
+);
+CREATE INDEX device_tags_key_value ON device_tags (key, value, device_id);
+CREATE TABLE device_groups (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL REFERENCES organizations(id),
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('static', 'dynamic')),
+    filter TEXT,
+    description TEXT NOT NULL DEFAULT '',
+    created_by TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    UNIQUE (org_id, name)
+);
+CREATE INDEX device_groups_org_created ON device_groups (org_id, created_at, id);
+CREATE TABLE device_group_members (
+    group_id TEXT NOT NULL REFERENCES device_groups(id),
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    added_at BIGINT NOT NULL,
+    PRIMARY KEY (group_id, device_id)
+);
+CREATE INDEX device_group_members_device ON device_group_members (device_id, group_id);
+CREATE TABLE device_events (
+    id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    at BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX device_events_device_at ON device_events (device_id, at, id);
+ALTER TABLE enrollment_tokens ADD COLUMN groups TEXT NOT NULL DEFAULT '[]';
+INSERT INTO device_tags (device_id, key, value) SELECT d.id, j.key, j.value FROM devices d, json_each_text(d.tags::json) j;
+"#,
+    },
 ];
