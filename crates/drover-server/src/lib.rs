@@ -18,5 +18,6 @@ pub mod metrics;
 pub mod migrations;
 pub mod ops;
 pub mod page;
+pub mod presence;
 pub mod time;
 pub mod ui;

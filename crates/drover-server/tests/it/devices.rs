@@ -205,3 +205,122 @@ async fn duplicate_identities_and_malformed_requests_are_refused_clearly() {
         assert_eq!(devices.body["items"].as_array().unwrap().len(), 1, "nothing else was created");
     });
 }
+
+/// Presence as the MQTT ingest reports it: transitions make events, repeats do not; an
+/// inventory replaces the attribute set; a decommissioned device's traffic changes nothing
+/// and it may not connect.
+#[tokio::test]
+async fn presence_is_recorded_for_accepted_devices_only() {
+    use drover_server::presence;
+    use std::collections::BTreeMap;
+    each_backend!(|app| {
+        let operator = app.token("operator").await;
+        app.call(
+            Method::POST,
+            "/api/v1/devices/preauthorize",
+            Some(&operator),
+            Some(json!({"identities": [{"serial": "SN-PR"}]})),
+        )
+        .await;
+        let r = enroll(&app, &device_csr(), json!({"serial": "SN-PR"}), None).await;
+        let id = r.body["device_id"].as_str().unwrap().to_string();
+        let db = &app.db;
+        assert!(presence::device_may_connect(db, &id).await.unwrap());
+        assert!(!presence::device_may_connect(db, "no-such-device").await.unwrap());
+
+        let events = |db: drover_server::db::Db, id: String| async move {
+            let rows: Vec<(String, String)> =
+                sqlx::query_as("SELECT kind, detail FROM device_events WHERE device_id = $1 ORDER BY at, id")
+                    .bind(id)
+                    .fetch_all(db.pool())
+                    .await
+                    .unwrap();
+            rows
+        };
+        presence::record_status(db, &id, true, 1_000).await.unwrap();
+        presence::record_status(db, &id, true, 2_000).await.unwrap(); // a repeat: no event
+        presence::record_heartbeat(db, &id, 3_000).await.unwrap();
+        presence::record_status(db, &id, false, 4_000).await.unwrap();
+        presence::record_heartbeat(db, &id, 5_000).await.unwrap(); // alive again: online
+        let kinds: Vec<String> = events(db.clone(), id.clone()).await.into_iter().map(|e| e.0).collect();
+        assert_eq!(kinds, ["connected", "disconnected", "connected"]);
+        let (online, last_seen, connected): (i64, Option<i64>, Option<i64>) =
+            sqlx::query_as("SELECT online, last_seen_at, connected_at FROM devices WHERE id = $1")
+                .bind(id.clone())
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        assert_eq!((online, last_seen, connected), (1, Some(5_000), Some(5_000)));
+
+        presence::record_hello(db, &id, "drover-agent/0.1.0", Some("boot-a"), 6_000).await.unwrap();
+        presence::record_hello(db, &id, "drover-agent/0.1.0", Some("boot-a"), 6_500).await.unwrap();
+        presence::record_hello(db, &id, "drover-agent/0.2.0", Some("boot-b"), 7_000).await.unwrap();
+        let ev = events(db.clone(), id.clone()).await;
+        assert_eq!(ev.iter().filter(|e| e.0 == "rebooted").count(), 1, "{ev:?}");
+        assert!(ev.last().unwrap().1.contains("0.2.0"));
+
+        let inv = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        presence::record_inventory(db, &id, &inv(&[("arch", "aarch64"), ("os", "debian 12"), ("disk", "8G")]), 8_000)
+            .await
+            .unwrap();
+        presence::record_inventory(db, &id, &inv(&[("arch", "aarch64"), ("os", "debian 13")]), 9_000).await.unwrap();
+        presence::record_inventory(db, &id, &inv(&[("arch", "aarch64"), ("os", "debian 13")]), 9_500).await.unwrap();
+        let attrs: Vec<(String, String)> =
+            sqlx::query_as("SELECT key, value FROM device_attributes WHERE device_id = $1 ORDER BY key")
+                .bind(id.clone())
+                .fetch_all(db.pool())
+                .await
+                .unwrap();
+        assert_eq!(attrs, [("arch".to_string(), "aarch64".to_string()), ("os".into(), "debian 13".into())]);
+        let ev = events(db.clone(), id.clone()).await;
+        let inv_events: Vec<&(String, String)> = ev.iter().filter(|e| e.0 == "inventory changed").collect();
+        assert_eq!(inv_events.len(), 2, "an unchanged inventory makes no event: {ev:?}");
+        assert_eq!(inv_events[1].1, "~os -disk (2 changes)");
+        // An invalid inventory (a key with a space) is refused, not stored.
+        assert!(presence::record_inventory(db, &id, &inv(&[("bad key", "x")]), 9_600).await.is_err());
+        // Telemetry is not audited.
+        let audit = app.admin(Method::GET, &format!("/api/v1/audit?target_id={id}"), None).await;
+        assert_eq!(audit.body["items"].as_array().unwrap().len(), 1, "only the enrollment: {}", audit.text);
+
+        // Decommissioned: its traffic is ignored, and the broker must refuse it.
+        app.call(Method::POST, &format!("/api/v1/devices/{id}/decommission"), Some(&operator), None).await;
+        assert!(!presence::device_may_connect(db, &id).await.unwrap());
+        let before = events(db.clone(), id.clone()).await.len();
+        presence::record_status(db, &id, false, 10_000).await.unwrap();
+        presence::record_hello(db, &id, "x", Some("boot-c"), 10_000).await.unwrap();
+        presence::record_inventory(db, &id, &inv(&[("arch", "x86_64")]), 10_000).await.unwrap();
+        presence::record_heartbeat(db, &id, 11_000).await.unwrap();
+        assert_eq!(events(db.clone(), id.clone()).await.len(), before);
+        let (last_seen,): (Option<i64>,) = sqlx::query_as("SELECT last_seen_at FROM devices WHERE id = $1")
+            .bind(id.clone())
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(last_seen, Some(9_500), "unchanged");
+        // Unknown and pending devices are ignored too.
+        presence::record_status(db, "no-such-device", true, 1).await.unwrap();
+        let p = enroll(&app, &device_csr(), json!({"serial": "SN-PEND"}), None).await;
+        let pending = p.body["device_id"].as_str().unwrap().to_string();
+        presence::record_status(db, &pending, true, 1).await.unwrap();
+        assert!(events(db.clone(), pending.clone()).await.is_empty());
+        assert!(!presence::device_may_connect(db, &pending).await.unwrap());
+
+        // Events stay bounded: the newest 200 are kept.
+        app.call(
+            Method::POST,
+            "/api/v1/devices/preauthorize",
+            Some(&operator),
+            Some(json!({"identities": [{"serial": "SN-FLAP"}]})),
+        )
+        .await;
+        let r = enroll(&app, &device_csr(), json!({"serial": "SN-FLAP"}), None).await;
+        let flap = r.body["device_id"].as_str().unwrap().to_string();
+        for i in 0..(presence::MAX_EVENTS_PER_DEVICE + 10) {
+            presence::record_status(db, &flap, i % 2 == 0, 1_000 + i).await.unwrap();
+        }
+        let ev = events(db.clone(), flap.clone()).await;
+        assert_eq!(ev.len() as i64, presence::MAX_EVENTS_PER_DEVICE);
+    });
+}
