@@ -103,6 +103,15 @@ impl Client {
         self.finish(req.send_json(body))
     }
 
+    /// Sends a body that is not JSON (a CSV file) with its content type.
+    pub fn send_text<T: DeserializeOwned>(&self, path: &str, content_type: &str, body: String) -> Result<T, CliError> {
+        let mut req = self.agent.post(&self.url(path)).header("Content-Type", content_type);
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        self.finish(req.send(body))
+    }
+
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
         let mut req = self.agent.delete(&self.url(path));
         if let Some(t) = &self.token {

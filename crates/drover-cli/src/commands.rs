@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::client::{CliError, Client, segment};
 use crate::config;
+use crate::fleet::{self, DeviceCommand, EnrollTokenCommand, PreauthCommand};
 use crate::output::{self, Format};
 
 #[derive(Parser, Debug)]
@@ -48,16 +49,25 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Devices: list, inspect, accept, reject, decommission, tag.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Enrollment tokens for zero-touch provisioning.
+    #[command(subcommand)]
+    EnrollToken(EnrollTokenCommand),
+    /// Devices vouched for before they ask to enroll.
+    #[command(subcommand)]
+    Preauth(PreauthCommand),
 }
 
 #[derive(Args, Debug, Clone)]
-struct Paging {
+pub(crate) struct Paging {
     /// Items per page (1-500).
     #[arg(long)]
-    limit: Option<u32>,
+    pub(crate) limit: Option<u32>,
     /// Follow every page instead of printing the first.
     #[arg(long)]
-    all: bool,
+    pub(crate) all: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -207,6 +217,9 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode, CliErro
         Command::User(cmd) => return user(&client(&cfg_path)?, out, cmd),
         Command::Token(cmd) => return token(&client(&cfg_path)?, out, cmd),
         Command::Audit(cmd) => return audit(&client(&cfg_path)?, out, cmd),
+        Command::Device(cmd) => return fleet::device(&client(&cfg_path)?, out, cmd),
+        Command::EnrollToken(cmd) => return fleet::enroll_token(&client(&cfg_path)?, out, cmd),
+        Command::Preauth(cmd) => return fleet::preauth(&client(&cfg_path)?, out, cmd),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -250,7 +263,7 @@ fn print_me(out: Format, me: &Me) {
 }
 
 /// Fetches one page, or every page with `--all`; tells on stderr when more pages exist.
-fn list<T: DeserializeOwned>(
+pub(crate) fn list<T: DeserializeOwned>(
     client: &Client,
     path: &str,
     mut query: Vec<(&str, String)>,
@@ -281,14 +294,14 @@ fn list<T: DeserializeOwned>(
 }
 
 /// One record: a JSON object, or a table of one row.
-fn print_one<T: Serialize>(out: Format, item: &T, headers: &[&str], row: impl Fn(&T) -> Vec<String>) {
+pub(crate) fn print_one<T: Serialize>(out: Format, item: &T, headers: &[&str], row: impl Fn(&T) -> Vec<String>) {
     match out {
         Format::Json => print!("{}", output::json(item)),
         Format::Table => print!("{}", output::table(headers, &[row(item)])),
     }
 }
 
-fn print_list<T: Serialize>(out: Format, items: &[T], headers: &[&str], row: impl Fn(&T) -> Vec<String>) {
+pub(crate) fn print_list<T: Serialize>(out: Format, items: &[T], headers: &[&str], row: impl Fn(&T) -> Vec<String>) {
     match out {
         Format::Json => print!("{}", output::json(&items)),
         Format::Table => print!("{}", output::table(headers, &items.iter().map(row).collect::<Vec<_>>())),

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod commands;
 pub mod config;
+mod fleet;
 pub mod output;
 
 use std::process::ExitCode;

@@ -36,6 +36,12 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// One record as `label: value` lines, labels aligned.
+pub fn fields(rows: &[(&str, String)]) -> String {
+    let w = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0) + 1;
+    rows.iter().map(|(k, v)| format!("{:<w$} {v}\n", format!("{k}:"))).collect()
+}
+
 pub fn json<T: Serialize>(value: &T) -> String {
     serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
 }

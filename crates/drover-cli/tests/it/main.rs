@@ -281,3 +281,125 @@ fn usernames_ids_and_addresses_that_need_care() {
     ok(&drover(&cfg, &[], &["login", "--url", &s.url, "--token", &format!("  {}  ", s.admin_token)], None));
     assert_eq!(json(&drover(&cfg, &[], &["whoami", "-o", "json"], None))["name"], "cli test admin");
 }
+
+/// Asks to enroll as a device would: a fresh key, its CSR and an identity. Returns the answer.
+fn enroll(url: &str, identity: Value, token: Option<&str>) -> Value {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
+    let mut body = serde_json::json!({"csr_pem": csr, "identity": identity});
+    if let Some(t) = token {
+        body["token"] = serde_json::json!(t);
+    }
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut resp = agent.post(&format!("{url}/api/v1/enroll")).send_json(body).unwrap();
+    let v: Value = resp.body_mut().read_json().unwrap();
+    assert!(resp.status().is_success(), "enroll failed: {v}");
+    v
+}
+
+#[test]
+fn enrollment_tokens_and_preauthorization() {
+    let s = Server::start();
+    let cfg = s.config_path("e");
+    let admin = [("DROVER_URL", s.url.as_str()), ("DROVER_TOKEN", s.admin_token.as_str())];
+    let out = drover(
+        &cfg,
+        &admin,
+        &[
+            "enroll-token",
+            "create",
+            "--name",
+            "line 3",
+            "--max-uses",
+            "5",
+            "--expires-in",
+            "30d",
+            "--tag",
+            "site=berlin",
+        ],
+        None,
+    );
+    let secret = ok(&out).trim().to_string();
+    assert!(secret.starts_with("dre_") && !secret.contains('\n'), "{secret}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shown once"));
+
+    let d = enroll(&s.url, serde_json::json!({"serial": "SN-T1"}), Some(&secret));
+    assert_eq!(d["status"], "accepted");
+    let tokens = json(&drover(&cfg, &admin, &["enroll-token", "list", "-o", "json"], None));
+    let t = &tokens[0];
+    assert_eq!((t["name"].as_str(), t["uses"].as_u64(), t["max_uses"].as_u64()), (Some("line 3"), Some(1), Some(5)));
+    assert_eq!(t["tags"]["site"], "berlin");
+    assert!(t["expires_at"].is_string());
+    assert!(!tokens.to_string().contains(&secret), "listings never show secrets");
+    let table = ok(&drover(&cfg, &admin, &["enroll-token", "list"], None));
+    assert!(table.starts_with("NAME") && table.contains("line 3") && table.contains("1/5"), "{table}");
+
+    let id = t["id"].as_str().unwrap();
+    let revoked = json(&drover(&cfg, &admin, &["enroll-token", "revoke", id, "-o", "json"], None));
+    assert!(revoked["revoked_at"].is_string());
+    let err = fails(&drover(&cfg, &admin, &["enroll-token", "revoke", "nope"], None));
+    assert!(err.contains("no enrollment token with id \"nope\"") && err.contains("drover enroll-token list"), "{err}");
+    let err = fails(&drover(&cfg, &admin, &["enroll-token", "create", "--name", "x", "--expires-in", "12h"], None));
+    assert!(err.contains("e.g. 30d or 2w"), "{err}");
+    let err = fails(&drover(&cfg, &admin, &["enroll-token", "create", "--name", "x", "--tag", "oops"], None));
+    assert!(err.contains("write it as KEY=VALUE"), "{err}");
+
+    // Pre-authorized identities enroll at once.
+    let p =
+        json(&drover(&cfg, &admin, &["preauth", "add", "serial=SN-P1", "mac=02:00:00:00:00:01", "-o", "json"], None));
+    assert_eq!(p, serde_json::json!({"added": 1, "already": 0}));
+    let again = ok(&drover(&cfg, &admin, &["preauth", "add", "mac=02:00:00:00:00:01", "serial=SN-P1"], None));
+    assert_eq!(again.trim(), "0 pre-authorized, 1 already were");
+    let d = enroll(&s.url, serde_json::json!({"serial": "SN-P1", "mac": "02:00:00:00:00:01"}), None);
+    assert_eq!(d["status"], "accepted");
+}
+
+#[test]
+fn devices_list_show_accept_reject_decommission() {
+    let s = Server::start();
+    let cfg = s.config_path("d");
+    let admin = [("DROVER_URL", s.url.as_str()), ("DROVER_TOKEN", s.admin_token.as_str())];
+    let a = enroll(&s.url, serde_json::json!({"serial": "SN-A"}), None);
+    let b = enroll(&s.url, serde_json::json!({"serial": "SN-B"}), None);
+    assert_eq!((a["status"].as_str(), b["status"].as_str()), (Some("pending"), Some("pending")));
+    let (a, b) = (a["device_id"].as_str().unwrap(), b["device_id"].as_str().unwrap());
+
+    let pending = json(&drover(&cfg, &admin, &["device", "list", "--status", "pending", "-o", "json"], None));
+    let ids: Vec<&str> = pending.as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [b, a], "newest first");
+    let table = ok(&drover(&cfg, &admin, &["device", "list"], None));
+    assert!(table.starts_with("ID") && table.contains("serial=SN-A") && table.contains("pending"), "{table}");
+    let err = fails(&drover(&cfg, &admin, &["device", "list", "--status", "sleeping"], None));
+    assert!(err.contains("unknown status \"sleeping\": use pending, accepted"), "{err}");
+
+    let accepted = json(&drover(&cfg, &admin, &["device", "accept", a, "-o", "json"], None));
+    assert_eq!(accepted["status"], "accepted");
+    assert!(accepted["certificate_expires_at"].is_string());
+    let shown = ok(&drover(&cfg, &admin, &["device", "show", a], None));
+    assert!(shown.contains("status:") && shown.contains("accepted") && shown.contains("serial=SN-A"), "{shown}");
+    assert!(shown.contains("certificate expires:"), "{shown}");
+    let shown = json(&drover(&cfg, &admin, &["device", "show", a, "-o", "json"], None));
+    assert_eq!(shown["id"], a);
+
+    let rejected = json(&drover(&cfg, &admin, &["device", "reject", b, "-o", "json"], None));
+    assert_eq!(rejected["status"], "rejected");
+    let err = fails(&drover(&cfg, &admin, &["device", "accept", b], None));
+    assert!(err.contains("a rejected device cannot become accepted") && err.contains("conflict"), "{err}");
+
+    let err = fails(&drover(&cfg, &admin, &["device", "decommission", a], None));
+    assert!(err.contains("--yes"), "{err}");
+    assert_eq!(json(&drover(&cfg, &admin, &["device", "show", a, "-o", "json"], None))["status"], "accepted");
+    let gone = json(&drover(&cfg, &admin, &["device", "decommission", a, "--yes", "-o", "json"], None));
+    assert_eq!(gone["status"], "decommissioned");
+
+    let err = fails(&drover(&cfg, &admin, &["device", "show", "no-such-device"], None));
+    assert!(err.contains("no device with id \"no-such-device\"") && err.contains("drover device list"), "{err}");
+
+    // A viewer reads but cannot decide.
+    let out = drover(&cfg, &admin, &["token", "create", "--name", "v", "--role", "viewer"], None);
+    let viewer_token = ok(&out).trim().to_string();
+    let viewer = [("DROVER_URL", s.url.as_str()), ("DROVER_TOKEN", viewer_token.as_str())];
+    assert_eq!(json(&drover(&cfg, &viewer, &["device", "list", "-o", "json"], None)).as_array().unwrap().len(), 2);
+    let err = fails(&drover(&cfg, &viewer, &["device", "reject", a], None));
+    assert!(err.contains("permission denied"), "{err}");
+}

@@ -1,0 +1,329 @@
+//! The fleet commands of `drover`: devices, enrollment tokens and pre-authorization.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use drover_proto::api::{
+    CreateEnrollmentToken, CreatedEnrollmentToken, Device, DeviceStatus, EnrollmentToken, Preauthorize, Preauthorized,
+};
+
+use crate::client::{CliError, Client, segment};
+use crate::commands::{Paging, list, print_list, print_one};
+use crate::output::{self, Format};
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum DeviceCommand {
+    /// Devices, newest first.
+    List {
+        /// pending, accepted, rejected or decommissioned.
+        #[arg(long)]
+        status: Option<String>,
+        /// A filter expression, e.g. 'tag.region = "eu" and online'.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Only devices connected now.
+        #[arg(long, conflicts_with = "offline")]
+        online: bool,
+        /// Only devices not connected now.
+        #[arg(long)]
+        offline: bool,
+        /// Part of the id or of an identity value.
+        #[arg(long)]
+        q: Option<String>,
+        /// created_at, updated_at, last_seen_at…; prefix - for descending.
+        #[arg(long)]
+        sort: Option<String>,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    /// One device: identity, status, presence, certificate, inventory, tags, groups, events.
+    Show { id: String },
+    /// Accept a pending device: its certificate is issued.
+    Accept { id: String },
+    /// Refuse a pending device for good.
+    Reject { id: String },
+    /// Retire a device: its certificate is revoked at once (needs --yes).
+    Decommission {
+        id: String,
+        /// Confirm: the device cannot connect again with its key.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum EnrollTokenCommand {
+    /// Create a token for zero-touch enrollment; its secret is printed once, alone on stdout.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// How many devices may enroll with it (default: no limit).
+        #[arg(long)]
+        max_uses: Option<u32>,
+        /// How long it stays valid: 30d, 2w (default: no expiry).
+        #[arg(long)]
+        expires_in: Option<String>,
+        /// A tag every device enrolled with it starts with (repeatable).
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// A static group every device enrolled with it joins (repeatable).
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum PreauthCommand {
+    /// Vouch for one device by its identity (serial=…, mac=…), as it will send it.
+    Add {
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        identity: Vec<String>,
+    },
+    /// Vouch for many devices: a CSV file whose header names the identity keys.
+    Import { file: std::path::PathBuf },
+}
+
+/// `k=v` arguments as a map; a repeated key is an error rather than a silent overwrite.
+pub(crate) fn key_values(what: &str, args: &[String]) -> Result<BTreeMap<String, String>, CliError> {
+    let mut out = BTreeMap::new();
+    for a in args {
+        let Some((k, v)) = a.split_once('=') else {
+            return Err(CliError::Usage(format!("{what} {a:?}: write it as KEY=VALUE")));
+        };
+        let k = k.trim();
+        if k.is_empty() {
+            return Err(CliError::Usage(format!("{what} {a:?}: the key is empty")));
+        }
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(CliError::Usage(format!("{what} key {k:?} is given twice")));
+        }
+    }
+    Ok(out)
+}
+
+/// `30d` or `2w` as days: the server counts expiry in whole days.
+pub(crate) fn days(spec: &str) -> Result<u32, CliError> {
+    let bad = || CliError::Usage(format!("invalid duration {spec:?}: give whole days or weeks, e.g. 30d or 2w"));
+    let s = spec.trim();
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u32 = n.parse().map_err(|_| bad())?;
+    let days = match unit {
+        "d" | "" => n,
+        "w" => n.checked_mul(7).ok_or_else(bad)?,
+        _ => return Err(bad()),
+    };
+    if days == 0 {
+        return Err(bad());
+    }
+    Ok(days)
+}
+
+fn pairs(m: &BTreeMap<String, String>) -> String {
+    if m.is_empty() {
+        return "-".into();
+    }
+    m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+fn parse_status(s: &str) -> Result<DeviceStatus, CliError> {
+    DeviceStatus::parse(s).ok_or_else(|| {
+        CliError::Usage(format!("unknown status {s:?}: use pending, accepted, rejected or decommissioned"))
+    })
+}
+
+const DEVICE_HEADERS: &[&str] = &["id", "status", "identity", "tags", "enrolled via", "created", "cert expires"];
+
+fn device_row(d: &Device) -> Vec<String> {
+    vec![
+        d.id.clone(),
+        d.status.as_str().into(),
+        pairs(&d.identity),
+        pairs(&d.tags),
+        d.enrolled_via.clone(),
+        output::short_time(Some(&d.created_at)),
+        output::short_time(d.certificate_expires_at.as_deref()),
+    ]
+}
+
+/// A 404 for a device says how to find the right id.
+fn no_device(id: &str) -> impl Fn(CliError) -> CliError + '_ {
+    move |e| match e {
+        CliError::Api { status: 404, .. } => {
+            CliError::Usage(format!("no device with id {id:?}: `drover device list` shows the ids"))
+        }
+        other => other,
+    }
+}
+
+fn print_device(out: Format, d: &Device) {
+    if out == Format::Json {
+        print!("{}", output::json(d));
+        return;
+    }
+    let mut rows: Vec<(&str, String)> = vec![
+        ("id", d.id.clone()),
+        ("status", d.status.as_str().into()),
+        ("identity", pairs(&d.identity)),
+        ("enrolled via", d.enrolled_via.clone()),
+        ("created", output::short_time(Some(&d.created_at))),
+        ("updated", output::short_time(Some(&d.updated_at))),
+        ("certificate expires", output::short_time(d.certificate_expires_at.as_deref())),
+    ];
+    rows.push(("tags", pairs(&d.tags)));
+    print!("{}", output::fields(&rows));
+}
+
+pub(crate) fn device(client: &Client, out: Format, cmd: DeviceCommand) -> Result<ExitCode, CliError> {
+    match cmd {
+        DeviceCommand::List { status, filter, online, offline, q, sort, paging } => {
+            let mut query = Vec::new();
+            if let Some(s) = status {
+                query.push(("status", parse_status(&s)?.as_str().to_string()));
+            }
+            if online || offline {
+                query.push(("online", online.to_string()));
+            }
+            for (k, v) in [("filter", filter), ("q", q), ("sort", sort)] {
+                if let Some(v) = v {
+                    query.push((k, v));
+                }
+            }
+            let devices: Vec<Device> = list(client, "/devices", query, &paging)?;
+            print_list(out, &devices, DEVICE_HEADERS, device_row);
+        }
+        DeviceCommand::Show { id } => {
+            let d: Device = client.get(&format!("/devices/{}", segment(&id)), &[]).map_err(no_device(&id))?;
+            print_device(out, &d);
+        }
+        DeviceCommand::Accept { id } => decide(client, out, &id, "accept")?,
+        DeviceCommand::Reject { id } => decide(client, out, &id, "reject")?,
+        DeviceCommand::Decommission { id, yes } => {
+            if !yes {
+                return Err(CliError::Usage(format!(
+                    "decommissioning revokes the certificate of {id} for good: run again with --yes to confirm"
+                )));
+            }
+            decide(client, out, &id, "decommission")?
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn decide(client: &Client, out: Format, id: &str, verb: &str) -> Result<(), CliError> {
+    let d: Device = client
+        .send("POST", &format!("/devices/{}/{verb}", segment(id)), &serde_json::json!({}))
+        .map_err(no_device(id))?;
+    print_one(out, &d, DEVICE_HEADERS, device_row);
+    Ok(())
+}
+
+const ENROLL_TOKEN_HEADERS: &[&str] = &["name", "prefix", "uses", "tags", "created", "by", "expires", "status", "id"];
+
+fn enroll_token_row(t: &EnrollmentToken) -> Vec<String> {
+    vec![
+        t.name.clone(),
+        format!("{}…", t.prefix),
+        match t.max_uses {
+            Some(m) => format!("{}/{m}", t.uses),
+            None => t.uses.to_string(),
+        },
+        pairs(&t.tags),
+        output::short_time(Some(&t.created_at)),
+        t.created_by.clone(),
+        output::short_time(t.expires_at.as_deref()),
+        if t.revoked_at.is_some() { "revoked".into() } else { "active".into() },
+        t.id.clone(),
+    ]
+}
+
+pub(crate) fn enroll_token(client: &Client, out: Format, cmd: EnrollTokenCommand) -> Result<ExitCode, CliError> {
+    match cmd {
+        EnrollTokenCommand::Create { name, max_uses, expires_in, tags, groups } => {
+            let expires_in_days = expires_in.as_deref().map(days).transpose()?;
+            let tags = key_values("tag", &tags)?;
+            if !groups.is_empty() {
+                return Err(CliError::Usage("this version of drover cannot give enrollment tokens groups yet".into()));
+            }
+            let req = CreateEnrollmentToken { name, max_uses, expires_in_days, tags };
+            let created: CreatedEnrollmentToken = client.send("POST", "/enrollment-tokens", &req)?;
+            match out {
+                Format::Json => print!("{}", output::json(&created)),
+                Format::Table => {
+                    println!("{}", created.secret);
+                    eprintln!(
+                        "created enrollment token {:?} (id {}); the secret above is shown once",
+                        created.token.name, created.token.id
+                    );
+                }
+            }
+        }
+        EnrollTokenCommand::List => {
+            let tokens: Vec<EnrollmentToken> = client.get("/enrollment-tokens", &[])?;
+            print_list(out, &tokens, ENROLL_TOKEN_HEADERS, enroll_token_row);
+        }
+        EnrollTokenCommand::Revoke { id } => {
+            let t: EnrollmentToken =
+                client.delete(&format!("/enrollment-tokens/{}", segment(&id))).map_err(|e| match e {
+                    CliError::Api { status: 404, .. } => CliError::Usage(format!(
+                        "no enrollment token with id {id:?}: `drover enroll-token list` shows the ids"
+                    )),
+                    other => other,
+                })?;
+            print_one(out, &t, ENROLL_TOKEN_HEADERS, enroll_token_row);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_preauthorized(out: Format, p: &Preauthorized) {
+    match out {
+        Format::Json => print!("{}", output::json(p)),
+        Format::Table => println!("{} pre-authorized, {} already were", p.added, p.already),
+    }
+}
+
+pub(crate) fn preauth(client: &Client, out: Format, cmd: PreauthCommand) -> Result<ExitCode, CliError> {
+    match cmd {
+        PreauthCommand::Add { identity } => {
+            let identity = key_values("identity attribute", &identity)?;
+            let p: Preauthorized =
+                client.send("POST", "/devices/preauthorize", &Preauthorize { identities: vec![identity] })?;
+            print_preauthorized(out, &p);
+        }
+        PreauthCommand::Import { file } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
+            let p: Preauthorized = client.send_text("/devices/preauthorize/bulk", "text/csv", text)?;
+            print_preauthorized(out, &p);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_whole_days() {
+        assert_eq!(days("30d").unwrap(), 30);
+        assert_eq!(days("2w").unwrap(), 14);
+        assert_eq!(days("7").unwrap(), 7);
+        for bad in ["0d", "12h", "d", "-1d", "1.5d"] {
+            assert!(days(bad).unwrap_err().to_string().contains("e.g. 30d or 2w"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn key_values_are_strict() {
+        let m = key_values("tag", &["region=eu".into(), "note=a=b".into()]).unwrap();
+        assert_eq!(m["note"], "a=b");
+        assert!(key_values("tag", &["region".into()]).unwrap_err().to_string().contains("KEY=VALUE"));
+        assert!(key_values("tag", &["a=1".into(), "a=2".into()]).unwrap_err().to_string().contains("twice"));
+    }
+}
