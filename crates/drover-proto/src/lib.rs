@@ -7,4 +7,5 @@
 
 pub mod api;
 pub mod device;
+pub mod filter;
 pub mod validate;
