@@ -1,0 +1,409 @@
+//! The agent's configuration: `/etc/drover/agent.toml` plus drop-ins
+//! `<dir of config>/config.d/*.toml`, merged in lexical order (later files win, tables merge).
+//! Every field is documented in `docs/agent.md`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/drover/agent.toml";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/drover";
+pub const DEFAULT_CA_FILE: &str = "/etc/drover/ca.crt";
+pub const DEFAULT_INVENTORY_SCRIPTS_DIR: &str = "/etc/drover/inventory.d";
+pub const DEFAULT_MQTT_PORT: u16 = 8883;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One file as written: every field optional, unknown fields refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server_url: Option<String>,
+    mqtt_url: Option<String>,
+    ca_file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    enrollment_token: Option<String>,
+    enrollment_token_file: Option<PathBuf>,
+    identity: Option<BTreeMap<String, String>>,
+    heartbeat_interval_secs: Option<u64>,
+    inventory_interval_secs: Option<u64>,
+    keepalive_secs: Option<u64>,
+    inventory_scripts_dir: Option<PathBuf>,
+    inventory_script_timeout_secs: Option<u64>,
+    log_level: Option<String>,
+}
+
+/// Where the broker is: `mqtts://host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerAddr {
+    pub fn parse(url: &str) -> Result<BrokerAddr, String> {
+        let rest = url
+            .strip_prefix("mqtts://")
+            .ok_or_else(|| format!("{url:?} must start with mqtts:// (devices connect with mutual TLS only)"))?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = split_host_port(rest, DEFAULT_MQTT_PORT).map_err(|e| format!("{url:?}: {e}"))?;
+        Ok(BrokerAddr { host, port })
+    }
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`.
+pub(crate) fn split_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or("unclosed '['")?;
+        (h, after.strip_prefix(':'))
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    if host.is_empty() || host.contains('/') {
+        return Err("no host".into());
+    }
+    let port = match port {
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("bad port {p:?}"))?,
+        None => default_port,
+    };
+    Ok((host.to_string(), port))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn parse(s: &str) -> Option<LogLevel> {
+        Some(match s {
+            "error" => LogLevel::Error,
+            "warn" => LogLevel::Warn,
+            "info" => LogLevel::Info,
+            "debug" => LogLevel::Debug,
+            "trace" => LogLevel::Trace,
+            _ => return None,
+        })
+    }
+    pub fn to_tracing(self) -> tracing::Level {
+        match self {
+            LogLevel::Error => tracing::Level::ERROR,
+            LogLevel::Warn => tracing::Level::WARN,
+            LogLevel::Info => tracing::Level::INFO,
+            LogLevel::Debug => tracing::Level::DEBUG,
+            LogLevel::Trace => tracing::Level::TRACE,
+        }
+    }
+}
+
+/// The merged, checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The main file.
+    pub path: PathBuf,
+    /// Drop-ins that were merged, in order.
+    pub dropins: Vec<PathBuf>,
+    /// Base URL of the enrollment endpoint (`https://host:8443`); needed until enrolled.
+    pub server_url: Option<String>,
+    pub broker: BrokerAddr,
+    pub mqtt_url: String,
+    pub ca_file: PathBuf,
+    pub data_dir: PathBuf,
+    /// `enrollment_token` or `enrollment_token_file`; see [`Config::enrollment_token`].
+    pub enrollment_token: Option<TokenSource>,
+    /// Configured identity attributes; empty means "derive from the machine".
+    pub identity: BTreeMap<String, String>,
+    pub heartbeat_interval: Duration,
+    pub inventory_interval: Duration,
+    pub keepalive: Duration,
+    pub inventory_scripts_dir: PathBuf,
+    pub inventory_script_timeout: Duration,
+    pub log_level: LogLevel,
+}
+
+/// The drop-in folder of a config file: `<dir>/config.d`.
+pub fn dropin_dir(path: &Path) -> PathBuf {
+    path.parent().unwrap_or(Path::new(".")).join("config.d")
+}
+
+/// Reads `path` and its drop-ins, merges and checks them.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let mut files = vec![path.to_path_buf()];
+    let dir = dropin_dir(path);
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => {
+            let mut dropins: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+                .collect();
+            dropins.sort();
+            files.extend(dropins);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(ConfigError::Read { path: dir, source }),
+    }
+    let mut sources = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).map_err(|source| ConfigError::Read { path: f.clone(), source })?;
+        sources.push((f.clone(), text));
+    }
+    from_sources(&sources)
+}
+
+/// Where the enrollment token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    Value(String),
+    /// Read when the agent enrolls (not at start: the file may be removed once enrolled).
+    File(PathBuf),
+}
+
+impl Config {
+    /// The enrollment token, reading `enrollment_token_file` now if that is where it is.
+    pub fn enrollment_token(&self) -> Result<Option<String>, ConfigError> {
+        match &self.enrollment_token {
+            None => Ok(None),
+            Some(TokenSource::Value(t)) => Ok(Some(t.clone())),
+            Some(TokenSource::File(path)) => {
+                let token =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                let token = token.trim();
+                if token.is_empty() {
+                    return Err(ConfigError::Invalid(format!(
+                        "enrollment_token_file {}: file is empty",
+                        path.display()
+                    )));
+                }
+                Ok(Some(token.to_string()))
+            }
+        }
+    }
+}
+
+/// Merges already-read files (`(path, text)`, main file first) into a checked config. Pure.
+pub fn from_sources(sources: &[(PathBuf, String)]) -> Result<Config, ConfigError> {
+    let mut merged = toml::Table::new();
+    for (path, text) in sources {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path: path.clone(), message: e.to_string() })?;
+        // Each file on its own first, so that an unknown key is reported with its file.
+        RawConfig::deserialize(toml::Value::Table(table.clone()))
+            .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?;
+        merge(&mut merged, table);
+    }
+    let main = sources.first().map(|(p, _)| p.clone()).unwrap_or_default();
+    let raw = RawConfig::deserialize(toml::Value::Table(merged))
+        .map_err(|e| ConfigError::Parse { path: main.clone(), message: e.to_string() })?;
+    let dropins = sources.iter().skip(1).map(|(p, _)| p.clone()).collect();
+    check(raw, main, dropins)
+}
+
+/// Later wins; tables merge key by key.
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+fn secs(name: &str, v: Option<u64>, default: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
+    let v = v.unwrap_or(default);
+    if v < min || v > max {
+        return Err(ConfigError::Invalid(format!("{name} = {v}: must be between {min} and {max}")));
+    }
+    Ok(Duration::from_secs(v))
+}
+
+fn check(raw: RawConfig, path: PathBuf, dropins: Vec<PathBuf>) -> Result<Config, ConfigError> {
+    let invalid = |m: String| ConfigError::Invalid(m);
+    let mqtt_url =
+        raw.mqtt_url.ok_or_else(|| invalid("mqtt_url is not set (e.g. mqtts://drover.example:8883)".into()))?;
+    let broker = BrokerAddr::parse(&mqtt_url).map_err(|e| invalid(format!("mqtt_url {e}")))?;
+    let server_url = match raw.server_url {
+        Some(u) => {
+            let u = u.trim_end_matches('/').to_string();
+            if !(u.starts_with("https://") || u.starts_with("http://")) {
+                return Err(invalid(format!("server_url {u:?} must start with https:// (or http:// for development)")));
+            }
+            let rest = u.split_once("://").map(|(_, r)| r).unwrap_or("");
+            split_host_port(rest.split('/').next().unwrap_or(""), 443)
+                .map_err(|e| invalid(format!("server_url {u:?}: {e}")))?;
+            Some(u)
+        }
+        None => None,
+    };
+    let enrollment_token = match (raw.enrollment_token, raw.enrollment_token_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid("set enrollment_token or enrollment_token_file, not both".into()));
+        }
+        (Some(t), None) if t.trim().is_empty() => return Err(invalid("enrollment_token is empty".into())),
+        (Some(t), None) => Some(TokenSource::Value(t.trim().to_string())),
+        (None, Some(f)) => Some(TokenSource::File(f)),
+        (None, None) => None,
+    };
+    let identity = raw.identity.unwrap_or_default();
+    check_identity(&identity).map_err(|e| invalid(format!("[identity]: {e}")))?;
+    let log_level = match raw.log_level {
+        Some(l) => LogLevel::parse(&l)
+            .ok_or_else(|| invalid(format!("log_level {l:?}: expected error, warn, info, debug or trace")))?,
+        None => LogLevel::Info,
+    };
+    Ok(Config {
+        path,
+        dropins,
+        server_url,
+        broker,
+        mqtt_url,
+        ca_file: raw.ca_file.unwrap_or_else(|| DEFAULT_CA_FILE.into()),
+        data_dir: raw.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+        enrollment_token,
+        identity,
+        heartbeat_interval: secs("heartbeat_interval_secs", raw.heartbeat_interval_secs, 60, 1, 86_400)?,
+        inventory_interval: secs("inventory_interval_secs", raw.inventory_interval_secs, 3600, 1, 7 * 86_400)?,
+        keepalive: secs("keepalive_secs", raw.keepalive_secs, 60, 2, 65_535)?,
+        inventory_scripts_dir: raw.inventory_scripts_dir.unwrap_or_else(|| DEFAULT_INVENTORY_SCRIPTS_DIR.into()),
+        inventory_script_timeout: secs("inventory_script_timeout_secs", raw.inventory_script_timeout_secs, 10, 1, 600)?,
+        log_level,
+    })
+}
+
+/// Identity attributes as the enrollment endpoint accepts them: 1 to 16, keys as for inventory,
+/// values 1 to 256 bytes.
+pub fn check_identity(identity: &BTreeMap<String, String>) -> Result<(), String> {
+    if identity.len() > 16 {
+        return Err(format!("{} attributes, at most 16", identity.len()));
+    }
+    drover_proto::device::check_inventory(identity)?;
+    if let Some((k, _)) = identity.iter().find(|(_, v)| v.is_empty() || v.len() > 256) {
+        return Err(format!("{k:?}: value must be 1 to 256 bytes"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src(files: &[(&str, &str)]) -> Vec<(PathBuf, String)> {
+        files.iter().map(|(p, t)| (PathBuf::from(p), t.to_string())).collect()
+    }
+
+    const MAIN: &str = r#"
+server_url = "https://drover.example:8443/"
+mqtt_url = "mqtts://drover.example"
+[identity]
+serial = "SN-1"
+"#;
+
+    #[test]
+    fn defaults_and_main_file() {
+        let c = from_sources(&src(&[("/etc/drover/agent.toml", MAIN)])).unwrap();
+        assert_eq!(c.server_url.as_deref(), Some("https://drover.example:8443"));
+        assert_eq!(c.broker, BrokerAddr { host: "drover.example".into(), port: 8883 });
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/drover"));
+        assert_eq!(c.ca_file, PathBuf::from("/etc/drover/ca.crt"));
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(60));
+        assert_eq!(c.keepalive, Duration::from_secs(60));
+        assert_eq!(c.inventory_scripts_dir, PathBuf::from("/etc/drover/inventory.d"));
+        assert_eq!(c.log_level, LogLevel::Info);
+        assert_eq!(c.identity["serial"], "SN-1");
+        assert!(c.dropins.is_empty());
+    }
+
+    /// Bad input: two drop-ins overriding the same scalar and extending a table.
+    #[test]
+    fn dropins_merge_in_order_later_wins_tables_merge() {
+        let c = from_sources(&src(&[
+            ("/etc/drover/agent.toml", MAIN),
+            ("/etc/drover/config.d/10-site.toml", "heartbeat_interval_secs = 30\n[identity]\nsite = \"a\"\n"),
+            ("/etc/drover/config.d/20-local.toml", "heartbeat_interval_secs = 15\nmqtt_url = \"mqtts://[::1]:1884\"\n"),
+        ]))
+        .unwrap();
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(15));
+        assert_eq!(c.broker, BrokerAddr { host: "::1".into(), port: 1884 });
+        assert_eq!(c.identity.len(), 2);
+        assert_eq!(c.identity["serial"], "SN-1");
+        assert_eq!(c.identity["site"], "a");
+        assert_eq!(c.dropins.len(), 2);
+    }
+
+    /// Bad input: a misspelled key in a drop-in; the error names the key and the file.
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let err = from_sources(&src(&[
+            ("/etc/drover/agent.toml", MAIN),
+            ("/etc/drover/config.d/50-typo.toml", "heartbeat_intervall_secs = 5\n"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("/etc/drover/config.d/50-typo.toml"), "{err}");
+        assert!(err.contains("heartbeat_intervall_secs"), "{err}");
+    }
+
+    /// Bad inputs: missing, malformed and out-of-range values each get a message naming them.
+    #[test]
+    fn invalid_values_are_explained() {
+        let cases: &[(&str, &str)] = &[
+            ("server_url = \"https://x\"\n", "mqtt_url is not set"),
+            ("mqtt_url = \"mqtt://x:1883\"\n", "mqtts://"),
+            ("mqtt_url = \"mqtts://x:99999\"\n", "bad port"),
+            ("mqtt_url = \"mqtts://x\"\nserver_url = \"ftp://x\"\n", "server_url"),
+            ("mqtt_url = \"mqtts://x\"\nkeepalive_secs = 0\n", "keepalive_secs = 0"),
+            ("mqtt_url = \"mqtts://x\"\nheartbeat_interval_secs = \"60\"\n", "heartbeat_interval_secs"),
+            ("mqtt_url = \"mqtts://x\"\nlog_level = \"loud\"\n", "log_level"),
+            ("mqtt_url = \"mqtts://x\"\nenrollment_token = \"a\"\nenrollment_token_file = \"/t\"\n", "not both"),
+            ("mqtt_url = \"mqtts://x\"\n[identity]\n\"bad key\" = \"x\"\n", "[identity]"),
+            ("mqtt_url = \"mqtts://x\"\n[identity]\nserial = \"\"\n", "1 to 256"),
+            ("mqtt_url = = 1\n", "agent.toml"),
+        ];
+        for (text, want) in cases {
+            let err = from_sources(&src(&[("/etc/drover/agent.toml", text)])).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn files_on_disk_with_dropins_and_token_file() {
+        let dir = std::env::temp_dir().join(format!("drover-agent-cfg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("config.d")).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "dre_secret\n").unwrap();
+        std::fs::write(dir.join("agent.toml"), MAIN).unwrap();
+        std::fs::write(dir.join("config.d/b.toml"), format!("enrollment_token_file = {:?}\n", token)).unwrap();
+        std::fs::write(dir.join("config.d/a.toml"), "keepalive_secs = 30\n").unwrap();
+        std::fs::write(dir.join("config.d/ignored.conf"), "nonsense").unwrap();
+        let c = load(&dir.join("agent.toml")).unwrap();
+        assert_eq!(c.enrollment_token().unwrap().as_deref(), Some("dre_secret"));
+        std::fs::write(&token, "\n").unwrap();
+        assert!(c.enrollment_token().unwrap_err().to_string().contains("empty"));
+        assert_eq!(c.keepalive, Duration::from_secs(30));
+        assert_eq!(c.dropins, vec![dir.join("config.d/a.toml"), dir.join("config.d/b.toml")]);
+        let err = load(&dir.join("missing.toml")).unwrap_err().to_string();
+        assert!(err.contains("missing.toml"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
