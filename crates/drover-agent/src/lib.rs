@@ -5,9 +5,13 @@
 //! [`session::InventorySource`], and [`enroll::enroll`] works with an in-memory key, so the fleet
 //! simulator runs thousands of the same sessions in one runtime.
 
+pub mod agent;
 pub mod backoff;
+pub mod check;
 pub mod config;
 pub mod enroll;
+pub mod inventory;
+pub mod session;
 pub mod store;
 pub mod tls;
 

@@ -111,6 +111,18 @@ pub fn client_config(
     })
 }
 
+/// The mutual-TLS configuration of a device's MQTT connection: trusts the CAs in `ca_pems`,
+/// presents `cert_pem` with `key`.
+pub fn mqtt_client_config(
+    ca_pems: &[(&[u8], &str)],
+    cert_pem: &[u8],
+    key: &DeviceKey,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = root_store(ca_pems)?;
+    let chain = certs_from_pem(cert_pem, "device certificate")?;
+    Ok(Arc::new(client_config(roots, Some((chain, key.private_key_der())))?))
+}
+
 /// What the agent needs to know about a certificate.
 #[derive(Debug, Clone)]
 pub struct CertInfo {
