@@ -249,7 +249,12 @@ impl Conn {
         will: Option<LastWill>,
     ) -> Option<(Duration, Arc<Kick>, mpsc::Receiver<Out>)> {
         let expected = self.identity.client_id();
-        if !connect.client_id.is_empty() && connect.client_id != expected {
+        // A service may add `/{instance}` (several replicas sharing one service identity).
+        let instance = matches!(self.identity, Identity::Service(_))
+            && connect.client_id.strip_prefix(&expected).is_some_and(|rest| rest.len() > 1 && rest.starts_with('/'));
+        if instance {
+            self.client_id = connect.client_id.as_str().into();
+        } else if !connect.client_id.is_empty() && connect.client_id != expected {
             self.refuse(
                 ConnectReturnCode::ClientIdentifierNotValid,
                 &format!("client id must be {expected:?}, the certificate's identity"),

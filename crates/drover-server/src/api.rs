@@ -275,7 +275,7 @@ async fn verify_audit(State(s): State<AppState>, p: Principal) -> AppResult<Json
               (status = 401, body = ErrorBody, description = "Unknown, revoked or expired enrollment token"),
               (status = 403, body = ErrorBody, description = "Rejected or decommissioned device, or a used-up token"),
               (status = 409, body = ErrorBody, description = "The identity is enrolled already with another key")))]
-async fn enroll(
+pub(crate) async fn enroll(
     State(s): State<AppState>,
     parts: axum::http::request::Parts,
     ApiJson(req): ApiJson<EnrollRequest>,

@@ -29,6 +29,8 @@ pub struct Inner {
     pub limiter: LoginLimiter,
     pub metrics: Metrics,
     pub ui: crate::ui::Templates,
+    /// The embedded broker, when this replica runs one (to drop decommissioned devices at once).
+    pub broker: std::sync::OnceLock<drover_broker::BrokerHandle>,
 }
 
 /// Shared state of every request handler.
@@ -51,6 +53,7 @@ impl AppState {
             limiter: LoginLimiter::default(),
             metrics: Metrics::default(),
             ui: crate::ui::Templates::new(),
+            broker: std::sync::OnceLock::new(),
         }))
     }
 }
@@ -385,7 +388,27 @@ pub async fn serve(
     })?;
     let addr = listener.local_addr().map_err(StartError::Serve)?;
     let ca = Arc::new(open_ca(&config, &db).await?);
+    let (stop_devices, stopping) = tokio::sync::watch::channel(false);
+    let devices = start_device_side(&config, &db, &ca, stopping.clone()).await?;
     let state = AppState::new(db.clone(), config, ca);
+    if let Some(broker) = devices.broker {
+        tokio::spawn(crate::devnet::run_revocation_watch(db.clone(), broker.clone(), stopping.clone()));
+        let _ = state.broker.set(broker);
+    }
+    if let Some(listener) = devices.https {
+        let app = crate::devnet::device_router(state.clone())
+            .into_make_service_with_connect_info::<crate::devnet::DevicePeer>();
+        let mut stopping = stopping.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopping.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                tracing::error!("device endpoint stopped: {e}");
+            }
+        });
+    }
+    let ingest = devices.ingest.map(|target| tokio::spawn(crate::devnet::run_ingest(db.clone(), target, stopping)));
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     on_listening(addr);
     tracing::info!(%addr, backend = db.backend().name(), "droverd listening");
@@ -399,8 +422,88 @@ pub async fn serve(
         })
         .await
         .map_err(StartError::Serve)?;
+    let _ = stop_devices.send(true);
+    if let Some(ingest) = ingest {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), ingest).await;
+    }
     db.close().await;
     Ok(())
+}
+
+struct DeviceSide {
+    broker: Option<drover_broker::BrokerHandle>,
+    https: Option<crate::devnet::TlsListener>,
+    ingest: Option<crate::devnet::IngestTarget>,
+}
+
+/// Binds the device-facing listeners (the broker and the HTTPS endpoint) and decides where
+/// this replica consumes device traffic from.
+async fn start_device_side(
+    config: &Config,
+    db: &Db,
+    ca: &crate::ca::FleetCa,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> Result<DeviceSide, StartError> {
+    use crate::devnet;
+    let mut names = devnet::server_names(config);
+    for local in ["localhost", "127.0.0.1"] {
+        if !names.iter().any(|n| n == local) {
+            names.push(local.to_string());
+        }
+    }
+    let instance = uuid::Uuid::now_v7().simple().to_string();
+    let read = |path: &str, what: &str| {
+        std::fs::read_to_string(path).map_err(|e| StartError::Bootstrap(format!("cannot read {what} {path}: {e}")))
+    };
+    let mut side = DeviceSide { broker: None, https: None, ingest: None };
+    if !config.mqtt_url.is_empty() {
+        let (host, port) = devnet::parse_mqtt_url(&config.mqtt_url)?;
+        let (cert, key) = match (config.mqtt_client_cert_file.as_str(), config.mqtt_client_key_file.as_str()) {
+            ("", "") => ca.issue_service("droverd")?,
+            (c, k) if !c.is_empty() && !k.is_empty() => {
+                (read(c, "mqtt_client_cert_file")?, read(k, "mqtt_client_key_file")?)
+            }
+            _ => {
+                return Err(StartError::Bootstrap(
+                    "give both mqtt_client_cert_file and mqtt_client_key_file, or neither".into(),
+                ));
+            }
+        };
+        let ca_pem = if config.mqtt_ca_file.is_empty() {
+            ca.cert_pem().to_string()
+        } else {
+            read(&config.mqtt_ca_file, "mqtt_ca_file")?
+        };
+        let tls = devnet::client_tls(&ca_pem, &cert, &key)?;
+        side.ingest = Some(devnet::IngestTarget { host, port, tls, client_id: format!("service:droverd/{instance}") });
+    } else if !config.mqtt_listen.is_empty() {
+        let broker = devnet::start_broker(config, db, ca, &names, stopping.clone()).await?;
+        let addr = broker.local_addr();
+        let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+        if !names.contains(&host) {
+            return Err(StartError::Bootstrap(format!(
+                "mqtt_listen {addr}: add {host} to public_names so this server can reach its own broker"
+            )));
+        }
+        tracing::info!(%addr, "MQTT broker listening (mutual TLS)");
+        let (cert, key) = ca.issue_service("droverd")?;
+        let tls = devnet::client_tls(ca.cert_pem(), &cert, &key)?;
+        side.ingest = Some(devnet::IngestTarget {
+            host,
+            port: addr.port(),
+            tls,
+            client_id: format!("service:droverd/{instance}"),
+        });
+        side.broker = Some(broker);
+    } else {
+        tracing::warn!("no MQTT broker: set mqtt_listen or mqtt_url, or devices cannot connect");
+    }
+    if !config.device_listen.is_empty() {
+        let listener = devnet::TlsListener::bind(&config.device_listen, devnet::device_tls(ca, &names, false)?).await?;
+        tracing::info!(addr = %axum::serve::Listener::local_addr(&listener).map_err(StartError::Serve)?, "device endpoint listening (HTTPS)");
+        side.https = Some(listener);
+    }
+    Ok(side)
 }
 
 async fn shutdown_signal() {

@@ -183,6 +183,28 @@ impl FleetCa {
     }
 }
 
+impl FleetCa {
+    /// A client certificate for a Drover service (a droverd replica consuming device traffic):
+    /// common name `service:{name}`, which no device id can be. Returns (cert, key) PEM.
+    pub fn issue_service(&self, name: &str) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate().map_err(|e| CaError::Issue(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("service:{name}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + Duration::days(397);
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(|e| CaError::Issue(e.to_string()))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -24,6 +24,16 @@ pub struct Args {
     /// sqlite://PATH or postgres://USER@HOST/DB (overrides database_url in the config file).
     #[arg(long, global = true)]
     pub database_url: Option<String>,
+    /// Address of the embedded MQTT broker for devices, mutual TLS (overrides mqtt_listen;
+    /// empty: no embedded broker).
+    #[arg(long, global = true)]
+    pub mqtt_listen: Option<String>,
+    /// An external MQTT 5 broker (mqtts://HOST:PORT) to take device traffic from instead.
+    #[arg(long, global = true)]
+    pub mqtt_url: Option<String>,
+    /// Address of the HTTPS endpoint devices enroll through (overrides device_listen).
+    #[arg(long, global = true)]
+    pub device_listen: Option<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -108,7 +118,13 @@ pub fn main() -> ExitCode {
     if let Err(e) = app::prepare_data_dir(&args.data_dir) {
         return fail(&e.to_string());
     }
-    let flags = Overrides { http_listen: args.http_listen.clone(), database_url: args.database_url.clone() };
+    let flags = Overrides {
+        http_listen: args.http_listen.clone(),
+        database_url: args.database_url.clone(),
+        mqtt_listen: args.mqtt_listen.clone(),
+        mqtt_url: args.mqtt_url.clone(),
+        device_listen: args.device_listen.clone(),
+    };
     let env = |k: &str| std::env::var(k).ok();
     let config = match Config::load(&args.data_dir, &env, &flags) {
         Ok(c) => c,

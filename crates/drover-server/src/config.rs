@@ -38,6 +38,27 @@ session_idle_timeout_secs = 43200
 ca_cert_file = ""
 ca_key_file = ""
 
+# Devices: the MQTT 5 broker built into droverd (mutual TLS, fleet-CA client certificates)
+# listens here. Empty: no embedded broker (then set mqtt_url).
+mqtt_listen = "0.0.0.0:8883"
+
+# An external MQTT 5 broker to consume device traffic from instead of the embedded one
+# (mqtts://HOST:PORT; see docs/mosquitto.md). droverd connects with a service certificate:
+# mqtt_client_cert_file/mqtt_client_key_file, or one issued by the fleet CA when empty.
+# mqtt_ca_file verifies the broker (empty: the fleet CA).
+mqtt_url = ""
+mqtt_client_cert_file = ""
+mqtt_client_key_file = ""
+mqtt_ca_file = ""
+
+# Devices enroll (and later download artifacts) over HTTPS here, with a server certificate
+# from the fleet CA for the names below. Empty: off.
+device_listen = "0.0.0.0:8443"
+
+# Names and addresses devices use to reach this server: the device-facing certificate is
+# valid for these (and for this machine's hostname).
+public_names = ["localhost", "127.0.0.1"]
+
 # Mark session cookies Secure. Set this when droverd is reached over HTTPS through a
 # reverse proxy that does not send X-Forwarded-Proto.
 secure_cookies = false
@@ -54,6 +75,13 @@ pub struct Config {
     pub secure_cookies: bool,
     pub ca_cert_file: String,
     pub ca_key_file: String,
+    pub mqtt_listen: String,
+    pub mqtt_url: String,
+    pub mqtt_client_cert_file: String,
+    pub mqtt_client_key_file: String,
+    pub mqtt_ca_file: String,
+    pub device_listen: String,
+    pub public_names: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -67,6 +95,13 @@ struct FileConfig {
     secure_cookies: Option<bool>,
     ca_cert_file: Option<String>,
     ca_key_file: Option<String>,
+    mqtt_listen: Option<String>,
+    mqtt_url: Option<String>,
+    mqtt_client_cert_file: Option<String>,
+    mqtt_client_key_file: Option<String>,
+    mqtt_ca_file: Option<String>,
+    device_listen: Option<String>,
+    public_names: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +119,9 @@ pub enum ConfigError {
 pub struct Overrides {
     pub http_listen: Option<String>,
     pub database_url: Option<String>,
+    pub mqtt_listen: Option<String>,
+    pub mqtt_url: Option<String>,
+    pub device_listen: Option<String>,
 }
 
 impl Config {
@@ -99,6 +137,13 @@ impl Config {
             secure_cookies: false,
             ca_cert_file: String::new(),
             ca_key_file: String::new(),
+            mqtt_listen: "0.0.0.0:8883".into(),
+            mqtt_url: String::new(),
+            mqtt_client_cert_file: String::new(),
+            mqtt_client_key_file: String::new(),
+            mqtt_ca_file: String::new(),
+            device_listen: "0.0.0.0:8443".into(),
+            public_names: vec!["localhost".into(), "127.0.0.1".into()],
         }
     }
 
@@ -125,6 +170,15 @@ impl Config {
         }
         if let Some(v) = &flags.database_url {
             c.database_url = v.clone();
+        }
+        if let Some(v) = &flags.mqtt_listen {
+            c.mqtt_listen = v.clone();
+        }
+        if let Some(v) = &flags.mqtt_url {
+            c.mqtt_url = v.clone();
+        }
+        if let Some(v) = &flags.device_listen {
+            c.device_listen = v.clone();
         }
         Ok(c)
     }
@@ -153,6 +207,22 @@ impl Config {
         }
         if let Some(v) = f.ca_key_file {
             self.ca_key_file = v;
+        }
+        let strings = [
+            (f.mqtt_listen, &mut self.mqtt_listen),
+            (f.mqtt_url, &mut self.mqtt_url),
+            (f.mqtt_client_cert_file, &mut self.mqtt_client_cert_file),
+            (f.mqtt_client_key_file, &mut self.mqtt_client_key_file),
+            (f.mqtt_ca_file, &mut self.mqtt_ca_file),
+            (f.device_listen, &mut self.device_listen),
+        ];
+        for (value, field) in strings {
+            if let Some(v) = value {
+                *field = v;
+            }
+        }
+        if let Some(v) = f.public_names {
+            self.public_names = v;
         }
     }
 
@@ -183,6 +253,21 @@ impl Config {
         }
         if let Some(v) = env("DROVER_CA_KEY_FILE") {
             self.ca_key_file = v;
+        }
+        for (name, field) in [
+            ("DROVER_MQTT_LISTEN", &mut self.mqtt_listen),
+            ("DROVER_MQTT_URL", &mut self.mqtt_url),
+            ("DROVER_MQTT_CLIENT_CERT_FILE", &mut self.mqtt_client_cert_file),
+            ("DROVER_MQTT_CLIENT_KEY_FILE", &mut self.mqtt_client_key_file),
+            ("DROVER_MQTT_CA_FILE", &mut self.mqtt_ca_file),
+            ("DROVER_DEVICE_LISTEN", &mut self.device_listen),
+        ] {
+            if let Some(v) = env(name) {
+                *field = v;
+            }
+        }
+        if let Some(v) = env("DROVER_PUBLIC_NAMES") {
+            self.public_names = v.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
         }
         if let Some(v) = env("DROVER_SECURE_COOKIES") {
             self.secure_cookies = parsed("DROVER_SECURE_COOKIES", v)?;

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod devices;
+pub mod devnet;
 pub mod error;
 pub mod metrics;
 pub mod migrations;

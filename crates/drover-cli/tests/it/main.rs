@@ -34,6 +34,8 @@ impl Server {
             rt.block_on(async move {
                 let mut config = drover_server::config::Config::defaults(&data);
                 config.http_listen = "127.0.0.1:0".into();
+                config.mqtt_listen = "127.0.0.1:0".into();
+                config.device_listen = "127.0.0.1:0".into();
                 drover_server::app::prepare_data_dir(&data).unwrap();
                 let db = drover_server::app::open_db(&config, Some("cli test admin pw".into())).await.unwrap();
                 let org = drover_server::ops::find_org(&db, None).await.unwrap();

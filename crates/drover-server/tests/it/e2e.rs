@@ -16,6 +16,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_droverd");
 fn droverd(data_dir: &Path, db_url: Option<&str>) -> Command {
     let mut c = Command::new(BIN);
     c.arg("--data-dir").arg(data_dir);
+    // Tests run side by side: each server's device-facing listeners on ports of their own.
+    c.args(["--mqtt-listen", "127.0.0.1:0", "--device-listen", "127.0.0.1:0"]);
     if let Some(url) = db_url {
         c.arg("--database-url").arg(url);
     }

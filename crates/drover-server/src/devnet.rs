@@ -1,0 +1,392 @@
+//! The device-facing side of droverd: the HTTPS endpoint devices enroll through, the embedded
+//! MQTT broker, and the MQTT client through which this replica consumes device traffic — the
+//! same client whether the broker is the embedded one or an external cluster (design
+//! decision 2).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_broker::{Admission, BoxFuture, Broker, BrokerHandle, Gatekeeper};
+use drover_proto::device::{self, OnlineState, Uplink};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::{mpsc, watch};
+
+use crate::app::{AppState, StartError};
+use crate::ca::FleetCa;
+use crate::config::Config;
+use crate::db::Db;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_error(what: &str, e: impl std::fmt::Display) -> StartError {
+    StartError::Bootstrap(format!("{what}: {e}"))
+}
+
+fn certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, StartError> {
+    let certs: Vec<_> =
+        CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<_, _>>().map_err(|e| tls_error(what, e))?;
+    if certs.is_empty() {
+        return Err(tls_error(what, "no certificate in the PEM"));
+    }
+    Ok(certs)
+}
+
+fn key(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, StartError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| tls_error(what, e))
+}
+
+fn roots(ca_pem: &str) -> Result<Arc<rustls::RootCertStore>, StartError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(ca_pem, "fleet CA certificate")? {
+        roots.add(c).map_err(|e| tls_error("fleet CA certificate", e))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The names the device-facing certificate is valid for: the configured ones and this host's.
+pub fn server_names(config: &Config) -> Vec<String> {
+    let mut names = config.public_names.clone();
+    if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let host = host.trim().to_string();
+        if !host.is_empty() && !names.contains(&host) {
+            names.push(host);
+        }
+    }
+    names
+}
+
+/// TLS for device-facing listeners, with a server certificate from the fleet CA. With
+/// `require_client`, a client certificate from the fleet CA is mandatory (the broker);
+/// otherwise optional (enrollment: a new device has none yet).
+pub fn device_tls(
+    ca: &FleetCa,
+    names: &[String],
+    require_client: bool,
+) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    let (cert_pem, key_pem) = ca.issue_server(names)?;
+    let mut chain = certs(&cert_pem, "server certificate")?;
+    chain.extend(certs(ca.cert_pem(), "fleet CA certificate")?);
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca.cert_pem())?, provider());
+    let verifier = if require_client { verifier } else { verifier.allow_unauthenticated() };
+    let verifier = verifier.build().map_err(|e| tls_error("client verifier", e))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error("TLS", e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key(&key_pem, "server key")?)
+        .map_err(|e| tls_error("server certificate", e))?;
+    Ok(Arc::new(config))
+}
+
+/// Lets a device connect when the registry says it is accepted and not revoked.
+struct Registry {
+    db: Db,
+}
+
+impl Gatekeeper for Registry {
+    fn admit<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Admission> {
+        Box::pin(async move {
+            match crate::presence::device_may_connect(&self.db, device_id).await {
+                Ok(true) => Admission::Allowed,
+                Ok(false) => Admission::Refused,
+                Err(e) => {
+                    tracing::warn!(device_id, "cannot check a connecting device: {e}");
+                    Admission::Unavailable
+                }
+            }
+        })
+    }
+}
+
+fn listen_error(addr: &str, source: std::io::Error, flag: &'static str) -> StartError {
+    let hint = match source.kind() {
+        std::io::ErrorKind::AddrInUse => flag,
+        _ => "",
+    };
+    StartError::Listen { addr: addr.to_string(), source, hint }
+}
+
+/// Binds the embedded broker; it runs until `stop` changes.
+pub async fn start_broker(
+    config: &Config,
+    db: &Db,
+    ca: &FleetCa,
+    names: &[String],
+    mut stop: watch::Receiver<bool>,
+) -> Result<BrokerHandle, StartError> {
+    let addr: SocketAddr = config
+        .mqtt_listen
+        .parse()
+        .map_err(|e| StartError::Bootstrap(format!("invalid mqtt_listen {:?}: {e}", config.mqtt_listen)))?;
+    let tls = device_tls(ca, names, true)?;
+    let broker = Broker::bind(drover_broker::Config::new(addr, tls), Arc::new(Registry { db: db.clone() }))
+        .await
+        .map_err(|e| listen_error(&config.mqtt_listen, e, " (choose another with --mqtt-listen)"))?;
+    let handle = broker.handle();
+    tokio::spawn(broker.run(async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }));
+    Ok(handle)
+}
+
+/// A TCP listener whose connections are TLS: handshakes run in their own tasks, so a slow
+/// client cannot hold up the others.
+pub struct TlsListener {
+    local: SocketAddr,
+    rx: mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, SocketAddr)>,
+}
+
+impl TlsListener {
+    pub async fn bind(addr: &str, tls: Arc<rustls::ServerConfig>) -> Result<TlsListener, StartError> {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| listen_error(addr, e, " (choose another with --device-listen)"))?;
+        let local = tcp.local_addr().map_err(StartError::Serve)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match tcp.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("device endpoint: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if tx.is_closed() {
+                    return;
+                }
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, "device endpoint: TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "device endpoint: TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener { local, rx })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(conn) => conn,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+/// The peer of a device-endpoint connection (what `ConnectInfo<SocketAddr>` is on the API).
+#[derive(Clone, Copy, Debug)]
+pub struct DevicePeer(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for DevicePeer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> DevicePeer {
+        DevicePeer(*stream.remote_addr())
+    }
+}
+
+/// The routes served to devices over HTTPS: enrollment and health, nothing an operator uses.
+pub fn device_router(state: AppState) -> axum::Router {
+    use axum::extract::ConnectInfo;
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/api/v1/enroll", post(crate::api::enroll))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(64 * 1024))
+        .layer(axum::middleware::map_request(|mut req: axum::extract::Request| async move {
+            if let Some(ConnectInfo(DevicePeer(addr))) = req.extensions().get::<ConnectInfo<DevicePeer>>().copied() {
+                req.extensions_mut().insert(ConnectInfo(addr));
+            }
+            req
+        }))
+        .with_state(state)
+}
+
+/// Where and how this replica reaches the broker as a service client.
+#[derive(Clone)]
+pub struct IngestTarget {
+    pub host: String,
+    pub port: u16,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub client_id: String,
+}
+
+/// A TLS client configuration presenting `cert_pem`/`key_pem`, trusting `ca_pem`.
+pub fn client_tls(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ClientConfig>, StartError> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error("TLS", e))?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_client_auth_cert(certs(cert_pem, "MQTT client certificate")?, key(key_pem, "MQTT client key")?)
+        .map_err(|e| tls_error("MQTT client certificate", e))?;
+    Ok(Arc::new(config))
+}
+
+/// Parses `mqtts://host:port` (port 8883 when absent).
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), StartError> {
+    let bad = |why: &str| StartError::Bootstrap(format!("invalid mqtt_url {url:?}: {why}"));
+    let rest = url.strip_prefix("mqtts://").ok_or_else(|| bad("must start with mqtts:// (devices talk TLS only)"))?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            (h.trim_start_matches('[').trim_end_matches(']'), p.parse().map_err(|_| bad("bad port"))?)
+        }
+        _ => (rest, 8883),
+    };
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    Ok((host.to_string(), port))
+}
+
+/// Consumes the fleet's uplink traffic through the shared subscription until `stop`.
+pub async fn run_ingest(db: Db, target: IngestTarget, mut stop: watch::Receiver<bool>) {
+    let mut opts = MqttOptions::new(target.client_id.clone(), target.host.clone(), target.port);
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(target.tls.clone())));
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_start(true);
+    opts.set_max_packet_size(Some(2 * 1024 * 1024));
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let mut failures = 0u32;
+    loop {
+        let event = tokio::select! {
+            _ = stop.wait_for(|s| *s) => {
+                let _ = client.try_disconnect();
+                return;
+            }
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                failures = 0;
+                tracing::info!(broker = %format!("{}:{}", target.host, target.port), "consuming device traffic");
+                if let Err(e) = client.try_subscribe(device::SERVER_UPLINK_SUBSCRIPTION, QoS::AtLeastOnce) {
+                    tracing::error!("cannot subscribe to device traffic: {e}");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| !matches!(c, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)))
+                {
+                    tracing::error!("the broker refused the device traffic subscription: {:?}", ack.return_codes);
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let Ok(topic) = std::str::from_utf8(&p.topic) else { continue };
+                handle_uplink(&db, topic, &p.payload).await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                failures += 1;
+                let wait = Duration::from_millis(200u64.saturating_mul(1 << failures.min(5)));
+                tracing::warn!("device traffic: broker connection lost ({e}); retrying in {wait:?}");
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Records one device message. Traffic from devices the registry does not know as accepted is
+/// ignored by the presence functions.
+pub async fn handle_uplink(db: &Db, topic: &str, payload: &[u8]) {
+    let Some((device_id, channel)) = device::parse_topic(topic) else {
+        tracing::debug!(topic, "device traffic: topic outside the protocol, ignored");
+        return;
+    };
+    let now = crate::time::now_ms();
+    let result = match device::decode_uplink(channel, payload) {
+        Ok(Uplink::Status(s)) => {
+            crate::presence::record_status(db, device_id, s.state == OnlineState::Online, now).await
+        }
+        Ok(Uplink::Hello(h)) => crate::presence::record_hello(db, device_id, &h.agent, h.boot_id.as_deref(), now).await,
+        Ok(Uplink::Inventory(i)) => crate::presence::record_inventory(db, device_id, &i.attributes, now).await,
+        Ok(Uplink::Heartbeat(_)) => crate::presence::record_heartbeat(db, device_id, now).await,
+        Err(e) => {
+            tracing::warn!(device_id, topic, "device traffic: message refused: {e}");
+            return;
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(device_id, topic, "device traffic: cannot record: {e}");
+    }
+}
+
+/// Drops the live connection of every device rejected or decommissioned — through the API,
+/// the UI or another replica — within a second, by following the audit log (each such
+/// decision is audited in the same transaction that makes it).
+pub async fn run_revocation_watch(db: Db, broker: BrokerHandle, mut stop: watch::Receiver<bool>) {
+    let mut last: i64 =
+        match sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(seq) FROM audit_log").fetch_one(db.pool()).await {
+            Ok(v) => v.unwrap_or(0),
+            Err(e) => {
+                tracing::error!("revocation watch cannot read the audit log: {e}");
+                0
+            }
+        };
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        let rows: Result<Vec<(i64, String)>, _> = sqlx::query_as(
+            "SELECT seq, target_id FROM audit_log WHERE seq > $1 \
+             AND action IN ('device.decommission', 'device.reject') ORDER BY seq",
+        )
+        .bind(last)
+        .fetch_all(db.pool())
+        .await;
+        match rows {
+            Ok(rows) => {
+                for (seq, device_id) in rows {
+                    last = last.max(seq);
+                    if broker.disconnect(&device_id, rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::NotAuthorized) {
+                        tracing::info!(device_id, "dropped the connection of a device no longer accepted");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("revocation watch: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_urls() {
+        assert_eq!(parse_mqtt_url("mqtts://broker.example:1884").unwrap(), ("broker.example".into(), 1884));
+        assert_eq!(parse_mqtt_url("mqtts://broker").unwrap(), ("broker".into(), 8883));
+        assert_eq!(parse_mqtt_url("mqtts://[::1]:8883").unwrap(), ("::1".into(), 8883));
+        assert!(parse_mqtt_url("mqtt://broker:1883").unwrap_err().to_string().contains("TLS"));
+        assert!(parse_mqtt_url("mqtts://:1").is_err());
+    }
+}
