@@ -478,6 +478,8 @@ async fn start_device_side(
         side.ingest = Some(devnet::IngestTarget { host, port, tls, client_id: format!("service:droverd/{instance}") });
     } else if !config.mqtt_listen.is_empty() {
         let broker = devnet::start_broker(config, db, ca, &names, stopping.clone()).await?;
+        // Nobody is connected to a broker that just started: presence from before is stale.
+        devnet::mark_all_offline(db).await?;
         let addr = broker.local_addr();
         let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
         if !names.contains(&host) {

@@ -86,6 +86,15 @@ pub fn device_tls(
     Ok(Arc::new(config))
 }
 
+/// Marks every device offline (the embedded broker starting: no device is connected to it).
+pub async fn mark_all_offline(db: &Db) -> Result<(), StartError> {
+    sqlx::query("UPDATE devices SET online = 0 WHERE online = 1")
+        .execute(db.pool())
+        .await
+        .map_err(|e| StartError::Bootstrap(format!("cannot reset device presence: {e}")))?;
+    Ok(())
+}
+
 /// Lets a device connect when the registry says it is accepted and not revoked.
 struct Registry {
     db: Db,

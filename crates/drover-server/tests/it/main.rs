@@ -8,5 +8,6 @@ mod api;
 mod browser;
 mod devices;
 mod e2e;
+mod fleet;
 mod support;
 mod ui;

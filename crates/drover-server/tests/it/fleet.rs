@@ -1,0 +1,285 @@
+//! Devices against a real droverd process: enrollment over HTTPS, MQTT over mutual TLS through
+//! the embedded broker and through an external Mosquitto, presence as the API reports it.
+//!
+//! Bad input tried here: plain HTTP on the TLS device port, a decommissioned device's live
+//! connection and its reconnect, a connection dropped without DISCONNECT, a server restart
+//! under connected devices.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::e2e::{agent, get_json};
+use crate::support::{TempDir, eventually, free_port};
+
+const BIN: &str = env!("CARGO_BIN_EXE_droverd");
+
+struct Droverd {
+    child: Child,
+    base: String,
+}
+
+impl Droverd {
+    fn start(data: &Path, http: u16, args: &[&str], env: &[(&str, &str)]) -> Droverd {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--data-dir").arg(data).args(["--http-listen", &format!("127.0.0.1:{http}")]).args(args);
+        cmd.env_remove("DROVER_DATABASE_URL").env("DROVER_LOG", "warn").envs(env.iter().copied());
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap();
+        let mut d = Droverd { child, base: format!("http://127.0.0.1:{http}") };
+        let ready = format!("{}/readyz", d.base);
+        eventually(Duration::from_secs(30), "droverd to be ready", || {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("droverd exited early: {status}");
+            }
+            agent().get(&ready).call().ok().filter(|r| r.status() == 200)
+        });
+        d
+    }
+
+    fn stop(&mut self) {
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        eventually(Duration::from_secs(15), "droverd to stop", || self.child.try_wait().unwrap());
+    }
+}
+
+impl Drop for Droverd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn droverd_cli(data: &Path, args: &[&str]) -> String {
+    let out =
+        Command::new(BIN).arg("--data-dir").arg(data).args(args).env_remove("DROVER_DATABASE_URL").output().unwrap();
+    assert!(out.status.success(), "droverd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn admin_token(data: &Path) -> String {
+    let out = droverd_cli(data, &["token", "create", "--role", "admin", "--name", "fleet test"]);
+    out.split_whitespace().find(|w| w.starts_with("drv_")).expect("a token in the output").to_string()
+}
+
+fn post(base: &str, path: &str, token: &str, body: Value) -> (u16, Value) {
+    let resp = agent()
+        .post(&format!("{base}{path}"))
+        .header("Authorization", &format!("Bearer {token}"))
+        .send_json(body)
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body: Value = resp.into_body().read_json().unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// A device's key pair, made here as the agent makes it on the device.
+struct DeviceKey {
+    key: rcgen::KeyPair,
+}
+
+impl DeviceKey {
+    fn new() -> DeviceKey {
+        DeviceKey { key: rcgen::KeyPair::generate().unwrap() }
+    }
+    fn csr(&self) -> String {
+        rcgen::CertificateParams::default().serialize_request(&self.key).unwrap().pem().unwrap()
+    }
+}
+
+/// Enrolls over the HTTPS device endpoint, trusting only the fleet CA. Returns (id, cert).
+fn enroll_https(device_port: u16, ca_pem: &str, key: &DeviceKey, serial: &str, token: &str) -> (String, String) {
+    let ca = ureq::tls::Certificate::from_pem(ca_pem.as_bytes()).unwrap();
+    let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ca]))).build();
+    let https = ureq::Agent::config_builder().tls_config(tls).http_status_as_error(false).build().new_agent();
+    let body = json!({"csr_pem": key.csr(), "identity": {"serial": serial}, "token": token});
+    let resp = https.post(&format!("https://localhost:{device_port}/api/v1/enroll")).send_json(&body).unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let v: Value = resp.into_body().read_json().unwrap();
+    assert_eq!(v["status"], "accepted", "{v}");
+    (v["device_id"].as_str().unwrap().to_string(), v["certificate_pem"].as_str().unwrap().to_string())
+}
+
+fn client_tls(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    Arc::new(config)
+}
+
+/// A device speaking the protocol by hand (rumqttc): status with its will, hello, inventory.
+/// It reconnects by itself after errors, like any MQTT device; events arrive on a channel.
+struct MqttDevice {
+    events: mpsc::UnboundedReceiver<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MqttDevice {
+    fn connect(id: &str, port: u16, tls: Arc<rustls::ClientConfig>, keep_alive: u64) -> MqttDevice {
+        let status = format!("drover/v1/d/{id}/up/status");
+        let mut opts = MqttOptions::new(id, "localhost", port);
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        opts.set_keep_alive(Duration::from_secs(keep_alive));
+        opts.set_last_will(LastWill::new(&status, r#"{"v":1,"state":"offline"}"#, QoS::AtLeastOnce, true, None));
+        let (client, mut eventloop) = AsyncClient::new(opts, 16);
+        let (tx, events) = mpsc::unbounded_channel();
+        let id = id.to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = tx.send("connected".into());
+                        let up = |c: &str| format!("drover/v1/d/{id}/up/{c}");
+                        let _ = client.try_publish(up("status"), QoS::AtLeastOnce, true, r#"{"v":1,"state":"online"}"#);
+                        let _ = client.try_publish(
+                            up("hello"),
+                            QoS::AtLeastOnce,
+                            false,
+                            r#"{"v":1,"agent":"fleet-test/1"}"#,
+                        );
+                        let inventory = r#"{"v":1,"attributes":{"arch":"aarch64","os":"Test OS 1"}}"#;
+                        let _ = client.try_publish(up("inventory"), QoS::AtLeastOnce, false, inventory);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(format!("error: {e}"));
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                }
+            }
+        });
+        MqttDevice { events, task }
+    }
+
+    async fn next(&mut self, what: &str) -> String {
+        tokio::time::timeout(Duration::from_secs(20), self.events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .unwrap()
+    }
+}
+
+/// Polls the device until `pred` holds on its API view.
+async fn device_becomes(base: &str, token: &str, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (url, token) = (format!("{base}/api/v1/devices/{id}"), token.to_string());
+        let (status, v) = tokio::task::spawn_blocking(move || get_json(&url, Some(&token))).await.unwrap();
+        assert_eq!(status, 200, "{v}");
+        if pred(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "device {id} never became {what}: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn online(v: &Value) -> bool {
+    v["online"] == true || v["device"]["online"] == true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_enroll_over_https_connect_over_mutual_tls_and_are_seen() {
+    let dir = TempDir::new("fleet");
+    let data = dir.path().join("data");
+    let (http, mqtt, dev) = (free_port(), free_port(), free_port());
+    let args = [
+        "--mqtt-listen".to_string(),
+        format!("127.0.0.1:{mqtt}"),
+        "--device-listen".into(),
+        format!("127.0.0.1:{dev}"),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = Droverd::start(&data, http, &args, &[]);
+    let token = admin_token(&data);
+    let ca_pem = droverd_cli(&data, &["ca", "cert"]);
+    let base = server.base.clone();
+
+    // The device port speaks TLS only.
+    let plain = agent().post(&format!("http://127.0.0.1:{dev}/api/v1/enroll")).send_json(json!({}));
+    assert!(plain.is_err(), "plain HTTP on the device port must fail");
+
+    let (status, t) = post(&base, "/api/v1/enrollment-tokens", &token, json!({"name": "factory", "max_uses": 5}));
+    assert_eq!(status, 201, "{t}");
+    let enroll_secret = t["secret"].as_str().unwrap().to_string();
+
+    let keys = [DeviceKey::new(), DeviceKey::new()];
+    let mut ids = Vec::new();
+    let mut tls = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let (ca, secret) = (ca_pem.clone(), enroll_secret.clone());
+        let (csr_key, serial) = (key.key.serialize_pem(), format!("SN-{i}"));
+        let (id, cert) = tokio::task::spawn_blocking(move || {
+            let key = DeviceKey { key: rcgen::KeyPair::from_pem(&csr_key).unwrap() };
+            enroll_https(dev, &ca, &key, &serial, &secret)
+        })
+        .await
+        .unwrap();
+        tls.push(client_tls(&ca_pem, &cert, &key.key.serialize_pem()));
+        ids.push(id);
+    }
+
+    // Connected and reporting: online, agent and inventory in the API.
+    let mut a = MqttDevice::connect(&ids[0], mqtt, tls[0].clone(), 30);
+    assert_eq!(a.next("CONNACK").await, "connected");
+    let v = device_becomes(&base, &token, &ids[0], "online with its inventory", |v| {
+        online(v) && v["attributes"]["arch"] == "aarch64"
+    })
+    .await;
+    assert_eq!(v["agent"].as_str().or(v["device"]["agent"].as_str()), Some("fleet-test/1"), "{v}");
+
+    // The connection dies without DISCONNECT: offline at once (the broker publishes the will).
+    a.task.abort();
+    let started = Instant::now();
+    device_becomes(&base, &token, &ids[0], "offline", |v| !online(v)).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "offline after {:?}", started.elapsed());
+
+    // Decommissioned while connected: dropped within seconds, and refused when it retries.
+    let mut b = MqttDevice::connect(&ids[1], mqtt, tls[1].clone(), 30);
+    assert_eq!(b.next("CONNACK").await, "connected");
+    device_becomes(&base, &token, &ids[1], "online", online).await;
+    let (status, _) = post(&base, &format!("/api/v1/devices/{}/decommission", ids[1]), &token, json!({}));
+    assert_eq!(status, 200);
+    let dropped = b.next("the broker dropping the device").await;
+    assert!(dropped.contains("NotAuthorized"), "{dropped}");
+    let retry = b.next("the reconnect being refused").await;
+    assert!(retry.contains("NotAuthorized"), "{retry}");
+    b.task.abort();
+
+    // The server (and its embedded broker) restarts under a connected device: it comes back.
+    let mut a = MqttDevice::connect(&ids[0], mqtt, tls[0].clone(), 30);
+    assert_eq!(a.next("CONNACK").await, "connected");
+    let before = device_becomes(&base, &token, &ids[0], "online", online).await["connected_at"].clone();
+    assert!(before.is_string(), "connected_at is reported");
+    tokio::task::block_in_place(|| server.stop());
+    let _lost = a.next("the connection to end with the server").await;
+    let mut server = tokio::task::block_in_place(|| Droverd::start(&data, http, &args, &[]));
+    loop {
+        if a.next("a reconnect").await == "connected" {
+            break;
+        }
+    }
+    device_becomes(&base, &token, &ids[0], "online again after the restart", |v| {
+        online(v) && v["connected_at"] != before
+    })
+    .await;
+    a.task.abort();
+    tokio::task::block_in_place(|| server.stop());
+}
