@@ -283,3 +283,107 @@ async fn devices_enroll_over_https_connect_over_mutual_tls_and_are_seen() {
     a.task.abort();
     tokio::task::block_in_place(|| server.stop());
 }
+
+/// Mosquitto configured as docs/mosquitto.md says: mutual TLS with the fleet CA, the
+/// certificate's name as the username, each device confined to its own prefix.
+struct Mosquitto {
+    child: Child,
+}
+
+impl Mosquitto {
+    fn start(dir: &Path, port: u16, ca: &rcgen::Issuer<'static, rcgen::KeyPair>, ca_pem: &str) -> Mosquitto {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "mosquitto");
+        let cert = params.signed_by(&key, ca).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca_pem).unwrap();
+        std::fs::write(dir.join("server.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+        std::fs::write(
+            dir.join("acl"),
+            "user service:droverd\ntopic readwrite drover/#\n\npattern readwrite drover/v1/d/%u/#\n",
+        )
+        .unwrap();
+        let d = dir.display();
+        let conf = format!(
+            "listener {port} 127.0.0.1\nprotocol mqtt\ncafile {d}/ca.crt\ncertfile {d}/server.crt\nkeyfile {d}/server.key\n\
+             require_certificate true\nuse_identity_as_username true\nallow_anonymous false\nacl_file {d}/acl\npersistence false\n"
+        );
+        std::fs::write(dir.join("mosquitto.conf"), conf).unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(dir.join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (Debian package mosquitto) must be installed");
+        eventually(Duration::from_secs(10), "mosquitto to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Mosquitto { child }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_devices_work_through_an_external_mosquitto() {
+    let dir = TempDir::new("fleet-mosquitto");
+    let data = dir.path().join("data");
+    // An external CA shared by droverd (issuing) and Mosquitto (verifying).
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "Fleet CA for Mosquitto");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_pem = params.self_signed(&ca_key).unwrap().pem();
+    std::fs::write(dir.path().join("fleet-ca.crt"), &ca_pem).unwrap();
+    std::fs::write(dir.path().join("fleet-ca.key"), ca_key.serialize_pem()).unwrap();
+    let issuer = rcgen::Issuer::new(params, ca_key);
+    let broker_port = free_port();
+    let _mosquitto = Mosquitto::start(dir.path(), broker_port, &issuer, &ca_pem);
+
+    let (http, dev) = (free_port(), free_port());
+    let url = format!("mqtts://localhost:{broker_port}");
+    let args = ["--mqtt-listen=", "--mqtt-url", &url, "--device-listen"];
+    let dev_addr = format!("127.0.0.1:{dev}");
+    let args: Vec<&str> = args.iter().copied().chain([dev_addr.as_str()]).collect();
+    let ca_cert = dir.path().join("fleet-ca.crt").display().to_string();
+    let ca_key = dir.path().join("fleet-ca.key").display().to_string();
+    let server = Droverd::start(
+        &data,
+        http,
+        &args,
+        &[("DROVER_CA_CERT_FILE", ca_cert.as_str()), ("DROVER_CA_KEY_FILE", ca_key.as_str())],
+    );
+    let token = admin_token(&data);
+    let base = server.base.clone();
+    let (status, t) = post(&base, "/api/v1/enrollment-tokens", &token, json!({"name": "factory"}));
+    assert_eq!(status, 201, "{t}");
+    let secret = t["secret"].as_str().unwrap().to_string();
+
+    let key = DeviceKey::new();
+    let key_pem = key.key.serialize_pem();
+    let (ca, kp) = (ca_pem.clone(), key_pem.clone());
+    let (id, cert) = tokio::task::spawn_blocking(move || {
+        let key = DeviceKey { key: rcgen::KeyPair::from_pem(&kp).unwrap() };
+        enroll_https(dev, &ca, &key, "SN-M1", &secret)
+    })
+    .await
+    .unwrap();
+
+    // Through Mosquitto, the server sees the device come online with its inventory...
+    let mut d = MqttDevice::connect(&id, broker_port, client_tls(&ca_pem, &cert, &key_pem), 30);
+    assert_eq!(d.next("CONNACK").await, "connected");
+    device_becomes(&base, &token, &id, "online with its inventory through Mosquitto", |v| {
+        online(v) && v["attributes"]["os"] == "Test OS 1"
+    })
+    .await;
+    // ...and go offline when its connection dies (Mosquitto publishes the will).
+    d.task.abort();
+    device_becomes(&base, &token, &id, "offline through Mosquitto", |v| !online(v)).await;
+}
