@@ -416,6 +416,7 @@ pub struct Device {
     pub id: String,
     pub status: DeviceStatus,
     pub identity: BTreeMap<String, String>,
+    /// Operator-set labels (`PUT`/`PATCH /api/v1/devices/{id}/tags`).
     pub tags: BTreeMap<String, String>,
     /// `token:NAME`, `preauthorized` or `accepted:USER`.
     pub enrolled_via: String,
@@ -423,22 +424,224 @@ pub struct Device {
     pub updated_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_expires_at: Option<String>,
+    /// Connected to the broker now.
+    #[serde(default)]
+    pub online: bool,
+    /// When the device last sent anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_at: Option<String>,
+    /// The agent's name and version, from its hello.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }
 
-/// Query of `GET /api/v1/devices`.
+/// Static or dynamic: members added by hand, or every device matching a filter.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub enum GroupKind {
+    Static,
+    Dynamic,
+}
+
+impl GroupKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupKind::Static => "static",
+            GroupKind::Dynamic => "dynamic",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<GroupKind> {
+        match s {
+            "static" => Some(GroupKind::Static),
+            "dynamic" => Some(GroupKind::Dynamic),
+            _ => None,
+        }
+    }
+}
+
+/// A group a device belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct GroupRef {
+    pub id: String,
+    pub name: String,
+    pub kind: GroupKind,
+}
+
+/// Something that happened to a device: `connected`, `disconnected`, `rebooted`,
+/// `inventory changed`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct DeviceEvent {
+    pub at: String,
+    pub kind: String,
+    pub detail: String,
+}
+
+/// One device with everything known about it (`GET /api/v1/devices/{id}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct DeviceDetail {
+    #[serde(flatten)]
+    pub device: Device,
+    /// The inventory the device last reported.
+    pub attributes: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_at: Option<String>,
+    /// Static groups it is a member of, and dynamic groups whose filter it matches now.
+    pub groups: Vec<GroupRef>,
+    /// Newest first, at most 50.
+    pub recent_events: Vec<DeviceEvent>,
+}
+
+/// Query of `GET /api/v1/devices` (and of a group's devices).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "openapi", derive(IntoParams))]
 #[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 pub struct DeviceListQuery {
+    /// Page size, 1 to 500 (default 50).
     pub limit: Option<u32>,
     pub cursor: Option<String>,
-    /// `created_at` (default, newest first with `-`), `updated_at`.
+    /// `created_at` (default `-created_at`, newest first), `updated_at`, `last_seen_at`
+    /// (never-seen devices count as oldest), `id`; prefix `-` for descending.
     pub sort: Option<String>,
     pub status: Option<DeviceStatus>,
+    /// The filter language, e.g. `tag.region = "eu" and attr.arch = "aarch64" and online`
+    /// (see docs/filters.md).
+    pub filter: Option<String>,
+    /// Substring of the device id or of its identity (serial, MAC…), case-insensitive.
+    pub q: Option<String>,
+    pub online: Option<bool>,
+}
+
+/// `PUT /api/v1/devices/{id}/tags`: the device's whole tag set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ReplaceTags {
+    pub tags: BTreeMap<String, String>,
+}
+
+/// `PATCH /api/v1/devices/{id}/tags`: set some tags and remove others.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct PatchTags {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Group {
+    pub id: String,
+    pub name: String,
+    pub kind: GroupKind,
+    /// The filter of a dynamic group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    pub description: String,
+    pub created_by: String,
+    pub created_at: String,
+    pub updated_at: String,
+    /// Members now (dynamic groups: devices matching now). Only on `GET /api/v1/groups/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_count: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct CreateGroup {
+    /// 1 to 100 printable characters, unique in the organization.
+    pub name: String,
+    pub kind: GroupKind,
+    /// Required for a dynamic group, refused for a static one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct UpdateGroup {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A dynamic group's new filter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// Query of `GET /api/v1/groups`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct GroupListQuery {
+    /// Page size, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+    /// `name` (default), `created_at`; prefix `-` for descending.
+    pub sort: Option<String>,
+    pub kind: Option<GroupKind>,
+}
+
+/// `POST /api/v1/groups/{id}/devices`: devices to add to a static group (all or none).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct AddGroupDevices {
+    pub devices: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct GroupDevicesAdded {
+    /// Devices newly added.
+    pub added: u32,
+    /// Devices that were members already.
+    pub already: u32,
+}
+
+/// Query of `GET /api/v1/groups/preview`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct GroupPreviewQuery {
+    /// A filter to try, as a dynamic group would use it.
+    pub filter: String,
+}
+
+/// What a filter matches now: how many devices, and the first few (newest first).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct GroupPreview {
+    pub count: u64,
+    /// At most 20.
+    pub devices: Vec<Device>,
+}
+
+/// The answer to `POST /api/v1/devices/preauthorize/bulk`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct BulkPreauthorized {
+    /// Identities pre-authorized (every line of the file).
+    pub created: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct CreateEnrollmentToken {
@@ -451,6 +654,9 @@ pub struct CreateEnrollmentToken {
     /// Tags every device enrolled with it starts with.
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// Static groups (by name) every device enrolled with it joins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -463,6 +669,9 @@ pub struct EnrollmentToken {
     pub max_uses: Option<u32>,
     pub uses: u32,
     pub tags: BTreeMap<String, String>,
+    /// Static groups (by name) devices enrolled with it join.
+    #[serde(default)]
+    pub groups: Vec<String>,
     pub created_by: String,
     pub created_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

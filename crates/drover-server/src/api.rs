@@ -34,7 +34,14 @@ pub fn routes() -> Router<AppState> {
         .route("/enroll", post(enroll))
         .route("/devices", get(list_devices))
         .route("/devices/preauthorize", post(preauthorize))
+        .route("/devices/preauthorize/bulk", post(preauthorize_bulk))
         .route("/devices/{id}", get(get_device))
+        .route("/devices/{id}/tags", axum::routing::put(replace_device_tags).patch(patch_device_tags))
+        .route("/groups", get(list_groups).post(create_group))
+        .route("/groups/preview", get(preview_group))
+        .route("/groups/{id}", get(get_group).patch(update_group).delete(delete_group))
+        .route("/groups/{id}/devices", get(list_group_devices).post(add_group_devices))
+        .route("/groups/{id}/devices/{device_id}", axum::routing::delete(remove_group_device))
         .route("/devices/{id}/accept", post(accept_device))
         .route("/devices/{id}/reject", post(reject_device))
         .route("/devices/{id}/decommission", post(decommission_device))
@@ -74,6 +81,9 @@ impl utoipa::Modify for SecurityAddon {
         list_users, create_user, get_user, update_user, delete_user, set_password,
         list_tokens, create_token, get_token, revoke_token, list_audit, verify_audit,
         enroll, list_devices, get_device, accept_device, reject_device, decommission_device, preauthorize,
+        preauthorize_bulk, replace_device_tags, patch_device_tags,
+        list_groups, create_group, preview_group, get_group, update_group, delete_group,
+        list_group_devices, add_group_devices, remove_group_device,
         list_enrollment_tokens, create_enrollment_token, revoke_enrollment_token,
     ),
     modifiers(&SecurityAddon),
@@ -85,6 +95,7 @@ impl utoipa::Modify for SecurityAddon {
         (name = "tokens", description = "API tokens for automation"),
         (name = "audit", description = "The append-only, hash-chained record of every change"),
         (name = "devices", description = "The device registry and enrollment"),
+        (name = "groups", description = "Static groups (chosen devices) and dynamic groups (devices matching a filter; see docs/filters.md)"),
     )
 )]
 pub struct ApiDoc;
@@ -297,9 +308,146 @@ async fn list_devices(
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "Device id")),
-    responses((status = 200, body = Device), (status = 404, body = ErrorBody)))]
-async fn get_device(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<String>) -> AppResult<Json<Device>> {
-    Ok(Json(crate::devices::get_device(&s.db, &p, &id).await?))
+    responses((status = 200, body = DeviceDetail, description = "The device with its inventory, groups and newest events"), (status = 404, body = ErrorBody)))]
+async fn get_device(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+) -> AppResult<Json<DeviceDetail>> {
+    Ok(Json(crate::devices::get_device_detail(&s.db, &p, &id).await?))
+}
+
+#[utoipa::path(put, path = "/api/v1/devices/{id}/tags", tag = "devices", params(("id" = String, Path, description = "Device id")), request_body = ReplaceTags,
+    responses((status = 200, body = Device, description = "The device with exactly these tags"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn replace_device_tags(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<ReplaceTags>,
+) -> AppResult<Json<Device>> {
+    Ok(Json(crate::devices::replace_tags(&s.db, &p, &id, req).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/devices/{id}/tags", tag = "devices", params(("id" = String, Path, description = "Device id")), request_body = PatchTags,
+    responses((status = 200, body = Device), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn patch_device_tags(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<PatchTags>,
+) -> AppResult<Json<Device>> {
+    Ok(Json(crate::devices::patch_tags(&s.db, &p, &id, req).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/devices/preauthorize/bulk", tag = "devices",
+    request_body(content = String, content_type = "text/csv", description = "A header line of identity attribute names (e.g. `serial,mac`), then one device per line"),
+    responses((status = 200, body = BulkPreauthorized, description = "Every line pre-authorized"),
+              (status = 400, body = ErrorBody, description = "A bad line (named); nothing was pre-authorized"),
+              (status = 403, body = ErrorBody), (status = 415, body = ErrorBody)))]
+async fn preauthorize_bulk(
+    State(s): State<AppState>,
+    p: Principal,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> AppResult<Json<BulkPreauthorized>> {
+    p.require(Role::Operator, "pre-authorizing devices")?;
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if !ct.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("text/csv") {
+        return Err(AppError::UnsupportedMediaType("send the file as Content-Type: text/csv".into()));
+    }
+    let text = std::str::from_utf8(&body).map_err(|_| AppError::BadRequest("the CSV is not UTF-8".into()))?;
+    Ok(Json(crate::devices::preauthorize_csv(&s.db, &p, text).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/groups", tag = "groups", params(GroupListQuery),
+    responses((status = 200, body = Page<Group>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn list_groups(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiQuery(q): ApiQuery<GroupListQuery>,
+) -> AppResult<Json<Page<Group>>> {
+    Ok(Json(crate::groups::list(&s.db, &p, &q).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/groups", tag = "groups", request_body = CreateGroup,
+    responses((status = 201, body = Group), (status = 400, body = ErrorBody, description = "Bad name, or a filter that does not parse (the message names the column)"),
+              (status = 403, body = ErrorBody), (status = 409, body = ErrorBody, description = "The name is taken")))]
+async fn create_group(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiJson(req): ApiJson<CreateGroup>,
+) -> AppResult<(StatusCode, Json<Group>)> {
+    Ok((StatusCode::CREATED, Json(crate::groups::create(&s.db, &p, req).await?)))
+}
+
+#[utoipa::path(get, path = "/api/v1/groups/preview", tag = "groups", params(GroupPreviewQuery),
+    responses((status = 200, body = GroupPreview, description = "How many devices match now, and the newest 20"), (status = 400, body = ErrorBody)))]
+async fn preview_group(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiQuery(q): ApiQuery<GroupPreviewQuery>,
+) -> AppResult<Json<GroupPreview>> {
+    Ok(Json(crate::groups::preview(&s.db, &p, &q.filter).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/groups/{id}", tag = "groups", params(("id" = String, Path, description = "Group id")),
+    responses((status = 200, body = Group, description = "With `device_count`"), (status = 404, body = ErrorBody)))]
+async fn get_group(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<String>) -> AppResult<Json<Group>> {
+    Ok(Json(crate::groups::get(&s.db, &p, &id).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/groups/{id}", tag = "groups", params(("id" = String, Path, description = "Group id")), request_body = UpdateGroup,
+    responses((status = 200, body = Group), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn update_group(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<UpdateGroup>,
+) -> AppResult<Json<Group>> {
+    Ok(Json(crate::groups::update(&s.db, &p, &id, req).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/groups/{id}", tag = "groups", params(("id" = String, Path, description = "Group id")),
+    responses((status = 204, description = "Deleted"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "A dynamic group's filter names it")))]
+async fn delete_group(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<String>) -> AppResult<StatusCode> {
+    crate::groups::delete(&s.db, &p, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/groups/{id}/devices", tag = "groups", params(("id" = String, Path, description = "Group id"), DeviceListQuery),
+    responses((status = 200, body = Page<Device>, description = "Members (a dynamic group's evaluated now)"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn list_group_devices(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<DeviceListQuery>,
+) -> AppResult<Json<Page<Device>>> {
+    Ok(Json(crate::groups::devices(&s.db, &p, &id, &q).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/groups/{id}/devices", tag = "groups", params(("id" = String, Path, description = "Group id")), request_body = AddGroupDevices,
+    responses((status = 200, body = GroupDevicesAdded), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody, description = "Unknown group, or unknown device ids (named; nothing added)"),
+              (status = 409, body = ErrorBody, description = "A dynamic group")))]
+async fn add_group_devices(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<AddGroupDevices>,
+) -> AppResult<Json<GroupDevicesAdded>> {
+    Ok(Json(crate::groups::add_devices(&s.db, &p, &id, req).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/groups/{id}/devices/{device_id}", tag = "groups",
+    params(("id" = String, Path, description = "Group id"), ("device_id" = String, Path, description = "Device id")),
+    responses((status = 204, description = "Removed"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn remove_group_device(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath((id, device_id)): ApiPath<(String, String)>,
+) -> AppResult<StatusCode> {
+    crate::groups::remove_device(&s.db, &p, &id, &device_id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(post, path = "/api/v1/devices/{id}/accept", tag = "devices", params(("id" = String, Path, description = "Device id")),

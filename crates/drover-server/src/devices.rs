@@ -5,15 +5,16 @@
 use std::collections::BTreeMap;
 
 use drover_proto::api::{
-    CreateEnrollmentToken, CreatedEnrollmentToken, Device, DeviceListQuery, DeviceStatus, EnrollRequest,
-    EnrollResponse, EnrollmentToken, Page, Preauthorize, Preauthorized, PrincipalKind, Role,
+    BulkPreauthorized, CreateEnrollmentToken, CreatedEnrollmentToken, Device, DeviceDetail, DeviceEvent,
+    DeviceListQuery, DeviceStatus, EnrollRequest, EnrollResponse, EnrollmentToken, GroupKind, GroupRef, Page,
+    PatchTags, Preauthorize, Preauthorized, PrincipalKind, ReplaceTags, Role,
 };
 use drover_proto::validate;
 
 use crate::audit::{self, Event};
 use crate::auth::{self, Principal};
 use crate::ca::FleetCa;
-use crate::db::{Bind, Db, Filter, bind_all};
+use crate::db::{Bind, Db, Filter, bind_all, like_escape};
 use crate::error::{AppError, AppResult};
 use crate::ops::{find_org, new_id};
 use crate::page::{CursorValue, PageRequest, SortField};
@@ -49,6 +50,10 @@ fn parse_map(text: &str) -> BTreeMap<String, String> {
     serde_json::from_str(text).unwrap_or_default()
 }
 
+fn parse_list(text: &str) -> Vec<String> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
 /// Checks the CSR and returns the SHA-256 of its public key: the device's lasting identity
 /// on the wire (the same key asking again is the same device).
 fn key_fingerprint(csr_pem: &str) -> AppResult<String> {
@@ -61,21 +66,110 @@ fn key_fingerprint(csr_pem: &str) -> AppResult<String> {
     Ok(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(csr.public_key.der_bytes())))
 }
 
-type DeviceRow = (String, String, String, String, Option<i64>, String, i64, i64);
-const DEVICE_COLUMNS: &str = "id, status, identity, tags, cert_not_after, enrolled_via, created_at, updated_at";
+/// Most tags on one device; longest tag value.
+pub const MAX_TAGS: usize = 64;
+pub const MAX_TAG_VALUE_LEN: usize = 256;
 
-fn to_device(r: DeviceRow) -> AppResult<Device> {
+/// Tags: keys like inventory keys (letters, digits, `_ . -`, 1 to 64), values up to 256
+/// printable bytes, at most 64 per device.
+pub fn check_tags(tags: &BTreeMap<String, String>) -> AppResult<()> {
+    if tags.len() > MAX_TAGS {
+        return Err(AppError::BadRequest(format!("{} tags: a device has at most {MAX_TAGS}", tags.len())));
+    }
+    drover_proto::device::check_inventory(tags).map_err(|e| AppError::BadRequest(format!("tags: {e}")))?;
+    if let Some((k, _)) = tags.iter().find(|(_, v)| v.len() > MAX_TAG_VALUE_LEN) {
+        return Err(AppError::BadRequest(format!("tag {k:?}: value over {MAX_TAG_VALUE_LEN} bytes")));
+    }
+    Ok(())
+}
+
+type DeviceRow = (String, String, String, Option<i64>, String, i64, i64, i64, Option<i64>, Option<String>);
+const DEVICE_COLUMNS: &str = "d.id, d.status, d.identity, d.cert_not_after, d.enrolled_via, d.created_at, \
+                              d.updated_at, d.online, d.last_seen_at, d.agent";
+
+fn to_device(r: DeviceRow, tags: BTreeMap<String, String>) -> AppResult<Device> {
     Ok(Device {
         id: r.0,
         status: DeviceStatus::parse(&r.1)
             .ok_or_else(|| AppError::Internal(format!("unknown device status {:?}", r.1)))?,
         identity: parse_map(&r.2),
-        tags: parse_map(&r.3),
-        certificate_expires_at: opt_rfc3339(r.4),
-        enrolled_via: r.5,
-        created_at: to_rfc3339(r.6),
-        updated_at: to_rfc3339(r.7),
+        tags,
+        certificate_expires_at: opt_rfc3339(r.3),
+        enrolled_via: r.4,
+        created_at: to_rfc3339(r.5),
+        updated_at: to_rfc3339(r.6),
+        online: r.7 != 0,
+        last_seen_at: opt_rfc3339(r.8),
+        agent: r.9,
     })
+}
+
+/// Devices from their rows, with their tags (one query for the lot).
+async fn to_devices(conn: &mut sqlx::AnyConnection, rows: Vec<DeviceRow>) -> AppResult<Vec<Device>> {
+    let mut tags: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    if !rows.is_empty() {
+        let marks: Vec<String> = (1..=rows.len()).map(|i| format!("${i}")).collect();
+        let sql = format!("SELECT device_id, key, value FROM device_tags WHERE device_id IN ({})", marks.join(", "));
+        let mut q = sqlx::query_as::<_, (String, String, String)>(&sql);
+        for r in &rows {
+            q = q.bind(r.0.clone());
+        }
+        for (d, k, v) in q.fetch_all(&mut *conn).await? {
+            tags.entry(d).or_default().insert(k, v);
+        }
+    }
+    rows.into_iter()
+        .map(|r| {
+            let t = tags.remove(&r.0).unwrap_or_default();
+            to_device(r, t)
+        })
+        .collect()
+}
+
+async fn device_tags(conn: &mut sqlx::AnyConnection, id: &str) -> Result<BTreeMap<String, String>, sqlx::Error> {
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT key, value FROM device_tags WHERE device_id = $1")
+        .bind(id.to_string())
+        .fetch_all(conn)
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Replaces a device's tag set, touching only rows that change.
+async fn write_tags(
+    conn: &mut sqlx::AnyConnection,
+    id: &str,
+    old: &BTreeMap<String, String>,
+    new: &BTreeMap<String, String>,
+) -> Result<(), sqlx::Error> {
+    for k in old.keys().filter(|k| !new.contains_key(*k)) {
+        sqlx::query("DELETE FROM device_tags WHERE device_id = $1 AND key = $2")
+            .bind(id.to_string())
+            .bind(k.clone())
+            .execute(&mut *conn)
+            .await?;
+    }
+    for (k, v) in new {
+        match old.get(k) {
+            Some(o) if o == v => {}
+            Some(_) => {
+                sqlx::query("UPDATE device_tags SET value = $3 WHERE device_id = $1 AND key = $2")
+                    .bind(id.to_string())
+                    .bind(k.clone())
+                    .bind(v.clone())
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            None => {
+                sqlx::query("INSERT INTO device_tags (device_id, key, value) VALUES ($1, $2, $3)")
+                    .bind(id.to_string())
+                    .bind(k.clone())
+                    .bind(v.clone())
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn device_principal(device_id: &str, org_id: &str, source: &str) -> Principal {
@@ -132,14 +226,15 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
     // How it may come in: a token or a pre-authorization (`via`, accepted at once), or wait.
     let (org_id, via, tags, token_id): (String, Option<String>, _, _) = match &req.token {
         Some(secret) => {
-            let row: Option<(String, String, String, Option<i64>, i64, String, Option<i64>, Option<i64>)> = sqlx::query_as(
-                "SELECT id, org_id, name, max_uses, uses, tags, expires_at, revoked_at FROM enrollment_tokens WHERE secret_hash = $1",
+            type Row = (String, String, String, Option<i64>, i64, String, Option<i64>, Option<i64>, String);
+            let row: Option<Row> = sqlx::query_as(
+                "SELECT id, org_id, name, max_uses, uses, tags, expires_at, revoked_at, groups FROM enrollment_tokens WHERE secret_hash = $1",
             )
             .bind(auth::sha256_hex(secret))
             .fetch_optional(tx.conn())
             .await?;
             let unknown = || AppError::Unauthorized("the enrollment token is unknown or revoked".into());
-            let (tid, org, name, max_uses, uses, tags, expires_at, revoked_at) = row.ok_or_else(unknown)?;
+            let (tid, org, name, max_uses, uses, tags, expires_at, revoked_at, groups) = row.ok_or_else(unknown)?;
             if revoked_at.is_some() {
                 return Err(unknown());
             }
@@ -153,7 +248,7 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
                     "the enrollment token {name:?} is used up ({uses} of {max} uses)"
                 )));
             }
-            (org, Some(format!("token:{name}")), parse_map(&tags), Some(tid))
+            (org, Some(format!("token:{name}")), parse_map(&tags), Some((tid, parse_list(&groups))))
         }
         None => {
             let pre: Option<(String,)> =
@@ -194,7 +289,7 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
     let now = now_ms();
     sqlx::query(
         "INSERT INTO devices (id, org_id, status, identity, identity_hash, key_fingerprint, csr_pem, cert_pem, cert_serial, \
-         cert_not_after, enrolled_via, tags, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13)",
+         cert_not_after, enrolled_via, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)",
     )
     .bind(id.clone())
     .bind(org_id.clone())
@@ -207,12 +302,25 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
     .bind(cert.as_ref().map(|c| c.serial_hex.clone()))
     .bind(cert.as_ref().map(|c| (c.not_after.unix_timestamp_nanos() / 1_000_000) as i64))
     .bind(via.clone())
-    .bind(tags_json(&tags))
     .bind(now)
     .execute(tx.conn())
     .await?;
-    if let Some(tid) = token_id {
+    write_tags(tx.conn(), &id, &BTreeMap::new(), &tags).await?;
+    if let Some((tid, group_ids)) = token_id {
         sqlx::query("UPDATE enrollment_tokens SET uses = uses + 1 WHERE id = $1").bind(tid).execute(tx.conn()).await?;
+        // The token's groups; one deleted since the token was made is passed over.
+        for gid in group_ids {
+            sqlx::query(
+                "INSERT INTO device_group_members (group_id, device_id, added_at) SELECT id, $2, $3 FROM device_groups \
+                 WHERE id = $1 AND org_id = $4 AND kind = 'static'",
+            )
+            .bind(gid)
+            .bind(id.clone())
+            .bind(now)
+            .bind(org_id.clone())
+            .execute(tx.conn())
+            .await?;
+        }
     }
     let actor = device_principal(&id, &org_id, source);
     let summary = match status {
@@ -229,41 +337,217 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
 }
 
 const DEVICE_SORTS: &[SortField] = &[
-    SortField { name: "created_at", column: "created_at", int: true },
-    SortField { name: "updated_at", column: "updated_at", int: true },
+    SortField { name: "created_at", column: "d.created_at", int: true },
+    SortField { name: "updated_at", column: "d.updated_at", int: true },
+    // Never-seen devices sort as the oldest; the v4 index has the same expression.
+    SortField { name: "last_seen_at", column: "COALESCE(d.last_seen_at, 0)", int: true },
+    SortField { name: "id", column: "d.id", int: false },
 ];
+
+/// A listing of an organization's devices, with the query's conditions and `extra` (a
+/// group's membership or filter) applied.
+pub(crate) async fn list_where(
+    db: &Db,
+    org_id: &str,
+    q: &DeviceListQuery,
+    extra: Option<crate::filter::Compiled>,
+) -> AppResult<Page<Device>> {
+    let page = PageRequest::parse(q.limit, q.cursor.as_deref(), q.sort.as_deref(), DEVICE_SORTS, "-created_at")?;
+    let mut f = Filter::default();
+    f.and("d.org_id = ?", [Bind::Text(org_id.to_string())]);
+    if let Some(s) = q.status {
+        f.and("d.status = ?", [Bind::Text(s.as_str().into())]);
+    }
+    if let Some(on) = q.online {
+        f.and("d.online = ?", [Bind::Int(i64::from(on))]);
+    }
+    if let Some(text) = q.q.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        if text.len() > 256 {
+            return Err(AppError::BadRequest("q: at most 256 bytes".into()));
+        }
+        let pat = format!("%{}%", like_escape(&text.to_lowercase()));
+        f.and(
+            "(LOWER(d.id) LIKE ? ESCAPE '\\' OR LOWER(d.identity) LIKE ? ESCAPE '\\')",
+            [Bind::Text(pat.clone()), Bind::Text(pat)],
+        );
+    }
+    if let Some(text) = q.filter.as_deref().filter(|s| !s.trim().is_empty()) {
+        let c = crate::filter::prepare(db, org_id, text).await?;
+        f.and(&c.sql, c.binds);
+    }
+    if let Some(c) = extra {
+        f.and(&c.sql, c.binds);
+    }
+    let by = page.sort.field.name;
+    let id_col = (by != "id").then_some("d.id");
+    page.apply(&mut f, id_col);
+    let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices d{}{}", f.sql(), page.order_limit(id_col));
+    let mut conn = db.pool().acquire().await?;
+    let rows: Vec<DeviceRow> = bind_all(sqlx::query_as(&sql), &f.binds).fetch_all(&mut *conn).await?;
+    let (rows, next_cursor) = page.finish(rows, |r| match by {
+        "id" => (CursorValue::Text(r.0.clone()), None),
+        "updated_at" => (CursorValue::Int(r.6), Some(r.0.clone())),
+        "last_seen_at" => (CursorValue::Int(r.8.unwrap_or(0)), Some(r.0.clone())),
+        _ => (CursorValue::Int(r.5), Some(r.0.clone())),
+    });
+    Ok(Page { items: to_devices(&mut conn, rows).await?, next_cursor })
+}
 
 pub async fn list_devices(db: &Db, p: &Principal, q: &DeviceListQuery) -> AppResult<Page<Device>> {
     p.require(Role::Viewer, "listing devices")?;
-    let page = PageRequest::parse(q.limit, q.cursor.as_deref(), q.sort.as_deref(), DEVICE_SORTS, "-created_at")?;
-    let mut f = Filter::default();
-    f.and("org_id = ?", [Bind::Text(p.org().to_string())]);
-    if let Some(s) = q.status {
-        f.and("status = ?", [Bind::Text(s.as_str().into())]);
-    }
-    page.apply(&mut f, Some("id"));
-    let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices{}{}", f.sql(), page.order_limit(Some("id")));
-    let rows: Vec<DeviceRow> = bind_all(sqlx::query_as(&sql), &f.binds).fetch_all(db.pool()).await?;
-    let by_updated = page.sort.field.name == "updated_at";
-    let (rows, next_cursor) =
-        page.finish(rows, |r| (CursorValue::Int(if by_updated { r.7 } else { r.6 }), Some(r.0.clone())));
-    Ok(Page { items: rows.into_iter().map(to_device).collect::<AppResult<_>>()?, next_cursor })
+    list_where(db, p.org(), q, None).await
 }
 
-async fn fetch_device(conn: &mut sqlx::AnyConnection, org_id: &str, id: &str) -> AppResult<Device> {
+/// How many of the organization's devices match a compiled condition.
+pub(crate) async fn count_where(db: &Db, org_id: &str, c: crate::filter::Compiled) -> AppResult<u64> {
+    let mut f = Filter::default();
+    f.and("d.org_id = ?", [Bind::Text(org_id.to_string())]);
+    f.and(&c.sql, c.binds);
+    let sql = format!("SELECT COUNT(*) FROM devices d{}", f.sql());
+    let (n,): (i64,) = bind_all(sqlx::query_as(&sql), &f.binds).fetch_one(db.pool()).await?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+pub(crate) async fn fetch_device(conn: &mut sqlx::AnyConnection, org_id: &str, id: &str) -> AppResult<Device> {
     let row: Option<DeviceRow> =
-        sqlx::query_as(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE org_id = $1 AND id = $2"))
+        sqlx::query_as(&format!("SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.org_id = $1 AND d.id = $2"))
             .bind(org_id.to_string())
             .bind(id.to_string())
-            .fetch_optional(conn)
+            .fetch_optional(&mut *conn)
             .await?;
-    to_device(row.ok_or_else(|| AppError::NotFound(format!("no device with id {id:?}")))?)
+    let row = row.ok_or_else(|| AppError::NotFound(format!("no device with id {id:?}")))?;
+    let tags = device_tags(conn, id).await?;
+    to_device(row, tags)
 }
 
 pub async fn get_device(db: &Db, p: &Principal, id: &str) -> AppResult<Device> {
     p.require(Role::Viewer, "reading devices")?;
     let mut conn = db.pool().acquire().await?;
     fetch_device(&mut conn, p.org(), id).await
+}
+
+/// Events shown with a device.
+pub const RECENT_EVENTS: i64 = 50;
+
+/// A device with its inventory, groups (static memberships and the dynamic groups it
+/// matches now) and newest events.
+pub async fn get_device_detail(db: &Db, p: &Principal, id: &str) -> AppResult<DeviceDetail> {
+    p.require(Role::Viewer, "reading devices")?;
+    let mut conn = db.pool().acquire().await?;
+    let device = fetch_device(&mut conn, p.org(), id).await?;
+    let attrs: Vec<(String, String)> = sqlx::query_as("SELECT key, value FROM device_attributes WHERE device_id = $1")
+        .bind(id.to_string())
+        .fetch_all(&mut *conn)
+        .await?;
+    let (inventory_at, connected_at): (Option<i64>, Option<i64>) =
+        sqlx::query_as("SELECT inventory_at, connected_at FROM devices WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_one(&mut *conn)
+            .await?;
+    let events: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT at, kind, detail FROM device_events WHERE device_id = $1 ORDER BY at DESC, id DESC LIMIT $2",
+    )
+    .bind(id.to_string())
+    .bind(RECENT_EVENTS)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut groups: Vec<GroupRef> = sqlx::query_as::<_, (String, String)>(
+        "SELECT g.id, g.name FROM device_group_members m JOIN device_groups g ON g.id = m.group_id \
+         WHERE m.device_id = $1 ORDER BY g.name",
+    )
+    .bind(id.to_string())
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|(id, name)| GroupRef { id, name, kind: GroupKind::Static })
+    .collect();
+    let dynamic: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT id, name, filter FROM device_groups WHERE org_id = $1 AND kind = 'dynamic' ORDER BY name",
+    )
+    .bind(p.org().to_string())
+    .fetch_all(&mut *conn)
+    .await?;
+    drop(conn);
+    for (gid, name, filter) in dynamic {
+        // A stored filter parsed when it was saved; one that no longer does matches nothing.
+        let Some(Ok(e)) = filter.as_deref().map(drover_proto::filter::parse) else { continue };
+        let mut c = crate::filter::compile(&e, p.org());
+        c.sql = format!("d.id = ? AND {}", c.sql);
+        c.binds.insert(0, Bind::Text(id.to_string()));
+        if count_where(db, p.org(), c).await? > 0 {
+            groups.push(GroupRef { id: gid, name, kind: GroupKind::Dynamic });
+        }
+    }
+    Ok(DeviceDetail {
+        device,
+        attributes: attrs.into_iter().collect(),
+        inventory_at: opt_rfc3339(inventory_at),
+        connected_at: opt_rfc3339(connected_at),
+        groups,
+        recent_events: events
+            .into_iter()
+            .map(|(at, kind, detail)| DeviceEvent { at: to_rfc3339(at), kind, detail })
+            .collect(),
+    })
+}
+
+fn tags_summary(tags: &BTreeMap<String, String>) -> String {
+    let s = tags_json(tags);
+    if s.len() > 300 { format!("{}…", s.chars().take(300).collect::<String>()) } else { s }
+}
+
+async fn change_tags(
+    db: &Db,
+    p: &Principal,
+    id: &str,
+    change: impl FnOnce(&BTreeMap<String, String>) -> BTreeMap<String, String>,
+) -> AppResult<Device> {
+    p.require(Role::Operator, "changing device tags")?;
+    let mut tx = db.begin_write().await?;
+    let before = fetch_device(tx.conn(), p.org(), id).await?;
+    let after_tags = change(&before.tags);
+    check_tags(&after_tags)?;
+    if after_tags != before.tags {
+        write_tags(tx.conn(), id, &before.tags, &after_tags).await?;
+        sqlx::query("UPDATE devices SET updated_at = $1 WHERE id = $2")
+            .bind(now_ms())
+            .bind(id.to_string())
+            .execute(tx.conn())
+            .await?;
+        let summary = format!("tags {} → {}", tags_summary(&before.tags), tags_summary(&after_tags));
+        audit::append(
+            tx.conn(),
+            Event { actor: p, action: "device.tags", target_kind: "device", target_id: id, summary },
+        )
+        .await?;
+    }
+    let after = fetch_device(tx.conn(), p.org(), id).await?;
+    tx.commit().await?;
+    Ok(after)
+}
+
+/// `PUT …/tags`: the device's tags become exactly these.
+pub async fn replace_tags(db: &Db, p: &Principal, id: &str, req: ReplaceTags) -> AppResult<Device> {
+    change_tags(db, p, id, |_| req.tags).await
+}
+
+/// `PATCH …/tags`: set some, remove others (a key both set and removed is refused).
+pub async fn patch_tags(db: &Db, p: &Principal, id: &str, req: PatchTags) -> AppResult<Device> {
+    if let Some(k) = req.remove.iter().find(|k| req.set.contains_key(*k)) {
+        return Err(AppError::BadRequest(format!("tag {k:?} is both set and removed")));
+    }
+    if req.remove.len() > MAX_TAGS * 4 {
+        return Err(AppError::BadRequest("too many tags to remove".into()));
+    }
+    change_tags(db, p, id, |old| {
+        let mut t = old.clone();
+        for k in &req.remove {
+            t.remove(k);
+        }
+        t.extend(req.set);
+        t
+    })
+    .await
 }
 
 /// An operator's decision about a device: accept, reject or decommission.
@@ -314,7 +598,7 @@ pub async fn decide(db: &Db, ca: &FleetCa, p: &Principal, id: &str, to: DeviceSt
         }
         DeviceStatus::Decommissioned => {
             sqlx::query(
-                "UPDATE devices SET status = 'decommissioned', cert_revoked_at = $1, updated_at = $1 WHERE id = $2",
+                "UPDATE devices SET status = 'decommissioned', cert_revoked_at = $1, updated_at = $1, online = 0 WHERE id = $2",
             )
             .bind(now)
             .bind(id.to_string())
@@ -383,10 +667,150 @@ pub async fn preauthorize(db: &Db, p: &Principal, req: Preauthorize) -> AppResul
     Ok(Preauthorized { added, already })
 }
 
-type TokenRow = (String, String, String, Option<i64>, i64, String, String, i64, Option<i64>, Option<i64>);
-const TOKEN_COLUMNS: &str = "id, name, prefix, max_uses, uses, tags, created_by, created_at, expires_at, revoked_at";
+/// Splits one CSV line into fields (RFC 4180 quoting: `"a, b"` and `""` for a quote).
+fn csv_fields(line: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = line.chars().peekable();
+    let mut quoted = false;
+    let mut was_quoted = false;
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            (true, '"') => quoted = false,
+            (true, c) => cur.push(c),
+            (false, '"') if cur.trim().is_empty() && !was_quoted => {
+                cur.clear();
+                quoted = true;
+                was_quoted = true;
+            }
+            (false, '"') => return Err("a quote inside an unquoted field".into()),
+            (false, ',') => {
+                out.push(if was_quoted {
+                    std::mem::take(&mut cur)
+                } else {
+                    std::mem::take(&mut cur).trim().to_string()
+                });
+                was_quoted = false;
+            }
+            (false, c) if was_quoted && !c.is_whitespace() => return Err("text after a closing quote".into()),
+            (false, c) => cur.push(c),
+        }
+    }
+    if quoted {
+        return Err("an unclosed quote".into());
+    }
+    out.push(if was_quoted { cur } else { cur.trim().to_string() });
+    Ok(out)
+}
 
-fn to_token(r: TokenRow) -> EnrollmentToken {
+/// Most rows in one CSV import.
+pub const MAX_CSV_ROWS: usize = 10_000;
+
+/// `POST /api/v1/devices/preauthorize/bulk`: a CSV file whose header names identity
+/// attributes, one device per line. All or nothing: any bad line refuses the whole file,
+/// and the error names the line. An empty cell leaves that attribute out.
+pub async fn preauthorize_csv(db: &Db, p: &Principal, csv: &str) -> AppResult<BulkPreauthorized> {
+    p.require(Role::Operator, "pre-authorizing devices")?;
+    let bad = |n: usize, m: String| AppError::BadRequest(format!("line {n}: {m}"));
+    let mut lines = csv.lines().enumerate().map(|(i, l)| (i + 1, l.trim_end_matches('\r')));
+    let header = loop {
+        match lines.next() {
+            None => {
+                return Err(AppError::BadRequest(
+                    "the CSV is empty: give a header line of identity attribute names".into(),
+                ));
+            }
+            Some((_, l)) if l.trim().is_empty() => continue,
+            Some((n, l)) => break (n, csv_fields(l.trim_start_matches('\u{feff}')).map_err(|e| bad(n, e))?),
+        }
+    };
+    let (hn, names) = header;
+    for (i, name) in names.iter().enumerate() {
+        let one: BTreeMap<String, String> = [(name.clone(), "x".to_string())].into();
+        drover_proto::device::check_inventory(&one).map_err(|e| bad(hn, format!("column {}: {e}", i + 1)))?;
+        if names[..i].contains(name) {
+            return Err(bad(hn, format!("column {name:?} appears twice")));
+        }
+    }
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut rows: Vec<(String, String)> = Vec::new();
+    for (n, line) in lines {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fields = csv_fields(line).map_err(|e| bad(n, e))?;
+        if fields.len() != names.len() {
+            return Err(bad(n, format!("{} fields, the header has {}", fields.len(), names.len())));
+        }
+        let identity: BTreeMap<String, String> =
+            names.iter().cloned().zip(fields).filter(|(_, v)| !v.is_empty()).collect();
+        check_identity(&identity).map_err(|e| bad(n, e.public_message()))?;
+        let text = identity_json(&identity);
+        if let Some(first) = seen.get(&text) {
+            return Err(bad(n, format!("duplicate identity (the same as line {first})")));
+        }
+        seen.insert(text.clone(), n);
+        rows.push((text, n.to_string()));
+        if rows.len() > MAX_CSV_ROWS {
+            return Err(bad(n, format!("more than {MAX_CSV_ROWS} devices in one file")));
+        }
+    }
+    if rows.is_empty() {
+        return Err(AppError::BadRequest("the CSV has a header but no devices".into()));
+    }
+    let mut tx = db.begin_write().await?;
+    let now = now_ms();
+    for (text, n) in &rows {
+        let hash = auth::sha256_hex(text);
+        let exists: Option<(String,)> = sqlx::query_as("SELECT org_id FROM preauthorizations WHERE identity_hash = $1")
+            .bind(hash.clone())
+            .fetch_optional(tx.conn())
+            .await?;
+        if exists.is_some() {
+            return Err(AppError::BadRequest(format!("line {n}: identity {text} is pre-authorized already")));
+        }
+        sqlx::query(
+            "INSERT INTO preauthorizations (id, org_id, identity, identity_hash, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(new_id())
+        .bind(p.org().to_string())
+        .bind(text.clone())
+        .bind(hash)
+        .bind(p.name.clone())
+        .bind(now)
+        .execute(tx.conn())
+        .await?;
+    }
+    let created = u32::try_from(rows.len()).unwrap_or(u32::MAX);
+    let summary = format!("{created} device identities pre-authorized from a CSV file (columns {})", names.join(", "));
+    audit::append(
+        tx.conn(),
+        Event { actor: p, action: "device.preauthorize", target_kind: "device", target_id: "-", summary },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(BulkPreauthorized { created })
+}
+
+type TokenRow = (String, String, String, Option<i64>, i64, String, String, i64, Option<i64>, Option<i64>, String);
+const TOKEN_COLUMNS: &str =
+    "id, name, prefix, max_uses, uses, tags, created_by, created_at, expires_at, revoked_at, groups";
+
+/// Group names by id, to show a token's groups (stored by id, so a renamed group follows).
+async fn group_names(conn: &mut sqlx::AnyConnection, org_id: &str) -> Result<BTreeMap<String, String>, sqlx::Error> {
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, name FROM device_groups WHERE org_id = $1")
+        .bind(org_id.to_string())
+        .fetch_all(conn)
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+fn to_token(r: TokenRow, names: &BTreeMap<String, String>) -> EnrollmentToken {
+    let groups = parse_list(&r.10).iter().filter_map(|id| names.get(id).cloned()).collect();
     EnrollmentToken {
         id: r.0,
         name: r.1,
@@ -398,6 +822,7 @@ fn to_token(r: TokenRow) -> EnrollmentToken {
         created_at: to_rfc3339(r.7),
         expires_at: opt_rfc3339(r.8),
         revoked_at: opt_rfc3339(r.9),
+        groups,
     }
 }
 
@@ -414,14 +839,36 @@ pub async fn create_enrollment_token(
     if req.expires_in_days == Some(0) || req.expires_in_days.is_some_and(|d| d > 3650) {
         return Err(AppError::BadRequest("expires_in_days must be between 1 and 3650".into()));
     }
-    drover_proto::device::check_inventory(&req.tags).map_err(|e| AppError::BadRequest(format!("tags: {e}")))?;
+    check_tags(&req.tags)?;
+    if req.groups.len() > 64 {
+        return Err(AppError::BadRequest("an enrollment token has at most 64 groups".into()));
+    }
+    let mut tx = db.begin_write().await?;
+    let mut group_ids = Vec::new();
+    for name in &req.groups {
+        let g: Option<(String, String)> =
+            sqlx::query_as("SELECT id, kind FROM device_groups WHERE org_id = $1 AND name = $2")
+                .bind(p.org().to_string())
+                .bind(name.clone())
+                .fetch_optional(tx.conn())
+                .await?;
+        match g {
+            None => return Err(AppError::BadRequest(format!("groups: there is no group named {name:?}"))),
+            Some((_, kind)) if kind != "static" => {
+                return Err(AppError::BadRequest(format!(
+                    "groups: {name:?} is a dynamic group; devices join it by matching its filter"
+                )));
+            }
+            Some((id, _)) if !group_ids.contains(&id) => group_ids.push(id),
+            Some(_) => {}
+        }
+    }
     let secret = format!("{ENROLL_TOKEN_PREFIX}{}", auth::random_secret(32));
     let id = new_id();
     let now = now_ms();
-    let mut tx = db.begin_write().await?;
     sqlx::query(
-        "INSERT INTO enrollment_tokens (id, org_id, name, secret_hash, prefix, max_uses, uses, tags, created_by, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $10)",
+        "INSERT INTO enrollment_tokens (id, org_id, name, secret_hash, prefix, max_uses, uses, tags, created_by, created_at, expires_at, groups) \
+         VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $10, $11)",
     )
     .bind(id.clone())
     .bind(p.org().to_string())
@@ -433,10 +880,12 @@ pub async fn create_enrollment_token(
     .bind(p.name.clone())
     .bind(now)
     .bind(req.expires_in_days.map(|d| now + i64::from(d) * 86_400_000))
+    .bind(serde_json::to_string(&group_ids).unwrap_or_else(|_| "[]".into()))
     .execute(tx.conn())
     .await?;
     let limit = req.max_uses.map(|m| format!("{m} uses")).unwrap_or_else(|| "unlimited uses".into());
-    let summary = format!("enrollment token {:?}, {limit}, tags {}", req.name, tags_json(&req.tags));
+    let groups = if req.groups.is_empty() { String::new() } else { format!(", groups {:?}", req.groups) };
+    let summary = format!("enrollment token {:?}, {limit}, tags {}{groups}", req.name, tags_json(&req.tags));
     audit::append(
         tx.conn(),
         Event { actor: p, action: "enrollment_token.create", target_kind: "enrollment_token", target_id: &id, summary },
@@ -446,8 +895,9 @@ pub async fn create_enrollment_token(
         .bind(id.clone())
         .fetch_one(tx.conn())
         .await?;
+    let names = group_names(tx.conn(), p.org()).await?;
     tx.commit().await?;
-    Ok(CreatedEnrollmentToken { token: to_token(row), secret })
+    Ok(CreatedEnrollmentToken { token: to_token(row, &names), secret })
 }
 
 pub async fn list_enrollment_tokens(db: &Db, p: &Principal) -> AppResult<Vec<EnrollmentToken>> {
@@ -458,7 +908,9 @@ pub async fn list_enrollment_tokens(db: &Db, p: &Principal) -> AppResult<Vec<Enr
     .bind(p.org().to_string())
     .fetch_all(db.pool())
     .await?;
-    Ok(rows.into_iter().map(to_token).collect())
+    let mut conn = db.pool().acquire().await?;
+    let names = group_names(&mut conn, p.org()).await?;
+    Ok(rows.into_iter().map(|r| to_token(r, &names)).collect())
 }
 
 pub async fn revoke_enrollment_token(db: &Db, p: &Principal, id: &str) -> AppResult<EnrollmentToken> {
@@ -470,7 +922,8 @@ pub async fn revoke_enrollment_token(db: &Db, p: &Principal, id: &str) -> AppRes
             .bind(id.to_string())
             .fetch_optional(tx.conn())
             .await?;
-    let token = to_token(row.ok_or_else(|| AppError::NotFound(format!("no enrollment token with id {id:?}")))?);
+    let names = group_names(tx.conn(), p.org()).await?;
+    let token = to_token(row.ok_or_else(|| AppError::NotFound(format!("no enrollment token with id {id:?}")))?, &names);
     if token.revoked_at.is_none() {
         sqlx::query("UPDATE enrollment_tokens SET revoked_at = $1 WHERE id = $2")
             .bind(now_ms())
@@ -495,5 +948,20 @@ pub async fn revoke_enrollment_token(db: &Db, p: &Principal, id: &str) -> AppRes
         .fetch_one(tx.conn())
         .await?;
     tx.commit().await?;
-    Ok(to_token(row))
+    Ok(to_token(row, &names))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_fields;
+
+    #[test]
+    fn csv_quoting() {
+        assert_eq!(csv_fields("a, b ,c").unwrap(), ["a", "b", "c"]);
+        assert_eq!(csv_fields(r#""x, y","say ""hi""",,z"#).unwrap(), ["x, y", r#"say "hi""#, "", "z"]);
+        // Tried: an unclosed quote, a quote mid-field, text after a closing quote.
+        assert!(csv_fields(r#""open"#).is_err());
+        assert!(csv_fields(r#"ab"c"#).is_err());
+        assert!(csv_fields(r#""a"b"#).is_err());
+    }
 }

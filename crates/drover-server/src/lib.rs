@@ -15,6 +15,8 @@ pub mod db;
 pub mod devices;
 pub mod devnet;
 pub mod error;
+pub mod filter;
+pub mod groups;
 pub mod metrics;
 pub mod migrations;
 pub mod ops;

@@ -360,4 +360,23 @@ ALTER TABLE enrollment_tokens ADD COLUMN groups TEXT NOT NULL DEFAULT '[]';
 INSERT INTO device_tags (device_id, key, value) SELECT d.id, j.key, j.value FROM devices d, json_each_text(d.tags::json) j;
 "#,
     },
+    Migration {
+        version: 4,
+        name: "device listing indexes: by id, by update, by last seen (never seen = 0)",
+        // Listings sort by `COALESCE(last_seen_at, 0)` so that never-seen devices sort the same
+        // on both engines (NULLs sort first on SQLite, last on PostgreSQL); the index has the
+        // same expression, replacing the plain one of v3.
+        sqlite: r#"
+CREATE INDEX devices_org_id ON devices (org_id, id);
+CREATE INDEX devices_org_updated ON devices (org_id, updated_at, id);
+DROP INDEX devices_org_last_seen;
+CREATE INDEX devices_org_seen ON devices (org_id, COALESCE(last_seen_at, 0), id);
+"#,
+        postgres: r#"
+CREATE INDEX devices_org_id ON devices (org_id, id);
+CREATE INDEX devices_org_updated ON devices (org_id, updated_at, id);
+DROP INDEX devices_org_last_seen;
+CREATE INDEX devices_org_seen ON devices (org_id, (COALESCE(last_seen_at, 0)), id);
+"#,
+    },
 ];

@@ -130,6 +130,11 @@ fn body_for(path: &str, method: &Method) -> Option<Value> {
         ("POST", "/api/v1/auth/login") => Some(json!({"username": "admin", "password": ADMIN_PASSWORD})),
         ("POST", "/api/v1/devices/preauthorize") => Some(json!({"identities": [{"serial": "SN-1"}]})),
         ("POST", "/api/v1/enrollment-tokens") => Some(json!({"name": "factory", "max_uses": 10})),
+        ("PUT", "/api/v1/devices/{id}/tags") => Some(json!({"tags": {"region": "eu"}})),
+        ("PATCH", "/api/v1/devices/{id}/tags") => Some(json!({"set": {"region": "eu"}})),
+        ("POST", "/api/v1/groups") => Some(json!({"name": "fleet", "kind": "static"})),
+        ("PATCH", "/api/v1/groups/{id}") => Some(json!({"name": "renamed"})),
+        ("POST", "/api/v1/groups/{id}/devices") => Some(json!({"devices": ["x"]})),
         _ => None,
     }
 }
@@ -155,9 +160,11 @@ async fn a_viewer_is_refused_on_every_mutating_route_and_the_audit_log_is_unchan
                 continue;
             }
             let id = if path.starts_with("/api/v1/tokens/") { &token_id } else { &admin_id };
-            let concrete = path.replace("{id}", id);
-            // Devices and enrollment tokens are an operator's work; the rest an admin's.
-            let operator_may = path.starts_with("/api/v1/devices") || path.starts_with("/api/v1/enrollment-tokens");
+            let concrete = path.replace("{id}", id).replace("{device_id}", id);
+            // Devices, groups and enrollment tokens are an operator's work; the rest an admin's.
+            let operator_may = ["/api/v1/devices", "/api/v1/enrollment-tokens", "/api/v1/groups"]
+                .iter()
+                .any(|prefix| path.starts_with(prefix));
             let mut refused = vec![("viewer", &viewer)];
             if !operator_may {
                 refused.push(("operator", &operator));

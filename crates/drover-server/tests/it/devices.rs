@@ -8,12 +8,12 @@ use crate::each_backend;
 use crate::support::TestApp;
 
 /// A device's key and CSR, made the way an agent makes them.
-fn device_csr() -> String {
+pub(crate) fn device_csr() -> String {
     let key = rcgen::KeyPair::generate().unwrap();
     rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap()
 }
 
-async fn enroll(app: &TestApp, csr: &str, identity: Value, token: Option<&str>) -> crate::support::Resp {
+pub(crate) async fn enroll(app: &TestApp, csr: &str, identity: Value, token: Option<&str>) -> crate::support::Resp {
     let mut body = json!({"csr_pem": csr, "identity": identity});
     if let Some(t) = token {
         body["token"] = json!(t);
@@ -322,5 +322,362 @@ async fn presence_is_recorded_for_accepted_devices_only() {
         }
         let ev = events(db.clone(), flap.clone()).await;
         assert_eq!(ev.len() as i64, presence::MAX_EVENTS_PER_DEVICE);
+    });
+}
+
+/// Enrolls `n` accepted devices (pre-authorized `{prefix}-{i}` serials); returns their ids
+/// in enrollment order.
+pub(crate) async fn accepted_devices(app: &TestApp, prefix: &str, n: usize) -> Vec<String> {
+    let identities: Vec<Value> = (0..n).map(|i| json!({"serial": format!("{prefix}-{i:03}")})).collect();
+    let r = app.admin(Method::POST, "/api/v1/devices/preauthorize", Some(json!({"identities": identities}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = enroll(app, &device_csr(), json!({"serial": format!("{prefix}-{i:03}")}), None).await;
+        assert_eq!(r.body["status"], "accepted", "{}", r.text);
+        ids.push(r.body["device_id"].as_str().unwrap().to_string());
+    }
+    ids
+}
+
+/// Every id of a listing, following `next_cursor` page by page.
+pub(crate) async fn all_pages(app: &TestApp, token: &str, path_and_query: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1000 {
+        let sep = if path_and_query.contains('?') { '&' } else { '?' };
+        let url = match &cursor {
+            Some(c) => format!("{path_and_query}{sep}cursor={c}"),
+            None => path_and_query.to_string(),
+        };
+        let r = app.call(Method::GET, &url, Some(token), None).await;
+        assert_eq!(r.status, StatusCode::OK, "{url}: {}", r.text);
+        out.extend(r.body["items"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_string()));
+        match r.body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return out,
+        }
+    }
+    panic!("more than 1000 pages");
+}
+
+/// `%XX`-encodes a query value.
+pub(crate) fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }
+        })
+        .collect()
+}
+
+/// Tried: a key with a space, a value over 256 bytes, 65 tags, a key both set and removed,
+/// an unknown body field, an unknown device, a viewer.
+#[tokio::test]
+async fn tags_are_replaced_and_patched_audited_and_checked() {
+    each_backend!(|app| {
+        let operator = app.token("operator").await;
+        let viewer = app.token("viewer").await;
+        let id = accepted_devices(&app, "TAG", 1).await.remove(0);
+        let url = format!("/api/v1/devices/{id}/tags");
+        let r =
+            app.call(Method::PUT, &url, Some(&operator), Some(json!({"tags": {"region": "eu", "rack": "r1"}}))).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body["tags"], json!({"region": "eu", "rack": "r1"}));
+        let r = app
+            .call(
+                Method::PATCH,
+                &url,
+                Some(&operator),
+                Some(json!({"set": {"region": "us", "site": "nyc"}, "remove": ["rack"]})),
+            )
+            .await;
+        assert_eq!(r.body["tags"], json!({"region": "us", "site": "nyc"}), "{}", r.text);
+        let d = app.call(Method::GET, &format!("/api/v1/devices/{id}"), Some(&viewer), None).await;
+        assert_eq!(d.body["tags"], json!({"region": "us", "site": "nyc"}));
+
+        let audit = app.admin(Method::GET, &format!("/api/v1/audit?action=device.tags&target_id={id}"), None).await;
+        let summaries: Vec<&str> =
+            audit.body["items"].as_array().unwrap().iter().map(|e| e["summary"].as_str().unwrap()).collect();
+        assert_eq!(
+            summaries,
+            [
+                r#"tags {"rack":"r1","region":"eu"} → {"region":"us","site":"nyc"}"#,
+                r#"tags {} → {"rack":"r1","region":"eu"}"#
+            ]
+        );
+        // The same tags again change nothing and record nothing.
+        let before = app.audit_count().await;
+        let r = app.call(Method::PATCH, &url, Some(&operator), Some(json!({"set": {"region": "us"}}))).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(app.audit_count().await, before);
+
+        let too_many: serde_json::Map<String, Value> = (0..65).map(|i| (format!("k{i}"), json!("v"))).collect();
+        let bad = [
+            (Method::PUT, json!({"tags": {"bad key": "x"}}), "bad key"),
+            (Method::PUT, json!({"tags": {"k": "x".repeat(257)}}), "over 256 bytes"),
+            (Method::PUT, json!({"tags": too_many}), "at most 64"),
+            (Method::PATCH, json!({"set": {"a": "1"}, "remove": ["a"]}), "both set and removed"),
+            (Method::PATCH, json!({"add": {"a": "1"}}), "unknown field"),
+        ];
+        for (method, body, want) in bad {
+            let r = app.call(method.clone(), &url, Some(&operator), Some(body.clone())).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{method} {body}: {}", r.text);
+            assert!(r.text.contains(want), "{want:?} in {}", r.text);
+        }
+        let r = app.call(Method::PUT, "/api/v1/devices/nope/tags", Some(&operator), Some(json!({"tags": {}}))).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        let r = app.call(Method::PUT, &url, Some(&viewer), Some(json!({"tags": {}}))).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        let r = app.call(Method::PATCH, &url, Some(&viewer), Some(json!({"remove": ["region"]}))).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert_eq!(app.audit_count().await, before, "refusals change nothing");
+        let d = app.call(Method::GET, &format!("/api/v1/devices/{id}"), Some(&viewer), None).await;
+        assert_eq!(d.body["tags"], json!({"region": "us", "site": "nyc"}));
+    });
+}
+
+/// Filter, search, online and every sort, paged 4 at a time: each page follows the last with
+/// no device twice and none missed. Tried: filters that do not parse (with their column), an
+/// unknown sort, a cursor from another sort, a filter naming an unknown group.
+#[tokio::test]
+async fn device_list_filters_sorts_and_pages_without_gaps() {
+    use drover_server::presence;
+    each_backend!(|app| {
+        let ids = accepted_devices(&app, "LST", 14).await;
+        let viewer = app.token("viewer").await;
+        // Even devices in eu, odd in us; every third aarch64; the first half online (pairs seen
+        // at the same time, to exercise the tie-breaker).
+        for (i, id) in ids.iter().enumerate() {
+            let region = if i % 2 == 0 { "eu" } else { "us" };
+            app.admin(Method::PUT, &format!("/api/v1/devices/{id}/tags"), Some(json!({"tags": {"region": region}})))
+                .await;
+            let arch = if i % 3 == 0 { "aarch64" } else { "x86_64" };
+            let attrs = [("arch".to_string(), arch.to_string())].into();
+            // The last device never reports (and so was never seen).
+            if i < 13 {
+                presence::record_inventory(&app.db, id, &attrs, 1_000).await.unwrap();
+            }
+            if i < 7 {
+                presence::record_status(&app.db, id, true, 10_000 + (i as i64 / 2) * 1000).await.unwrap();
+            }
+        }
+        let expect = |pred: &dyn Fn(usize) -> bool| -> Vec<String> {
+            let mut v: Vec<String> = ids.iter().enumerate().filter(|(i, _)| pred(*i)).map(|(_, d)| d.clone()).collect();
+            v.sort();
+            v
+        };
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+
+        let f = enc(r#"tag.region = "eu" and attr.arch = "aarch64" and online"#);
+        let got = all_pages(&app, &viewer, &format!("/api/v1/devices?limit=4&filter={f}")).await;
+        assert_eq!(sorted(got), expect(&|i| i % 2 == 0 && i % 3 == 0 && i < 7), "i = 0, 6");
+
+        let f = enc(r#"(tag.region = us or attr.arch ~ "aarch*") and not online"#);
+        let got = all_pages(&app, &viewer, &format!("/api/v1/devices?limit=4&filter={f}")).await;
+        assert_eq!(sorted(got), expect(&|i| (i % 2 == 1 || i % 3 == 0) && i >= 7));
+
+        let f = enc(r#"tag.region in (eu, "mars") and tag.site not exists and status = accepted"#);
+        let got = all_pages(&app, &viewer, &format!("/api/v1/devices?limit=3&filter={f}&online=false")).await;
+        assert_eq!(sorted(got), expect(&|i| i % 2 == 0 && i >= 7));
+
+        let got = all_pages(&app, &viewer, "/api/v1/devices?limit=4&q=lst-01").await;
+        assert_eq!(sorted(got), expect(&|i| (10..14).contains(&i)), "identity serial substring, any case");
+        let got = all_pages(&app, &viewer, &format!("/api/v1/devices?q={}", &ids[3][..18])).await;
+        assert!(got.contains(&ids[3]), "id substring");
+        let got = all_pages(&app, &viewer, "/api/v1/devices?limit=5&online=true").await;
+        assert_eq!(sorted(got), expect(&|i| i < 7));
+
+        // Every sort, both ways, pages of 4: the whole fleet once, in order.
+        for sort in
+            ["created_at", "-created_at", "id", "-id", "last_seen_at", "-last_seen_at", "updated_at", "-updated_at"]
+        {
+            let got = all_pages(&app, &viewer, &format!("/api/v1/devices?limit=4&sort={sort}")).await;
+            assert_eq!(sorted(got.clone()), expect(&|_| true), "sort {sort}: each device once");
+            match sort.trim_start_matches('-') {
+                "id" => {
+                    let mut want = expect(&|_| true);
+                    if sort.starts_with('-') {
+                        want.reverse();
+                    }
+                    assert_eq!(got, want, "sort {sort}");
+                }
+                "created_at" => {
+                    // uuid v7 ids made in order; created_at in order too.
+                    let mut want = ids.clone();
+                    if sort.starts_with('-') {
+                        want.reverse();
+                    }
+                    assert_eq!(got, want, "sort {sort}");
+                }
+                "last_seen_at" if !sort.starts_with('-') => {
+                    // Never seen first (as 0), then the offline ones (seen at 1000), then by time.
+                    assert_eq!(got[0], ids[13], "never seen first");
+                    assert_eq!(sorted(got[1..7].to_vec()), expect(&|i| (7..13).contains(&i)));
+                    assert_eq!(got[7..9].to_vec(), sorted(ids[0..2].to_vec()), "a tie goes by id");
+                }
+                _ => {}
+            }
+        }
+
+        // Bad input: 400 with the column; no results leak out.
+        let cases = [
+            ("tag.region =", "expected a value after '=' at column 13"),
+            ("tag.region = eu and", "expected a condition"),
+            ("colour = red", "unknown field 'colour'"),
+            ("group = nowhere", "there is no group named \"nowhere\""),
+        ];
+        for (filter, want) in cases {
+            let r =
+                app.call(Method::GET, &format!("/api/v1/devices?filter={}", enc(filter)), Some(&viewer), None).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{filter}: {}", r.text);
+            assert!(r.body["error"]["message"].as_str().unwrap().contains(want), "{filter}: {}", r.text);
+        }
+        let r = app.call(Method::GET, "/api/v1/devices?sort=identity", Some(&viewer), None).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        let first = app.call(Method::GET, "/api/v1/devices?limit=2&sort=id", Some(&viewer), None).await;
+        let c = first.body["next_cursor"].as_str().unwrap();
+        let r = app.call(Method::GET, &format!("/api/v1/devices?limit=2&cursor={c}"), Some(&viewer), None).await;
+        assert_eq!(r.body["error"]["code"], "invalid_cursor", "{}", r.text);
+        // The list shows presence.
+        let page = app.call(Method::GET, "/api/v1/devices?sort=id&limit=500", Some(&viewer), None).await;
+        let d0 = page.body["items"].as_array().unwrap().iter().find(|d| d["id"] == ids[0].as_str()).unwrap().clone();
+        assert_eq!(d0["online"], true);
+        assert_eq!(d0["tags"], json!({"region": "eu"}));
+        assert!(d0["last_seen_at"].is_string());
+    });
+}
+
+/// Tried: a duplicate identity on line 4, a line with too few fields, a bad header, an
+/// identity pre-authorized already, the wrong content type, a viewer. Each refuses the whole
+/// file.
+#[tokio::test]
+async fn csv_preauthorization_is_all_or_nothing() {
+    each_backend!(|app| {
+        let operator = app.token("operator").await;
+        let viewer = app.token("viewer").await;
+        let post = |token: String, ct: &'static str, body: &'static str| {
+            let app = &app;
+            async move {
+                let req = axum::http::Request::builder()
+                    .method(Method::POST)
+                    .uri("/api/v1/devices/preauthorize/bulk")
+                    .header("authorization", format!("Bearer {token}"))
+                    .header("content-type", ct)
+                    .body(axum::body::Body::from(body))
+                    .unwrap();
+                app.send(req).await
+            }
+        };
+        let before = app.audit_count().await;
+        let bad = [
+            (
+                "serial,mac\nA1,02:00:00:00:00:01\nA2,\nA3,x\nA1,02:00:00:00:00:01\n",
+                "line 5: duplicate identity (the same as line 2)",
+            ),
+            ("serial,mac\nA1,m1\nA2\n", "line 3: 1 fields, the header has 2"),
+            ("serial,bad col\nA1,x\n", "line 1: column 2"),
+            ("serial\n\"A1\n", "line 2: an unclosed quote"),
+            ("serial\n", "no devices"),
+        ];
+        for (csv, want) in bad {
+            let r = post(operator.clone(), "text/csv", csv).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{csv:?}: {}", r.text);
+            assert!(r.text.contains(want), "{want:?} in {}", r.text);
+        }
+        assert_eq!(app.audit_count().await, before);
+        // Nothing was pre-authorized: A1 must wait for an operator.
+        let r = enroll(&app, &device_csr(), json!({"serial": "A1", "mac": "02:00:00:00:00:01"}), None).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+
+        let before = app.audit_count().await;
+        let r =
+            post(operator.clone(), "text/csv; charset=utf-8", "\u{feff}serial,mac\r\nB1,m1\r\nB2,\r\n\"B,3\",m3\r\n")
+                .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body, json!({"created": 3}));
+        assert_eq!(app.audit_count().await, before + 1, "audited once");
+        let a = app.admin(Method::GET, "/api/v1/audit?limit=1", None).await;
+        assert!(a.body["items"][0]["summary"].as_str().unwrap().starts_with("3 device identities pre-authorized"));
+        // An empty cell leaves the attribute out: B2's identity is just its serial.
+        let r = enroll(&app, &device_csr(), json!({"serial": "B2"}), None).await;
+        assert_eq!(r.body["status"], "accepted", "{}", r.text);
+        let r = enroll(&app, &device_csr(), json!({"serial": "B,3", "mac": "m3"}), None).await;
+        assert_eq!(r.body["status"], "accepted", "{}", r.text);
+
+        let r = post(operator.clone(), "text/csv", "serial\nC1\nB2\n").await;
+        assert_eq!(r.body["error"]["message"], "line 3: identity {\"serial\":\"B2\"} is pre-authorized already");
+        let r = enroll(&app, &device_csr(), json!({"serial": "C1"}), None).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "C1 was not added: {}", r.text);
+        let r = post(operator.clone(), "application/json", "serial\nD1\n").await;
+        assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        let r = post(viewer.clone(), "text/csv", "serial\nD1\n").await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+    });
+}
+
+/// Tried: an unknown group name and a dynamic group's name at token creation.
+#[tokio::test]
+async fn enrollment_token_groups_are_joined_at_enrollment() {
+    each_backend!(|app| {
+        let operator = app.token("operator").await;
+        for (name, kind, filter) in
+            [("ops", "static", None), ("berlin", "static", None), ("eu", "dynamic", Some("tag.site = berlin"))]
+        {
+            let r = app
+                .call(
+                    Method::POST,
+                    "/api/v1/groups",
+                    Some(&operator),
+                    Some(json!({"name": name, "kind": kind, "filter": filter})),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        }
+        let token = |groups: Value| {
+            let app = &app;
+            let operator = operator.clone();
+            async move {
+                app.call(
+                    Method::POST,
+                    "/api/v1/enrollment-tokens",
+                    Some(&operator),
+                    Some(json!({"name": "line", "tags": {"site": "berlin"}, "groups": groups})),
+                )
+                .await
+            }
+        };
+        let r = token(json!(["ops", "nope"])).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert_eq!(r.body["error"]["message"], "groups: there is no group named \"nope\"");
+        let r = token(json!(["eu"])).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(r.text.contains("dynamic"), "{}", r.text);
+        let r = token(json!(["ops", "berlin"])).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        assert_eq!(r.body["token"]["groups"], json!(["ops", "berlin"]));
+        let secret = r.body["secret"].as_str().unwrap().to_string();
+
+        let r = enroll(&app, &device_csr(), json!({"serial": "TG-1"}), Some(&secret)).await;
+        let id = r.body["device_id"].as_str().unwrap().to_string();
+        let d = app.call(Method::GET, &format!("/api/v1/devices/{id}"), Some(&operator), None).await;
+        let mut groups: Vec<(String, String)> = d.body["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| (g["name"].as_str().unwrap().to_string(), g["kind"].as_str().unwrap().to_string()))
+            .collect();
+        groups.sort();
+        assert_eq!(
+            groups,
+            [("berlin".into(), "static".into()), ("eu".into(), "dynamic".into()), ("ops".into(), "static".into())],
+            "the token's static groups, and the dynamic group its token tags match: {}",
+            d.text
+        );
+        assert_eq!(d.body["tags"], json!({"site": "berlin"}));
+        let tokens = app.call(Method::GET, "/api/v1/enrollment-tokens", Some(&operator), None).await;
+        assert_eq!(tokens.body[0]["groups"], json!(["ops", "berlin"]));
     });
 }

@@ -9,5 +9,6 @@ mod browser;
 mod devices;
 mod e2e;
 mod fleet;
+mod groups;
 mod support;
 mod ui;
