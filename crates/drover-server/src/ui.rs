@@ -21,6 +21,9 @@ use crate::auth::{LOGIN_CSRF_COOKIE, Principal, SESSION_COOKIE, random_secret};
 use crate::error::AppError;
 use crate::ops;
 
+mod fleet;
+mod groups;
+
 const HTMX: &str = include_str!("../assets/vendor/htmx-2.0.4.min.js");
 const HTMX_LICENSE: &str = include_str!("../assets/vendor/htmx-2.0.4.LICENSE");
 const CSS: &str = include_str!("../assets/drover.css");
@@ -48,6 +51,14 @@ impl Templates {
             ("tokens.html", include_str!("../templates/tokens.html")),
             ("account.html", include_str!("../templates/account.html")),
             ("error.html", include_str!("../templates/error.html")),
+            ("devices.html", include_str!("../templates/devices.html")),
+            ("devices_table.html", include_str!("../templates/devices_table.html")),
+            ("device.html", include_str!("../templates/device.html")),
+            ("device_decommission.html", include_str!("../templates/device_decommission.html")),
+            ("enrollment.html", include_str!("../templates/enrollment.html")),
+            ("groups.html", include_str!("../templates/groups.html")),
+            ("group.html", include_str!("../templates/group.html")),
+            ("group_preview.html", include_str!("../templates/group_preview.html")),
         ] {
             env.add_template(name, src).expect("templates compile");
         }
@@ -72,6 +83,8 @@ pub fn routes() -> Router<AppState> {
         .route("/tokens", get(tokens).post(tokens_create))
         .route("/tokens/{id}/revoke", post(tokens_revoke))
         .route("/audit", get(audit))
+        .merge(fleet::routes())
+        .merge(groups::routes())
         .route("/assets/drover.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], CSS) }))
         .route(
             "/assets/vendor/htmx-2.0.4.min.js",
@@ -126,7 +139,14 @@ fn check_csrf(p: &Principal, sent: &str) -> Result<(), AppError> {
 /// Context every page shares.
 async fn page_ctx(s: &AppState, p: &Principal, page: &str, flash: &Flash) -> Result<Value, AppError> {
     let me = ops::me(&s.db, p).await?;
+    // The navigation shows how many devices wait for an operator.
+    let (pending,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM devices WHERE org_id = $1 AND status = 'pending'")
+        .bind(p.org().to_string())
+        .fetch_one(s.db.pool())
+        .await?;
     Ok(context! {
+        pending_count => pending,
+        can_operate => p.role >= Role::Operator,
         me => me,
         org => me.organization,
         csrf => p.session_csrf,

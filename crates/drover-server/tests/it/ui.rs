@@ -250,3 +250,393 @@ async fn sign_in_pages_and_forms() {
         assert!(lic.text.contains("htmx 2.0.4") && lic.text.contains("Zero-Clause BSD"), "{}", lic.text);
     });
 }
+
+/// A device asks to enroll with a fresh key; returns its id.
+async fn enroll_device(app: &TestApp, identity: serde_json::Value, token: Option<&str>) -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
+    let mut body = json!({"csr_pem": csr, "identity": identity});
+    if let Some(t) = token {
+        body["token"] = json!(t);
+    }
+    let r = app.call(Method::POST, "/api/v1/enroll", None, Some(body)).await;
+    assert!(r.status.is_success(), "{}", r.text);
+    r.body["device_id"].as_str().unwrap().to_string()
+}
+
+fn location(r: &Resp) -> String {
+    r.headers.get(header::LOCATION).map(|l| l.to_str().unwrap().to_string()).unwrap_or_default()
+}
+
+async fn device_status(app: &TestApp, id: &str) -> String {
+    app.admin(Method::GET, &format!("/api/v1/devices/{id}"), None).await.body["status"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn device_pages_pending_accept_tags_decommission() {
+    each_backend!(|app| {
+        let a = enroll_device(&app, json!({"serial": "SN-UI-A"}), None).await;
+        let b = enroll_device(&app, json!({"serial": "SN-UI-B"}), None).await;
+        let (session, csrf) = sign_in(&app, "admin", ADMIN_PASSWORD).await;
+
+        // The list, with counts per status and the pending devices in the navigation.
+        let list = get(&app, "/devices", &session).await;
+        assert_eq!(list.status, StatusCode::OK, "{}", list.text);
+        assert!(list.text.contains("serial=SN-UI-A") && list.text.contains("serial=SN-UI-B"));
+        assert!(list.text.contains(r#"id="tab-pending">pending <span class="count">2</span>"#), "{}", list.text);
+        assert!(list.text.contains(r#"Pending <span class="badge">2</span>"#));
+        assert!(list.text.contains(r#"hx-trigger="every 5s""#), "the table refreshes itself");
+        let table = get(&app, "/devices/table?sort=-created_at", &session).await;
+        assert!(table.text.starts_with(r#"<div id="devices-table""#) && !table.text.contains("<html"), "a fragment");
+        assert!(table.text.contains("SN-UI-A"));
+
+        // The pending list has boxes to tick and a bulk accept.
+        let pending = get(&app, "/devices?status=pending", &session).await;
+        assert!(pending.text.contains("Pending devices") && pending.text.contains(r#"id="bulk-accept""#));
+        assert!(pending.text.contains(&format!(r#"name="id" value="{a}" form="bulk""#)));
+        assert!(!pending.text.contains(r#"hx-trigger="every 5s""#), "ticked boxes are not swapped away");
+
+        let r = post_form(&app, "/devices/bulk", &session, &[("action", "accept"), ("id", &a)]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "no CSRF token: {}", r.text);
+        let r =
+            post_form(&app, "/devices/bulk", &session, &[("csrf", "wrong"), ("action", "accept"), ("id", &a)]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert_eq!(device_status(&app, &a).await, "pending");
+        let r = post_form(
+            &app,
+            "/devices/bulk",
+            &session,
+            &[("csrf", &csrf), ("return_to", "/devices?status=pending"), ("action", "accept"), ("id", &a)],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER);
+        assert_eq!(location(&r), "/devices?status=pending&notice=Accepted%201%20device.");
+        assert_eq!(device_status(&app, &a).await, "accepted");
+
+        // The device page: identity, presence, agent, certificate, inventory, events.
+        drover_server::presence::record_hello(&app.db, &a, "drover-agent/0.1.0", Some("boot-1"), 1_700_000_000_000)
+            .await
+            .unwrap();
+        drover_server::presence::record_status(&app.db, &a, true, 1_700_000_000_000).await.unwrap();
+        let inventory = [("arch".to_string(), "aarch64".to_string())].into_iter().collect();
+        drover_server::presence::record_inventory(&app.db, &a, &inventory, 1_700_000_000_500).await.unwrap();
+        let page = get(&app, &format!("/devices/{a}"), &session).await;
+        assert_eq!(page.status, StatusCode::OK);
+        assert!(page.text.contains(r#"id="device-status">accepted"#), "{}", page.text);
+        assert!(page.text.contains(r#"id="device-presence">● online"#));
+        assert!(page.text.contains("drover-agent&#x2f;0.1.0") && page.text.contains("aarch64"));
+        assert!(page.text.contains("Certificate expires</dt><dd>20"), "the expiry date is shown");
+        assert!(page.text.contains("connected"), "recent events");
+        assert!(page.text.contains(&format!(r#"href="/devices/{a}/decommission""#)));
+        let online = get(&app, "/devices?online=true", &session).await;
+        assert!(online.text.contains("SN-UI-A") && !online.text.contains("SN-UI-B"));
+
+        // Tags through the form, then a filter on them.
+        let r = post_form(
+            &app,
+            &format!("/devices/{a}/tags"),
+            &session,
+            &[("csrf", &csrf), ("tags", "region=eu\nrack = 7\n")],
+        )
+        .await;
+        assert_eq!(location(&r), format!("/devices/{a}?notice=Tags%20saved."));
+        let d = app.admin(Method::GET, &format!("/api/v1/devices/{a}"), None).await;
+        assert_eq!(d.body["tags"], json!({"region": "eu", "rack": "7"}));
+        let r =
+            post_form(&app, &format!("/devices/{a}/tags"), &session, &[("csrf", &csrf), ("tags", "no equals sign")])
+                .await;
+        assert!(location(&r).contains("error=tags"), "{}", location(&r));
+        let eu = get(&app, "/devices?filter=tag.region%20%3D%20%22eu%22&sort=-created_at", &session).await;
+        assert_eq!(eu.status, StatusCode::OK, "{}", eu.text);
+        assert!(eu.text.contains("SN-UI-A") && !eu.text.contains("SN-UI-B"));
+        let q = get(&app, "/devices?q=ui-b", &session).await;
+        assert!(q.text.contains("SN-UI-B") && !q.text.contains("SN-UI-A"));
+
+        // A filter that does not parse comes back to the list with the reason, the filter kept.
+        let r = get(&app, "/devices?filter=tag.region%20%3D", &session).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER);
+        let loc = location(&r);
+        assert!(loc.starts_with("/devices?filter=tag.region%20%3D&error="), "{loc}");
+        let shown = get(&app, &loc, &session).await;
+        assert!(shown.text.contains("column"), "{}", shown.text);
+
+        // Reject from the device page.
+        let r = post_form(&app, &format!("/devices/{b}/reject"), &session, &[("csrf", &csrf)]).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER);
+        assert_eq!(device_status(&app, &b).await, "rejected");
+
+        // Decommission asks first.
+        let r = post_form(&app, &format!("/devices/{a}/decommission"), &session, &[("csrf", &csrf)]).await;
+        assert_eq!(location(&r), format!("/devices/{a}/decommission"));
+        assert_eq!(device_status(&app, &a).await, "accepted");
+        let confirm = get(&app, &format!("/devices/{a}/decommission"), &session).await;
+        assert!(confirm.text.contains("cannot be undone") && confirm.text.contains(r#"name="confirm" value="yes""#));
+        let r =
+            post_form(&app, &format!("/devices/{a}/decommission"), &session, &[("csrf", &csrf), ("confirm", "yes")])
+                .await;
+        assert!(location(&r).starts_with(&format!("/devices/{a}?notice=Device%20decommissioned")));
+        assert_eq!(device_status(&app, &a).await, "decommissioned");
+
+        // A viewer sees the devices and no buttons, and is refused if posting anyway.
+        let c = enroll_device(&app, json!({"serial": "SN-UI-C"}), None).await;
+        let r = app
+            .admin(
+                Method::POST,
+                "/api/v1/users",
+                Some(json!({"username": "vic", "role": "viewer", "password": "vic's password"})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        let (vs, vcsrf) = sign_in(&app, "vic", "vic's password").await;
+        let page = get(&app, &format!("/devices/{c}"), &vs).await;
+        assert!(
+            page.text.contains("SN-UI-C") && !page.text.contains(r#"id="accept""#) && !page.text.contains("Save tags")
+        );
+        let pending = get(&app, "/devices?status=pending", &vs).await;
+        assert!(pending.text.contains("SN-UI-C") && !pending.text.contains("bulk-accept"));
+        let r = post_form(&app, &format!("/devices/{c}/accept"), &vs, &[("csrf", &vcsrf)]).await;
+        assert!(location(&r).contains("error=permission%20denied"), "{}", location(&r));
+        assert_eq!(device_status(&app, &c).await, "pending");
+
+        let missing = get(&app, "/devices/no-such-device", &session).await;
+        assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    });
+}
+
+/// A multipart/form-data body as a browser sends a file upload.
+fn multipart(boundary: &str, fields: &[(&str, Option<&str>, &str)]) -> String {
+    let mut body = String::new();
+    for (name, filename, content) in fields {
+        body.push_str(&format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\""));
+        if let Some(f) = filename {
+            body.push_str(&format!("; filename=\"{f}\"\r\nContent-Type: text/csv"));
+        }
+        body.push_str(&format!("\r\n\r\n{content}\r\n"));
+    }
+    body + &format!("--{boundary}--\r\n")
+}
+
+#[tokio::test]
+async fn enrollment_tokens_and_preauthorization_pages() {
+    each_backend!(|app| {
+        let (session, csrf) = sign_in(&app, "admin", ADMIN_PASSWORD).await;
+        let page = get(&app, "/enrollment", &session).await;
+        assert_eq!(page.status, StatusCode::OK);
+        assert!(page.text.contains("No enrollment tokens yet."));
+
+        let r = post_form(
+            &app,
+            "/enrollment/tokens",
+            &session,
+            &[("name", "line 3"), ("max_uses", "5"), ("expires_in_days", "30"), ("tags", "site=berlin")],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "no CSRF token");
+        let r = post_form(
+            &app,
+            "/enrollment/tokens",
+            &session,
+            &[
+                ("csrf", &csrf),
+                ("name", "line 3"),
+                ("max_uses", "5"),
+                ("expires_in_days", "30"),
+                ("tags", "site=berlin"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.headers.get(header::CACHE_CONTROL).unwrap(), "no-store");
+        let secret = extract(&r.text, r#"id="new-enrollment-token">"#, "<").expect("the secret is shown once");
+        assert!(secret.starts_with("dre_"));
+        let d = enroll_device(&app, json!({"serial": "SN-TOK"}), Some(&secret)).await;
+        assert_eq!(device_status(&app, &d).await, "accepted");
+        let page = get(&app, "/enrollment", &session).await;
+        assert!(page.text.contains("line 3") && page.text.contains("1 of 5") && page.text.contains("site=berlin"));
+        assert!(!page.text.contains(&secret), "shown only once");
+        let r =
+            post_form(&app, "/enrollment/tokens", &session, &[("csrf", &csrf), ("name", "x"), ("max_uses", "lots")])
+                .await;
+        assert!(location(&r).contains("error=max%20uses%20must%20be%20a%20whole%20number"), "{}", location(&r));
+
+        let tokens = app.admin(Method::GET, "/api/v1/enrollment-tokens", None).await;
+        let tid = tokens.body[0]["id"].as_str().unwrap().to_string();
+        let r = post_form(&app, &format!("/enrollment/tokens/{tid}/revoke"), &session, &[("csrf", &csrf)]).await;
+        assert_eq!(location(&r), "/enrollment?notice=Enrollment%20token%20line%203%20revoked.");
+        assert!(app.admin(Method::GET, "/api/v1/enrollment-tokens", None).await.body[0]["revoked_at"].is_string());
+
+        // One identity typed, then a CSV file uploaded: those devices enroll at once.
+        let r =
+            post_form(&app, "/enrollment/preauthorize", &session, &[("csrf", &csrf), ("identity", "serial=SN-PRE\n")])
+                .await;
+        assert!(location(&r).contains("notice=1%20device%20identities%20pre-authorized"), "{}", location(&r));
+        let d = enroll_device(&app, json!({"serial": "SN-PRE"}), None).await;
+        assert_eq!(device_status(&app, &d).await, "accepted");
+        let csv = "serial,mac\r\nSN-CSV-1,02:00:00:00:00:11\r\nSN-CSV-2,02:00:00:00:00:12\r\n";
+        let body =
+            multipart("XbOuNdArY", &[("csrf", None, &csrf), ("file", Some("devices.csv"), csv), ("csv", None, "")]);
+        let req = Request::post("/enrollment/preauthorize")
+            .header(header::COOKIE, &session)
+            .header(header::CONTENT_TYPE, "multipart/form-data; boundary=XbOuNdArY")
+            .body(Body::from(body))
+            .unwrap();
+        let r = app.send(req).await;
+        assert!(location(&r).contains("notice=2%20device%20identities%20pre-authorized"), "{}", location(&r));
+        let d = enroll_device(&app, json!({"serial": "SN-CSV-2", "mac": "02:00:00:00:00:12"}), None).await;
+        assert_eq!(device_status(&app, &d).await, "accepted");
+        let body = multipart("b", &[("csrf", None, "wrong"), ("file", Some("d.csv"), csv)]);
+        let req = Request::post("/enrollment/preauthorize")
+            .header(header::COOKIE, &session)
+            .header(header::CONTENT_TYPE, "multipart/form-data; boundary=b")
+            .body(Body::from(body))
+            .unwrap();
+        assert_eq!(app.send(req).await.status, StatusCode::FORBIDDEN);
+        let r = post_form(&app, "/enrollment/preauthorize", &session, &[("csrf", &csrf), ("csv", "serial\n\n")]).await;
+        assert!(location(&r).contains("error="), "{}", location(&r));
+
+        // A viewer sees the tokens, not the forms, and cannot create one.
+        app.admin(
+            Method::POST,
+            "/api/v1/users",
+            Some(json!({"username": "vic", "role": "viewer", "password": "vic's password"})),
+        )
+        .await;
+        let (vs, vcsrf) = sign_in(&app, "vic", "vic's password").await;
+        let page = get(&app, "/enrollment", &vs).await;
+        assert!(page.text.contains("line 3") && !page.text.contains("create-enrollment-token"));
+        let r = post_form(&app, "/enrollment/tokens", &vs, &[("csrf", &vcsrf), ("name", "sneaky")]).await;
+        assert!(location(&r).contains("permission%20denied"), "{}", location(&r));
+    });
+}
+
+#[tokio::test]
+async fn group_pages_static_dynamic_and_the_live_preview() {
+    each_backend!(|app| {
+        let token = app
+            .admin(Method::POST, "/api/v1/enrollment-tokens", Some(json!({"name": "t", "tags": {"region": "eu"}})))
+            .await;
+        let secret = token.body["secret"].as_str().unwrap().to_string();
+        let eu1 = enroll_device(&app, json!({"serial": "SN-G1"}), Some(&secret)).await;
+        let _eu2 = enroll_device(&app, json!({"serial": "SN-G2"}), Some(&secret)).await;
+        let other = enroll_device(&app, json!({"serial": "SN-G3"}), None).await;
+        let (session, csrf) = sign_in(&app, "admin", ADMIN_PASSWORD).await;
+        let page = get(&app, "/groups", &session).await;
+        assert_eq!(page.status, StatusCode::OK);
+        assert!(
+            page.text.contains("No groups yet.") && page.text.contains(r#"hx-trigger="keyup changed delay:400ms""#)
+        );
+
+        // The live preview: a fragment with the count, or the mistake and where it is.
+        let pv = get(&app, "/groups/preview?filter=tag.region%20%3D%20eu", &session).await;
+        assert_eq!(pv.status, StatusCode::OK);
+        assert!(pv.text.contains("<strong>2</strong> devices match") && pv.text.contains("SN-G1"), "{}", pv.text);
+        assert!(!pv.text.contains("<html"));
+        let pv = get(&app, "/groups/preview?filter=tag.region%20%3D", &session).await;
+        assert!(pv.text.contains(r#"id="preview-error""#) && pv.text.contains("column 13"), "{}", pv.text);
+        assert!(pv.text.contains("            ^"), "a caret under the mistake: {}", pv.text);
+
+        // A dynamic group from the form; its page lists what the filter matches.
+        let r =
+            post_form(&app, "/groups", &session, &[("name", "eu"), ("kind", "dynamic"), ("filter", "tag.region = eu")])
+                .await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "a form without its CSRF token is malformed");
+        let r = post_form(
+            &app,
+            "/groups",
+            &session,
+            &[
+                ("csrf", &csrf),
+                ("name", "eu"),
+                ("kind", "dynamic"),
+                ("filter", "tag.region = eu"),
+                ("description", "Europe"),
+            ],
+        )
+        .await;
+        let loc = location(&r);
+        assert!(loc.starts_with("/groups/") && loc.contains("notice=Group%20eu%20created."), "{loc}");
+        let eu_page = get(&app, &loc, &session).await;
+        assert!(eu_page.text.contains(r#"id="device-count">2<"#), "{}", eu_page.text);
+        assert!(eu_page.text.contains("SN-G1") && !eu_page.text.contains("SN-G3"));
+        assert!(eu_page.text.contains(r#"id="edit-group""#) && eu_page.text.contains("hx-get=\"/groups/preview\""));
+        let eu_id = loc.trim_start_matches("/groups/").split('?').next().unwrap().to_string();
+        let r =
+            post_form(&app, &format!("/groups/{eu_id}/edit"), &session, &[("csrf", &csrf), ("filter", "id = nobody")])
+                .await;
+        assert!(location(&r).contains("notice=Group%20eu%20saved."), "{}", location(&r));
+        let eu_page = get(&app, &format!("/groups/{eu_id}"), &session).await;
+        assert!(eu_page.text.contains(r#"id="device-count">0<"#));
+        let r = post_form(&app, &format!("/groups/{eu_id}/edit"), &session, &[("csrf", &csrf), ("filter", "tag.x =")])
+            .await;
+        assert!(location(&r).contains("error="), "a bad filter is refused: {}", location(&r));
+        let r = post_form(
+            &app,
+            "/groups",
+            &session,
+            &[("csrf", &csrf), ("name", "bad"), ("kind", "dynamic"), ("filter", "(")],
+        )
+        .await;
+        assert!(location(&r).starts_with("/groups?error="), "{}", location(&r));
+
+        // A static group: members added and removed by hand.
+        let r = post_form(
+            &app,
+            "/groups",
+            &session,
+            &[("csrf", &csrf), ("name", "lab"), ("kind", "static"), ("filter", "")],
+        )
+        .await;
+        let lab = location(&r).trim_start_matches("/groups/").split('?').next().unwrap().to_string();
+        let r = post_form(
+            &app,
+            &format!("/groups/{lab}/devices"),
+            &session,
+            &[("csrf", &csrf), ("devices", &format!("{eu1}\n{other}, "))],
+        )
+        .await;
+        assert!(location(&r).contains("notice=2%20devices%20added"), "{}", location(&r));
+        let lab_page = get(&app, &format!("/groups/{lab}"), &session).await;
+        assert!(lab_page.text.contains("SN-G1") && lab_page.text.contains("SN-G3") && !lab_page.text.contains("SN-G2"));
+        let device_page = get(&app, &format!("/devices/{eu1}"), &session).await;
+        assert!(
+            device_page.text.contains(&format!(r#"href="/groups/{lab}">lab</a>"#)),
+            "the device page names its groups"
+        );
+        let r = post_form(&app, &format!("/groups/{lab}/devices/{other}/remove"), &session, &[("csrf", &csrf)]).await;
+        assert!(location(&r).contains("notice=Device%20removed"), "{}", location(&r));
+        let lab_page = get(&app, &format!("/groups/{lab}"), &session).await;
+        assert!(lab_page.text.contains("SN-G1") && !lab_page.text.contains("SN-G3"));
+
+        // Enrollment tokens offer the static groups; a device enrolled with one joins them.
+        let page = get(&app, "/enrollment", &session).await;
+        assert!(page.text.contains(r#"<option value="lab">lab</option>"#), "{}", page.text);
+        let r =
+            post_form(&app, "/enrollment/tokens", &session, &[("csrf", &csrf), ("name", "to lab"), ("group", "lab")])
+                .await;
+        let secret = extract(&r.text, r#"id="new-enrollment-token">"#, "<").unwrap();
+        let joined = enroll_device(&app, json!({"serial": "SN-G4"}), Some(&secret)).await;
+        let lab_page = get(&app, &format!("/groups/{lab}"), &session).await;
+        assert!(lab_page.text.contains(&joined), "{}", lab_page.text);
+
+        // A viewer sees groups, no forms, and cannot change them.
+        app.admin(
+            Method::POST,
+            "/api/v1/users",
+            Some(json!({"username": "vic", "role": "viewer", "password": "vic's password"})),
+        )
+        .await;
+        let (vs, vcsrf) = sign_in(&app, "vic", "vic's password").await;
+        let page = get(&app, "/groups", &vs).await;
+        assert!(page.text.contains("lab") && !page.text.contains(r#"id="create-group""#));
+        let lab_page = get(&app, &format!("/groups/{lab}"), &vs).await;
+        assert!(!lab_page.text.contains("add-devices") && !lab_page.text.contains("delete-group"));
+        let r = post_form(&app, &format!("/groups/{lab}/delete"), &vs, &[("csrf", &vcsrf)]).await;
+        assert!(location(&r).contains("permission%20denied"), "{}", location(&r));
+
+        // Deleting a group keeps its devices.
+        let r = post_form(&app, &format!("/groups/{lab}/delete"), &session, &[("csrf", &csrf)]).await;
+        assert_eq!(location(&r), "/groups?notice=Group%20deleted.");
+        assert_eq!(get(&app, &format!("/groups/{lab}"), &session).await.status, StatusCode::NOT_FOUND);
+        assert_eq!(device_status(&app, &eu1).await, "accepted");
+    });
+}
