@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::client::{CliError, Client, segment};
 use crate::config;
-use crate::fleet::{self, DeviceCommand, EnrollTokenCommand, PreauthCommand};
+use crate::fleet::{self, DeviceCommand, EnrollTokenCommand, GroupCommand, PreauthCommand};
 use crate::output::{self, Format};
 
 #[derive(Parser, Debug)]
@@ -55,6 +55,9 @@ enum Command {
     /// Enrollment tokens for zero-touch provisioning.
     #[command(subcommand)]
     EnrollToken(EnrollTokenCommand),
+    /// Groups of devices: static (by hand) or dynamic (by filter).
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Devices vouched for before they ask to enroll.
     #[command(subcommand)]
     Preauth(PreauthCommand),
@@ -219,6 +222,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode, CliErro
         Command::Audit(cmd) => return audit(&client(&cfg_path)?, out, cmd),
         Command::Device(cmd) => return fleet::device(&client(&cfg_path)?, out, cmd),
         Command::EnrollToken(cmd) => return fleet::enroll_token(&client(&cfg_path)?, out, cmd),
+        Command::Group(cmd) => return fleet::group(&client(&cfg_path)?, out, cmd),
         Command::Preauth(cmd) => return fleet::preauth(&client(&cfg_path)?, out, cmd),
     }
     Ok(ExitCode::SUCCESS)

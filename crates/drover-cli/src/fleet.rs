@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 use drover_proto::api::{
-    CreateEnrollmentToken, CreatedEnrollmentToken, Device, DeviceStatus, EnrollmentToken, Preauthorize, Preauthorized,
+    AddGroupDevices, BulkPreauthorized, CreateEnrollmentToken, CreateGroup, CreatedEnrollmentToken, Device,
+    DeviceDetail, DeviceStatus, EnrollmentToken, Group, GroupDevicesAdded, GroupKind, GroupPreview, PatchTags,
+    Preauthorize, Preauthorized,
 };
 
 use crate::client::{CliError, Client, segment};
@@ -31,7 +33,7 @@ pub(crate) enum DeviceCommand {
         /// Part of the id or of an identity value.
         #[arg(long)]
         q: Option<String>,
-        /// created_at, updated_at, last_seen_at…; prefix - for descending.
+        /// created_at, updated_at, last_seen_at, id; prefix - for descending (default -created_at).
         #[arg(long)]
         sort: Option<String>,
         #[command(flatten)]
@@ -49,6 +51,68 @@ pub(crate) enum DeviceCommand {
         /// Confirm: the device cannot connect again with its key.
         #[arg(long)]
         yes: bool,
+    },
+    /// Set tags on a device (other tags stay).
+    Tag {
+        id: String,
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+    },
+    /// Remove tags from a device, by key.
+    Untag {
+        id: String,
+        #[arg(required = true, value_name = "KEY")]
+        keys: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum GroupCommand {
+    List {
+        /// static or dynamic.
+        #[arg(long)]
+        kind: Option<String>,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    /// One group, by name or id, with how many members it has.
+    Show {
+        group: String,
+    },
+    /// A static group (members added by hand), or with --filter a dynamic one.
+    Create {
+        name: String,
+        /// Makes the group dynamic: every device matching the filter is a member.
+        #[arg(long)]
+        filter: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    Delete {
+        group: String,
+    },
+    /// Add devices to a static group.
+    Add {
+        group: String,
+        #[arg(required = true, value_name = "DEVICE")]
+        devices: Vec<String>,
+    },
+    /// Remove devices from a static group.
+    Remove {
+        group: String,
+        #[arg(required = true, value_name = "DEVICE")]
+        devices: Vec<String>,
+    },
+    /// The devices in a group.
+    Members {
+        group: String,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    /// What a filter matches now, before making a dynamic group of it.
+    Preview {
+        #[arg(long)]
+        filter: String,
     },
 }
 
@@ -123,6 +187,16 @@ pub(crate) fn days(spec: &str) -> Result<u32, CliError> {
     Ok(days)
 }
 
+/// Checks a filter here, so a mistake is shown under the text that has it, before any request.
+pub(crate) fn check_filter(filter: &str) -> Result<(), CliError> {
+    drover_proto::filter::parse(filter).map(|_| ()).map_err(|e| {
+        let pad = " ".repeat(e.column.saturating_sub(1));
+        CliError::Usage(format!(
+            "invalid filter: {e}\n  {filter}\n  {pad}^\n(write it like: tag.region = \"eu\" and attr.arch = \"aarch64\" and online)"
+        ))
+    })
+}
+
 fn pairs(m: &BTreeMap<String, String>) -> String {
     if m.is_empty() {
         return "-".into();
@@ -136,12 +210,15 @@ fn parse_status(s: &str) -> Result<DeviceStatus, CliError> {
     })
 }
 
-const DEVICE_HEADERS: &[&str] = &["id", "status", "identity", "tags", "enrolled via", "created", "cert expires"];
+const DEVICE_HEADERS: &[&str] =
+    &["id", "status", "online", "last seen", "identity", "tags", "enrolled via", "created", "cert expires"];
 
 fn device_row(d: &Device) -> Vec<String> {
     vec![
         d.id.clone(),
         d.status.as_str().into(),
+        if d.online { "online".into() } else { "offline".into() },
+        output::short_time(d.last_seen_at.as_deref()),
         pairs(&d.identity),
         pairs(&d.tags),
         d.enrolled_via.clone(),
@@ -160,22 +237,52 @@ fn no_device(id: &str) -> impl Fn(CliError) -> CliError + '_ {
     }
 }
 
-fn print_device(out: Format, d: &Device) {
+fn print_device(out: Format, detail: &DeviceDetail) {
     if out == Format::Json {
-        print!("{}", output::json(d));
+        print!("{}", output::json(detail));
         return;
     }
-    let mut rows: Vec<(&str, String)> = vec![
+    let d = &detail.device;
+    let presence = match (&d.online, &d.last_seen_at) {
+        (true, _) => "online".to_string(),
+        (false, Some(t)) => format!("offline, last seen {}", output::short_time(Some(t))),
+        (false, None) => "offline, never seen".to_string(),
+    };
+    let groups: Vec<String> = detail.groups.iter().map(|g| format!("{} ({})", g.name, g.kind.as_str())).collect();
+    let rows: Vec<(&str, String)> = vec![
         ("id", d.id.clone()),
         ("status", d.status.as_str().into()),
         ("identity", pairs(&d.identity)),
+        ("presence", presence),
+        ("agent", d.agent.clone().unwrap_or_else(|| "-".into())),
         ("enrolled via", d.enrolled_via.clone()),
         ("created", output::short_time(Some(&d.created_at))),
         ("updated", output::short_time(Some(&d.updated_at))),
         ("certificate expires", output::short_time(d.certificate_expires_at.as_deref())),
+        ("tags", pairs(&d.tags)),
+        ("groups", if groups.is_empty() { "-".into() } else { groups.join(", ") }),
     ];
-    rows.push(("tags", pairs(&d.tags)));
     print!("{}", output::fields(&rows));
+    if !detail.attributes.is_empty() {
+        println!("\ninventory:");
+        let rows: Vec<Vec<String>> = detail.attributes.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
+        print!("{}", output::table(&["attribute", "value"], &rows));
+    }
+    if !detail.recent_events.is_empty() {
+        println!("\nrecent events:");
+        let rows: Vec<Vec<String>> = detail
+            .recent_events
+            .iter()
+            .map(|e| vec![output::short_time(Some(&e.at)), e.kind.clone(), e.detail.clone()])
+            .collect();
+        print!("{}", output::table(&["when", "event", "detail"], &rows));
+    }
+}
+
+fn show_device(client: &Client, out: Format, id: &str) -> Result<(), CliError> {
+    let d: DeviceDetail = client.get(&format!("/devices/{}", segment(id)), &[]).map_err(no_device(id))?;
+    print_device(out, &d);
+    Ok(())
 }
 
 pub(crate) fn device(client: &Client, out: Format, cmd: DeviceCommand) -> Result<ExitCode, CliError> {
@@ -188,6 +295,9 @@ pub(crate) fn device(client: &Client, out: Format, cmd: DeviceCommand) -> Result
             if online || offline {
                 query.push(("online", online.to_string()));
             }
+            if let Some(f) = &filter {
+                check_filter(f)?;
+            }
             for (k, v) in [("filter", filter), ("q", q), ("sort", sort)] {
                 if let Some(v) = v {
                     query.push((k, v));
@@ -196,9 +306,23 @@ pub(crate) fn device(client: &Client, out: Format, cmd: DeviceCommand) -> Result
             let devices: Vec<Device> = list(client, "/devices", query, &paging)?;
             print_list(out, &devices, DEVICE_HEADERS, device_row);
         }
-        DeviceCommand::Show { id } => {
-            let d: Device = client.get(&format!("/devices/{}", segment(&id)), &[]).map_err(no_device(&id))?;
-            print_device(out, &d);
+        DeviceCommand::Show { id } => show_device(client, out, &id)?,
+        DeviceCommand::Tag { id, tags } => {
+            let set = key_values("tag", &tags)?;
+            let _: serde_json::Value = client
+                .send("PATCH", &format!("/devices/{}/tags", segment(&id)), &PatchTags { set, remove: vec![] })
+                .map_err(no_device(&id))?;
+            show_device(client, out, &id)?;
+        }
+        DeviceCommand::Untag { id, keys } => {
+            let _: serde_json::Value = client
+                .send(
+                    "PATCH",
+                    &format!("/devices/{}/tags", segment(&id)),
+                    &PatchTags { set: BTreeMap::new(), remove: keys },
+                )
+                .map_err(no_device(&id))?;
+            show_device(client, out, &id)?;
         }
         DeviceCommand::Accept { id } => decide(client, out, &id, "accept")?,
         DeviceCommand::Reject { id } => decide(client, out, &id, "reject")?,
@@ -222,11 +346,13 @@ fn decide(client: &Client, out: Format, id: &str, verb: &str) -> Result<(), CliE
     Ok(())
 }
 
-const ENROLL_TOKEN_HEADERS: &[&str] = &["name", "prefix", "uses", "tags", "created", "by", "expires", "status", "id"];
+const ENROLL_TOKEN_HEADERS: &[&str] =
+    &["name", "groups", "prefix", "uses", "tags", "created", "by", "expires", "status", "id"];
 
 fn enroll_token_row(t: &EnrollmentToken) -> Vec<String> {
     vec![
         t.name.clone(),
+        if t.groups.is_empty() { "-".into() } else { t.groups.join(",") },
         format!("{}…", t.prefix),
         match t.max_uses {
             Some(m) => format!("{}/{m}", t.uses),
@@ -246,10 +372,7 @@ pub(crate) fn enroll_token(client: &Client, out: Format, cmd: EnrollTokenCommand
         EnrollTokenCommand::Create { name, max_uses, expires_in, tags, groups } => {
             let expires_in_days = expires_in.as_deref().map(days).transpose()?;
             let tags = key_values("tag", &tags)?;
-            if !groups.is_empty() {
-                return Err(CliError::Usage("this version of drover cannot give enrollment tokens groups yet".into()));
-            }
-            let req = CreateEnrollmentToken { name, max_uses, expires_in_days, tags };
+            let req = CreateEnrollmentToken { name, max_uses, expires_in_days, tags, groups };
             let created: CreatedEnrollmentToken = client.send("POST", "/enrollment-tokens", &req)?;
             match out {
                 Format::Json => print!("{}", output::json(&created)),
@@ -298,8 +421,126 @@ pub(crate) fn preauth(client: &Client, out: Format, cmd: PreauthCommand) -> Resu
         PreauthCommand::Import { file } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
-            let p: Preauthorized = client.send_text("/devices/preauthorize/bulk", "text/csv", text)?;
-            print_preauthorized(out, &p);
+            let p: BulkPreauthorized = client.send_text("/devices/preauthorize/bulk", "text/csv", text)?;
+            match out {
+                Format::Json => print!("{}", output::json(&p)),
+                Format::Table => println!("{} device identities pre-authorized from {}", p.created, file.display()),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+const GROUP_HEADERS: &[&str] = &["name", "kind", "filter", "description", "created", "by", "id"];
+
+fn group_row(g: &Group) -> Vec<String> {
+    vec![
+        g.name.clone(),
+        g.kind.as_str().into(),
+        g.filter.clone().unwrap_or_else(|| "-".into()),
+        g.description.clone(),
+        output::short_time(Some(&g.created_at)),
+        g.created_by.clone(),
+        g.id.clone(),
+    ]
+}
+
+/// Finds a group by exact name, else by id.
+fn resolve_group(client: &Client, group: &str) -> Result<Group, CliError> {
+    let paging = Paging { limit: Some(500), all: true };
+    let groups: Vec<Group> = list(client, "/groups", vec![], &paging)?;
+    if let Some(g) = groups.into_iter().find(|g| g.name == group) {
+        return Ok(g);
+    }
+    client.get(&format!("/groups/{}", segment(group)), &[]).map_err(|e| match e {
+        CliError::Api { status: 404, .. } => {
+            CliError::Usage(format!("no group named or with id {group:?}: `drover group list` shows them"))
+        }
+        other => other,
+    })
+}
+
+pub(crate) fn group(client: &Client, out: Format, cmd: GroupCommand) -> Result<ExitCode, CliError> {
+    match cmd {
+        GroupCommand::List { kind, paging } => {
+            let mut query = Vec::new();
+            if let Some(k) = kind {
+                let k = GroupKind::parse(&k)
+                    .ok_or_else(|| CliError::Usage(format!("unknown group kind {k:?}: use static or dynamic")))?;
+                query.push(("kind", k.as_str().to_string()));
+            }
+            let groups: Vec<Group> = list(client, "/groups", query, &paging)?;
+            print_list(out, &groups, GROUP_HEADERS, group_row);
+        }
+        GroupCommand::Show { group } => {
+            let g = resolve_group(client, &group)?;
+            // The listing leaves out the member count; the group itself has it.
+            let g: Group = client.get(&format!("/groups/{}", segment(&g.id)), &[])?;
+            match out {
+                Format::Json => print!("{}", output::json(&g)),
+                Format::Table => {
+                    let rows: Vec<(&str, String)> = vec![
+                        ("name", g.name.clone()),
+                        ("kind", g.kind.as_str().into()),
+                        ("filter", g.filter.clone().unwrap_or_else(|| "-".into())),
+                        ("description", g.description.clone()),
+                        ("devices", g.device_count.map(|n| n.to_string()).unwrap_or_else(|| "-".into())),
+                        ("created", format!("{} by {}", output::short_time(Some(&g.created_at)), g.created_by)),
+                        ("id", g.id.clone()),
+                    ];
+                    print!("{}", output::fields(&rows));
+                }
+            }
+        }
+        GroupCommand::Create { name, filter, description } => {
+            if let Some(f) = &filter {
+                check_filter(f)?;
+            }
+            let kind = if filter.is_some() { GroupKind::Dynamic } else { GroupKind::Static };
+            let g: Group = client.send("POST", "/groups", &CreateGroup { name, kind, filter, description })?;
+            print_one(out, &g, GROUP_HEADERS, group_row);
+        }
+        GroupCommand::Delete { group } => {
+            let g = resolve_group(client, &group)?;
+            let _: serde_json::Value = client.delete(&format!("/groups/{}", segment(&g.id)))?;
+            eprintln!("deleted group {}", g.name);
+        }
+        GroupCommand::Add { group, devices } => {
+            let g = resolve_group(client, &group)?;
+            let r: GroupDevicesAdded =
+                client.send("POST", &format!("/groups/{}/devices", segment(&g.id)), &AddGroupDevices { devices })?;
+            match out {
+                Format::Json => print!("{}", output::json(&r)),
+                Format::Table => println!("{} added to {}, {} were members already", r.added, g.name, r.already),
+            }
+        }
+        GroupCommand::Remove { group, devices } => {
+            let g = resolve_group(client, &group)?;
+            for d in &devices {
+                let _: serde_json::Value =
+                    client.delete(&format!("/groups/{}/devices/{}", segment(&g.id), segment(d)))?;
+            }
+            if out == Format::Table {
+                println!("{} removed from {}", devices.len(), g.name);
+            } else {
+                print!("{}", output::json(&serde_json::json!({"removed": devices.len()})));
+            }
+        }
+        GroupCommand::Members { group, paging } => {
+            let g = resolve_group(client, &group)?;
+            let devices: Vec<Device> = list(client, &format!("/groups/{}/devices", segment(&g.id)), vec![], &paging)?;
+            print_list(out, &devices, DEVICE_HEADERS, device_row);
+        }
+        GroupCommand::Preview { filter } => {
+            check_filter(&filter)?;
+            let p: GroupPreview = client.get("/groups/preview", &[("filter", filter)])?;
+            match out {
+                Format::Json => print!("{}", output::json(&p)),
+                Format::Table => {
+                    print!("{}", output::table(DEVICE_HEADERS, &p.devices.iter().map(device_row).collect::<Vec<_>>()));
+                    println!("{} devices match", p.count);
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -317,6 +558,14 @@ mod tests {
         for bad in ["0d", "12h", "d", "-1d", "1.5d"] {
             assert!(days(bad).unwrap_err().to_string().contains("e.g. 30d or 2w"), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_bad_filter_is_shown_with_a_caret() {
+        assert!(check_filter(r#"tag.region = "eu" and online"#).is_ok());
+        let err = check_filter("tag.region = ").unwrap_err().to_string();
+        assert!(err.starts_with("invalid filter: ") && err.contains("at column"), "{err}");
+        assert!(err.contains("\n  tag.region = \n"), "{err}");
     }
 
     #[test]

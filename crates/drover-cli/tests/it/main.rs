@@ -405,3 +405,103 @@ fn devices_list_show_accept_reject_decommission() {
     let err = fails(&drover(&cfg, &viewer, &["device", "reject", a], None));
     assert!(err.contains("permission denied"), "{err}");
 }
+
+#[test]
+fn tags_groups_filters_and_csv_import() {
+    let s = Server::start();
+    let cfg = s.config_path("g");
+    let admin = [("DROVER_URL", s.url.as_str()), ("DROVER_TOKEN", s.admin_token.as_str())];
+    let run = |args: &[&str]| drover(&cfg, &admin, args, None);
+
+    // A static group first, so an enrollment token can put its devices in it.
+    let lab = json(&run(&["group", "create", "lab", "--description", "bench devices", "-o", "json"]));
+    assert_eq!((lab["name"].as_str(), lab["kind"].as_str()), (Some("lab"), Some("static")));
+    let secret = ok(&run(&["enroll-token", "create", "--name", "bench", "--group", "lab", "--tag", "site=berlin"]))
+        .trim()
+        .to_string();
+    let tokens = json(&run(&["enroll-token", "list", "-o", "json"]));
+    assert_eq!(tokens[0]["groups"], serde_json::json!(["lab"]));
+    let a = enroll(&s.url, serde_json::json!({"serial": "SN-G-A"}), Some(&secret));
+    let a = a["device_id"].as_str().unwrap().to_string();
+    let b = enroll(&s.url, serde_json::json!({"serial": "SN-G-B"}), Some(&secret));
+    let b = b["device_id"].as_str().unwrap().to_string();
+
+    // Tags: set some, remove some; `show` has tags and groups.
+    let shown = json(&run(&["device", "tag", &a, "region=eu", "rack=7", "-o", "json"]));
+    assert_eq!(shown["tags"], serde_json::json!({"region": "eu", "rack": "7", "site": "berlin"}));
+    let shown = json(&run(&["device", "untag", &a, "rack", "-o", "json"]));
+    assert_eq!(shown["tags"], serde_json::json!({"region": "eu", "site": "berlin"}));
+    assert_eq!(shown["groups"][0]["name"], "lab");
+    let text = ok(&run(&["device", "show", &a]));
+    assert!(text.contains("tags:") && text.contains("region=eu") && text.contains("lab (static)"), "{text}");
+    assert!(text.contains("presence:") && text.contains("never seen"), "{text}");
+    let err = fails(&run(&["device", "tag", &a, "region"]));
+    assert!(err.contains("write it as KEY=VALUE"), "{err}");
+    let err = fails(&run(&["device", "tag", "nope", "a=b"]));
+    assert!(err.contains("no device with id \"nope\""), "{err}");
+
+    // The filter language, and a mistake shown where it is, before any request.
+    let eu = json(&run(&["device", "list", "--filter", r#"tag.region = "eu""#, "-o", "json"]));
+    let ids: Vec<&str> = eu.as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [a.as_str()]);
+    let offline = json(&run(&["device", "list", "--offline", "--sort", "id", "-o", "json"]));
+    assert_eq!(offline.as_array().unwrap().len(), 2);
+    assert!(json(&run(&["device", "list", "--online", "-o", "json"])).as_array().unwrap().is_empty());
+    let found = json(&run(&["device", "list", "--q", "g-b", "-o", "json"]));
+    assert_eq!(found[0]["id"], b.as_str());
+    let err = fails(&run(&["device", "list", "--filter", "tag.region = "]));
+    assert!(err.contains("invalid filter: expected a value") && err.contains("at column 14"), "{err}");
+    assert!(err.contains(&format!("\n  tag.region = \n  {}^\n", " ".repeat(13))), "a caret under the mistake: {err}");
+    let err = fails(&run(&["device", "list", "--sort", "colour"]));
+    assert!(err.contains("cannot sort by \"colour\""), "{err}");
+
+    // Groups: dynamic by filter, preview, members, static add/remove, delete.
+    let pv = json(&run(&["group", "preview", "--filter", "tag.site = berlin", "-o", "json"]));
+    assert_eq!(pv["count"], 2);
+    let table = ok(&run(&["group", "preview", "--filter", "tag.region = eu"]));
+    assert!(table.contains("SN-G-A") && !table.contains("SN-G-B") && table.ends_with("1 devices match\n"), "{table}");
+    let err = fails(&run(&["group", "create", "broken", "--filter", "(tag.a = b"]));
+    assert!(err.contains("invalid filter"), "{err}");
+    let eu_group = json(&run(&["group", "create", "eu", "--filter", "tag.region = eu", "-o", "json"]));
+    assert_eq!(eu_group["kind"], "dynamic");
+    let shown = ok(&run(&["group", "show", "eu"]));
+    assert!(shown.contains("devices:") && shown.contains(" 1\n") && shown.contains("tag.region = eu"), "{shown}");
+    let members = json(&run(&["group", "members", "eu", "-o", "json"]));
+    assert_eq!(members[0]["id"], a.as_str());
+    let listed = json(&run(&["group", "list", "-o", "json"]));
+    let names: Vec<&str> = listed.as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["eu", "lab"]);
+    assert_eq!(json(&run(&["group", "list", "--kind", "dynamic", "-o", "json"])).as_array().unwrap().len(), 1);
+
+    let ops = json(&run(&["group", "create", "ops", "-o", "json"]));
+    let added = json(&run(&["group", "add", "ops", &a, &b, "-o", "json"]));
+    assert_eq!(added, serde_json::json!({"added": 2, "already": 0}));
+    assert_eq!(
+        ok(&run(&["group", "add", ops["id"].as_str().unwrap(), &a])).trim(),
+        "0 added to ops, 1 were members already"
+    );
+    ok(&run(&["group", "remove", "ops", &b]));
+    let members = json(&run(&["group", "members", "ops", "-o", "json"]));
+    assert_eq!(members.as_array().unwrap().len(), 1);
+    let err = fails(&run(&["group", "add", "eu", &b]));
+    assert!(
+        err.contains("conflict") || err.contains("invalid_request"),
+        "a dynamic group takes no members by hand: {err}"
+    );
+    ok(&run(&["group", "delete", "ops"]));
+    let err = fails(&run(&["group", "show", "ops"]));
+    assert!(err.contains("no group named or with id \"ops\"") && err.contains("drover group list"), "{err}");
+
+    // Pre-authorization from a CSV file.
+    let csv = s.dir.join("devices.csv");
+    std::fs::write(&csv, "serial,mac\nSN-CSV-1,02:00:00:00:00:21\nSN-CSV-2,02:00:00:00:00:22\n").unwrap();
+    let out = ok(&run(&["preauth", "import", csv.to_str().unwrap()]));
+    assert!(out.starts_with("2 device identities pre-authorized"), "{out}");
+    let d = enroll(&s.url, serde_json::json!({"serial": "SN-CSV-2", "mac": "02:00:00:00:00:22"}), None);
+    assert_eq!(d["status"], "accepted");
+    std::fs::write(&csv, "serial\n\"unterminated\n").unwrap();
+    let err = fails(&run(&["preauth", "import", csv.to_str().unwrap()]));
+    assert!(err.contains("invalid_request"), "{err}");
+    let err = fails(&run(&["preauth", "import", "/no/such/file.csv"]));
+    assert!(err.contains("cannot read /no/such/file.csv"), "{err}");
+}
