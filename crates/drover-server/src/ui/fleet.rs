@@ -144,9 +144,9 @@ async fn table_ctx(s: &AppState, p: &Principal, q: &DevicesUi) -> AppResult<Valu
 async fn devices_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Query<DevicesUi>) -> Response {
     let flash = Flash { notice: q.notice.clone(), error: q.error.clone() };
     let r: AppResult<Html<String>> = async {
-        let ctx = page_ctx(&s, &p, "devices", &flash).await?;
-        let table = table_ctx(&s, &p, &q).await?;
         let pending_view = q.status()? == Some(DeviceStatus::Pending);
+        let ctx = page_ctx(&s, &p, if pending_view { "pending" } else { "devices" }, &flash).await?;
+        let table = table_ctx(&s, &p, &q).await?;
         let here = format!("/devices?{}", q.query_string());
         let form = context! {
             status => some(&q.status), online => some(&q.online), filter => some(&q.filter),

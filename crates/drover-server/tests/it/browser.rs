@@ -1,5 +1,5 @@
 //! The web UI in a real headless Chromium, driven over WebDriver by chromedriver: sign in,
-//! move around, create a token through a form, filter the audit log.
+//! move around, create a token through a form, filter the audit log, accept a pending device.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -206,6 +206,51 @@ fn sign_in_and_use_the_ui_in_headless_chromium() {
     let url = b.cmd("GET", "/url", None);
     assert!(url.as_str().unwrap().contains("action=token."), "the filter is in the address, to share or reload: {url}");
     assert!(!url.as_str().unwrap().contains("None"), "empty filters stay empty: {url}");
+
+    // A device asks to enroll; the operator finds it in the pending list and accepts it.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
+    let mut resp = agent()
+        .post(&format!("{}/api/v1/enroll", server.base))
+        .send_json(json!({"csr_pem": csr, "identity": {"serial": "SN-BROWSER-1"}}))
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let enrolled: Value = resp.body_mut().read_json().unwrap();
+    let device_id = enrolled["device_id"].as_str().unwrap().to_string();
+    b.goto(&format!("{}/", server.base));
+    b.wait_title("Overview");
+    assert!(b.text("#nav-pending").contains('1'), "the navigation counts the pending device");
+    b.click("#nav-pending");
+    b.wait_title("Pending devices");
+    assert!(b.text(&format!("#device-{device_id}")).contains("SN-BROWSER-1"));
+    b.screenshot("pending");
+    b.click(&format!("input[type=checkbox][value='{device_id}']"));
+    b.click("#bulk-accept");
+    eventually(Duration::from_secs(10), "the acceptance notice", || {
+        b.page_source().contains("Accepted 1 device.").then_some(())
+    });
+    b.click("#tab-accepted");
+    b.wait_title("Devices");
+    b.click(&format!("a[href='/devices/{device_id}']"));
+    b.wait_title("SN-BROWSER-1");
+    assert_eq!(b.text("#device-status"), "accepted");
+    assert!(b.text("main").contains("Certificate expires"));
+    b.screenshot("device");
+
+    // The dynamic group editor previews what a filter matches while it is typed.
+    b.click("a[href='/groups']");
+    b.wait_title("Groups");
+    b.type_into("#create-group input[name=filter]", "status = accepted");
+    eventually(Duration::from_secs(10), "the live preview", || {
+        let s = b.page_source();
+        (s.contains("preview-count") && b.text("#preview").contains("1 device matches")).then_some(())
+    });
+    assert!(b.text("#preview").contains("SN-BROWSER-1"));
+    b.type_into("#create-group input[name=filter]", "status = ");
+    eventually(Duration::from_secs(10), "the mistake in the preview", || {
+        b.page_source().contains("preview-error").then(|| assert!(b.text("#preview").contains("column")))
+    });
+    b.screenshot("groups");
 
     b.click("header form button");
     b.wait_title("Sign in");
