@@ -86,8 +86,11 @@ async fn readyz(State(s): State<AppState>) -> Response {
 
 async fn metrics(State(s): State<AppState>) -> Response {
     let pool = s.db.pool();
-    let body =
+    let mut body =
         s.metrics.render(pool.size(), pool.num_idle(), pool.options().get_max_connections(), s.db.backend().name());
+    if let Some(broker) = s.broker.get() {
+        body.push_str(&crate::metrics::render_broker(broker.stats(), broker.retained_count()));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

@@ -83,6 +83,55 @@ impl Metrics {
     }
 }
 
+/// The embedded broker's counters, in the exposition format.
+pub fn render_broker(stats: &drover_broker::Stats, retained: usize) -> String {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    };
+    metric(
+        "drover_mqtt_connections",
+        "gauge",
+        "Clients connected to the embedded broker.",
+        stats.connections.load(Relaxed) as u64,
+    );
+    metric("drover_mqtt_connects_total", "counter", "Successful MQTT connections.", stats.connects_total.load(Relaxed));
+    metric(
+        "drover_mqtt_refused_total",
+        "counter",
+        "Connections refused (TLS, identity, registry or limits).",
+        stats.refused_total.load(Relaxed),
+    );
+    metric(
+        "drover_mqtt_messages_in_total",
+        "counter",
+        "PUBLISH packets received (and wills).",
+        stats.messages_in.load(Relaxed),
+    );
+    metric(
+        "drover_mqtt_messages_out_total",
+        "counter",
+        "Messages queued for delivery to subscribers.",
+        stats.messages_out.load(Relaxed),
+    );
+    metric(
+        "drover_mqtt_dropped_total",
+        "counter",
+        "Messages dropped for a full subscriber queue or size.",
+        stats.dropped_total.load(Relaxed),
+    );
+    metric(
+        "drover_mqtt_acl_denied_total",
+        "counter",
+        "Publishes and subscriptions refused as not authorized.",
+        stats.acl_denied_total.load(Relaxed),
+    );
+    metric("drover_mqtt_retained", "gauge", "Retained messages held.", retained as u64);
+    out
+}
+
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }

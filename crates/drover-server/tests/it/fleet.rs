@@ -27,23 +27,74 @@ const BIN: &str = env!("CARGO_BIN_EXE_droverd");
 struct Droverd {
     child: Child,
     base: String,
+    /// Ports of the embedded broker (when there is one) and of the HTTPS device endpoint.
+    mqtt: u16,
+    dev: u16,
+    data: std::path::PathBuf,
+    external: Option<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Droverd {
-    fn start(data: &Path, http: u16, args: &[&str], env: &[(&str, &str)]) -> Droverd {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("--data-dir").arg(data).args(["--http-listen", &format!("127.0.0.1:{http}")]).args(args);
-        cmd.env_remove("DROVER_DATABASE_URL").env("DROVER_LOG", "warn").envs(env.iter().copied());
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap();
-        let mut d = Droverd { child, base: format!("http://127.0.0.1:{http}") };
-        let ready = format!("{}/readyz", d.base);
-        eventually(Duration::from_secs(30), "droverd to be ready", || {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("droverd exited early: {status}");
+    /// Starts droverd on fresh ports (retrying with others if one was taken meanwhile by
+    /// another test's connection), with the embedded broker or, given `external`, none.
+    fn start(data: &Path, external: Option<&str>, env: &[(&str, &str)]) -> Droverd {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        for _ in 0..5 {
+            if let Some(d) = Droverd::try_start(data, external, &env, free_port(), free_port(), free_port()) {
+                return d;
             }
-            agent().get(&ready).call().ok().filter(|r| r.status() == 200)
-        });
-        d
+        }
+        panic!("droverd would not start (see its error above)");
+    }
+
+    fn try_start(
+        data: &Path,
+        external: Option<&str>,
+        env: &[(String, String)],
+        http: u16,
+        mqtt: u16,
+        dev: u16,
+    ) -> Option<Droverd> {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--data-dir").arg(data).args(["--http-listen", &format!("127.0.0.1:{http}")]);
+        cmd.args(["--device-listen", &format!("127.0.0.1:{dev}")]);
+        match external {
+            Some(url) => cmd.args(["--mqtt-listen=", "--mqtt-url", url]),
+            None => cmd.args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")]),
+        };
+        cmd.env_remove("DROVER_DATABASE_URL").env("DROVER_LOG", "warn").envs(env.iter().map(|(k, v)| (k, v)));
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap();
+        let mut d = Droverd {
+            child,
+            base: format!("http://127.0.0.1:{http}"),
+            mqtt,
+            dev,
+            data: data.to_path_buf(),
+            external: external.map(str::to_string),
+            env: env.to_vec(),
+        };
+        let ready = format!("{}/readyz", d.base);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(_)) = d.child.try_wait() {
+                return None;
+            }
+            if agent().get(&ready).call().ok().filter(|r| r.status() == 200).is_some() {
+                return Some(d);
+            }
+            assert!(Instant::now() < deadline, "droverd not ready after 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops and starts again on the same ports and data.
+    fn restart(&mut self) {
+        self.stop();
+        let http: u16 = self.base.rsplit(':').next().unwrap().parse().unwrap();
+        let (data, external, env) = (self.data.clone(), self.external.clone(), self.env.clone());
+        *self = Droverd::try_start(&data, external.as_deref(), &env, http, self.mqtt, self.dev)
+            .expect("droverd restarts on its own ports");
     }
 
     fn stop(&mut self) {
@@ -199,15 +250,8 @@ fn online(v: &Value) -> bool {
 async fn devices_enroll_over_https_connect_over_mutual_tls_and_are_seen() {
     let dir = TempDir::new("fleet");
     let data = dir.path().join("data");
-    let (http, mqtt, dev) = (free_port(), free_port(), free_port());
-    let args = [
-        "--mqtt-listen".to_string(),
-        format!("127.0.0.1:{mqtt}"),
-        "--device-listen".into(),
-        format!("127.0.0.1:{dev}"),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut server = Droverd::start(&data, http, &args, &[]);
+    let mut server = Droverd::start(&data, None, &[]);
+    let (mqtt, dev) = (server.mqtt, server.dev);
     let token = admin_token(&data);
     let ca_pem = droverd_cli(&data, &["ca", "cert"]);
     let base = server.base.clone();
@@ -244,6 +288,14 @@ async fn devices_enroll_over_https_connect_over_mutual_tls_and_are_seen() {
     })
     .await;
     assert_eq!(v["agent"].as_str().or(v["device"]["agent"].as_str()), Some("fleet-test/1"), "{v}");
+    let metrics_url = format!("{base}/metrics");
+    let metrics = tokio::task::spawn_blocking(move || {
+        agent().get(&metrics_url).call().unwrap().into_body().read_to_string().unwrap()
+    })
+    .await
+    .unwrap();
+    // The device and this server's own consumer.
+    assert!(metrics.contains("drover_mqtt_connections 2"), "{metrics}");
 
     // The connection dies without DISCONNECT: offline at once (the broker publishes the will).
     a.task.abort();
@@ -268,9 +320,8 @@ async fn devices_enroll_over_https_connect_over_mutual_tls_and_are_seen() {
     assert_eq!(a.next("CONNACK").await, "connected");
     let before = device_becomes(&base, &token, &ids[0], "online", online).await["connected_at"].clone();
     assert!(before.is_string(), "connected_at is reported");
-    tokio::task::block_in_place(|| server.stop());
+    tokio::task::block_in_place(|| server.restart());
     let _lost = a.next("the connection to end with the server").await;
-    let mut server = tokio::task::block_in_place(|| Droverd::start(&data, http, &args, &[]));
     loop {
         if a.next("a reconnect").await == "connected" {
             break;
@@ -347,19 +398,15 @@ async fn the_same_devices_work_through_an_external_mosquitto() {
     let broker_port = free_port();
     let _mosquitto = Mosquitto::start(dir.path(), broker_port, &issuer, &ca_pem);
 
-    let (http, dev) = (free_port(), free_port());
     let url = format!("mqtts://localhost:{broker_port}");
-    let args = ["--mqtt-listen=", "--mqtt-url", &url, "--device-listen"];
-    let dev_addr = format!("127.0.0.1:{dev}");
-    let args: Vec<&str> = args.iter().copied().chain([dev_addr.as_str()]).collect();
     let ca_cert = dir.path().join("fleet-ca.crt").display().to_string();
     let ca_key = dir.path().join("fleet-ca.key").display().to_string();
     let server = Droverd::start(
         &data,
-        http,
-        &args,
+        Some(&url),
         &[("DROVER_CA_CERT_FILE", ca_cert.as_str()), ("DROVER_CA_KEY_FILE", ca_key.as_str())],
     );
+    let dev = server.dev;
     let token = admin_token(&data);
     let base = server.base.clone();
     let (status, t) = post(&base, "/api/v1/enrollment-tokens", &token, json!({"name": "factory"}));
