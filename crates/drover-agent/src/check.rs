@@ -81,7 +81,9 @@ pub fn run_checks(config_path: &Path) -> Vec<CheckLine> {
             c
         }
         Err(e) => {
-            out.push(line("config", Level::Fail, e.to_string()));
+            let msg = e.to_string();
+            let one_line: Vec<&str> = msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            out.push(line("config", Level::Fail, one_line.join(" ")));
             return out;
         }
     };
