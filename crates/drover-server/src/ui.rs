@@ -102,6 +102,19 @@ impl FromRequestParts<AppState> for UiUser {
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
         let to_login = || {
             let next = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            // An htmx refresh (the device table's) whose session ended: the whole page goes to
+            // sign in, and comes back to the page rather than to the fragment.
+            if parts.headers.contains_key("hx-request") {
+                let page = parts
+                    .headers
+                    .get("hx-current-url")
+                    .and_then(|u| u.to_str().ok())
+                    .and_then(|u| u.split_once("://").map(|(_, rest)| rest))
+                    .and_then(|rest| rest.find('/').map(|i| rest[i..].to_string()))
+                    .unwrap_or_else(|| "/".into());
+                let to = format!("/login?next={}", urlencode(&safe_next(Some(&page))));
+                return (StatusCode::UNAUTHORIZED, [("hx-redirect", to)]).into_response();
+            }
             Redirect::to(&format!("/login?next={}", urlencode(next))).into_response()
         };
         let Some(c) = cookie(&parts.headers, SESSION_COOKIE) else { return Err(to_login()) };
@@ -301,10 +314,11 @@ async fn overview(State(s): State<AppState>, UiUser(p): UiUser, Query(flash): Qu
         let users = count("SELECT COUNT(*) FROM users WHERE org_id = $1").await?;
         let tokens = count("SELECT COUNT(*) FROM api_tokens WHERE org_id = $1 AND revoked_at IS NULL").await?;
         let audit_n = count("SELECT COUNT(*) FROM audit_log WHERE org_id = $1").await?;
+        let devices = count("SELECT COUNT(*) FROM devices WHERE org_id = $1 AND status = 'accepted'").await?;
         let q = AuditListQuery { limit: Some(10), ..Default::default() };
         let (entries, _) = crate::audit::list(&s.db, p.org(), &q).await?;
         let extra = context! {
-            counts => context! { users => users, tokens => tokens, audit => audit_n },
+            counts => context! { users => users, tokens => tokens, audit => audit_n, devices => devices },
             entries => entries,
             backend => s.db.backend().name(),
         };

@@ -285,7 +285,20 @@ async fn device_pages_pending_accept_tags_decommission() {
         assert!(list.text.contains("serial=SN-UI-A") && list.text.contains("serial=SN-UI-B"));
         assert!(list.text.contains(r#"id="tab-pending">pending <span class="count">2</span>"#), "{}", list.text);
         assert!(list.text.contains(r#"Pending <span class="badge">2</span>"#));
+        let overview = get(&app, "/", &session).await;
+        assert!(overview.text.contains(r#"id="card-pending"><span class="n">2</span>"#), "{}", overview.text);
         assert!(list.text.contains(r#"hx-trigger="every 5s""#), "the table refreshes itself");
+        // A refresh whose session ended sends the whole page to sign in, then back to the list.
+        let r = app
+            .send(
+                Request::get("/devices/table")
+                    .header("hx-request", "true")
+                    .header("hx-current-url", "http://drover.test/devices?status=accepted")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.headers.get("hx-redirect").unwrap(), "/login?next=/devices%3Fstatus%3Daccepted");
         let table = get(&app, "/devices/table?sort=-created_at", &session).await;
         assert!(table.text.starts_with(r#"<div id="devices-table""#) && !table.text.contains("<html"), "a fragment");
         assert!(table.text.contains("SN-UI-A"));
