@@ -25,6 +25,8 @@ pub fn glob_to_like(glob: &str) -> String {
 struct Compiler<'a> {
     org_id: &'a str,
     binds: Vec<Bind>,
+    /// `d.id IN (SELECT device_id …)` instead of `EXISTS (…)` for tags and attributes.
+    in_lists: bool,
 }
 
 impl Compiler<'_> {
@@ -87,7 +89,13 @@ impl Compiler<'_> {
                     Cond::Exists(_) => String::new(),
                     _ => format!(" AND {}", self.test("x.value", c)),
                 };
-                format!("{not}EXISTS (SELECT 1 FROM {table} x WHERE x.device_id = d.id AND x.key = {k}{value_test})")
+                if self.in_lists {
+                    format!("{not}d.id IN (SELECT x.device_id FROM {table} x WHERE x.key = {k}{value_test})")
+                } else {
+                    format!(
+                        "{not}EXISTS (SELECT 1 FROM {table} x WHERE x.device_id = d.id AND x.key = {k}{value_test})"
+                    )
+                }
             }
             Field::Group => {
                 let org_id = self.org_id.to_string();
@@ -102,9 +110,20 @@ impl Compiler<'_> {
     }
 }
 
-/// Compiles `e` for the organization `org_id` (group names are looked up within it).
+/// Compiles `e` for the organization `org_id` (group names are looked up within it), for
+/// a page of devices in some order: tag and attribute tests are `EXISTS` probes, so the
+/// engine walks the sort index and stops at the page's end.
 pub fn compile(e: &Expr, org_id: &str) -> Compiled {
-    let mut c = Compiler { org_id, binds: Vec::new() };
+    let mut c = Compiler { org_id, binds: Vec::new(), in_lists: false };
+    let sql = c.expr(e);
+    Compiled { sql, binds: c.binds }
+}
+
+/// As [`compile`], for counting every match: tag and attribute tests are `d.id IN (…)`
+/// lists read from the `(key, value, device_id)` indexes, which SQLite can drive the count
+/// from (twice as fast as `EXISTS` at 100,000 devices; PostgreSQL plans both as semi-joins).
+pub fn compile_for_count(e: &Expr, org_id: &str) -> Compiled {
+    let mut c = Compiler { org_id, binds: Vec::new(), in_lists: true };
     let sql = c.expr(e);
     Compiled { sql, binds: c.binds }
 }
@@ -115,8 +134,14 @@ pub fn parse(text: &str) -> AppResult<Expr> {
 }
 
 /// Parses, checks that the groups it names are static groups of the organization, and
-/// compiles.
+/// compiles (for a page; see [`compile_for_count`]).
 pub async fn prepare(db: &Db, org_id: &str, text: &str) -> AppResult<Compiled> {
+    let e = check(db, org_id, text).await?;
+    Ok(compile(&e, org_id))
+}
+
+/// Parses and checks that the groups a filter names are static groups of the organization.
+pub async fn check(db: &Db, org_id: &str, text: &str) -> AppResult<Expr> {
     let e = parse(text)?;
     for name in e.group_names() {
         let kind: Option<(String,)> = sqlx::query_as("SELECT kind FROM device_groups WHERE org_id = $1 AND name = $2")
@@ -134,7 +159,7 @@ pub async fn prepare(db: &Db, org_id: &str, text: &str) -> AppResult<Compiled> {
             Some(_) => {}
         }
     }
-    Ok(compile(&e, org_id))
+    Ok(e)
 }
 
 #[cfg(test)]
@@ -176,6 +201,16 @@ mod tests {
         assert!(c.sql.contains("x.value IN (?, ?)"));
         assert!(c.sql.contains("g.org_id = ? AND g.kind = 'static' AND g.name = ?"));
         assert_eq!(c.binds, [t("a"), t("b"), t("os"), t("x"), t("y z"), t("org1"), t("ops")]);
+    }
+
+    #[test]
+    fn counts_use_in_lists() {
+        let c = compile_for_count(&drover_proto::filter::parse("tag.a = b and not attr.c exists").unwrap(), "o");
+        assert_eq!(
+            c.sql,
+            "(d.id IN (SELECT x.device_id FROM device_tags x WHERE x.key = ? AND x.value = ?) AND \
+             NOT d.id IN (SELECT x.device_id FROM device_attributes x WHERE x.key = ?))"
+        );
     }
 
     #[test]

@@ -78,8 +78,9 @@ async fn referencing(conn: &mut sqlx::AnyConnection, org_id: &str, name: &str) -
         .collect())
 }
 
-/// The condition selecting a group's members.
-async fn members_condition(db: &Db, org_id: &str, g: &Group) -> AppResult<Compiled> {
+/// The condition selecting a group's members; `for_count` when every member is counted
+/// rather than a page listed.
+async fn members_condition(db: &Db, org_id: &str, g: &Group, for_count: bool) -> AppResult<Compiled> {
     match g.kind {
         GroupKind::Static => Ok(Compiled {
             sql: "EXISTS (SELECT 1 FROM device_group_members m WHERE m.group_id = ? AND m.device_id = d.id)".into(),
@@ -89,7 +90,12 @@ async fn members_condition(db: &Db, org_id: &str, g: &Group) -> AppResult<Compil
             let text = g.filter.as_deref().unwrap_or_default();
             // Saved filters were checked when saved; a static group they name cannot be
             // deleted or renamed, so this holds.
-            crate::filter::prepare(db, org_id, text).await
+            let e = crate::filter::check(db, org_id, text).await?;
+            Ok(if for_count {
+                crate::filter::compile_for_count(&e, org_id)
+            } else {
+                crate::filter::compile(&e, org_id)
+            })
         }
     }
 }
@@ -125,7 +131,7 @@ pub async fn get(db: &Db, p: &Principal, id: &str) -> AppResult<Group> {
     let mut conn = db.pool().acquire().await?;
     let mut g = fetch(&mut conn, p.org(), id).await?;
     drop(conn);
-    let c = members_condition(db, p.org(), &g).await?;
+    let c = members_condition(db, p.org(), &g, true).await?;
     g.device_count = Some(crate::devices::count_where(db, p.org(), c).await?);
     Ok(g)
 }
@@ -279,7 +285,7 @@ pub async fn devices(db: &Db, p: &Principal, id: &str, q: &DeviceListQuery) -> A
     let mut conn = db.pool().acquire().await?;
     let g = fetch(&mut conn, p.org(), id).await?;
     drop(conn);
-    let c = members_condition(db, p.org(), &g).await?;
+    let c = members_condition(db, p.org(), &g, false).await?;
     crate::devices::list_where(db, p.org(), q, Some(c)).await
 }
 
@@ -389,9 +395,9 @@ pub async fn remove_device(db: &Db, p: &Principal, id: &str, device_id: &str) ->
 /// What a filter would match: the count and the newest few devices (the UI's live preview).
 pub async fn preview(db: &Db, p: &Principal, filter: &str) -> AppResult<GroupPreview> {
     p.require(Role::Viewer, "previewing filters")?;
-    let c = crate::filter::prepare(db, p.org(), filter).await?;
-    let count = crate::devices::count_where(db, p.org(), c.clone()).await?;
+    let e = crate::filter::check(db, p.org(), filter).await?;
+    let count = crate::devices::count_where(db, p.org(), crate::filter::compile_for_count(&e, p.org())).await?;
     let q = DeviceListQuery { limit: Some(PREVIEW_DEVICES), ..Default::default() };
-    let page = crate::devices::list_where(db, p.org(), &q, Some(c)).await?;
+    let page = crate::devices::list_where(db, p.org(), &q, Some(crate::filter::compile(&e, p.org()))).await?;
     Ok(GroupPreview { count, devices: page.items })
 }
