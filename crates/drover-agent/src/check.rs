@@ -59,10 +59,7 @@ fn line(id: &'static str, level: Level, detail: impl Into<String>) -> CheckLine 
 const SANE_EPOCH: i64 = 1_735_689_600;
 
 fn fmt_time(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| t.to_string())
+    crate::der::format_time(t)
 }
 
 fn now() -> i64 {

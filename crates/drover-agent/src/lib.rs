@@ -9,6 +9,7 @@ pub mod agent;
 pub mod backoff;
 pub mod check;
 pub mod config;
+mod der;
 pub mod enroll;
 pub mod inventory;
 pub mod session;

@@ -134,14 +134,12 @@ pub struct CertInfo {
 
 impl CertInfo {
     pub fn parse(der: &[u8]) -> Result<CertInfo, TlsError> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| TlsError::Pem(format!("not an X.509 certificate: {e}")))?;
-        let common_name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
+        let p = crate::der::parse_certificate(der).ok_or_else(|| TlsError::Pem("not an X.509 certificate".into()))?;
         Ok(CertInfo {
-            common_name,
-            not_before: cert.validity().not_before.timestamp(),
-            not_after: cert.validity().not_after.timestamp(),
-            public_key_raw: cert.public_key().subject_public_key.data.to_vec(),
+            common_name: p.common_name,
+            not_before: p.not_before,
+            not_after: p.not_after,
+            public_key_raw: p.public_key_raw,
         })
     }
 
