@@ -1,1 +1,5 @@
-fn main() {}
+//! `drover-sim`: a thin wrapper around the library.
+
+fn main() -> std::process::ExitCode {
+    drover_sim::main_entry()
+}

@@ -1,0 +1,660 @@
+//! `drover-sim`: N simulated devices, each with its own key pair, enrolled through the real
+//! enrollment API, each running the agent's own [`Session`] on its own MQTT connection over
+//! mutual TLS — all in one multi-thread tokio runtime.
+//!
+//! The parts: [`inventory`] makes up a plausible inventory per device, [`state`] keeps keys
+//! and certificates across runs (`--state-dir`), and [`run`] enrolls (a bounded number at a
+//! time), paces new connections (`--connect-rate`), churns a fraction of the fleet
+//! (`--churn`), and reports.
+
+pub mod inventory;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use drover_agent::backoff::BackoffPolicy;
+use drover_agent::enroll::{EnrollClient, EnrollError, Outcome, enroll};
+use drover_agent::session::{Session, SessionConfig, SessionStats, StaticSource};
+use drover_agent::tls::{DeviceKey, mqtt_client_config};
+use drover_proto::api::EnrollRequest;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::time::Instant;
+
+use crate::state::Store;
+
+/// The `up/hello` agent string of simulated devices.
+pub const AGENT: &str = concat!("drover-sim/", env!("CARGO_PKG_VERSION"));
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "drover-sim",
+    version,
+    about = "A fleet of simulated Drover devices: each enrolls with its own key and runs the agent's MQTT session over mutual TLS.",
+    after_help = "Prints a status line every --report seconds, `all N devices connected in X s` once every \
+                  device is connected, and a summary when stopped (SIGINT/SIGTERM: each device says offline \
+                  and disconnects). Logs of the sessions: DROVER_LOG (default error)."
+)]
+pub struct Args {
+    /// Base URL of droverd's HTTPS device endpoint (enrollment).
+    #[arg(long, default_value = "https://localhost:8443")]
+    pub server: String,
+    /// The fleet CA certificate, PEM (`droverd ca cert`).
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// The MQTT broker, HOST:PORT (mutual TLS).
+    #[arg(long, default_value = "localhost:8883")]
+    pub mqtt: String,
+    /// Enrollment token (`dre_…`); needed unless every device is in --state-dir already.
+    #[arg(long, env = "DROVER_SIM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Number of devices.
+    #[arg(short = 'n', long = "devices", default_value_t = 100)]
+    pub devices: u64,
+    /// New connections per second across the fleet, e.g. `200/s` (0: unpaced).
+    #[arg(long, default_value = "200/s", value_parser = parse_rate)]
+    pub connect_rate: f64,
+    /// Fraction of the devices that disconnect (and come back after a while) per minute.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_churn)]
+    pub churn: f64,
+    /// Keep keys and certificates here; a restarted simulator reuses its devices.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Name prefix of the simulated hosts (`{prefix}-00042`) and their serials.
+    #[arg(long, default_value = "sim", value_parser = parse_prefix)]
+    pub prefix: String,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub heartbeat: u64,
+    /// MQTT keep-alive, seconds.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(5..=600))]
+    pub keepalive: u64,
+    /// Seconds between status lines (0: none).
+    #[arg(long, default_value_t = 5)]
+    pub report: u64,
+    /// Exit 0 (after disconnecting cleanly) as soon as all devices are connected.
+    #[arg(long)]
+    pub until_connected: bool,
+    /// Give up (exit 1) if not all devices are connected after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Enrollment requests in flight at a time.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=512))]
+    pub enroll_concurrency: u32,
+    /// Longest wait between reconnect attempts, seconds (the agent's default: 300).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub max_backoff: u64,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let n = s.strip_suffix("/s").unwrap_or(s);
+    let r: f64 = n.trim().parse().map_err(|_| format!("{s:?} is not a rate such as 200/s"))?;
+    if !r.is_finite() || r < 0.0 {
+        return Err(format!("{s:?}: the rate must be 0 or more"));
+    }
+    Ok(r)
+}
+
+fn parse_churn(s: &str) -> Result<f64, String> {
+    let f: f64 = s.parse().map_err(|_| format!("{s:?} is not a fraction such as 0.05"))?;
+    if !(0.0..=1.0).contains(&f) {
+        return Err(format!("{s:?}: churn is a fraction of the fleet per minute, 0 to 1"));
+    }
+    Ok(f)
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 32
+        && !s.starts_with('-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok { Ok(s.to_string()) } else { Err(format!("{s:?}: 1-32 lowercase letters, digits or '-'")) }
+}
+
+fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("--mqtt {s:?}: bad port"))?),
+        None => (s, 8883),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("--mqtt {s:?}: no host"));
+    }
+    Ok((host.to_string(), port))
+}
+
+/// The binary's entry point.
+pub fn main_entry() -> ExitCode {
+    let args = Args::parse();
+    drover_agent::tls::install_default_provider();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("drover-sim: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = match rt.block_on(run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("drover-sim: {e}");
+            ExitCode::from(1)
+        }
+    };
+    rt.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+/// What is shared by every device task.
+struct Ctx {
+    args: Args,
+    host: String,
+    port: u16,
+    ca_pem: Vec<u8>,
+    client: EnrollClient,
+    store: Store,
+    run_id: String,
+    enroll_slots: Semaphore,
+    pacer: Pacer,
+    fleet: Fleet,
+}
+
+/// Spaces new connections `period` apart across the fleet.
+struct Pacer {
+    period: Duration,
+    next: Mutex<Instant>,
+}
+
+impl Pacer {
+    fn new(rate: f64) -> Pacer {
+        let period = if rate > 0.0 { Duration::from_secs_f64(1.0 / rate) } else { Duration::ZERO };
+        Pacer { period, next: Mutex::new(Instant::now()) }
+    }
+
+    async fn wait(&self) {
+        if self.period.is_zero() {
+            return;
+        }
+        let at = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let at = (*next).max(Instant::now());
+            *next = at + self.period;
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+/// Counters of one device across its sessions (a churned device gets a new session).
+#[derive(Default)]
+struct Slot {
+    done: [u64; 4],
+    current: Option<Arc<SessionStats>>,
+}
+
+struct Fleet {
+    slots: Vec<Mutex<Slot>>,
+    churn: Vec<Notify>,
+    enrolled: AtomicU64,
+    reused: AtomicU64,
+    enroll_failures: AtomicU64,
+    churned: AtomicU64,
+    /// The first few enrollment errors are printed; the rest only counted.
+    errors_shown: AtomicU64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    enrolled: u64,
+    reused: u64,
+    enroll_failures: u64,
+    connected: u64,
+    connects: u64,
+    connect_failures: u64,
+    heartbeats: u64,
+    inventories: u64,
+    churned: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn counts(s: &SessionStats) -> [u64; 4] {
+    [s.connects(), s.connect_failures(), s.heartbeats(), s.inventories()]
+}
+
+impl Fleet {
+    fn new(n: u64) -> Fleet {
+        Fleet {
+            slots: (0..n).map(|_| Mutex::default()).collect(),
+            churn: (0..n).map(|_| Notify::new()).collect(),
+            enrolled: AtomicU64::new(0),
+            reused: AtomicU64::new(0),
+            enroll_failures: AtomicU64::new(0),
+            churned: AtomicU64::new(0),
+            errors_shown: AtomicU64::new(0),
+        }
+    }
+
+    fn totals(&self) -> Totals {
+        let mut t = Totals {
+            enrolled: self.enrolled.load(Ordering::Relaxed),
+            reused: self.reused.load(Ordering::Relaxed),
+            enroll_failures: self.enroll_failures.load(Ordering::Relaxed),
+            churned: self.churned.load(Ordering::Relaxed),
+            ..Totals::default()
+        };
+        for slot in &self.slots {
+            let s = lock(slot);
+            let mut c = s.done;
+            if let Some(cur) = &s.current {
+                let now = counts(cur);
+                for (a, b) in c.iter_mut().zip(now) {
+                    *a += b;
+                }
+                t.connected += u64::from(cur.connected());
+            }
+            t.connects += c[0];
+            t.connect_failures += c[1];
+            t.heartbeats += c[2];
+            t.inventories += c[3];
+        }
+        t
+    }
+
+    fn connected(&self, i: usize) -> bool {
+        lock(&self.slots[i]).current.as_ref().is_some_and(|c| c.connected())
+    }
+
+    fn start_session(&self, i: usize, stats: Arc<SessionStats>) {
+        lock(&self.slots[i]).current = Some(stats);
+    }
+
+    fn end_session(&self, i: usize) {
+        let mut s = lock(&self.slots[i]);
+        if let Some(cur) = s.current.take() {
+            for (a, b) in s.done.iter_mut().zip(counts(&cur)) {
+                *a += b;
+            }
+        }
+    }
+
+    fn enroll_failed(&self, name: &str, error: &str) {
+        self.enroll_failures.fetch_add(1, Ordering::Relaxed);
+        let shown = self.errors_shown.fetch_add(1, Ordering::Relaxed);
+        if shown < 3 {
+            eprintln!("drover-sim: {name}: {error}");
+        } else if shown == 3 {
+            eprintln!("drover-sim: more devices failed to enroll; counting them in the status line");
+        }
+    }
+}
+
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Why a transport failure happened, in words an operator can act on.
+fn explain_transport(server: &str, ca: &std::path::Path, msg: &str) -> String {
+    let lower = msg.to_ascii_lowercase();
+    if lower.contains("unknownissuer") || lower.contains("unknown issuer") || lower.contains("badsignature") {
+        format!(
+            "the server at {server} presented a certificate that the CA in {} did not sign ({msg}); \
+             pass the fleet CA that `droverd ca cert` prints",
+            ca.display()
+        )
+    } else if lower.contains("notvalidforname") || lower.contains("not valid for name") {
+        format!(
+            "the server's certificate is not valid for the host in {server} ({msg}); use localhost, 127.0.0.1 or the server's host name"
+        )
+    } else {
+        format!("cannot reach the enrollment endpoint at {server}: {msg}")
+    }
+}
+
+fn explain_enroll_error(ctx: &Ctx, e: &EnrollError) -> String {
+    match e {
+        EnrollError::Transport(msg) => explain_transport(&ctx.args.server, &ctx.args.ca, msg),
+        EnrollError::Refused { status: 401, message, .. } => {
+            format!("the enrollment token was refused: {message} (create one with POST /api/v1/enrollment-tokens)")
+        }
+        EnrollError::Refused { status: 403, message, .. } => format!("enrollment forbidden: {message}"),
+        other => other.to_string(),
+    }
+}
+
+/// One device's credentials and MQTT TLS configuration.
+struct Ready {
+    device_id: String,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+fn identity(ctx: &Ctx, index: u64) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("serial".to_string(), inventory::serial(&ctx.args.prefix, &ctx.run_id, index)),
+        ("mac".to_string(), inventory::mac(&ctx.run_id, index)),
+    ])
+}
+
+fn load_key(ctx: &Ctx, name: &str, saved: Option<String>) -> Result<DeviceKey, String> {
+    match saved {
+        Some(pem) => DeviceKey::from_pem(&pem).map_err(|e| format!("state directory: {name}: {e}")),
+        None => {
+            let key = DeviceKey::generate().map_err(|e| e.to_string())?;
+            ctx.store.save_key(name, &key.to_pem()).map_err(|e| format!("state directory: {name}: {e}"))?;
+            Ok(key)
+        }
+    }
+}
+
+/// Loads device `index` from the state directory, or makes its key and enrolls it.
+async fn prepare(ctx: &Ctx, index: u64, name: &str) -> Result<Ready, String> {
+    let saved = ctx.store.load(name).map_err(|e| format!("state directory: {name}: {e}"))?;
+    let key = load_key(ctx, name, saved.key_pem)?;
+    let ca = (&ctx.ca_pem[..], "--ca");
+    if let Some((device_id, cert)) = saved.enrolled {
+        let tls =
+            mqtt_client_config(&[ca], cert.as_bytes(), &key).map_err(|e| format!("state directory: {name}: {e}"))?;
+        ctx.fleet.reused.fetch_add(1, Ordering::Relaxed);
+        return Ok(Ready { device_id, tls });
+    }
+    let token = ctx.args.token.as_deref().ok_or("not enrolled yet, and no --token given to enroll it")?;
+    let enrolled = {
+        let _slot = ctx.enroll_slots.acquire().await.map_err(|e| e.to_string())?;
+        enroll(&ctx.client, &key, &identity(ctx, index), Some(token))
+            .await
+            .map_err(|e| explain_enroll_error(ctx, &e))?
+    };
+    ctx.store
+        .save_enrolled(name, &enrolled.device_id, &enrolled.certificate_pem)
+        .map_err(|e| format!("state directory: {name}: {e}"))?;
+    let tls =
+        mqtt_client_config(&[ca, (enrolled.ca_pem.as_bytes(), "ca_pem")], enrolled.certificate_pem.as_bytes(), &key)
+            .map_err(|e| e.to_string())?;
+    ctx.fleet.enrolled.fetch_add(1, Ordering::Relaxed);
+    Ok(Ready { device_id: enrolled.device_id, tls })
+}
+
+/// One simulated device: enroll (or load), then sessions until the simulator stops. A churned
+/// session ends cleanly (`offline`, DISCONNECT); the device stays away 5–30 s and comes back
+/// through the connection pacer.
+async fn device(ctx: Arc<Ctx>, index: u64, mut stop: watch::Receiver<bool>) {
+    let i = index as usize;
+    let name = inventory::hostname(&ctx.args.prefix, index);
+    let ready = tokio::select! {
+        r = prepare(&ctx, index, &name) => r,
+        () = stopped(&mut stop) => return,
+    };
+    let ready = match ready {
+        Ok(r) => r,
+        Err(e) => return ctx.fleet.enroll_failed(&name, &e),
+    };
+    let attrs = inventory::attributes(&ctx.args.prefix, &ctx.run_id, index);
+    let boot_id = format!("{:016x}", rand::random::<u64>());
+    loop {
+        tokio::select! {
+            () = ctx.pacer.wait() => {}
+            () = stopped(&mut stop) => return,
+        }
+        let mut cfg = SessionConfig::new(ready.device_id.clone(), ctx.host.clone(), ctx.port, ready.tls.clone());
+        cfg.keepalive = Duration::from_secs(ctx.args.keepalive);
+        cfg.heartbeat_interval = Duration::from_secs(ctx.args.heartbeat);
+        cfg.agent = AGENT.to_string();
+        cfg.boot_id = Some(boot_id.clone());
+        cfg.uptime_base_secs = Some(inventory::uptime_base(index));
+        cfg.backoff = BackoffPolicy { cap: Duration::from_secs(ctx.args.max_backoff), ..BackoffPolicy::default() };
+        let session = match Session::new(cfg, StaticSource(attrs.clone())) {
+            Ok(s) => s,
+            Err(e) => return ctx.fleet.enroll_failed(&name, &format!("session: {e}")),
+        };
+        ctx.fleet.start_session(i, session.stats());
+        let churned = AtomicBool::new(false);
+        let mut stop2 = stop.clone();
+        session
+            .run(async {
+                tokio::select! {
+                    () = stopped(&mut stop2) => {}
+                    () = ctx.fleet.churn[i].notified() => churned.store(true, Ordering::Relaxed),
+                }
+            })
+            .await;
+        ctx.fleet.end_session(i);
+        if !churned.load(Ordering::Relaxed) || *stop.borrow() {
+            return;
+        }
+        ctx.fleet.churned.fetch_add(1, Ordering::Relaxed);
+        let away = Duration::from_millis(5_000 + rand::random::<u64>() % 25_000);
+        tokio::select! {
+            () = tokio::time::sleep(away) => {}
+            () = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Every second, asks `churn × n / 60` connected devices (on average) to disconnect.
+async fn churner(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
+    let n = ctx.fleet.slots.len();
+    let per_second = ctx.args.churn * n as f64 / 60.0;
+    let mut carry = 0.0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stopped(&mut stop) => return,
+        }
+        carry += per_second;
+        let k = carry.floor();
+        carry -= k;
+        let picks: Vec<usize> = {
+            use rand::Rng;
+            let mut rng = rand::thread_rng();
+            (0..k as usize).map(|_| rng.gen_range(0..n)).collect()
+        };
+        for i in picks {
+            if ctx.fleet.connected(i) {
+                ctx.fleet.churn[i].notify_one();
+            }
+        }
+    }
+}
+
+/// Enrolls the first device once, by hand, so a wrong token, an unreachable server or a wrong
+/// CA is one clear error instead of a fleet retrying forever.
+async fn preflight(ctx: &Ctx) -> Result<(), String> {
+    let name = inventory::hostname(&ctx.args.prefix, 0);
+    let saved = ctx.store.load(&name).map_err(|e| format!("state directory: {e}"))?;
+    if saved.enrolled.is_some() {
+        return Ok(());
+    }
+    let token = ctx.args.token.clone().ok_or("--token is needed to enroll new devices (an enrollment token, dre_…)")?;
+    let key = load_key(ctx, &name, saved.key_pem)?;
+    let req = EnrollRequest {
+        csr_pem: key.csr_pem().map_err(|e| e.to_string())?,
+        identity: identity(ctx, 0),
+        token: Some(token),
+    };
+    let client = ctx.client.clone();
+    let outcome = tokio::task::spawn_blocking(move || client.request(&req)).await.map_err(|e| e.to_string())?;
+    match outcome {
+        Ok(Outcome::Accepted(_)) => Ok(()),
+        Ok(Outcome::Pending { device_id, .. }) => Err(format!(
+            "device {device_id} is pending instead of accepted: the server did not take the token as valid"
+        )),
+        Err(e) => Err(explain_enroll_error(ctx, &e)),
+    }
+}
+
+fn status_line(t: &Totals, n: u64, elapsed: Duration) -> String {
+    format!(
+        "[{:>7.1}s] enrolled {}/{n} (reused {})  connected {}  connects {}  connect failures {}  enroll failures {}  heartbeats {}  churned {}",
+        elapsed.as_secs_f64(),
+        t.enrolled + t.reused,
+        t.reused,
+        t.connected,
+        t.connects,
+        t.connect_failures,
+        t.enroll_failures,
+        t.heartbeats,
+        t.churned,
+    )
+}
+
+async fn signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+/// Runs the fleet until a signal, `--until-connected`, or a fatal error.
+pub async fn run(args: Args) -> Result<ExitCode, String> {
+    let (host, port) = parse_host_port(&args.mqtt)?;
+    let ca_pem = std::fs::read(&args.ca).map_err(|e| format!("cannot read --ca {}: {e}", args.ca.display()))?;
+    drover_agent::tls::certs_from_pem(&ca_pem, &format!("--ca {}", args.ca.display())).map_err(|e| e.to_string())?;
+    let client = EnrollClient::new(&args.server, Some(&ca_pem)).map_err(|e| format!("--server: {e}"))?;
+    let (store, run_id) = Store::open(args.state_dir.as_deref()).map_err(|e| {
+        format!("state directory {}: {e}", args.state_dir.as_deref().unwrap_or(std::path::Path::new("")).display())
+    })?;
+    let n = args.devices;
+    let ctx = Arc::new(Ctx {
+        host,
+        port,
+        ca_pem,
+        client,
+        store,
+        run_id,
+        enroll_slots: Semaphore::new(args.enroll_concurrency as usize),
+        pacer: Pacer::new(args.connect_rate),
+        fleet: Fleet::new(n),
+        args,
+    });
+    let started = Instant::now();
+    if n > 0 {
+        tokio::select! {
+            r = preflight(&ctx) => r?,
+            () = signal() => return Ok(ExitCode::from(130)),
+        }
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..n {
+        tasks.spawn(device(ctx.clone(), index, stop_rx.clone()));
+    }
+    if ctx.args.churn > 0.0 {
+        tasks.spawn(churner(ctx.clone(), stop_rx.clone()));
+    }
+    let report = (ctx.args.report > 0).then(|| Duration::from_secs(ctx.args.report));
+    let deadline = ctx.args.timeout.map(|s| started + Duration::from_secs(s));
+    let mut next_report = report.map(|r| started + r);
+    let mut all_connected = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut sig = std::pin::pin!(signal());
+    let failure: Option<String> = loop {
+        tokio::select! {
+            () = &mut sig => break None,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let t = ctx.fleet.totals();
+        if !all_connected && t.connected == n {
+            all_connected = true;
+            println!("all {n} devices connected in {:.2}s", started.elapsed().as_secs_f64());
+            if ctx.args.until_connected {
+                break None;
+            }
+        }
+        if t.enroll_failures > 0
+            && t.enroll_failures + t.enrolled + t.reused == n
+            && (ctx.args.until_connected || t.enroll_failures == n)
+        {
+            break Some(format!("{} of {n} devices could not enroll", t.enroll_failures));
+        }
+        if deadline.is_some_and(|d| now >= d) && !all_connected {
+            break Some(format!(
+                "only {} of {n} devices connected after {}s (--timeout)",
+                t.connected,
+                ctx.args.timeout.unwrap_or(0)
+            ));
+        }
+        if let (Some(at), Some(every)) = (next_report, report)
+            && now >= at
+        {
+            println!("{}", status_line(&t, n, started.elapsed()));
+            next_report = Some(at + every);
+        }
+    };
+    let _ = stop_tx.send(true);
+    let stopping = Instant::now();
+    let drained =
+        tokio::time::timeout(Duration::from_secs(15), async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        eprintln!("drover-sim: some devices did not disconnect within 15 s");
+        tasks.abort_all();
+    }
+    let t = ctx.fleet.totals();
+    println!(
+        "summary: {n} devices, enrolled {} (new {}, reused {}), enroll failures {}, connections {}, connect failures {}, heartbeats {}, inventories {}, churned {}; ran {:.1}s, stopped in {:.1}s",
+        t.enrolled + t.reused,
+        t.enrolled,
+        t.reused,
+        t.enroll_failures,
+        t.connects,
+        t.connect_failures,
+        t.heartbeats,
+        t.inventories,
+        t.churned,
+        started.elapsed().as_secs_f64(),
+        stopping.elapsed().as_secs_f64(),
+    );
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_are_checked() {
+        assert_eq!(parse_rate("200/s").unwrap(), 200.0);
+        assert_eq!(parse_rate("0").unwrap(), 0.0);
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("-1/s").is_err());
+        assert!(parse_churn("1.5").is_err());
+        assert_eq!(parse_churn("0.05").unwrap(), 0.05);
+        assert!(parse_prefix("Sim").is_err());
+        assert!(parse_prefix("-x").is_err());
+        assert_eq!(parse_host_port("localhost:8883").unwrap(), ("localhost".to_string(), 8883));
+        assert_eq!(parse_host_port("example").unwrap(), ("example".to_string(), 8883));
+        assert!(parse_host_port(":1").is_err());
+        assert!(parse_host_port("h:x").is_err());
+    }
+
+    #[test]
+    fn transport_errors_are_explained() {
+        let ca = std::path::Path::new("ca.pem");
+        assert!(
+            explain_transport("https://h", ca, "invalid peer certificate: UnknownIssuer").contains("droverd ca cert")
+        );
+        assert!(explain_transport("https://h", ca, "Connection refused").contains("cannot reach"));
+    }
+}
