@@ -1,1 +1,357 @@
-//! placeholder
+//! The real `drover-sim` binary against the real `droverd` binary: a fleet enrolls over HTTPS
+//! with an enrollment token, connects over mutual-TLS MQTT, is seen online with its inventory,
+//! goes offline when the simulator is stopped, and comes back from its state directory without
+//! enrolling again.
+//!
+//! Bad input tried here: a wrong enrollment token, an unreachable server, a CA that did not
+//! sign the server's certificate, a state directory without a token for new devices.
+//!
+//! `droverd` is taken from beside `drover-sim` in `target/<profile>/` (there when the
+//! workspace is built); when it is missing it is built into a separate target directory.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const SIM: &str = env!("CARGO_BIN_EXE_drover-sim");
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A temporary directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let d = std::env::temp_dir().join(format!("drover-sim-it-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The droverd binary: beside drover-sim, or built for these tests.
+fn droverd_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = Path::new(SIM).parent().unwrap();
+        let beside = dir.join("droverd");
+        if beside.exists() {
+            return beside;
+        }
+        // The outer cargo may hold the lock on this target directory: build elsewhere.
+        let target = dir.parent().unwrap().join("drover-sim-it");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "drover-server", "--bin", "droverd"])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cargo build -p drover-server --bin droverd failed");
+        target.join("debug").join("droverd")
+    })
+    .clone()
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+struct Droverd {
+    child: Child,
+    base: String,
+    dev: u16,
+    mqtt: u16,
+    data: PathBuf,
+}
+
+impl Droverd {
+    /// Starts droverd on free ports (trying others if one was taken meanwhile).
+    fn start(data: &Path) -> Droverd {
+        for _ in 0..5 {
+            let (http, mqtt, dev) = (free_port(), free_port(), free_port());
+            let mut child = Command::new(droverd_bin())
+                .arg("--data-dir")
+                .arg(data)
+                .args(["--http-listen", &format!("127.0.0.1:{http}")])
+                .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
+                .args(["--device-listen", &format!("127.0.0.1:{dev}")])
+                .env_remove("DROVER_DATABASE_URL")
+                .env("DROVER_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
+            let base = format!("http://127.0.0.1:{http}");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let started = loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break false;
+                }
+                if agent().get(&format!("{base}/readyz")).call().is_ok_and(|r| r.status() == 200) {
+                    break true;
+                }
+                assert!(Instant::now() < deadline, "droverd not ready after 30 s");
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            if started {
+                return Droverd { child, base, dev, mqtt, data: data.to_path_buf() };
+            }
+        }
+        panic!("droverd would not start (see its error above)");
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(droverd_bin())
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(args)
+            .env_remove("DROVER_DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "droverd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn admin_token(&self) -> String {
+        let out = self.cli(&["token", "create", "--role", "admin", "--name", "sim test"]);
+        out.split_whitespace().find(|w| w.starts_with("drv_")).expect("a token in the output").to_string()
+    }
+
+    /// Writes the fleet CA to `path`.
+    fn ca_file(&self, path: &Path) {
+        std::fs::write(path, self.cli(&["ca", "cert"])).unwrap();
+    }
+
+    fn enrollment_token(&self, admin: &str, max_uses: u32) -> String {
+        let resp = agent()
+            .post(&format!("{}/api/v1/enrollment-tokens", self.base))
+            .header("Authorization", &format!("Bearer {admin}"))
+            .send_json(json!({"name": "simulated fleet", "max_uses": max_uses}))
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 201);
+        let v: Value = resp.into_body().read_json().unwrap();
+        v["secret"].as_str().unwrap().to_string()
+    }
+
+    fn get(&self, path: &str, admin: &str) -> Value {
+        let mut resp = agent()
+            .get(&format!("{}{path}", self.base))
+            .header("Authorization", &format!("Bearer {admin}"))
+            .call()
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "GET {path}");
+        resp.body_mut().read_json().unwrap()
+    }
+
+    /// `drover-sim` with this server's endpoints and `extra` arguments.
+    fn sim(&self, ca: &Path, extra: &[&str]) -> Command {
+        let mut c = Command::new(SIM);
+        c.args(["--server", &format!("https://localhost:{}", self.dev)])
+            .arg("--ca")
+            .arg(ca)
+            .args(["--mqtt", &format!("localhost:{}", self.mqtt)])
+            .args(extra)
+            .env_remove("DROVER_SIM_TOKEN");
+        c
+    }
+}
+
+impl Drop for Droverd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sigterm(child: &Child) {
+    assert!(Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success());
+}
+
+/// Starts a command and forwards its stdout lines to a channel (and to the test's output).
+fn spawn_lines(mut cmd: Command) -> (Child, mpsc::Receiver<String>) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("drover-sim: {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+fn wait_line(rx: &mpsc::Receiver<String>, within: Duration, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if pred(&l) => return l,
+            Ok(_) => {}
+            Err(e) => panic!("no such line from drover-sim: {e}"),
+        }
+    }
+}
+
+fn devices(d: &Droverd, admin: &str) -> Vec<Value> {
+    d.get("/api/v1/devices?limit=100", admin)["items"].as_array().unwrap().clone()
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    eventually(within, "drover-sim to exit", || child.try_wait().unwrap())
+}
+
+#[test]
+fn a_fleet_enrolls_connects_is_seen_goes_offline_and_comes_back_from_its_state() {
+    let dir = TempDir::new("fleet");
+    let server = Droverd::start(&dir.path().join("data"));
+    let admin = server.admin_token();
+    let ca = dir.path().join("ca.pem");
+    server.ca_file(&ca);
+    let token = server.enrollment_token(&admin, 100);
+    let state = dir.path().join("state");
+    let state_arg = state.to_str().unwrap();
+
+    let mut cmd = server.sim(&ca, &["--token", &token, "-n", "20", "--state-dir", state_arg, "--report", "1"]);
+    cmd.args(["--connect-rate", "100/s", "--heartbeat", "2"]);
+    let (mut sim, lines) = spawn_lines(cmd);
+    let line = wait_line(&lines, Duration::from_secs(90), |l| l.starts_with("all 20 devices connected in "));
+    assert!(line.ends_with('s'), "{line}");
+
+    // The server sees all twenty online, named by their certificates, with an inventory.
+    let listed = eventually(Duration::from_secs(20), "20 devices online", || {
+        let list = devices(&server, &admin);
+        (list.len() == 20 && list.iter().all(|d| d["online"] == true)).then_some(list)
+    });
+    assert!(
+        listed.iter().all(|d| d["status"] == "accepted" && d["agent"].as_str().unwrap().starts_with("drover-sim/"))
+    );
+    assert!(listed.iter().all(|d| d["identity"]["serial"].as_str().unwrap().starts_with("sim-")));
+    let id = listed[0]["id"].as_str().unwrap().to_string();
+    let detail = eventually(Duration::from_secs(20), "an inventory", || {
+        let d = server.get(&format!("/api/v1/devices/{id}"), &admin);
+        d["attributes"]["arch"].is_string().then_some(d)
+    });
+    let attrs = &detail["attributes"];
+    for key in ["os", "os_version", "kernel", "hostname", "agent_version", "mem_total_kb", "region", "model"] {
+        assert!(attrs[key].as_str().is_some_and(|v| !v.is_empty()), "{key} missing: {attrs}");
+    }
+    assert!(attrs["hostname"].as_str().unwrap().starts_with("sim-"));
+    // Heartbeats flow (every 2 s here) and are counted in the status line.
+    wait_line(&lines, Duration::from_secs(20), |l| {
+        l.contains("connected 20") && !l.contains("heartbeats 0 ") && l.contains("enrolled 20/20")
+    });
+
+    // SIGTERM: every device says offline and disconnects; the simulator sums up and exits 0.
+    sigterm(&sim);
+    let status = wait_exit(&mut sim, Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    let summary = wait_line(&lines, Duration::from_secs(5), |l| l.starts_with("summary:"));
+    assert!(summary.contains("enrolled 20 (new 20, reused 0)"), "{summary}");
+    eventually(Duration::from_secs(20), "all 20 devices offline", || {
+        devices(&server, &admin).iter().all(|d| d["online"] == false).then_some(())
+    });
+
+    // Again from the state directory, without a token: the same twenty devices, none new.
+    let out = server
+        .sim(&ca, &["-n", "20", "--state-dir", state_arg, "--until-connected", "--timeout", "60"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("all 20 devices connected in "), "{stdout}");
+    assert!(stdout.contains("enrolled 20 (new 0, reused 20)"), "{stdout}");
+    let again = devices(&server, &admin);
+    assert_eq!(again.len(), 20, "no device enrolled twice");
+    let mut before: Vec<_> = listed.iter().map(|d| d["id"].clone()).collect();
+    let mut after: Vec<_> = again.iter().map(|d| d["id"].clone()).collect();
+    before.sort_by_key(|v| v.to_string());
+    after.sort_by_key(|v| v.to_string());
+    assert_eq!(before, after);
+
+    // More devices than are in the state directory, without a token: a clear error.
+    let out = server.sim(&ca, &["-n", "21", "--state-dir", state_arg, "--until-connected"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--token"), "{stderr}");
+}
+
+fn expect_failure(out: Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+    assert_eq!(stderr.lines().filter(|l| !l.trim().is_empty()).count(), 1, "one clear line: {stderr}");
+}
+
+#[test]
+fn a_wrong_token_server_or_ca_is_one_clear_error() {
+    let dir = TempDir::new("errors");
+    let server = Droverd::start(&dir.path().join("data"));
+    let admin = server.admin_token();
+    let ca = dir.path().join("ca.pem");
+    server.ca_file(&ca);
+    let n = ["-n", "5", "--until-connected", "--timeout", "30"];
+
+    let out = server.sim(&ca, &[&["--token", "dre_not-a-real-token"][..], &n].concat()).output().unwrap();
+    expect_failure(out, "the enrollment token was refused");
+
+    let token = server.enrollment_token(&admin, 10);
+    let mut cmd = Command::new(SIM);
+    cmd.args(["--server", &format!("https://localhost:{}", free_port()), "--ca"]).arg(&ca);
+    cmd.args(["--mqtt", &format!("localhost:{}", server.mqtt), "--token", &token]).args(n);
+    expect_failure(cmd.output().unwrap(), "cannot reach the enrollment endpoint");
+
+    // A CA of its own, not the fleet's.
+    let other = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, params.self_signed(&other).unwrap().pem()).unwrap();
+    let out = server.sim(&other_ca, &[&["--token", &token][..], &n].concat()).output().unwrap();
+    expect_failure(out, "droverd ca cert");
+
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    expect_failure(server.sim(&not_pem, &[&["--token", &token][..], &n].concat()).output().unwrap(), "no certificate");
+
+    // None of this enrolled anything, and the token is unused.
+    assert!(devices(&server, &admin).is_empty());
+}
