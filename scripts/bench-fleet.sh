@@ -2,13 +2,13 @@
 # Fleet connections: one droverd (SQLite in a temporary directory, embedded broker) against
 # SIMS drover-sim processes of DEVICES devices each (default 3 x 5,000 = 15,000: one process
 # may hold only about 20,000 open files here). Measures
-#   1. enroll + connect: time until every device is connected, from the simulators' start;
-#   2. droverd's resident memory before and with the fleet connected -> memory per device;
-#   3. droverd's CPU over IDLE_SECS (default 30) with the fleet connected and heartbeating;
-#   4. reconnect: the simulators stopped (every device says offline and disconnects) and
-#      started again from their state directories (no enrollment): full mutual-TLS connections
-#      (handshake, CONNECT, registry check, status/hello/inventory ingested) per second of
-#      droverd CPU.
+#   1. enroll + connect: time until every device is enrolled and connected, from the
+#      simulators' start;
+#   2. connect: droverd restarted on the same data, the simulators started again from their
+#      state directories (no enrollment): full mutual-TLS connections (handshake, CONNECT,
+#      registry check, status/hello/inventory ingested) per second of droverd CPU;
+#   3. droverd's resident memory after the restart and with the fleet connected -> per device;
+#   4. droverd's CPU over IDLE_SECS (default 30) with the fleet connected and heartbeating.
 #
 #   scripts/bench-fleet.sh                       # 3 x 5,000
 #   SIMS=2 DEVICES=1000 scripts/bench-fleet.sh   # smaller
@@ -53,18 +53,19 @@ mqtt_connections() {
   curl -sf "http://$http/metrics" | awk '/^drover_mqtt_connections / {print $2}'
 }
 
-DROVER_LOG=warn "$droverd" --data-dir "$dir/data" --http-listen "$http" \
-  --mqtt-listen "127.0.0.1:$mqtt_port" --device-listen "127.0.0.1:$dev_port" >"$dir/droverd.log" 2>&1 &
-server=$!
-for _ in $(seq 300); do curl -sf "http://$http/readyz" >/dev/null && break; sleep 0.1; done
-curl -sf "http://$http/readyz" >/dev/null || { cat "$dir/droverd.log"; exit 1; }
+start_server() {
+  DROVER_LOG=warn "$droverd" --data-dir "$dir/data" --http-listen "$http" \
+    --mqtt-listen "127.0.0.1:$mqtt_port" --device-listen "127.0.0.1:$dev_port" >>"$dir/droverd.log" 2>&1 &
+  server=$!
+  for _ in $(seq 300); do curl -sf "http://$http/readyz" >/dev/null && break; sleep 0.1; done
+  curl -sf "http://$http/readyz" >/dev/null || { cat "$dir/droverd.log"; exit 1; }
+}
+start_server
 "$droverd" --data-dir "$dir/data" ca cert >"$dir/ca.pem"
 admin=$("$droverd" --data-dir "$dir/data" token create --role admin --name bench 2>/dev/null | grep -o 'drv_[A-Za-z0-9_-]*')
 token=$(curl -sf -X POST -H "Authorization: Bearer $admin" -H 'content-type: application/json' \
   -d "{\"name\":\"bench-fleet\",\"max_uses\":$total}" "http://$http/api/v1/enrollment-tokens" |
   sed -n 's/.*"secret":"\(dre_[^"]*\)".*/\1/p')
-sleep 2
-rss_before=$(rss_kb "$server")
 
 # Starts the simulators; waits until each has printed "all N devices connected".
 run_sims() { # $1: phase name
@@ -94,7 +95,6 @@ run_sims() { # $1: phase name
 }
 
 echo "fleet: $sims simulators x $devices devices = $total, connect rate $rate/s per simulator, heartbeat ${heartbeat}s"
-echo "droverd RSS idle, no devices: $((rss_before / 1024)) MiB"
 
 # 1. Enroll and connect.
 t0=$(now); c0=$(cpu_ticks "$server")
@@ -102,33 +102,38 @@ run_sims enroll
 t1=$(now); c1=$(cpu_ticks "$server")
 for k in $(seq "$sims"); do grep "^all " "$dir/sim-$k.enroll.log" | sed "s/^/  sim $k: /"; done
 awk -v a="$t0" -v b="$t1" -v c=$((c1 - c0)) -v t="$tck" -v n="$total" 'BEGIN {
-  printf "enroll + connect: all %d connected in %.1f s (%.0f devices/s); droverd CPU %.1f s\n", n, b - a, n / (b - a), c / t }'
+  printf "enroll + connect: all %d enrolled and connected in %.1f s (%.0f devices/s); droverd CPU %.1f s\n", n, b - a, n / (b - a), c / t }'
 echo "broker connections (devices + droverd's own client): $(mqtt_connections)"
 
-# 2. Memory with the fleet connected (after it settled).
-sleep 10
-rss_after=$(rss_kb "$server")
-awk -v a="$rss_before" -v b="$rss_after" -v n="$total" 'BEGIN {
-  printf "droverd RSS: %.0f MiB -> %.0f MiB with %d devices connected: %.1f KiB per device\n", a / 1024, b / 1024, n, (b - a) / n }'
-
-# 3. Idle CPU.
-c0=$(cpu_ticks "$server"); t0=$(now)
-sleep "$idle_secs"
-c1=$(cpu_ticks "$server"); t1=$(now)
-awk -v c=$((c1 - c0)) -v t="$tck" -v a="$t0" -v b="$t1" -v n="$total" -v hb="$heartbeat" 'BEGIN {
-  printf "droverd CPU with %d devices connected (heartbeat every %d s): %.2f s over %.0f s = %.1f%% of one core\n", n, hb, c / t, b - a, 100 * c / t / (b - a) }'
-
-# 4. Reconnect from the state directories: connections per droverd CPU second.
+# A fresh droverd on the same data, so that its memory holds connections, not what enrolling
+# 15,000 devices left behind.
 stop_all
-for _ in $(seq 600); do [ "$(mqtt_connections)" -le 1 ] && break; sleep 0.1; done
+kill -TERM "$server"; wait "$server" || true
+start_server
 sleep 3
+rss_before=$(rss_kb "$server")
+echo "droverd restarted: RSS $((rss_before / 1024)) MiB with no device connected"
+
+# 2. Reconnect from the state directories: connections per droverd CPU second.
 t0=$(now); c0=$(cpu_ticks "$server")
 run_sims reconnect
 t1=$(now); c1=$(cpu_ticks "$server")
 for k in $(seq "$sims"); do grep "^all " "$dir/sim-$k.reconnect.log" | sed "s/^/  sim $k: /"; done
 awk -v a="$t0" -v b="$t1" -v c=$((c1 - c0)) -v t="$tck" -v n="$total" 'BEGIN {
-  printf "reconnect: %d mutual-TLS connections in %.1f s (%.0f/s); droverd CPU %.1f s = %.0f connections per core-second\n", n, b - a, n / (b - a), c / t, n / (c / t) }'
-rss_end=$(rss_kb "$server")
-echo "droverd RSS after the reconnect: $((rss_end / 1024)) MiB"
+  printf "connect (enrolled devices): %d mutual-TLS connections in %.1f s (%.0f/s); droverd CPU %.1f s = %.0f connections per core-second\n", n, b - a, n / (b - a), c / t, n / (c / t) }'
+echo "broker connections (devices + droverd's own client): $(mqtt_connections)"
+
+# 3. Memory with the fleet connected (after it settled).
+sleep 10
+rss_after=$(rss_kb "$server")
+awk -v a="$rss_before" -v b="$rss_after" -v n="$total" 'BEGIN {
+  printf "droverd RSS: %.0f MiB -> %.0f MiB with %d devices connected: %.1f KiB per device\n", a / 1024, b / 1024, n, (b - a) / n }'
+
+# 4. Idle CPU.
+c0=$(cpu_ticks "$server"); t0=$(now)
+sleep "$idle_secs"
+c1=$(cpu_ticks "$server"); t1=$(now)
+awk -v c=$((c1 - c0)) -v t="$tck" -v a="$t0" -v b="$t1" -v n="$total" -v hb="$heartbeat" 'BEGIN {
+  printf "droverd CPU with %d devices connected (heartbeat every %d s): %.2f s over %.0f s = %.1f%% of one core\n", n, hb, c / t, b - a, 100 * c / t / (b - a) }'
 stop_all
 grep -ciE "error|panic" "$dir/droverd.log" | sed 's/^/droverd log lines with error or panic: /' || true
