@@ -1,13 +1,76 @@
 #!/usr/bin/env bash
-# Runs Drover for a first look: droverd on http://127.0.0.1:8080 with its data in ./demo-data.
-# Sign in as admin with the password printed below. Ctrl-C stops it; run it again to
-# continue where you left off, or delete ./demo-data to start over.
+# Runs Drover for a first look: droverd on http://127.0.0.1:8080 with its data in ./demo-data,
+# and a simulated fleet of 50 devices (drover-sim) that enroll, connect over mutual-TLS MQTT,
+# report their inventory and now and then drop off and come back.
+# Sign in as admin with the password printed below. Ctrl-C stops both; run it again to
+# continue where you left off (the same devices come back from ./demo-data/sim), or delete
+# ./demo-data to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DROVER_ADMIN_PASSWORD="${DROVER_ADMIN_PASSWORD:-drover-demo-admin}"
 LISTEN="${DROVER_HTTP_LISTEN:-127.0.0.1:8080}"
-cargo build --release --locked --bin droverd
+MQTT_LISTEN="${DROVER_MQTT_LISTEN:-127.0.0.1:8883}"
+DEVICE_LISTEN="${DROVER_DEVICE_LISTEN:-127.0.0.1:8443}"
+DEVICES="${DEMO_DEVICES:-50}"
+data=demo-data
+sim_dir=$data/sim
+
+cargo build --release --locked --bin droverd --bin drover-sim
+droverd=target/release/droverd
+
+server=""
+sim=""
+stop() { # $1: exit status
+  trap - INT TERM EXIT
+  if [ -n "$sim" ]; then kill -TERM "$sim" 2>/dev/null; wait "$sim" 2>/dev/null || true; fi
+  if [ -n "$server" ]; then kill -TERM "$server" 2>/dev/null; wait "$server" 2>/dev/null || true; fi
+  exit "$1"
+}
+trap 'stop 0' INT TERM
+trap 'stop $?' EXIT
+
+"$droverd" --data-dir "$data" --http-listen "$LISTEN" --mqtt-listen "$MQTT_LISTEN" \
+  --device-listen "$DEVICE_LISTEN" &
+server=$!
+for _ in $(seq 600); do
+  curl -sf "http://$LISTEN/readyz" >/dev/null && break
+  kill -0 "$server" 2>/dev/null || { echo "droverd did not start (see above)" >&2; server=""; exit 1; }
+  sleep 0.1
+done
+curl -sf "http://$LISTEN/readyz" >/dev/null || { echo "droverd is not ready after 60 s" >&2; exit 1; }
+
+# The simulated fleet's credentials live in demo-data/sim: the fleet CA, an admin API token
+# (kept while it works), and the devices' keys and certificates.
+mkdir -p "$sim_dir"
+chmod 700 "$sim_dir"
+"$droverd" --data-dir "$data" ca cert >"$sim_dir/ca.pem"
+admin=$(cat "$sim_dir/admin-token" 2>/dev/null || true)
+if [ -z "$admin" ] || ! curl -sf -o /dev/null -H "Authorization: Bearer $admin" "http://$LISTEN/api/v1/users"; then
+  admin=$("$droverd" --data-dir "$data" token create --role admin --name "demo fleet $(date +%Y%m%d-%H%M%S)" 2>/dev/null |
+    grep -o 'drv_[A-Za-z0-9_-]*')
+  (umask 077 && echo "$admin" >"$sim_dir/admin-token")
+fi
+# An enrollment token only when some device still has to enroll.
+token_args=()
+enrolled=0
+[ -d "$sim_dir/devices" ] && enrolled=$(find "$sim_dir/devices" -name '*.id' | wc -l)
+if [ "$enrolled" -lt "$DEVICES" ]; then
+  secret=$(curl -sf -X POST -H "Authorization: Bearer $admin" -H 'content-type: application/json' \
+    -d "{\"name\":\"demo fleet $(date +%Y%m%d-%H%M%S)\",\"max_uses\":$((DEVICES - enrolled)),\"tags\":{\"env\":\"demo\"}}" \
+    "http://$LISTEN/api/v1/enrollment-tokens" | sed -n 's/.*"secret":"\(dre_[^"]*\)".*/\1/p')
+  token_args=(--token "$secret")
+fi
+
+target/release/drover-sim --server "https://localhost:${DEVICE_LISTEN##*:}" --ca "$sim_dir/ca.pem" \
+  --mqtt "localhost:${MQTT_LISTEN##*:}" "${token_args[@]}" -n "$DEVICES" --state-dir "$sim_dir" \
+  --prefix demo --churn 0.02 --report 60 &
+sim=$!
+
 echo
 echo "Drover: open http://$LISTEN and sign in as admin / $DROVER_ADMIN_PASSWORD"
+echo "        $DEVICES simulated devices are joining: see Devices (2% of them drop off and return each minute)."
+echo "        Ctrl-C stops the server and the fleet."
 echo
-exec target/release/droverd --data-dir demo-data --http-listen "$LISTEN"
+wait "$server" || true
+server=""
+stop 0
