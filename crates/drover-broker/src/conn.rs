@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
 use crate::trie::Subscriber;
-use crate::{Admission, ClientEntry, Identity, Kick, Message, Out, Shared, valid_filter, valid_topic};
+use crate::{Admission, ClientEntry, Delivery, Identity, Kick, Message, Shared, valid_filter, valid_topic};
 
 type Io = TlsStream<TcpStream>;
 
@@ -29,7 +29,7 @@ enum End {
     /// DISCONNECT 0x00 from the client: no will.
     Normal,
     /// The broker closed it on purpose (takeover, decommission, shutdown): no will.
-    Kicked(u8),
+    Kicked(DisconnectReasonCode),
     /// Anything else (dropped TCP, keep-alive timeout, protocol error, DISCONNECT 0x04): will.
     Abnormal(String),
 }
@@ -73,6 +73,8 @@ struct Conn {
     io: Io,
     peer: SocketAddr,
     identity: Identity,
+    /// `drover/v1/d/{id}/` for a device: every topic it uses starts so.
+    device_prefix: Option<String>,
     conn_id: u64,
     client_id: Arc<str>,
     rbuf: BytesMut,
@@ -94,11 +96,16 @@ impl Conn {
     fn new(shared: Arc<Shared>, io: Io, peer: SocketAddr, identity: Identity) -> Conn {
         let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let client_id: Arc<str> = identity.client_id().into();
+        let device_prefix = match &identity {
+            Identity::Device(id) => Some(format!("{}/{id}/", drover_proto::device::TOPIC_ROOT)),
+            Identity::Service(_) => None,
+        };
         Conn {
             shared,
             io,
             peer,
             identity,
+            device_prefix,
             conn_id,
             client_id,
             rbuf: BytesMut::new(),
@@ -122,13 +129,7 @@ impl Conn {
 
     /// Whether this client may use `topic` (a topic name or filter).
     fn allowed(&self, topic: &str) -> bool {
-        match &self.identity {
-            Identity::Service(_) => true,
-            Identity::Device(id) => {
-                let prefix = drover_proto::device::device_prefix_filter(id);
-                topic.starts_with(prefix.trim_end_matches('#'))
-            }
-        }
+        self.device_prefix.as_ref().is_none_or(|prefix| topic.starts_with(prefix.as_str()))
     }
 
     fn denied(&self, what: &str) {
@@ -150,30 +151,29 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads one packet, waiting at most until `deadline`. `Ok(None)`: the peer closed.
-    async fn read_packet(&mut self, deadline: Instant) -> Result<Option<Packet>, String> {
+    /// Reads the first packet, waiting at most until `deadline`. `Ok(None)`: the peer closed or
+    /// went quiet.
+    async fn read_first_packet(&mut self, deadline: Instant) -> Result<Option<Packet>, CodecError> {
         loop {
             if let Some(p) = self.parse()? {
                 return Ok(Some(p));
             }
             self.rbuf.reserve(1024);
             match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.rbuf)).await {
-                Err(_) => return Err("timed out".into()),
-                Ok(Ok(0)) => return Ok(None),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Ok(None),
             }
         }
     }
 
-    fn parse(&mut self) -> Result<Option<Packet>, String> {
+    fn parse(&mut self) -> Result<Option<Packet>, CodecError> {
         if self.rbuf.is_empty() {
             return Ok(None);
         }
         match Packet::read(&mut self.rbuf, Some(self.shared.config.max_packet_size)) {
             Ok(p) => Ok(Some(p)),
             Err(CodecError::InsufficientBytes(_)) => Ok(None),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         }
     }
 
@@ -187,10 +187,10 @@ impl Conn {
 
     async fn run(&mut self) {
         let deadline = Instant::now() + self.shared.config.connect_timeout;
-        let connect = match self.read_packet(deadline).await {
+        let connect = match self.read_first_packet(deadline).await {
             Ok(Some(Packet::Connect(c, will, _login))) => (c, will),
             Ok(_) => return,
-            Err(e) if e.contains("protocol level") => {
+            Err(CodecError::InvalidProtocolLevel(_)) => {
                 // An MQTT 3 client: answer in its own dialect, "unacceptable protocol version".
                 let _ = self.io.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
                 let _ = self.io.shutdown().await;
@@ -224,7 +224,7 @@ impl Conn {
         match end {
             End::Normal => tracing::debug!(client = %self.client_id, "broker: disconnected"),
             End::Kicked(reason) => {
-                tracing::info!(client = %self.client_id, "broker: disconnected by the broker ({reason:#04x})");
+                tracing::info!(client = %self.client_id, "broker: disconnected by the broker ({reason:?})");
                 // Let the client read the DISCONNECT and close first, so it learns why.
                 let mut sink = [0u8; 256];
                 let _ = tokio::time::timeout(Duration::from_millis(500), async {
@@ -247,7 +247,7 @@ impl Conn {
         &mut self,
         connect: Connect,
         will: Option<LastWill>,
-    ) -> Option<(Duration, Arc<Kick>, mpsc::Receiver<Out>)> {
+    ) -> Option<(Duration, Arc<Kick>, mpsc::Receiver<Delivery>)> {
         let expected = self.identity.client_id();
         // A service may add `/{instance}` (several replicas sharing one service identity).
         let instance = matches!(self.identity, Identity::Service(_))
@@ -337,7 +337,7 @@ impl Conn {
         Some((keep_alive, kick, rx))
     }
 
-    async fn session(&mut self, keep_alive: Duration, kick: &Kick, rx: &mut mpsc::Receiver<Out>) -> End {
+    async fn session(&mut self, keep_alive: Duration, kick: &Kick, rx: &mut mpsc::Receiver<Delivery>) -> End {
         let grace = keep_alive + keep_alive / 2;
         let mut deadline = Instant::now() + grace;
         loop {
@@ -353,7 +353,7 @@ impl Conn {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        let reason = if e.contains("size") {
+                        let reason = if matches!(e, CodecError::PayloadSizeLimitExceeded { .. }) {
                             DisconnectReasonCode::PacketTooLarge
                         } else {
                             DisconnectReasonCode::MalformedPacket
@@ -376,10 +376,10 @@ impl Conn {
                     Err(e) => return End::Abnormal(e.to_string()),
                 },
                 out = rx.recv(), if self.waiting.is_empty() || self.inflight.len() < self.client_receive_max as usize => {
-                    let Some(Out::Publish { msg, qos, retain }) = out else {
+                    let Some(Delivery { msg, qos, retain }) = out else {
                         // Our registry entry is gone: replaced by a takeover, or removed by a kick.
-                        let reason = kick.reason.load(std::sync::atomic::Ordering::SeqCst);
-                        let _ = self.send(disconnect(reason_code(reason))).await;
+                        let reason = kick.reason();
+                        let _ = self.send(disconnect(reason)).await;
                         return End::Kicked(reason);
                     };
                     if let Err(e) = self.deliver(msg, qos, retain).await {
@@ -387,7 +387,7 @@ impl Conn {
                     }
                 }
                 reason = kick.wait() => {
-                    let _ = self.send(disconnect(reason_code(reason))).await;
+                    let _ = self.send(disconnect(reason)).await;
                     return End::Kicked(reason);
                 }
                 _ = tokio::time::sleep_until(deadline) => {
@@ -508,7 +508,7 @@ impl Conn {
                 properties,
                 from_conn: self.conn_id,
             });
-            if msg.retain && !self.shared.retain(&msg, self.device()) {
+            if msg.retain && !self.shared.retain(&msg, self.device_prefix.as_deref()) {
                 self.denied("more retained topics than a device may hold");
                 reason = PubAckReason::QuotaExceeded;
             } else {
@@ -641,15 +641,6 @@ fn disconnect(reason: DisconnectReasonCode) -> Packet {
         server_reference: None,
     };
     Packet::Disconnect(Disconnect { reason_code: reason, properties: Some(properties) })
-}
-
-fn reason_code(code: u8) -> DisconnectReasonCode {
-    match code {
-        0x8E => DisconnectReasonCode::SessionTakenOver,
-        0x8B => DisconnectReasonCode::ServerShuttingDown,
-        0x87 => DisconnectReasonCode::NotAuthorized,
-        _ => DisconnectReasonCode::AdministrativeAction,
-    }
 }
 
 fn no_properties() -> ConnAckProperties {

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -150,34 +150,42 @@ pub(crate) struct Message {
     pub from_conn: u64,
 }
 
-pub(crate) enum Out {
-    Publish { msg: Arc<Message>, qos: QoS, retain: bool },
+/// One message on its way to one subscriber.
+pub(crate) struct Delivery {
+    pub msg: Arc<Message>,
+    pub qos: QoS,
+    pub retain: bool,
 }
 
+/// How the broker tells a connection to close, and why.
 pub(crate) struct Kick {
-    pub(crate) reason: AtomicU8,
+    reason: Mutex<DisconnectReasonCode>,
     notify: Notify,
 }
 
 impl Kick {
     fn new() -> Kick {
-        Kick { reason: AtomicU8::new(0), notify: Notify::new() }
+        Kick { reason: Mutex::new(DisconnectReasonCode::AdministrativeAction), notify: Notify::new() }
     }
 
     pub(crate) fn fire(&self, reason: DisconnectReasonCode) {
-        self.reason.store(reason as u8, Ordering::SeqCst);
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
         self.notify.notify_one();
     }
 
-    pub(crate) async fn wait(&self) -> u8 {
+    pub(crate) fn reason(&self) -> DisconnectReasonCode {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) async fn wait(&self) -> DisconnectReasonCode {
         self.notify.notified().await;
-        self.reason.load(Ordering::SeqCst)
+        self.reason()
     }
 }
 
 pub(crate) struct ClientEntry {
     pub conn: u64,
-    pub tx: mpsc::Sender<Out>,
+    pub tx: mpsc::Sender<Delivery>,
     pub kick: Arc<Kick>,
 }
 
@@ -230,7 +238,7 @@ impl Shared {
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         for (client, qos, rap) in direct {
             let retain = rap && msg.retain;
-            self.offer(&clients, &client, Out::Publish { msg: msg.clone(), qos, retain });
+            self.offer(&clients, &client, Delivery { msg: msg.clone(), qos, retain });
         }
         for (_, members) in groups {
             // Round robin, skipping members whose queue is full.
@@ -239,7 +247,7 @@ impl Shared {
             for i in 0..members.len() {
                 let (client, qos) = &members[(start + i) % members.len()];
                 if let Some(entry) = clients.get(client)
-                    && entry.tx.try_send(Out::Publish { msg: msg.clone(), qos: *qos, retain: false }).is_ok()
+                    && entry.tx.try_send(Delivery { msg: msg.clone(), qos: *qos, retain: false }).is_ok()
                 {
                     self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
                     sent = true;
@@ -252,7 +260,7 @@ impl Shared {
         }
     }
 
-    fn offer(&self, clients: &HashMap<Arc<str>, ClientEntry>, client: &str, out: Out) {
+    fn offer(&self, clients: &HashMap<Arc<str>, ClientEntry>, client: &str, out: Delivery) {
         let Some(entry) = clients.get(client) else { return };
         match entry.tx.try_send(out) {
             Ok(()) => {
@@ -265,20 +273,19 @@ impl Shared {
         }
     }
 
-    /// Stores (or with an empty payload, clears) a retained message. Returns false when the
-    /// device already holds its share of retained topics.
-    pub(crate) fn retain(&self, msg: &Arc<Message>, device: Option<&str>) -> bool {
+    /// Stores (or with an empty payload, clears) a retained message. `device_prefix` is the
+    /// publishing device's topic prefix; returns false when that device already holds its
+    /// share of retained topics.
+    pub(crate) fn retain(&self, msg: &Arc<Message>, device_prefix: Option<&str>) -> bool {
         let Ok(topic) = std::str::from_utf8(&msg.topic) else { return false };
         let mut retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
         if msg.payload.is_empty() {
             retained.remove(topic);
             return true;
         }
-        if let Some(id) = device
+        if let Some(prefix) = device_prefix
             && !retained.contains_key(topic)
         {
-            let prefix = drover_proto::device::device_prefix_filter(id);
-            let prefix = prefix.trim_end_matches('#');
             let held = retained.range(prefix.to_string()..).take_while(|(t, _)| t.starts_with(prefix)).count();
             if held >= self.config.max_retained_per_device {
                 return false;
