@@ -448,12 +448,19 @@ async fn start_device_side(
     stopping: tokio::sync::watch::Receiver<bool>,
 ) -> Result<DeviceSide, StartError> {
     use crate::devnet;
+    let mqtt_listen: Option<std::net::SocketAddr> = match config.mqtt_listen.as_str() {
+        "" => None,
+        addr => Some(addr.parse().map_err(|e| StartError::Bootstrap(format!("invalid mqtt_listen {addr:?}: {e}")))?),
+    };
+    // The device-facing certificate also names the addresses this server reaches its own broker at.
     let mut names = devnet::server_names(config);
-    for local in ["localhost", "127.0.0.1"] {
-        if !names.iter().any(|n| n == local) {
-            names.push(local.to_string());
+    let own = mqtt_listen.map(|a| a.ip()).filter(|ip| !ip.is_unspecified()).map(|ip| ip.to_string());
+    for local in ["localhost", "127.0.0.1"].into_iter().map(str::to_string).chain(own) {
+        if !names.contains(&local) {
+            names.push(local);
         }
     }
+    let tls = devnet::device_tls(ca, &names)?;
     let instance = uuid::Uuid::now_v7().simple().to_string();
     let read = |path: &str, what: &str| {
         std::fs::read_to_string(path).map_err(|e| StartError::Bootstrap(format!("cannot read {what} {path}: {e}")))
@@ -479,17 +486,12 @@ async fn start_device_side(
         };
         let tls = devnet::client_tls(&ca_pem, &cert, &key)?;
         side.ingest = Some(devnet::IngestTarget { host, port, tls, client_id: format!("service:droverd/{instance}") });
-    } else if !config.mqtt_listen.is_empty() {
-        let broker = devnet::start_broker(config, db, ca, &names, stopping.clone()).await?;
+    } else if let Some(listen) = mqtt_listen {
+        let broker = devnet::start_broker(listen, db, tls.broker.clone(), stopping.clone()).await?;
         // Nobody is connected to a broker that just started: presence from before is stale.
-        devnet::mark_all_offline(db).await?;
+        crate::presence::mark_all_offline(db).await.map_err(|e| StartError::Bootstrap(e.to_string()))?;
         let addr = broker.local_addr();
         let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
-        if !names.contains(&host) {
-            return Err(StartError::Bootstrap(format!(
-                "mqtt_listen {addr}: add {host} to public_names so this server can reach its own broker"
-            )));
-        }
         tracing::info!(%addr, "MQTT broker listening (mutual TLS)");
         let (cert, key) = ca.issue_service("droverd")?;
         let tls = devnet::client_tls(ca.cert_pem(), &cert, &key)?;
@@ -504,7 +506,7 @@ async fn start_device_side(
         tracing::warn!("no MQTT broker: set mqtt_listen or mqtt_url, or devices cannot connect");
     }
     if !config.device_listen.is_empty() {
-        let listener = devnet::TlsListener::bind(&config.device_listen, devnet::device_tls(ca, &names, false)?).await?;
+        let listener = devnet::TlsListener::bind(&config.device_listen, tls.https.clone()).await?;
         tracing::info!(addr = %axum::serve::Listener::local_addr(&listener).map_err(StartError::Serve)?, "device endpoint listening (HTTPS)");
         side.https = Some(listener);
     }

@@ -161,6 +161,27 @@ pub async fn list(db: &Db, org_id: &str, q: &AuditListQuery) -> AppResult<(Vec<A
     Ok((rows.into_iter().map(to_entry).collect(), next))
 }
 
+/// The sequence number of the newest entry (0 for an empty log).
+pub async fn last_seq(db: &Db) -> Result<i64, sqlx::Error> {
+    let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM audit_log").fetch_one(db.pool()).await?;
+    Ok(seq.unwrap_or(0))
+}
+
+/// `(seq, target_id)` of the entries after `after` with one of `actions`, oldest first: how a
+/// replica learns of decisions made elsewhere.
+pub async fn targets_since(db: &Db, after: i64, actions: &[&str]) -> Result<Vec<(i64, String)>, sqlx::Error> {
+    let placeholders: Vec<String> = (0..actions.len()).map(|i| format!("${}", i + 2)).collect();
+    let sql = format!(
+        "SELECT seq, target_id FROM audit_log WHERE seq > $1 AND action IN ({}) ORDER BY seq",
+        placeholders.join(", ")
+    );
+    let mut q = sqlx::query_as(&sql).bind(after);
+    for a in actions {
+        q = q.bind(a.to_string());
+    }
+    q.fetch_all(db.pool()).await
+}
+
 /// Walks the whole chain (every organization) and checks each link and hash.
 pub async fn verify(db: &Db) -> Result<AuditVerification, sqlx::Error> {
     let mut prev_hash = AUDIT_GENESIS.to_string();

@@ -165,36 +165,39 @@ impl FleetCa {
     /// A server certificate for droverd's device-facing endpoints (MQTT, enrollment, downloads),
     /// with its new private key. `names` are DNS names or IP addresses.
     pub fn issue_server(&self, names: &[String]) -> Result<(String, String), CaError> {
-        let key = KeyPair::generate().map_err(|e| CaError::Issue(e.to_string()))?;
-        let mut params = CertificateParams::new(names.to_vec()).map_err(|e| CaError::Issue(e.to_string()))?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_else(|| "droverd".into()));
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::minutes(5);
-        params.not_after = now + Duration::days(397);
-        params.serial_number = Some(random_serial());
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.issuer).map_err(|e| CaError::Issue(e.to_string()))?;
-        Ok((cert.pem(), key.serialize_pem()))
+        let params = CertificateParams::new(names.to_vec()).map_err(|e| CaError::Issue(e.to_string()))?;
+        let cn = names.first().cloned().unwrap_or_else(|| "droverd".into());
+        let usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        self.issue_with_new_key(params, cn, usages, ExtendedKeyUsagePurpose::ServerAuth)
     }
-}
 
-impl FleetCa {
     /// A client certificate for a Drover service (a droverd replica consuming device traffic):
     /// common name `service:{name}`, which no device id can be. Returns (cert, key) PEM.
     pub fn issue_service(&self, name: &str) -> Result<(String, String), CaError> {
+        let usages = vec![KeyUsagePurpose::DigitalSignature];
+        self.issue_with_new_key(
+            CertificateParams::default(),
+            format!("service:{name}"),
+            usages,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )
+    }
+
+    /// Signs a leaf certificate for a new key pair, valid from five minutes ago for 397 days.
+    fn issue_with_new_key(
+        &self,
+        mut params: CertificateParams,
+        common_name: String,
+        key_usages: Vec<KeyUsagePurpose>,
+        purpose: ExtendedKeyUsagePurpose,
+    ) -> Result<(String, String), CaError> {
         let key = KeyPair::generate().map_err(|e| CaError::Issue(e.to_string()))?;
-        let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("service:{name}"));
+        dn.push(DnType::CommonName, common_name);
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = key_usages;
+        params.extended_key_usages = vec![purpose];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::minutes(5);
         params.not_after = now + Duration::days(397);

@@ -63,36 +63,33 @@ pub fn server_names(config: &Config) -> Vec<String> {
     names
 }
 
-/// TLS for device-facing listeners, with a server certificate from the fleet CA. With
-/// `require_client`, a client certificate from the fleet CA is mandatory (the broker);
-/// otherwise optional (enrollment: a new device has none yet).
-pub fn device_tls(
-    ca: &FleetCa,
-    names: &[String],
-    require_client: bool,
-) -> Result<Arc<rustls::ServerConfig>, StartError> {
+/// TLS for the device-facing listeners, both with one server certificate from the fleet CA.
+pub struct DeviceTls {
+    /// The broker: a client certificate from the fleet CA is mandatory.
+    pub broker: Arc<rustls::ServerConfig>,
+    /// The HTTPS endpoint: a client certificate is optional (a new device has none yet).
+    pub https: Arc<rustls::ServerConfig>,
+}
+
+pub fn device_tls(ca: &FleetCa, names: &[String]) -> Result<DeviceTls, StartError> {
     let (cert_pem, key_pem) = ca.issue_server(names)?;
     let mut chain = certs(&cert_pem, "server certificate")?;
     chain.extend(certs(ca.cert_pem(), "fleet CA certificate")?);
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca.cert_pem())?, provider());
-    let verifier = if require_client { verifier } else { verifier.allow_unauthenticated() };
-    let verifier = verifier.build().map_err(|e| tls_error("client verifier", e))?;
-    let config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| tls_error("TLS", e))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key(&key_pem, "server key")?)
-        .map_err(|e| tls_error("server certificate", e))?;
-    Ok(Arc::new(config))
-}
-
-/// Marks every device offline (the embedded broker starting: no device is connected to it).
-pub async fn mark_all_offline(db: &Db) -> Result<(), StartError> {
-    sqlx::query("UPDATE devices SET online = 0 WHERE online = 1")
-        .execute(db.pool())
-        .await
-        .map_err(|e| StartError::Bootstrap(format!("cannot reset device presence: {e}")))?;
-    Ok(())
+    let key = key(&key_pem, "server key")?;
+    let roots = roots(ca.cert_pem())?;
+    let config = |require_client: bool| {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider());
+        let verifier = if require_client { verifier } else { verifier.allow_unauthenticated() };
+        let verifier = verifier.build().map_err(|e| tls_error("client verifier", e))?;
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls_error("TLS", e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| tls_error("server certificate", e))?;
+        Ok::<_, StartError>(Arc::new(config))
+    };
+    Ok(DeviceTls { broker: config(true)?, https: config(false)? })
 }
 
 /// Lets a device connect when the registry says it is accepted and not revoked.
@@ -125,20 +122,14 @@ fn listen_error(addr: &str, source: std::io::Error, flag: &'static str) -> Start
 
 /// Binds the embedded broker; it runs until `stop` changes.
 pub async fn start_broker(
-    config: &Config,
+    addr: SocketAddr,
     db: &Db,
-    ca: &FleetCa,
-    names: &[String],
+    tls: Arc<rustls::ServerConfig>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<BrokerHandle, StartError> {
-    let addr: SocketAddr = config
-        .mqtt_listen
-        .parse()
-        .map_err(|e| StartError::Bootstrap(format!("invalid mqtt_listen {:?}: {e}", config.mqtt_listen)))?;
-    let tls = device_tls(ca, names, true)?;
     let broker = Broker::bind(drover_broker::Config::new(addr, tls), Arc::new(Registry { db: db.clone() }))
         .await
-        .map_err(|e| listen_error(&config.mqtt_listen, e, " (choose another with --mqtt-listen)"))?;
+        .map_err(|e| listen_error(&addr.to_string(), e, " (choose another with --mqtt-listen)"))?;
     let handle = broker.handle();
     tokio::spawn(broker.run(async move {
         let _ = stop.wait_for(|s| *s).await;
@@ -352,27 +343,20 @@ pub async fn handle_uplink(db: &Db, topic: &str, payload: &[u8]) {
 /// the UI or another replica — within a second, by following the audit log (each such
 /// decision is audited in the same transaction that makes it).
 pub async fn run_revocation_watch(db: Db, broker: BrokerHandle, mut stop: watch::Receiver<bool>) {
-    let mut last: i64 =
-        match sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(seq) FROM audit_log").fetch_one(db.pool()).await {
-            Ok(v) => v.unwrap_or(0),
-            Err(e) => {
-                tracing::error!("revocation watch cannot read the audit log: {e}");
-                0
-            }
-        };
+    const REVOKING: &[&str] = &["device.decommission", "device.reject"];
+    let mut last = match crate::audit::last_seq(&db).await {
+        Ok(seq) => seq,
+        Err(e) => {
+            tracing::error!("revocation watch cannot read the audit log: {e}");
+            0
+        }
+    };
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        let rows: Result<Vec<(i64, String)>, _> = sqlx::query_as(
-            "SELECT seq, target_id FROM audit_log WHERE seq > $1 \
-             AND action IN ('device.decommission', 'device.reject') ORDER BY seq",
-        )
-        .bind(last)
-        .fetch_all(db.pool())
-        .await;
-        match rows {
+        match crate::audit::targets_since(&db, last, REVOKING).await {
             Ok(rows) => {
                 for (seq, device_id) in rows {
                     last = last.max(seq);

@@ -229,6 +229,12 @@ pub async fn record_heartbeat(db: &Db, device_id: &str, at_ms: i64) -> AppResult
     Ok(())
 }
 
+/// Marks every device offline: the embedded broker is starting, so none is connected to it.
+pub async fn mark_all_offline(db: &Db) -> AppResult<()> {
+    sqlx::query("UPDATE devices SET online = 0 WHERE online = 1").execute(db.pool()).await?;
+    Ok(())
+}
+
 /// Whether the broker should let this device connect: accepted, with a certificate that has
 /// not been revoked.
 pub async fn device_may_connect(db: &Db, device_id: &str) -> AppResult<bool> {
