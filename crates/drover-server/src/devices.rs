@@ -380,17 +380,7 @@ pub(crate) async fn list_where(
     }
     let by = page.sort.field.name;
     let id_col = (by != "id").then_some("d.id");
-    let before = f.binds.len();
     page.apply(&mut f, id_col);
-    if f.binds.len() == before + 3 {
-        // The keyset condition `(col < v OR (col = v AND id < i))` alone gives neither
-        // engine an index range, so a deep page would scan every row before it; the
-        // redundant `col <= v` does (measured in BENCHMARKS.md: 14 ms → under 1 ms at 50,000
-        // devices deep).
-        let op = if page.sort.desc { "<=" } else { ">=" };
-        let v = f.binds[before].clone();
-        f.and(&format!("{} {op} ?", page.sort.field.column), [v]);
-    }
     let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices d{}{}", f.sql(), page.order_limit(id_col));
     let mut conn = db.pool().acquire().await?;
     let rows: Vec<DeviceRow> = bind_all(sqlx::query_as(&sql), &f.binds).fetch_all(&mut *conn).await?;
