@@ -326,7 +326,12 @@ impl State<'_> {
         self.stats.connected.store(true, Ordering::Relaxed);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         self.publish(Channel::Status, status_payload(OnlineState::Online));
-        let hello = Hello { v: PROTOCOL_VERSION, agent: self.cfg.agent.clone(), boot_id: self.cfg.boot_id.clone() };
+        let hello = Hello {
+            v: PROTOCOL_VERSION,
+            agent: self.cfg.agent.clone(),
+            boot_id: self.cfg.boot_id.clone(),
+            software: None,
+        };
         self.publish(Channel::Hello, serde_json::to_vec(&hello).unwrap_or_default());
         let current = inv_rx.borrow_and_update().clone();
         if let Some(attrs) = current {

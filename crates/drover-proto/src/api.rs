@@ -433,6 +433,10 @@ pub struct Device {
     /// The agent's name and version, from its hello.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// The software Drover installed and the device runs (from its hello and its last final
+    /// update report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub software: Option<crate::update::Software>,
 }
 
 /// Static or dynamic: members added by hand, or every device matching a filter.
@@ -496,6 +500,9 @@ pub struct DeviceDetail {
     pub groups: Vec<GroupRef>,
     /// Newest first, at most 50.
     pub recent_events: Vec<DeviceEvent>,
+    /// The artifact the device runs, when the server has it: name, version, provenance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<crate::deploy::Artifact>,
 }
 
 /// Query of `GET /api/v1/devices` (and of a group's devices).
@@ -517,6 +524,10 @@ pub struct DeviceListQuery {
     /// Substring of the device id or of its identity (serial, MAC…), case-insensitive.
     pub q: Option<String>,
     pub online: Option<bool>,
+    /// Devices running this artifact: its id, `NAME` or `NAME@VERSION`.
+    pub artifact: Option<String>,
+    /// Devices running a build of this source commit (a full hash or a prefix of at least 7).
+    pub commit: Option<String>,
 }
 
 /// `PUT /api/v1/devices/{id}/tags`: the device's whole tag set.

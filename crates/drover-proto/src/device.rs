@@ -41,11 +41,22 @@ pub enum Channel {
     Heartbeat,
     /// `down/ping`: the server asks for a heartbeat now.
     Ping,
+    /// `up/update`: the device's state in a deployment ([`crate::update::UpdateReport`]).
+    UpdateReport,
+    /// `down/update`: install or abort ([`crate::update::UpdateCommand`]).
+    Update,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 5] =
-        [Channel::Status, Channel::Hello, Channel::Inventory, Channel::Heartbeat, Channel::Ping];
+    pub const ALL: [Channel; 7] = [
+        Channel::Status,
+        Channel::Hello,
+        Channel::Inventory,
+        Channel::Heartbeat,
+        Channel::Ping,
+        Channel::UpdateReport,
+        Channel::Update,
+    ];
 
     /// The part of the topic after the device prefix.
     pub fn suffix(self) -> &'static str {
@@ -55,6 +66,8 @@ impl Channel {
             Channel::Inventory => "up/inventory",
             Channel::Heartbeat => "up/heartbeat",
             Channel::Ping => "down/ping",
+            Channel::UpdateReport => "up/update",
+            Channel::Update => "down/update",
         }
     }
 
@@ -65,7 +78,9 @@ impl Channel {
     pub fn qos(self) -> Qos {
         match self {
             Channel::Heartbeat | Channel::Ping => Qos::AtMostOnce,
-            Channel::Status | Channel::Hello | Channel::Inventory => Qos::AtLeastOnce,
+            Channel::Status | Channel::Hello | Channel::Inventory | Channel::UpdateReport | Channel::Update => {
+                Qos::AtLeastOnce
+            }
         }
     }
 
@@ -135,6 +150,9 @@ pub struct Hello {
     /// Changes on every boot; tells a reboot from a reconnect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// What Drover last installed on the device (after a commit or a rollback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub software: Option<crate::update::Software>,
 }
 
 /// On `up/inventory`: the complete set of attributes (not a delta), flat `key = value`.
@@ -192,6 +210,7 @@ pub enum Uplink {
     Hello(Hello),
     Inventory(Inventory),
     Heartbeat(Heartbeat),
+    UpdateReport(crate::update::UpdateReport),
 }
 
 #[derive(Deserialize)]
@@ -216,6 +235,9 @@ pub fn decode_uplink(channel: Channel, payload: &[u8]) -> Result<Uplink, Message
             if h.agent.is_empty() || h.agent.len() > 128 {
                 return Err(MessageError::Invalid("agent must be 1 to 128 bytes".into()));
             }
+            if let Some(s) = &h.software {
+                crate::update::check_software(s).map_err(MessageError::Invalid)?;
+            }
             Uplink::Hello(h)
         }
         Channel::Inventory => {
@@ -224,7 +246,14 @@ pub fn decode_uplink(channel: Channel, payload: &[u8]) -> Result<Uplink, Message
             Uplink::Inventory(inv)
         }
         Channel::Heartbeat => Uplink::Heartbeat(parse(payload)?),
-        Channel::Ping => return Err(MessageError::Invalid("down/ping is not an uplink channel".into())),
+        Channel::UpdateReport => {
+            let r: crate::update::UpdateReport = parse(payload)?;
+            r.check().map_err(MessageError::Invalid)?;
+            Uplink::UpdateReport(r)
+        }
+        Channel::Ping | Channel::Update => {
+            return Err(MessageError::Invalid(format!("{} is not an uplink channel", channel.suffix())));
+        }
     };
     Ok(msg)
 }

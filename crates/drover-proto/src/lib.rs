@@ -6,6 +6,8 @@
 //! OpenAPI document); the agent, the CLI and the server all speak through these types.
 
 pub mod api;
+pub mod deploy;
 pub mod device;
 pub mod filter;
+pub mod update;
 pub mod validate;

@@ -101,6 +101,7 @@ fn to_device(r: DeviceRow, tags: BTreeMap<String, String>) -> AppResult<Device> 
         online: r.7 != 0,
         last_seen_at: opt_rfc3339(r.8),
         agent: r.9,
+        software: None,
     })
 }
 
@@ -488,6 +489,7 @@ pub async fn get_device_detail(db: &Db, p: &Principal, id: &str) -> AppResult<De
             .into_iter()
             .map(|(at, kind, detail)| DeviceEvent { at: to_rfc3339(at), kind, detail })
             .collect(),
+        artifact: None,
     })
 }
 

@@ -329,6 +329,10 @@ pub async fn handle_uplink(db: &Db, topic: &str, payload: &[u8]) {
         Ok(Uplink::Hello(h)) => crate::presence::record_hello(db, device_id, &h.agent, h.boot_id.as_deref(), now).await,
         Ok(Uplink::Inventory(i)) => crate::presence::record_inventory(db, device_id, &i.attributes, now).await,
         Ok(Uplink::Heartbeat(_)) => crate::presence::record_heartbeat(db, device_id, now).await,
+        Ok(Uplink::UpdateReport(r)) => {
+            tracing::debug!(device_id, deployment = r.deployment, state = %r.state, "update report");
+            Ok(())
+        }
         Err(e) => {
             tracing::warn!(device_id, topic, "device traffic: message refused: {e}");
             return;

@@ -104,6 +104,8 @@ impl DevicesUi {
             filter: some(&self.filter).map(str::to_string),
             q: some(&self.q).map(str::to_string),
             online,
+            artifact: None,
+            commit: None,
         })
     }
 }
