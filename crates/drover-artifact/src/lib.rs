@@ -32,7 +32,7 @@ pub mod read;
 pub(crate) mod rfc3339;
 pub mod root;
 pub mod stream;
-
+pub mod tree;
 pub mod write;
 
 pub use keys::{KeyError, PublicKey, SigningKey};
@@ -40,7 +40,7 @@ pub use manifest::{Incompatible, Manifest, PayloadInfo, PayloadRole, Provenance}
 pub use read::{PayloadReader, Reader};
 pub use root::{TrustError, TrustStore};
 pub use stream::{Header, Signature, StreamVerifier, Verified};
-
+pub use tree::UnpackError;
 pub use write::Builder;
 
 /// The first seven bytes of every artifact; the eighth is the format version.

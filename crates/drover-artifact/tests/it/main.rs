@@ -2,6 +2,7 @@
 
 mod format;
 mod root;
+mod tree;
 
 use std::path::{Path, PathBuf};
 
