@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::client::{CliError, Client, segment};
 use crate::config;
+use crate::deploy::{self, DeployCommand};
 use crate::fleet::{self, DeviceCommand, EnrollTokenCommand, GroupCommand, PreauthCommand};
 use crate::output::{self, Format};
 
@@ -61,6 +62,9 @@ enum Command {
     /// Devices vouched for before they ask to enroll.
     #[command(subcommand)]
     Preauth(PreauthCommand),
+    /// Software deployments: create, follow (--wait, --watch), list, devices, logs, abort.
+    #[command(subcommand)]
+    Deploy(DeployCommand),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -224,6 +228,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode, CliErro
         Command::EnrollToken(cmd) => return fleet::enroll_token(&client(&cfg_path)?, out, cmd),
         Command::Group(cmd) => return fleet::group(&client(&cfg_path)?, out, cmd),
         Command::Preauth(cmd) => return fleet::preauth(&client(&cfg_path)?, out, cmd),
+        Command::Deploy(cmd) => return deploy::deploy(&client(&cfg_path)?, out, cmd),
     }
     Ok(ExitCode::SUCCESS)
 }

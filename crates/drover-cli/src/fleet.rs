@@ -36,10 +36,17 @@ pub(crate) enum DeviceCommand {
         /// created_at, updated_at, last_seen_at, id; prefix - for descending (default -created_at).
         #[arg(long)]
         sort: Option<String>,
+        /// Only devices running this artifact: its id, NAME or NAME@VERSION.
+        #[arg(long)]
+        artifact: Option<String>,
+        /// Only devices running a build of this source commit (full hash or a prefix of 7 or more).
+        #[arg(long)]
+        commit: Option<String>,
         #[command(flatten)]
         paging: Paging,
     },
-    /// One device: identity, status, presence, certificate, inventory, tags, groups, events.
+    /// One device: identity, status, presence, software, certificate, inventory, tags, groups,
+    /// events.
     Show { id: String },
     /// Accept a pending device: its certificate is issued.
     Accept { id: String },
@@ -211,7 +218,7 @@ fn parse_status(s: &str) -> Result<DeviceStatus, CliError> {
 }
 
 const DEVICE_HEADERS: &[&str] =
-    &["id", "status", "online", "last seen", "identity", "tags", "enrolled via", "created", "cert expires"];
+    &["id", "status", "online", "last seen", "identity", "tags", "software", "enrolled via", "created", "cert expires"];
 
 fn device_row(d: &Device) -> Vec<String> {
     vec![
@@ -221,6 +228,7 @@ fn device_row(d: &Device) -> Vec<String> {
         output::short_time(d.last_seen_at.as_deref()),
         pairs(&d.identity),
         pairs(&d.tags),
+        d.software.as_ref().map(|s| format!("{}@{}", s.name, s.version)).unwrap_or_else(|| "-".into()),
         d.enrolled_via.clone(),
         output::short_time(Some(&d.created_at)),
         output::short_time(d.certificate_expires_at.as_deref()),
@@ -255,6 +263,7 @@ fn print_device(out: Format, detail: &DeviceDetail) {
         ("identity", pairs(&d.identity)),
         ("presence", presence),
         ("agent", d.agent.clone().unwrap_or_else(|| "-".into())),
+        ("software", software(detail)),
         ("enrolled via", d.enrolled_via.clone()),
         ("created", output::short_time(Some(&d.created_at))),
         ("updated", output::short_time(Some(&d.updated_at))),
@@ -263,6 +272,16 @@ fn print_device(out: Format, detail: &DeviceDetail) {
         ("groups", if groups.is_empty() { "-".into() } else { groups.join(", ") }),
     ];
     print!("{}", output::fields(&rows));
+    if let Some(p) = detail.artifact.as_ref().and_then(|a| a.provenance.as_ref()) {
+        let rows: Vec<(&str, String)> = [("source", &p.source), ("commit", &p.commit), ("build", &p.build_id)]
+            .into_iter()
+            .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+            .collect();
+        if !rows.is_empty() {
+            println!("\nprovenance:");
+            print!("{}", output::fields(&rows));
+        }
+    }
     if !detail.attributes.is_empty() {
         println!("\ninventory:");
         let rows: Vec<Vec<String>> = detail.attributes.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
@@ -279,6 +298,19 @@ fn print_device(out: Format, detail: &DeviceDetail) {
     }
 }
 
+/// `edge-app 1.4.2 (artifact 9f86d0818…)`, or what the device reported when the server does not
+/// hold the artifact.
+fn software(detail: &DeviceDetail) -> String {
+    match (&detail.artifact, &detail.device.software) {
+        (Some(a), _) => format!("{} {} (artifact {})", a.name, a.version, a.id),
+        (None, Some(s)) => match &s.artifact {
+            Some(id) => format!("{} {} (artifact {id}, not on this server)", s.name, s.version),
+            None => format!("{} {}", s.name, s.version),
+        },
+        (None, None) => "-".into(),
+    }
+}
+
 fn show_device(client: &Client, out: Format, id: &str) -> Result<(), CliError> {
     let d: DeviceDetail = client.get(&format!("/devices/{}", segment(id)), &[]).map_err(no_device(id))?;
     print_device(out, &d);
@@ -287,7 +319,7 @@ fn show_device(client: &Client, out: Format, id: &str) -> Result<(), CliError> {
 
 pub(crate) fn device(client: &Client, out: Format, cmd: DeviceCommand) -> Result<ExitCode, CliError> {
     match cmd {
-        DeviceCommand::List { status, filter, online, offline, q, sort, paging } => {
+        DeviceCommand::List { status, filter, online, offline, q, sort, artifact, commit, paging } => {
             let mut query = Vec::new();
             if let Some(s) = status {
                 query.push(("status", parse_status(&s)?.as_str().to_string()));
@@ -298,7 +330,7 @@ pub(crate) fn device(client: &Client, out: Format, cmd: DeviceCommand) -> Result
             if let Some(f) = &filter {
                 check_filter(f)?;
             }
-            for (k, v) in [("filter", filter), ("q", q), ("sort", sort)] {
+            for (k, v) in [("filter", filter), ("q", q), ("sort", sort), ("artifact", artifact), ("commit", commit)] {
                 if let Some(v) = v {
                     query.push((k, v));
                 }

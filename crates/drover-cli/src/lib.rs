@@ -6,6 +6,7 @@
 pub mod client;
 pub mod commands;
 pub mod config;
+mod deploy;
 mod fleet;
 pub mod output;
 
