@@ -34,6 +34,13 @@ pub struct Args {
     /// Address of the HTTPS endpoint devices enroll through (overrides device_listen).
     #[arg(long, global = true)]
     pub device_listen: Option<String>,
+    /// Where artifact files are kept: empty for DATA_DIR/artifacts, file:///PATH, or
+    /// s3://BUCKET/PREFIX with the usual AWS_* variables (overrides artifact_store).
+    #[arg(long, global = true)]
+    pub artifact_store: Option<String>,
+    /// Largest artifact accepted by upload, in bytes (overrides max_artifact_size).
+    #[arg(long, global = true)]
+    pub max_artifact_size: Option<u64>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -124,6 +131,8 @@ pub fn main() -> ExitCode {
         mqtt_listen: args.mqtt_listen.clone(),
         mqtt_url: args.mqtt_url.clone(),
         device_listen: args.device_listen.clone(),
+        artifact_store: args.artifact_store.clone(),
+        max_artifact_size: args.max_artifact_size,
     };
     let env = |k: &str| std::env::var(k).ok();
     let config = match Config::load(&args.data_dir, &env, &flags) {
@@ -131,6 +140,9 @@ pub fn main() -> ExitCode {
         Err(e) => return fail(&e.to_string()),
     };
     init_logging(&config.log, args.command.is_none() || matches!(args.command, Some(Command::Serve)));
+    // The one crypto provider (design decision 10), for the TLS that takes the process's
+    // (object_store's S3 client); droverd's own TLS configurations name ring themselves.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}")),

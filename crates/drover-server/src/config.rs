@@ -59,6 +59,15 @@ device_listen = "0.0.0.0:8443"
 # valid for these (and for this machine's hostname).
 public_names = ["localhost", "127.0.0.1"]
 
+# Where artifact files are kept. Empty: DATA_DIR/artifacts/. Another directory: "file:///PATH".
+# An S3-compatible bucket: "s3://BUCKET/PREFIX", with credentials, region and endpoint from
+# AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT (and AWS_ALLOW_HTTP=true
+# for an endpoint without TLS).
+artifact_store = ""
+
+# Largest artifact accepted by upload, in bytes (4 GiB).
+max_artifact_size = 4294967296
+
 # Mark session cookies Secure. Set this when droverd is reached over HTTPS through a
 # reverse proxy that does not send X-Forwarded-Proto.
 secure_cookies = false
@@ -82,7 +91,12 @@ pub struct Config {
     pub mqtt_ca_file: String,
     pub device_listen: String,
     pub public_names: Vec<String>,
+    pub artifact_store: String,
+    pub max_artifact_size: u64,
 }
+
+/// The default largest artifact: 4 GiB.
+pub const DEFAULT_MAX_ARTIFACT_SIZE: u64 = 4 * 1024 * 1024 * 1024;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,6 +116,8 @@ struct FileConfig {
     mqtt_ca_file: Option<String>,
     device_listen: Option<String>,
     public_names: Option<Vec<String>>,
+    artifact_store: Option<String>,
+    max_artifact_size: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +138,8 @@ pub struct Overrides {
     pub mqtt_listen: Option<String>,
     pub mqtt_url: Option<String>,
     pub device_listen: Option<String>,
+    pub artifact_store: Option<String>,
+    pub max_artifact_size: Option<u64>,
 }
 
 impl Config {
@@ -144,6 +162,8 @@ impl Config {
             mqtt_ca_file: String::new(),
             device_listen: "0.0.0.0:8443".into(),
             public_names: vec!["localhost".into(), "127.0.0.1".into()],
+            artifact_store: String::new(),
+            max_artifact_size: DEFAULT_MAX_ARTIFACT_SIZE,
         }
     }
 
@@ -180,6 +200,12 @@ impl Config {
         if let Some(v) = &flags.device_listen {
             c.device_listen = v.clone();
         }
+        if let Some(v) = &flags.artifact_store {
+            c.artifact_store = v.clone();
+        }
+        if let Some(v) = flags.max_artifact_size {
+            c.max_artifact_size = v;
+        }
         Ok(c)
     }
 
@@ -215,6 +241,7 @@ impl Config {
             (f.mqtt_client_key_file, &mut self.mqtt_client_key_file),
             (f.mqtt_ca_file, &mut self.mqtt_ca_file),
             (f.device_listen, &mut self.device_listen),
+            (f.artifact_store, &mut self.artifact_store),
         ];
         for (value, field) in strings {
             if let Some(v) = value {
@@ -223,6 +250,9 @@ impl Config {
         }
         if let Some(v) = f.public_names {
             self.public_names = v;
+        }
+        if let Some(v) = f.max_artifact_size {
+            self.max_artifact_size = v;
         }
     }
 
@@ -261,6 +291,7 @@ impl Config {
             ("DROVER_MQTT_CLIENT_KEY_FILE", &mut self.mqtt_client_key_file),
             ("DROVER_MQTT_CA_FILE", &mut self.mqtt_ca_file),
             ("DROVER_DEVICE_LISTEN", &mut self.device_listen),
+            ("DROVER_ARTIFACT_STORE", &mut self.artifact_store),
         ] {
             if let Some(v) = env(name) {
                 *field = v;
@@ -268,6 +299,9 @@ impl Config {
         }
         if let Some(v) = env("DROVER_PUBLIC_NAMES") {
             self.public_names = v.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
+        }
+        if let Some(v) = env("DROVER_MAX_ARTIFACT_SIZE") {
+            self.max_artifact_size = parsed("DROVER_MAX_ARTIFACT_SIZE", v)?;
         }
         if let Some(v) = env("DROVER_SECURE_COOKIES") {
             self.secure_cookies = parsed("DROVER_SECURE_COOKIES", v)?;

@@ -22,5 +22,6 @@ pub mod migrations;
 pub mod ops;
 pub mod page;
 pub mod presence;
+pub mod store;
 pub mod time;
 pub mod ui;

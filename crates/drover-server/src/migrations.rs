@@ -379,4 +379,85 @@ DROP INDEX devices_org_last_seen;
 CREATE INDEX devices_org_seen ON devices (org_id, (COALESCE(last_seen_at, 0)), id);
 "#,
     },
+    Migration {
+        version: 5,
+        name: "software updates: artifacts, deployments and their devices, device software, trust roots",
+        // One text for both engines: BIGINT is an INTEGER on SQLite. Deployments copy the
+        // artifact's name and version, so a finished deployment still reads well after its
+        // artifact was deleted (which only unfinished deployments prevent: no foreign key).
+        sqlite: MIGRATION_5,
+        postgres: MIGRATION_5,
+    },
 ];
+
+/// Software updates (v5), the same on both engines.
+const MIGRATION_5: &str = r#"
+CREATE TABLE artifacts (
+    org_id TEXT NOT NULL REFERENCES organizations(id),
+    id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    device_types TEXT NOT NULL,
+    payload_type TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    manifest TEXT NOT NULL,
+    signed_by TEXT NOT NULL,
+    source TEXT,
+    source_commit TEXT,
+    build_id TEXT,
+    uploaded_at BIGINT NOT NULL,
+    uploaded_by TEXT NOT NULL,
+    PRIMARY KEY (org_id, id),
+    UNIQUE (org_id, name, version)
+);
+CREATE INDEX artifacts_org_uploaded ON artifacts (org_id, uploaded_at, id);
+CREATE INDEX artifacts_org_name_uploaded ON artifacts (org_id, name, uploaded_at, id);
+CREATE INDEX artifacts_org_commit ON artifacts (org_id, source_commit);
+CREATE TABLE deployments (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL REFERENCES organizations(id),
+    name TEXT NOT NULL,
+    artifact_id TEXT NOT NULL,
+    artifact_name TEXT NOT NULL,
+    artifact_version TEXT NOT NULL,
+    target TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('active', 'succeeded', 'failed', 'aborted')),
+    total BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    created_by TEXT NOT NULL,
+    finished_at BIGINT
+);
+CREATE INDEX deployments_org_created ON deployments (org_id, created_at, id);
+CREATE INDEX deployments_org_status_created ON deployments (org_id, status, created_at, id);
+CREATE INDEX deployments_org_artifact ON deployments (org_id, artifact_id, finished_at);
+CREATE TABLE deployment_devices (
+    deployment_id TEXT NOT NULL REFERENCES deployments(id),
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    created_at BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    finished BIGINT NOT NULL DEFAULT 0,
+    bytes BIGINT,
+    total BIGINT,
+    message TEXT,
+    log TEXT,
+    sent_at BIGINT,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (deployment_id, device_id)
+);
+CREATE INDEX deployment_devices_device_queue ON deployment_devices (device_id, finished, created_at, deployment_id);
+CREATE INDEX deployment_devices_state ON deployment_devices (deployment_id, state, device_id);
+CREATE INDEX deployment_devices_unsent ON deployment_devices (finished, sent_at);
+ALTER TABLE devices ADD COLUMN sw_artifact TEXT;
+ALTER TABLE devices ADD COLUMN sw_name TEXT;
+ALTER TABLE devices ADD COLUMN sw_version TEXT;
+CREATE INDEX devices_org_sw_artifact ON devices (org_id, sw_artifact);
+CREATE INDEX devices_org_sw_name ON devices (org_id, sw_name, sw_version);
+CREATE TABLE trust_roots (
+    org_id TEXT NOT NULL REFERENCES organizations(id),
+    version BIGINT NOT NULL,
+    json TEXT NOT NULL,
+    uploaded_at BIGINT NOT NULL,
+    uploaded_by TEXT NOT NULL,
+    PRIMARY KEY (org_id, version)
+);
+"#;
