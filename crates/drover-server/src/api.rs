@@ -47,6 +47,15 @@ pub fn routes() -> Router<AppState> {
         .route("/devices/{id}/decommission", post(decommission_device))
         .route("/enrollment-tokens", get(list_enrollment_tokens).post(create_enrollment_token))
         .route("/enrollment-tokens/{id}", axum::routing::delete(revoke_enrollment_token))
+        .route("/artifacts", get(list_artifacts).post(upload_artifact))
+        .route("/artifacts/{id}", get(get_artifact).delete(delete_artifact))
+        .route("/trust-root", get(get_trust_root).put(put_trust_root))
+        .route("/trust-root/{version}", get(get_trust_root_json))
+        .route("/deployments", get(list_deployments).post(create_deployment))
+        .route("/deployments/{id}", get(get_deployment))
+        .route("/deployments/{id}/devices", get(list_deployment_devices))
+        .route("/deployments/{id}/devices/{device_id}/log", get(get_deployment_device_log))
+        .route("/deployments/{id}/abort", post(abort_deployment))
 }
 
 struct SecurityAddon;
@@ -85,6 +94,10 @@ impl utoipa::Modify for SecurityAddon {
         list_groups, create_group, preview_group, get_group, update_group, delete_group,
         list_group_devices, add_group_devices, remove_group_device,
         list_enrollment_tokens, create_enrollment_token, revoke_enrollment_token,
+        upload_artifact, list_artifacts, get_artifact, delete_artifact,
+        get_trust_root, put_trust_root, get_trust_root_json,
+        create_deployment, list_deployments, get_deployment, list_deployment_devices,
+        get_deployment_device_log, abort_deployment,
     ),
     modifiers(&SecurityAddon),
     security(("token" = []), ("session" = [])),
@@ -96,6 +109,8 @@ impl utoipa::Modify for SecurityAddon {
         (name = "audit", description = "The append-only, hash-chained record of every change"),
         (name = "devices", description = "The device registry and enrollment"),
         (name = "groups", description = "Static groups (chosen devices) and dynamic groups (devices matching a filter; see docs/filters.md)"),
+        (name = "artifacts", description = "Signed update artifacts (docs/artifact-format.md), addressed by the SHA-256 of their file, and the trust root devices verify them with"),
+        (name = "deployments", description = "An artifact for a set of devices, followed device by device (docs/updates-server.md)"),
     )
 )]
 pub struct ApiDoc;
@@ -514,4 +529,185 @@ async fn revoke_enrollment_token(
     ApiPath(id): ApiPath<String>,
 ) -> AppResult<Json<EnrollmentToken>> {
     Ok(Json(crate::devices::revoke_enrollment_token(&s.db, &p, &id).await?))
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// The SHA-256 the client announces: `X-Drover-Sha256: HEX`, or `Digest: sha-256=BASE64`.
+fn announced_sha256(headers: &HeaderMap) -> AppResult<Option<String>> {
+    if let Some(hex) = header_str(headers, "x-drover-sha256") {
+        return Ok(Some(hex.to_lowercase()));
+    }
+    let Some(digest) = header_str(headers, "digest") else { return Ok(None) };
+    for part in digest.split(',') {
+        if let Some((alg, value)) = part.trim().split_once('=')
+            && alg.trim().eq_ignore_ascii_case("sha-256")
+        {
+            use base64::Engine as _;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(value.trim())
+                .map_err(|_| AppError::BadRequest("Digest: sha-256 must be base64".into()))?;
+            return Ok(Some(hex::encode(raw)));
+        }
+    }
+    Ok(None)
+}
+
+#[utoipa::path(post, path = "/api/v1/artifacts", tag = "artifacts",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The artifact file, as `drover artifact build` wrote it. Optional header `X-Drover-Sha256` (or `Digest: sha-256=…`): the file's SHA-256, checked."),
+    responses((status = 201, body = drover_proto::deploy::Artifact, description = "Stored"),
+              (status = 200, body = drover_proto::deploy::Artifact, description = "The same file was uploaded before: its record"),
+              (status = 400, body = ErrorBody, description = "Not a valid artifact (malformed, altered, truncated, trailing bytes), unsigned, not signed by a release key of the trust root, or not the announced SHA-256; nothing is stored"),
+              (status = 403, body = ErrorBody), (status = 409, body = ErrorBody, description = "Another artifact has this name and version"),
+              (status = 413, body = ErrorBody, description = "Larger than max_artifact_size"), (status = 415, body = ErrorBody)))]
+async fn upload_artifact(
+    State(s): State<AppState>,
+    p: Principal,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> AppResult<Response> {
+    let ct = header_str(&headers, header::CONTENT_TYPE.as_str()).unwrap_or("application/octet-stream");
+    let mime = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    if mime != "application/octet-stream" {
+        return Err(AppError::UnsupportedMediaType(
+            "send the artifact file itself as the body, with Content-Type: application/octet-stream".into(),
+        ));
+    }
+    let hints = crate::artifacts::UploadHints {
+        content_length: header_str(&headers, header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok()),
+        sha256: announced_sha256(&headers)?,
+    };
+    let up = crate::artifacts::upload(&s.db, &s.store, s.config.max_artifact_size, &p, hints, body.into_data_stream())
+        .await?;
+    let status = if up.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(up.artifact)).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/artifacts", tag = "artifacts", params(drover_proto::deploy::ArtifactListQuery),
+    responses((status = 200, body = Page<drover_proto::deploy::Artifact>, description = "Newest first"), (status = 400, body = ErrorBody)))]
+async fn list_artifacts(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiQuery(q): ApiQuery<drover_proto::deploy::ArtifactListQuery>,
+) -> AppResult<Json<Page<drover_proto::deploy::Artifact>>> {
+    Ok(Json(crate::artifacts::list(&s.db, &p, &q).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/artifacts/{id}", tag = "artifacts", params(("id" = String, Path, description = "Artifact id (SHA-256) or NAME@VERSION")),
+    responses((status = 200, body = drover_proto::deploy::Artifact, description = "With its manifest's payloads, provides, depends and provenance"), (status = 404, body = ErrorBody)))]
+async fn get_artifact(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+) -> AppResult<Json<drover_proto::deploy::Artifact>> {
+    Ok(Json(crate::artifacts::get(&s.db, &p, &id).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/artifacts/{id}", tag = "artifacts", params(("id" = String, Path, description = "Artifact id (SHA-256) or NAME@VERSION")),
+    responses((status = 204, description = "Deleted, with its file"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "An unfinished deployment uses it")))]
+async fn delete_artifact(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+) -> AppResult<StatusCode> {
+    crate::artifacts::delete(&s.db, &s.store, &p, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/trust-root", tag = "artifacts",
+    responses((status = 200, body = drover_proto::deploy::TrustRoot), (status = 404, body = ErrorBody, description = "No root uploaded yet")))]
+async fn get_trust_root(State(s): State<AppState>, p: Principal) -> AppResult<Json<drover_proto::deploy::TrustRoot>> {
+    Ok(Json(crate::artifacts::get_trust_root(&s.db, &p).await?))
+}
+
+#[utoipa::path(put, path = "/api/v1/trust-root", tag = "artifacts",
+    request_body(content = String, content_type = "application/json", description = "root.json: the first one signed by its own root keys; later ones the next version, signed by the current root keys and their own"),
+    responses((status = 200, body = drover_proto::deploy::TrustRoot, description = "Now the current root; devices get the chain with every install"),
+              (status = 400, body = ErrorBody, description = "Malformed, or not signed as the rotation rules require"), (status = 403, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "Not newer than the current root")))]
+async fn put_trust_root(
+    State(s): State<AppState>,
+    p: Principal,
+    body: axum::body::Bytes,
+) -> AppResult<Json<drover_proto::deploy::TrustRoot>> {
+    Ok(Json(crate::artifacts::put_trust_root(&s.db, &p, &body).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/trust-root/{version}", tag = "artifacts", params(("version" = u64, Path, description = "Root version")),
+    responses((status = 200, content_type = "application/json", body = String, description = "That root.json exactly as uploaded"), (status = 404, body = ErrorBody)))]
+async fn get_trust_root_json(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(version): ApiPath<u64>,
+) -> AppResult<Response> {
+    let json = crate::artifacts::get_trust_root_json(&s.db, &p, version).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
+}
+
+#[utoipa::path(post, path = "/api/v1/deployments", tag = "deployments", request_body = drover_proto::deploy::CreateDeployment,
+    responses((status = 201, body = drover_proto::deploy::Deployment, description = "Created; every device pending, the install sent to those online"),
+              (status = 400, body = ErrorBody, description = "Unknown artifact, bad target, or no accepted device in it"), (status = 403, body = ErrorBody)))]
+async fn create_deployment(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiJson(req): ApiJson<drover_proto::deploy::CreateDeployment>,
+) -> AppResult<(StatusCode, Json<drover_proto::deploy::Deployment>)> {
+    Ok((StatusCode::CREATED, Json(crate::deployments::create(&s.db, &s.engine, &p, req).await?)))
+}
+
+#[utoipa::path(get, path = "/api/v1/deployments", tag = "deployments", params(drover_proto::deploy::DeploymentListQuery),
+    responses((status = 200, body = Page<drover_proto::deploy::Deployment>, description = "Newest first"), (status = 400, body = ErrorBody)))]
+async fn list_deployments(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiQuery(q): ApiQuery<drover_proto::deploy::DeploymentListQuery>,
+) -> AppResult<Json<Page<drover_proto::deploy::Deployment>>> {
+    Ok(Json(crate::deployments::list(&s.db, &p, &q).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/deployments/{id}", tag = "deployments", params(("id" = String, Path, description = "Deployment id")),
+    responses((status = 200, body = drover_proto::deploy::Deployment, description = "With `total` and devices per state"), (status = 404, body = ErrorBody)))]
+async fn get_deployment(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+) -> AppResult<Json<drover_proto::deploy::Deployment>> {
+    Ok(Json(crate::deployments::get(&s.db, &p, &id).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/deployments/{id}/devices", tag = "deployments",
+    params(("id" = String, Path, description = "Deployment id"), drover_proto::deploy::DeploymentDeviceQuery),
+    responses((status = 200, body = Page<drover_proto::deploy::DeploymentDevice>, description = "By device id"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn list_deployment_devices(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<drover_proto::deploy::DeploymentDeviceQuery>,
+) -> AppResult<Json<Page<drover_proto::deploy::DeploymentDevice>>> {
+    Ok(Json(crate::deployments::devices(&s.db, &p, &id, &q).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/deployments/{id}/devices/{device_id}/log", tag = "deployments",
+    params(("id" = String, Path, description = "Deployment id"), ("device_id" = String, Path, description = "Device id")),
+    responses((status = 200, body = drover_proto::deploy::DeploymentDeviceLog), (status = 404, body = ErrorBody, description = "Not in the deployment, or no log sent")))]
+async fn get_deployment_device_log(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath((id, device_id)): ApiPath<(String, String)>,
+) -> AppResult<Json<drover_proto::deploy::DeploymentDeviceLog>> {
+    Ok(Json(crate::deployments::device_log(&s.db, &p, &id, &device_id).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/abort", tag = "deployments", params(("id" = String, Path, description = "Deployment id")),
+    responses((status = 200, body = drover_proto::deploy::Deployment, description = "Aborted: pending devices at once, downloading ones told to stop, installing ones finish"),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Already finished")))]
+async fn abort_deployment(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+) -> AppResult<Json<drover_proto::deploy::Deployment>> {
+    Ok(Json(crate::deployments::abort(&s.db, &s.engine, &p, &id).await?))
 }

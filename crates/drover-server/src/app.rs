@@ -31,6 +31,10 @@ pub struct Inner {
     pub ui: crate::ui::Templates,
     /// The embedded broker, when this replica runs one (to drop decommissioned devices at once).
     pub broker: std::sync::OnceLock<drover_broker::BrokerHandle>,
+    /// Where artifact files are.
+    pub store: crate::store::ArtifactStore,
+    /// Sends update commands and takes reports (connected once the MQTT client runs).
+    pub engine: Arc<crate::engine::Engine>,
 }
 
 /// Shared state of every request handler.
@@ -45,7 +49,23 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
+    /// State with the artifact store the configuration names.
+    ///
+    /// # Panics
+    /// When that store cannot be opened; [`serve`] opens it first and reports the error.
     pub fn new(db: Db, config: Config, ca: Arc<crate::ca::FleetCa>) -> AppState {
+        let store = crate::store::ArtifactStore::open(&config.artifact_store, &config.data_dir)
+            .unwrap_or_else(|e| panic!("{e}"));
+        AppState::with_store(db, config, ca, store)
+    }
+
+    pub fn with_store(
+        db: Db,
+        config: Config,
+        ca: Arc<crate::ca::FleetCa>,
+        store: crate::store::ArtifactStore,
+    ) -> AppState {
+        let engine = crate::engine::Engine::new(db.clone());
         AppState(Arc::new(Inner {
             db,
             ca,
@@ -54,6 +74,8 @@ impl AppState {
             metrics: Metrics::default(),
             ui: crate::ui::Templates::new(),
             broker: std::sync::OnceLock::new(),
+            store,
+            engine,
         }))
     }
 }
@@ -285,6 +307,8 @@ pub enum StartError {
     Bootstrap(String),
     #[error("server error: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Makes the data directory (mode 0700) and its default config file if they are missing.
@@ -392,8 +416,18 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(StartError::Serve)?;
     let ca = Arc::new(open_ca(&config, &db).await?);
     let (stop_devices, stopping) = tokio::sync::watch::channel(false);
+    let store = crate::store::ArtifactStore::open(&config.artifact_store, &config.data_dir)?;
+    tracing::info!(store = store.describe(), "artifact store");
+    let sweep = store.clone();
+    tokio::spawn(async move {
+        match sweep.remove_stale_uploads().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} interrupted artifact upload(s)"),
+            Err(e) => tracing::warn!("cannot clean interrupted artifact uploads: {e}"),
+        }
+    });
     let devices = start_device_side(&config, &db, &ca, stopping.clone()).await?;
-    let state = AppState::new(db.clone(), config, ca);
+    let state = AppState::with_store(db.clone(), config, ca, store);
     if let Some(broker) = devices.broker {
         tokio::spawn(crate::devnet::run_revocation_watch(db.clone(), broker.clone(), stopping.clone()));
         let _ = state.broker.set(broker);
@@ -411,7 +445,9 @@ pub async fn serve(
             }
         });
     }
-    let ingest = devices.ingest.map(|target| tokio::spawn(crate::devnet::run_ingest(db.clone(), target, stopping)));
+    let engine = state.engine.clone();
+    let ingest =
+        devices.ingest.map(|target| tokio::spawn(crate::devnet::run_ingest(db.clone(), engine, target, stopping)));
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     on_listening(addr);
     tracing::info!(%addr, backend = db.backend().name(), "droverd listening");

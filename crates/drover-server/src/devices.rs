@@ -83,9 +83,23 @@ pub fn check_tags(tags: &BTreeMap<String, String>) -> AppResult<()> {
     Ok(())
 }
 
-type DeviceRow = (String, String, String, Option<i64>, String, i64, i64, i64, Option<i64>, Option<String>);
+type DeviceRow = (
+    String,
+    String,
+    String,
+    Option<i64>,
+    String,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
 const DEVICE_COLUMNS: &str = "d.id, d.status, d.identity, d.cert_not_after, d.enrolled_via, d.created_at, \
-                              d.updated_at, d.online, d.last_seen_at, d.agent";
+                              d.updated_at, d.online, d.last_seen_at, d.agent, d.sw_artifact, d.sw_name, d.sw_version";
 
 fn to_device(r: DeviceRow, tags: BTreeMap<String, String>) -> AppResult<Device> {
     Ok(Device {
@@ -101,7 +115,10 @@ fn to_device(r: DeviceRow, tags: BTreeMap<String, String>) -> AppResult<Device> 
         online: r.7 != 0,
         last_seen_at: opt_rfc3339(r.8),
         agent: r.9,
-        software: None,
+        software: match (r.11, r.12) {
+            (Some(name), Some(version)) => Some(drover_proto::update::Software { artifact: r.10, name, version }),
+            _ => None,
+        },
     })
 }
 
@@ -376,6 +393,12 @@ pub(crate) async fn list_where(
         let c = crate::filter::prepare(db, org_id, text).await?;
         f.and(&c.sql, c.binds);
     }
+    if let Some(a) = q.artifact.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        software_condition(&mut f, a);
+    }
+    if let Some(c) = q.commit.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        commit_condition(&mut f, org_id, c)?;
+    }
     if let Some(c) = extra {
         f.and(&c.sql, c.binds);
     }
@@ -392,6 +415,31 @@ pub(crate) async fn list_where(
         _ => (CursorValue::Int(r.5), Some(r.0.clone())),
     });
     Ok(Page { items: to_devices(&mut conn, rows).await?, next_cursor })
+}
+
+/// `artifact=`: devices running an artifact, by id, `NAME@VERSION` or `NAME`.
+fn software_condition(f: &mut Filter, a: &str) {
+    if drover_proto::update::is_sha256_hex(a) {
+        f.and("d.sw_artifact = ?", [Bind::Text(a.to_string())]);
+    } else if let Some((name, version)) = a.rsplit_once('@') {
+        f.and("d.sw_name = ? AND d.sw_version = ?", [Bind::Text(name.to_string()), Bind::Text(version.to_string())]);
+    } else {
+        f.and("d.sw_name = ?", [Bind::Text(a.to_string())]);
+    }
+}
+
+/// `commit=`: devices running an artifact built from a source commit (a full hash or a
+/// prefix of at least 7 hex digits), by the artifacts' provenance.
+fn commit_condition(f: &mut Filter, org_id: &str, commit: &str) -> AppResult<()> {
+    let commit = commit.to_lowercase();
+    if commit.len() < 7 || commit.len() > 64 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(AppError::BadRequest("commit: give a commit hash or a prefix of at least 7 hex digits".into()));
+    }
+    f.and(
+        "d.sw_artifact IN (SELECT a.id FROM artifacts a WHERE a.org_id = ? AND a.source_commit LIKE ? ESCAPE '\\')",
+        [Bind::Text(org_id.to_string()), Bind::Text(format!("{}%", like_escape(&commit)))],
+    );
+    Ok(())
 }
 
 pub async fn list_devices(db: &Db, p: &Principal, q: &DeviceListQuery) -> AppResult<Page<Device>> {
@@ -468,6 +516,10 @@ pub async fn get_device_detail(db: &Db, p: &Principal, id: &str) -> AppResult<De
     .bind(p.org().to_string())
     .fetch_all(&mut *conn)
     .await?;
+    let artifact = match device.software.as_ref().and_then(|sw| sw.artifact.clone()) {
+        Some(a) => crate::artifacts::fetch(&mut conn, p.org(), &a).await.ok(),
+        None => None,
+    };
     drop(conn);
     for (gid, name, filter) in dynamic {
         // A stored filter parsed when it was saved; one that no longer does matches nothing.
@@ -489,7 +541,7 @@ pub async fn get_device_detail(db: &Db, p: &Principal, id: &str) -> AppResult<De
             .into_iter()
             .map(|(at, kind, detail)| DeviceEvent { at: to_rfc3339(at), kind, detail })
             .collect(),
-        artifact: None,
+        artifact,
     })
 }
 
@@ -606,6 +658,7 @@ pub async fn decide(db: &Db, ca: &FleetCa, p: &Principal, id: &str, to: DeviceSt
             .bind(id.to_string())
             .execute(tx.conn())
             .await?;
+            crate::deployments::end_for_device(tx.conn(), id, now).await?;
             "device.decommission"
         }
         DeviceStatus::Pending => return Err(AppError::BadRequest("a device cannot be made pending".into())),

@@ -198,27 +198,44 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// The peer of a device-endpoint connection (what `ConnectInfo<SocketAddr>` is on the API).
-#[derive(Clone, Copy, Debug)]
-pub struct DevicePeer(pub SocketAddr);
+/// The peer of a device-endpoint connection (what `ConnectInfo<SocketAddr>` is on the API),
+/// and the device its client certificate names, when it sent one. The certificate was
+/// verified against the fleet CA in the handshake, so its common name is the device's id.
+#[derive(Clone, Debug)]
+pub struct DevicePeer(pub SocketAddr, pub Option<Arc<str>>);
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for DevicePeer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> DevicePeer {
-        DevicePeer(*stream.remote_addr())
+        let device = stream.io().get_ref().1.peer_certificates().and_then(|certs| certificate_device(certs.first()?));
+        DevicePeer(*stream.remote_addr(), device)
     }
 }
 
-/// The routes served to devices over HTTPS: enrollment and health, nothing an operator uses.
+/// The device id a (verified) client certificate names: its subject's common name.
+fn certificate_device(cert: &CertificateDer<'_>) -> Option<Arc<str>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    device::valid_device_id(cn).then(|| Arc::from(cn))
+}
+
+/// The routes served to devices over HTTPS: enrollment, artifact downloads and health,
+/// nothing an operator uses.
 pub fn device_router(state: AppState) -> axum::Router {
     use axum::extract::ConnectInfo;
     use axum::routing::{get, post};
     axum::Router::new()
         .route("/api/v1/enroll", post(crate::api::enroll))
+        .route("/device/v1/artifacts/{id}", get(crate::download::artifact))
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(64 * 1024))
         .layer(axum::middleware::map_request(|mut req: axum::extract::Request| async move {
-            if let Some(ConnectInfo(DevicePeer(addr))) = req.extensions().get::<ConnectInfo<DevicePeer>>().copied() {
+            if let Some(ConnectInfo(DevicePeer(addr, device))) =
+                req.extensions().get::<ConnectInfo<DevicePeer>>().cloned()
+            {
                 req.extensions_mut().insert(ConnectInfo(addr));
+                if let Some(d) = device {
+                    req.extensions_mut().insert(crate::download::PeerDevice(d));
+                }
             }
             req
         }))
@@ -262,14 +279,21 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), StartError> {
     Ok((host.to_string(), port))
 }
 
-/// Consumes the fleet's uplink traffic through the shared subscription until `stop`.
-pub async fn run_ingest(db: Db, target: IngestTarget, mut stop: watch::Receiver<bool>) {
+/// Consumes the fleet's uplink traffic through the shared subscription until `stop`; the
+/// same connection carries the engine's commands to devices.
+pub async fn run_ingest(
+    db: Db,
+    engine: Arc<crate::engine::Engine>,
+    target: IngestTarget,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut opts = MqttOptions::new(target.client_id.clone(), target.host.clone(), target.port);
     opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(target.tls.clone())));
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_start(true);
     opts.set_max_packet_size(Some(2 * 1024 * 1024));
-    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let (client, mut eventloop) = AsyncClient::new(opts, 256);
+    engine.start(client.clone(), stop.clone());
     let mut failures = 0u32;
     loop {
         let event = tokio::select! {
@@ -298,7 +322,7 @@ pub async fn run_ingest(db: Db, target: IngestTarget, mut stop: watch::Receiver<
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let Ok(topic) = std::str::from_utf8(&p.topic) else { continue };
-                handle_uplink(&db, topic, &p.payload).await;
+                handle_uplink(&db, &engine, topic, &p.payload).await;
             }
             Ok(_) => {}
             Err(e) => {
@@ -316,7 +340,7 @@ pub async fn run_ingest(db: Db, target: IngestTarget, mut stop: watch::Receiver<
 
 /// Records one device message. Traffic from devices the registry does not know as accepted is
 /// ignored by the presence functions.
-pub async fn handle_uplink(db: &Db, topic: &str, payload: &[u8]) {
+pub async fn handle_uplink(db: &Db, engine: &Arc<crate::engine::Engine>, topic: &str, payload: &[u8]) {
     let Some((device_id, channel)) = device::parse_topic(topic) else {
         tracing::debug!(topic, "device traffic: topic outside the protocol, ignored");
         return;
@@ -326,13 +350,15 @@ pub async fn handle_uplink(db: &Db, topic: &str, payload: &[u8]) {
         Ok(Uplink::Status(s)) => {
             crate::presence::record_status(db, device_id, s.state == OnlineState::Online, now).await
         }
-        Ok(Uplink::Hello(h)) => crate::presence::record_hello(db, device_id, &h.agent, h.boot_id.as_deref(), now).await,
+        Ok(Uplink::Hello(h)) => {
+            match crate::presence::record_hello(db, device_id, &h.agent, h.boot_id.as_deref(), now).await {
+                Ok(()) => engine.on_hello(device_id, h.software.as_ref()).await,
+                Err(e) => Err(e),
+            }
+        }
         Ok(Uplink::Inventory(i)) => crate::presence::record_inventory(db, device_id, &i.attributes, now).await,
         Ok(Uplink::Heartbeat(_)) => crate::presence::record_heartbeat(db, device_id, now).await,
-        Ok(Uplink::UpdateReport(r)) => {
-            tracing::debug!(device_id, deployment = r.deployment, state = %r.state, "update report");
-            Ok(())
-        }
+        Ok(Uplink::UpdateReport(r)) => engine.on_report(device_id, r).await,
         Err(e) => {
             tracing::warn!(device_id, topic, "device traffic: message refused: {e}");
             return;

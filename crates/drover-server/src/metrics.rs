@@ -19,6 +19,8 @@ struct Histogram {
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
+    /// Bytes of artifact files sent to devices.
+    pub artifact_bytes_served: std::sync::atomic::AtomicU64,
 }
 
 impl Metrics {
@@ -79,6 +81,9 @@ impl Metrics {
         let _ = writeln!(out, "drover_db_pool_idle_connections{{backend=\"{backend}\"}} {pool_idle}");
         out.push_str("# HELP drover_db_pool_max_connections Largest size of the database pool.\n# TYPE drover_db_pool_max_connections gauge\n");
         let _ = writeln!(out, "drover_db_pool_max_connections{{backend=\"{backend}\"}} {pool_max}");
+        out.push_str("# HELP drover_artifact_bytes_served_total Bytes of artifacts sent to devices.\n# TYPE drover_artifact_bytes_served_total counter\n");
+        let served = self.artifact_bytes_served.load(std::sync::atomic::Ordering::Relaxed);
+        let _ = writeln!(out, "drover_artifact_bytes_served_total {served}");
         out
     }
 }

@@ -135,6 +135,7 @@ fn body_for(path: &str, method: &Method) -> Option<Value> {
         ("POST", "/api/v1/groups") => Some(json!({"name": "fleet", "kind": "static"})),
         ("PATCH", "/api/v1/groups/{id}") => Some(json!({"name": "renamed"})),
         ("POST", "/api/v1/groups/{id}/devices") => Some(json!({"devices": ["x"]})),
+        ("POST", "/api/v1/deployments") => Some(json!({"artifact": "edge-app@1", "devices": ["x"]})),
         _ => None,
     }
 }
@@ -161,10 +162,17 @@ async fn a_viewer_is_refused_on_every_mutating_route_and_the_audit_log_is_unchan
             }
             let id = if path.starts_with("/api/v1/tokens/") { &token_id } else { &admin_id };
             let concrete = path.replace("{id}", id).replace("{device_id}", id);
-            // Devices, groups and enrollment tokens are an operator's work; the rest an admin's.
-            let operator_may = ["/api/v1/devices", "/api/v1/enrollment-tokens", "/api/v1/groups"]
-                .iter()
-                .any(|prefix| path.starts_with(prefix));
+            // Devices, groups, enrollment tokens, artifacts and deployments are an operator's
+            // work; the rest (the trust root among them) an admin's.
+            let operator_may = [
+                "/api/v1/devices",
+                "/api/v1/enrollment-tokens",
+                "/api/v1/groups",
+                "/api/v1/artifacts",
+                "/api/v1/deployments",
+            ]
+            .iter()
+            .any(|prefix| path.starts_with(prefix));
             let mut refused = vec![("viewer", &viewer)];
             if !operator_may {
                 refused.push(("operator", &operator));

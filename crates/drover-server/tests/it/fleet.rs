@@ -24,12 +24,12 @@ use crate::support::{TempDir, eventually, free_port};
 
 const BIN: &str = env!("CARGO_BIN_EXE_droverd");
 
-struct Droverd {
+pub(crate) struct Droverd {
     child: Child,
-    base: String,
+    pub(crate) base: String,
     /// Ports of the embedded broker (when there is one) and of the HTTPS device endpoint.
-    mqtt: u16,
-    dev: u16,
+    pub(crate) mqtt: u16,
+    pub(crate) dev: u16,
     data: std::path::PathBuf,
     external: Option<String>,
     env: Vec<(String, String)>,
@@ -38,7 +38,7 @@ struct Droverd {
 impl Droverd {
     /// Starts droverd on fresh ports (retrying with others if one was taken meanwhile by
     /// another test's connection), with the embedded broker or, given `external`, none.
-    fn start(data: &Path, external: Option<&str>, env: &[(&str, &str)]) -> Droverd {
+    pub(crate) fn start(data: &Path, external: Option<&str>, env: &[(&str, &str)]) -> Droverd {
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         for _ in 0..5 {
             if let Some(d) = Droverd::try_start(data, external, &env, free_port(), free_port(), free_port()) {
@@ -89,7 +89,7 @@ impl Droverd {
     }
 
     /// Stops and starts again on the same ports and data.
-    fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.stop();
         let http: u16 = self.base.rsplit(':').next().unwrap().parse().unwrap();
         let (data, external, env) = (self.data.clone(), self.external.clone(), self.env.clone());
@@ -97,7 +97,7 @@ impl Droverd {
             .expect("droverd restarts on its own ports");
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
         eventually(Duration::from_secs(15), "droverd to stop", || self.child.try_wait().unwrap());
     }
@@ -110,19 +110,19 @@ impl Drop for Droverd {
     }
 }
 
-fn droverd_cli(data: &Path, args: &[&str]) -> String {
+pub(crate) fn droverd_cli(data: &Path, args: &[&str]) -> String {
     let out =
         Command::new(BIN).arg("--data-dir").arg(data).args(args).env_remove("DROVER_DATABASE_URL").output().unwrap();
     assert!(out.status.success(), "droverd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn admin_token(data: &Path) -> String {
+pub(crate) fn admin_token(data: &Path) -> String {
     let out = droverd_cli(data, &["token", "create", "--role", "admin", "--name", "fleet test"]);
     out.split_whitespace().find(|w| w.starts_with("drv_")).expect("a token in the output").to_string()
 }
 
-fn post(base: &str, path: &str, token: &str, body: Value) -> (u16, Value) {
+pub(crate) fn post(base: &str, path: &str, token: &str, body: Value) -> (u16, Value) {
     let resp = agent()
         .post(&format!("{base}{path}"))
         .header("Authorization", &format!("Bearer {token}"))
@@ -134,12 +134,12 @@ fn post(base: &str, path: &str, token: &str, body: Value) -> (u16, Value) {
 }
 
 /// A device's key pair, made here as the agent makes it on the device.
-struct DeviceKey {
-    key: rcgen::KeyPair,
+pub(crate) struct DeviceKey {
+    pub(crate) key: rcgen::KeyPair,
 }
 
 impl DeviceKey {
-    fn new() -> DeviceKey {
+    pub(crate) fn new() -> DeviceKey {
         DeviceKey { key: rcgen::KeyPair::generate().unwrap() }
     }
     fn csr(&self) -> String {
@@ -148,7 +148,13 @@ impl DeviceKey {
 }
 
 /// Enrolls over the HTTPS device endpoint, trusting only the fleet CA. Returns (id, cert).
-fn enroll_https(device_port: u16, ca_pem: &str, key: &DeviceKey, serial: &str, token: &str) -> (String, String) {
+pub(crate) fn enroll_https(
+    device_port: u16,
+    ca_pem: &str,
+    key: &DeviceKey,
+    serial: &str,
+    token: &str,
+) -> (String, String) {
     let ca = ureq::tls::Certificate::from_pem(ca_pem.as_bytes()).unwrap();
     let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ca]))).build();
     let https = ureq::Agent::config_builder().tls_config(tls).http_status_as_error(false).build().new_agent();
@@ -160,7 +166,7 @@ fn enroll_https(device_port: u16, ca_pem: &str, key: &DeviceKey, serial: &str, t
     (v["device_id"].as_str().unwrap().to_string(), v["certificate_pem"].as_str().unwrap().to_string())
 }
 
-fn client_tls(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Arc<rustls::ClientConfig> {
+pub(crate) fn client_tls(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))

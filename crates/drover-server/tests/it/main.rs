@@ -5,7 +5,9 @@
 //! it); each test gets a schema of its own there.
 
 mod api;
+mod artifacts;
 mod browser;
+mod deployments;
 mod devices;
 mod e2e;
 mod fleet;
