@@ -126,6 +126,40 @@ pub fn session_config(cfg: &Config, store: &Store, p: &Provisioned) -> Result<Se
     Ok(sc)
 }
 
+/// The update engine of this device, `None` (with a log line saying so) when `[update]` is not
+/// configured.
+pub fn update_engine(
+    cfg: &Config,
+    store: &Store,
+    p: &Provisioned,
+) -> Result<Option<crate::update::Engine>, AgentError> {
+    let Some(u) = &cfg.update else {
+        tracing::info!("software updates are off: set [update] device_type in the configuration to take them");
+        return Ok(None);
+    };
+    let downloader = match cfg.server_url.as_deref() {
+        Some(url) => {
+            let pems = broker_ca_pems(cfg, store)?;
+            let cas: Vec<&[u8]> = pems.iter().map(|(p, _)| p.as_slice()).collect();
+            let d = crate::update::download::Downloader::new(url, &cas, p.cert_pem.as_bytes(), &p.key)
+                .map_err(|e| AgentError::Other(format!("update downloads: {e}")))?;
+            Some(d)
+        }
+        None => {
+            tracing::warn!("server_url is not set: updates will fail, the device cannot download artifacts");
+            None
+        }
+    };
+    if !u.root_file.exists() && !crate::update::persist::UpdateDir::new(&cfg.data_dir).root_path().exists() {
+        tracing::warn!(
+            root_file = %u.root_file.display(),
+            "no trust root: every update will be refused until the release trust root is installed there"
+        );
+    }
+    tracing::info!(device_type = %u.device_type, "software updates are on");
+    Ok(Some(crate::update::Engine::new(u.clone(), &cfg.data_dir, downloader)))
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub fn shutdown_signal() -> Result<impl Future<Output = ()>, AgentError> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -148,7 +182,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         p = ensure_enrolled(&cfg, &store) => p?,
         _ = &mut shutdown => return Ok(()),
     };
-    let sc = session_config(&cfg, &store, &provisioned)?;
+    let mut sc = session_config(&cfg, &store, &provisioned)?;
+    sc.updates = update_engine(&cfg, &store, &provisioned)?.map(crate::update::spawn);
     drop(provisioned);
     let source = SystemSource(SystemInventory {
         scripts_dir: cfg.inventory_scripts_dir.clone(),

@@ -13,6 +13,11 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/drover";
 pub const DEFAULT_CA_FILE: &str = "/etc/drover/ca.crt";
 pub const DEFAULT_INVENTORY_SCRIPTS_DIR: &str = "/etc/drover/inventory.d";
 pub const DEFAULT_MQTT_PORT: u16 = 8883;
+pub const DEFAULT_ROOT_FILE: &str = "/etc/drover/root.json";
+pub const DEFAULT_MODULES_DIR: &str = "/usr/lib/drover/modules";
+pub const DEFAULT_HOOKS_DIR: &str = "/etc/drover/hooks.d";
+pub const DEFAULT_APPS_DIR: &str = "/opt/drover/apps";
+pub const DEFAULT_REBOOT_COMMAND: &str = "systemctl reboot";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -41,6 +46,32 @@ struct RawConfig {
     inventory_scripts_dir: Option<PathBuf>,
     inventory_script_timeout_secs: Option<u64>,
     log_level: Option<String>,
+    update: Option<RawUpdate>,
+}
+
+/// `[update]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpdate {
+    device_type: Option<String>,
+    root_file: Option<PathBuf>,
+    modules_dir: Option<PathBuf>,
+    hooks_dir: Option<PathBuf>,
+    health_check: Option<String>,
+    verify_timeout_secs: Option<u64>,
+    reboot_command: Option<String>,
+    reboot_timeout_secs: Option<u64>,
+    file_allow: Option<Vec<PathBuf>>,
+    apps_dir: Option<PathBuf>,
+    provides: Option<BTreeMap<String, String>>,
+    download_retries: Option<u32>,
+    download_backoff_secs: Option<u64>,
+    download_backoff_max_secs: Option<u64>,
+    max_artifact_size: Option<u64>,
+    hook_timeout_secs: Option<u64>,
+    hook_retry_interval_secs: Option<u64>,
+    hook_retry_max: Option<u32>,
+    module_timeout_secs: Option<u64>,
 }
 
 /// Where the broker is: `mqtts://host[:port]`.
@@ -136,6 +167,75 @@ pub struct Config {
     pub inventory_scripts_dir: PathBuf,
     pub inventory_script_timeout: Duration,
     pub log_level: LogLevel,
+    /// `[update]`: `None` unless `device_type` is set (updates disabled).
+    pub update: Option<UpdateConfig>,
+}
+
+/// `[update]`: how this device takes software updates (`docs/agent.md`, "Software updates").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateConfig {
+    /// Checked against an artifact's `device_types`.
+    pub device_type: String,
+    /// The trust root provisioned with the device image; the current root is kept in
+    /// `data_dir/update/root.json` and advanced with the roots the server sends.
+    pub root_file: PathBuf,
+    /// External update modules: `<modules_dir>/<payload_type>`.
+    pub modules_dir: PathBuf,
+    /// State hooks: `<hooks_dir>/<State>_Enter[_NN…]` and `_Leave`.
+    pub hooks_dir: PathBuf,
+    /// Run with `/bin/sh -c` while verifying; exit 0 means healthy.
+    pub health_check: Option<String>,
+    pub verify_timeout: Duration,
+    /// Run with `/bin/sh -c` when an update module asks for a reboot.
+    pub reboot_command: String,
+    /// How long to wait for the reboot after `reboot_command` succeeded before calling it failed.
+    pub reboot_timeout: Duration,
+    /// Path prefixes the `file` module may write.
+    pub file_allow: Vec<PathBuf>,
+    /// Base directory of the `app` module.
+    pub apps_dir: PathBuf,
+    /// What the device image provides before any update (for artifacts' `depends`).
+    pub provides: BTreeMap<String, String>,
+    /// Failed download attempts before the update fails.
+    pub download_retries: u32,
+    pub download_backoff: Duration,
+    pub download_backoff_max: Duration,
+    /// Largest artifact the device accepts, in bytes.
+    pub max_artifact_size: u64,
+    pub hook_timeout: Duration,
+    /// After a hook exits 21 ("busy, retry later").
+    pub hook_retry_interval: Duration,
+    /// Retries of a busy hook before the update fails.
+    pub hook_retry_max: u32,
+    /// How long one call of an update module may take.
+    pub module_timeout: Duration,
+}
+
+impl UpdateConfig {
+    /// The defaults of `docs/agent.md` for `device_type`.
+    pub fn new(device_type: impl Into<String>) -> UpdateConfig {
+        UpdateConfig {
+            device_type: device_type.into(),
+            root_file: DEFAULT_ROOT_FILE.into(),
+            modules_dir: DEFAULT_MODULES_DIR.into(),
+            hooks_dir: DEFAULT_HOOKS_DIR.into(),
+            health_check: None,
+            verify_timeout: Duration::from_secs(300),
+            reboot_command: DEFAULT_REBOOT_COMMAND.into(),
+            reboot_timeout: Duration::from_secs(600),
+            file_allow: Vec::new(),
+            apps_dir: DEFAULT_APPS_DIR.into(),
+            provides: BTreeMap::new(),
+            download_retries: 10,
+            download_backoff: Duration::from_secs(5),
+            download_backoff_max: Duration::from_secs(300),
+            max_artifact_size: 4 << 30,
+            hook_timeout: Duration::from_secs(300),
+            hook_retry_interval: Duration::from_secs(60),
+            hook_retry_max: 30,
+            module_timeout: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// The drop-in folder of a config file: `<dir>/config.d`.
@@ -271,6 +371,10 @@ fn check(raw: RawConfig, path: PathBuf, dropins: Vec<PathBuf>) -> Result<Config,
             .ok_or_else(|| invalid(format!("log_level {l:?}: expected error, warn, info, debug or trace")))?,
         None => LogLevel::Info,
     };
+    let update = match raw.update {
+        Some(u) => check_update(u)?,
+        None => None,
+    };
     Ok(Config {
         path,
         dropins,
@@ -287,7 +391,96 @@ fn check(raw: RawConfig, path: PathBuf, dropins: Vec<PathBuf>) -> Result<Config,
         inventory_scripts_dir: raw.inventory_scripts_dir.unwrap_or_else(|| DEFAULT_INVENTORY_SCRIPTS_DIR.into()),
         inventory_script_timeout: secs("inventory_script_timeout_secs", raw.inventory_script_timeout_secs, 10, 1, 600)?,
         log_level,
+        update,
     })
+}
+
+fn check_update(raw: RawUpdate) -> Result<Option<UpdateConfig>, ConfigError> {
+    let invalid = |m: String| ConfigError::Invalid(format!("[update] {m}"));
+    let Some(device_type) = raw.device_type else {
+        return Ok(None);
+    };
+    if device_type.is_empty() || device_type.len() > 128 || device_type.chars().any(char::is_control) {
+        return Err(invalid(format!("device_type {device_type:?} must be 1 to 128 characters")));
+    }
+    let d = UpdateConfig::new(device_type);
+    let command = |name: &str, v: Option<String>| -> Result<Option<String>, ConfigError> {
+        match v {
+            Some(c) if c.trim().is_empty() => Err(invalid(format!("{name} is empty"))),
+            other => Ok(other),
+        }
+    };
+    let secs_in = |name: &str, v: Option<u64>, default: Duration, min: u64, max: u64| {
+        secs(name, v, default.as_secs(), min, max).map_err(|e| invalid(e.to_string()))
+    };
+    let file_allow = raw.file_allow.unwrap_or_default();
+    if let Some(p) = file_allow.iter().find(|p| !p.is_absolute()) {
+        return Err(invalid(format!("file_allow {}: must be an absolute path", p.display())));
+    }
+    for (name, p) in [
+        ("root_file", &raw.root_file),
+        ("modules_dir", &raw.modules_dir),
+        ("hooks_dir", &raw.hooks_dir),
+        ("apps_dir", &raw.apps_dir),
+    ] {
+        if let Some(p) = p
+            && !p.is_absolute()
+        {
+            return Err(invalid(format!("{name} {}: must be an absolute path", p.display())));
+        }
+    }
+    let provides = raw.provides.unwrap_or_default();
+    if let Some(k) = provides
+        .keys()
+        .find(|k| k.is_empty() || k.len() > 128 || k.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        return Err(invalid(format!("provides key {k:?} must be 1 to 128 characters without whitespace")));
+    }
+    let max_artifact_size = raw.max_artifact_size.unwrap_or(d.max_artifact_size);
+    if max_artifact_size < 1024 {
+        return Err(invalid(format!("max_artifact_size = {max_artifact_size}: must be at least 1024 bytes")));
+    }
+    let download_retries = raw.download_retries.unwrap_or(d.download_retries);
+    if download_retries > 1000 {
+        return Err(invalid(format!("download_retries = {download_retries}: must be between 0 and 1000")));
+    }
+    let hook_retry_max = raw.hook_retry_max.unwrap_or(d.hook_retry_max);
+    if hook_retry_max > 1000 {
+        return Err(invalid(format!("hook_retry_max = {hook_retry_max}: must be between 0 and 1000")));
+    }
+    let download_backoff = secs_in("download_backoff_secs", raw.download_backoff_secs, d.download_backoff, 1, 3600)?;
+    let download_backoff_max =
+        secs_in("download_backoff_max_secs", raw.download_backoff_max_secs, d.download_backoff_max, 1, 86_400)?;
+    if download_backoff_max < download_backoff {
+        return Err(invalid("download_backoff_max_secs must not be below download_backoff_secs".into()));
+    }
+    Ok(Some(UpdateConfig {
+        root_file: raw.root_file.unwrap_or(d.root_file),
+        modules_dir: raw.modules_dir.unwrap_or(d.modules_dir),
+        hooks_dir: raw.hooks_dir.unwrap_or(d.hooks_dir),
+        health_check: command("health_check", raw.health_check)?,
+        verify_timeout: secs_in("verify_timeout_secs", raw.verify_timeout_secs, d.verify_timeout, 1, 86_400)?,
+        reboot_command: command("reboot_command", raw.reboot_command)?.unwrap_or(d.reboot_command),
+        reboot_timeout: secs_in("reboot_timeout_secs", raw.reboot_timeout_secs, d.reboot_timeout, 1, 86_400)?,
+        file_allow,
+        apps_dir: raw.apps_dir.unwrap_or(d.apps_dir),
+        provides,
+        download_retries,
+        download_backoff,
+        download_backoff_max,
+        max_artifact_size,
+        hook_timeout: secs_in("hook_timeout_secs", raw.hook_timeout_secs, d.hook_timeout, 1, 86_400)?,
+        hook_retry_interval: secs_in(
+            "hook_retry_interval_secs",
+            raw.hook_retry_interval_secs,
+            d.hook_retry_interval,
+            1,
+            86_400,
+        )?,
+        hook_retry_max,
+        module_timeout: secs_in("module_timeout_secs", raw.module_timeout_secs, d.module_timeout, 1, 7 * 86_400)?,
+        device_type: d.device_type,
+    }))
 }
 
 /// Identity attributes as the enrollment endpoint accepts them: 1 to 16, keys as for inventory,
@@ -381,6 +574,59 @@ serial = "SN-1"
         ];
         for (text, want) in cases {
             let err = from_sources(&src(&[("/etc/drover/agent.toml", text)])).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn updates_are_off_without_device_type_and_defaults_apply() {
+        let c = from_sources(&src(&[("/etc/drover/agent.toml", MAIN)])).unwrap();
+        assert!(c.update.is_none());
+        // A table without device_type still leaves updates off.
+        let c =
+            from_sources(&src(&[("/etc/drover/agent.toml", &format!("{MAIN}\n[update]\napps_dir = \"/srv/apps\"\n"))]))
+                .unwrap();
+        assert!(c.update.is_none());
+        let c = from_sources(&src(&[
+            ("/etc/drover/agent.toml", &format!("{MAIN}\n[update]\ndevice_type = \"rpi4\"\n")),
+            (
+                "/etc/drover/config.d/10-update.toml",
+                "[update]\nfile_allow = [\"/etc/app/\"]\nhealth_check = \"systemctl is-active app\"\nverify_timeout_secs = 60\n[update.provides]\n\"os.version\" = \"12\"\n",
+            ),
+        ]))
+        .unwrap();
+        let u = c.update.unwrap();
+        assert_eq!(u.device_type, "rpi4");
+        assert_eq!(u.root_file, PathBuf::from("/etc/drover/root.json"));
+        assert_eq!(u.reboot_command, "systemctl reboot");
+        assert_eq!(u.file_allow, vec![PathBuf::from("/etc/app/")]);
+        assert_eq!(u.health_check.as_deref(), Some("systemctl is-active app"));
+        assert_eq!(u.verify_timeout, Duration::from_secs(60));
+        assert_eq!(u.provides["os.version"], "12");
+        assert_eq!(u.download_retries, 10);
+        assert_eq!(u.hooks_dir, PathBuf::from("/etc/drover/hooks.d"));
+    }
+
+    /// Bad inputs in `[update]`: each named.
+    #[test]
+    fn invalid_update_values_are_explained() {
+        let cases: &[(&str, &str)] = &[
+            ("device_type = \"\"\n", "device_type"),
+            ("device_type = \"x\"\nfile_allow = [\"etc/app\"]\n", "file_allow etc/app: must be an absolute path"),
+            ("device_type = \"x\"\napps_dir = \"apps\"\n", "apps_dir"),
+            ("device_type = \"x\"\nverify_timeout_secs = 0\n", "verify_timeout_secs = 0"),
+            ("device_type = \"x\"\nreboot_command = \" \"\n", "reboot_command is empty"),
+            ("device_type = \"x\"\nmax_artifact_size = 10\n", "max_artifact_size"),
+            (
+                "device_type = \"x\"\ndownload_backoff_secs = 60\ndownload_backoff_max_secs = 10\n",
+                "download_backoff_max_secs",
+            ),
+            ("device_type = \"x\"\nrollback = true\n", "rollback"),
+            ("device_type = \"x\"\n[update.provides]\n\"a b\" = \"1\"\n", "provides key"),
+        ];
+        for (text, want) in cases {
+            let text = format!("mqtt_url = \"mqtts://x\"\n[update]\n{text}");
+            let err = from_sources(&src(&[("/etc/drover/agent.toml", &text)])).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}: {err:?} should mention {want:?}");
         }
     }

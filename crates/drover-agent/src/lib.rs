@@ -15,6 +15,7 @@ pub mod inventory;
 pub mod session;
 pub mod store;
 pub mod tls;
+pub mod update;
 
 /// `drover-agent/<version>`, as sent in `up/hello`.
 pub const AGENT: &str = concat!("drover-agent/", env!("CARGO_PKG_VERSION"));

@@ -7,17 +7,19 @@
 //! certificate and TLS connection. Per-device memory stays small: a short request channel and
 //! a bounded in-flight window.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use drover_proto::device::{self, Channel, Heartbeat, Hello, Inventory, OnlineState, PROTOCOL_VERSION, Ping, Status};
+use drover_proto::update::{UpdateCommand, UpdateReport};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
-use tokio::sync::watch;
+use tokio::sync::{OwnedMutexGuard, mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::backoff::{Backoff, BackoffPolicy};
@@ -77,6 +79,9 @@ pub struct SessionConfig {
     /// MQTT 5 session expiry, so QoS 1 messages queued while offline are delivered.
     pub session_expiry_secs: u32,
     pub connect_timeout_secs: u64,
+    /// The update engine to hand `down/update` commands to and publish `up/update` reports
+    /// of; `None`: updates are off (commands are ignored).
+    pub updates: Option<crate::update::UpdateLink>,
 }
 
 impl SessionConfig {
@@ -103,6 +108,7 @@ impl SessionConfig {
             max_inflight: 8,
             session_expiry_secs: 3600,
             connect_timeout_secs: 10,
+            updates: None,
         }
     }
 }
@@ -164,6 +170,14 @@ fn qos(channel: Channel) -> QoS {
     match channel.qos() {
         device::Qos::AtMostOnce => QoS::AtMostOnce,
         device::Qos::AtLeastOnce => QoS::AtLeastOnce,
+    }
+}
+
+/// The next report from the update engine; never, without one.
+async fn next_report(rx: &mut Option<OwnedMutexGuard<mpsc::Receiver<UpdateReport>>>) -> Option<UpdateReport> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -231,6 +245,12 @@ impl<I: InventorySource> Session<I> {
             }))
         };
         let (client, mut eventloop) = AsyncClient::new(Self::mqtt_options(&cfg), cfg.channel_capacity);
+        // One session at a time reads the engine's reports (a simulated device's next
+        // session takes over after this one ends).
+        let mut reports = match &cfg.updates {
+            Some(l) => Some(l.reports.clone().lock_owned().await),
+            None => None,
+        };
         let mut st = State {
             cfg: &cfg,
             stats: &stats,
@@ -241,6 +261,8 @@ impl<I: InventorySource> Session<I> {
             sent_digest: None,
             started: Instant::now(),
             ping_topic: device::topic(&cfg.device_id, Channel::Ping),
+            update_topic: device::topic(&cfg.device_id, Channel::Update),
+            unsent: VecDeque::new(),
         };
         let mut heartbeat = tokio::time::interval(cfg.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -282,6 +304,8 @@ impl<I: InventorySource> Session<I> {
                     }
                 },
                 _ = heartbeat.tick(), if connected => st.heartbeat(),
+                Some(r) = next_report(&mut reports) => st.report(r),
+                () = tokio::time::sleep(Duration::from_secs(1)), if connected && !st.unsent.is_empty() => st.flush_unsent(),
                 Ok(()) = inv_rx.changed(), if connected => {
                     let current = inv_rx.borrow_and_update().clone();
                     if let Some(attrs) = current {
@@ -291,6 +315,9 @@ impl<I: InventorySource> Session<I> {
             }
         }
         stats.connected.store(false, Ordering::Relaxed);
+        if let Some(l) = &cfg.updates {
+            l.shared.set_connected(false);
+        }
         drop(collector);
     }
 }
@@ -305,6 +332,9 @@ struct State<'a> {
     sent_digest: Option<[u8; 32]>,
     started: Instant,
     ping_topic: String,
+    update_topic: String,
+    /// Update reports the client's queue did not take; tried again every second.
+    unsent: VecDeque<UpdateReport>,
 }
 
 impl State<'_> {
@@ -325,21 +355,77 @@ impl State<'_> {
         self.seq = 0;
         self.stats.connected.store(true, Ordering::Relaxed);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        // Subscribe before saying hello: the server answers hello with commands (an update
+        // in flight), and the broker takes this connection's packets in order.
+        let filter = format!("{}/{}/down/#", device::TOPIC_ROOT, self.cfg.device_id);
+        if let Err(e) = self.client.try_subscribe(filter, QoS::AtLeastOnce) {
+            tracing::warn!("cannot subscribe to the downlink: {e}");
+        }
         self.publish(Channel::Status, status_payload(OnlineState::Online));
         let hello = Hello {
             v: PROTOCOL_VERSION,
             agent: self.cfg.agent.clone(),
             boot_id: self.cfg.boot_id.clone(),
-            software: None,
+            software: self.cfg.updates.as_ref().and_then(|l| l.shared.software()),
         };
         self.publish(Channel::Hello, serde_json::to_vec(&hello).unwrap_or_default());
         let current = inv_rx.borrow_and_update().clone();
         if let Some(attrs) = current {
             self.inventory(&attrs);
         }
-        let filter = format!("{}/{}/down/#", device::TOPIC_ROOT, self.cfg.device_id);
-        if let Err(e) = self.client.try_subscribe(filter, QoS::AtLeastOnce) {
-            tracing::warn!("cannot subscribe to the downlink: {e}");
+        if let Some(l) = &self.cfg.updates {
+            // The state of the update in flight, or the last final report: the server may not
+            // have seen it before the connection went.
+            self.unsent.clear();
+            if let Some(r) = l.shared.resend() {
+                self.report(r);
+            }
+            l.shared.set_connected(true);
+        }
+    }
+
+    /// Publishes an update report (QoS 1). While disconnected it is dropped: the engine's
+    /// latest state is sent again at the next connect.
+    fn report(&mut self, r: UpdateReport) {
+        if self.connected_at.is_none() {
+            return;
+        }
+        if let Err(e) = r.check() {
+            tracing::warn!(deployment = %r.deployment, "not sending an invalid update report: {e}");
+            return;
+        }
+        let topic = device::topic(&self.cfg.device_id, Channel::UpdateReport);
+        let payload = serde_json::to_vec(&r).unwrap_or_default();
+        if self.client.try_publish(topic, qos(Channel::UpdateReport), false, payload).is_err() {
+            self.unsent.push_back(r);
+        } else {
+            tracing::debug!(deployment = %r.deployment, state = %r.state, "update report sent");
+        }
+    }
+
+    fn flush_unsent(&mut self) {
+        let pending: Vec<_> = self.unsent.drain(..).collect();
+        for r in pending {
+            self.report(r);
+        }
+    }
+
+    fn on_update_command(&mut self, payload: &[u8]) {
+        let Some(l) = &self.cfg.updates else {
+            tracing::warn!(
+                "ignoring an update command: updates are not configured on this device ([update] device_type)"
+            );
+            return;
+        };
+        match serde_json::from_slice::<UpdateCommand>(payload) {
+            Ok(c) if c.v == PROTOCOL_VERSION => {
+                tracing::info!(deployment = %c.deployment, "update command");
+                if l.commands.try_send(c).is_err() {
+                    tracing::warn!("update engine busy; the server sends the command again");
+                }
+            }
+            Ok(c) => tracing::warn!(v = c.v, "ignoring an update command of an unsupported protocol version"),
+            Err(e) => tracing::warn!("ignoring a malformed update command: {e}"),
         }
     }
 
@@ -368,6 +454,9 @@ impl State<'_> {
     }
 
     fn on_publish(&mut self, topic: &[u8], payload: &[u8]) {
+        if topic == self.update_topic.as_bytes() {
+            return self.on_update_command(payload);
+        }
         if topic != self.ping_topic.as_bytes() {
             tracing::debug!(topic = %String::from_utf8_lossy(topic), "ignoring an unknown downlink message");
             return;
@@ -385,6 +474,9 @@ impl State<'_> {
     fn on_error(&mut self, e: &rumqttc::v5::ConnectionError) -> Duration {
         let up = self.connected_at.take().map(|t| t.elapsed());
         self.stats.connected.store(false, Ordering::Relaxed);
+        if let Some(l) = &self.cfg.updates {
+            l.shared.set_connected(false);
+        }
         self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
         let delay = self.backoff.next_delay(up, rand::random::<f64>());
         match up {

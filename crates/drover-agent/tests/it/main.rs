@@ -4,3 +4,4 @@
 mod binary;
 mod session;
 mod support;
+mod update;

@@ -353,3 +353,172 @@ impl Drop for Proxy {
 pub fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
+
+/// What the artifact server did: each request's path and Range header.
+#[derive(Debug, Default)]
+pub struct Served {
+    pub requests: Vec<(String, Option<String>)>,
+    pub body_bytes: u64,
+}
+
+/// Faults the artifact server injects into its next responses.
+#[derive(Debug, Default, Clone)]
+pub struct Faults {
+    /// Close the connection after this many body bytes, once.
+    pub cut_after: Option<u64>,
+    /// Sleep this long after each 16 KiB of body.
+    pub throttle: Option<Duration>,
+}
+
+/// A tiny HTTPS server for artifacts, like droverd's device endpoint: mutual TLS with the
+/// fleet CA, `GET <path>` with `Range: bytes=N-`; faults on request.
+pub struct ArtifactServer {
+    pub port: u16,
+    pub files: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
+    pub served: Arc<std::sync::Mutex<Served>>,
+    pub faults: Arc<std::sync::Mutex<Faults>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ArtifactServer {
+    pub fn start(ca: &Ca) -> ArtifactServer {
+        use rustls::pki_types::pem::PemObject;
+        let (cert, key) = ca.server_cert();
+        let chain = drover_agent::tls::certs_from_pem(cert.as_bytes(), "server").unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let roots = drover_agent::tls::root_store(&[(ca.cert_pem.as_bytes(), "ca")]).unwrap();
+        let provider = drover_agent::tls::provider();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .unwrap();
+        let config = Arc::new(config);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let s = ArtifactServer {
+            port,
+            files: Arc::default(),
+            served: Arc::default(),
+            faults: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (files, served, faults, stop) = (s.files.clone(), s.served.clone(), s.faults.clone(), s.stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((tcp, _)) => {
+                        let (config, files, served, faults) =
+                            (config.clone(), files.clone(), served.clone(), faults.clone());
+                        std::thread::spawn(move || {
+                            let _ = serve_one(tcp, config, files, served, faults);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        s
+    }
+
+    pub fn put(&self, path: &str, bytes: Vec<u8>) {
+        self.files.lock().unwrap().insert(path.to_string(), bytes);
+    }
+
+    pub fn set_faults(&self, f: Faults) {
+        *self.faults.lock().unwrap() = f;
+    }
+}
+
+impl Drop for ArtifactServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve_one(
+    tcp: std::net::TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    files: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
+    served: Arc<std::sync::Mutex<Served>>,
+    faults: Arc<std::sync::Mutex<Faults>>,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    tcp.set_nonblocking(false)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let conn = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if tls.read(&mut b)? == 0 || head.len() > 16 * 1024 {
+            return Ok(());
+        }
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+    let range = head.lines().find_map(|l| {
+        l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("range")).map(|(_, v)| v.trim().to_string())
+    });
+    served.lock().unwrap().requests.push((path.clone(), range.clone()));
+    let Some(data) = files.lock().unwrap().get(&path).cloned() else {
+        tls.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")?;
+        return Ok(());
+    };
+    let start: u64 = range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let total = data.len() as u64;
+    if start > total {
+        tls.write_all(format!("HTTP/1.1 416 Range Not Satisfiable\r\ncontent-range: bytes */{total}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes())?;
+        return Ok(());
+    }
+    let body = &data[start as usize..];
+    let head = if range.is_some() {
+        format!(
+            "HTTP/1.1 206 Partial Content\r\ncontent-length: {}\r\ncontent-range: bytes {start}-{}/{total}\r\nconnection: close\r\n\r\n",
+            body.len(),
+            total.saturating_sub(1)
+        )
+    } else {
+        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len())
+    };
+    tls.write_all(head.as_bytes())?;
+    let f = {
+        let mut f = faults.lock().unwrap();
+        let now = f.clone();
+        f.cut_after = None;
+        now
+    };
+    let mut sent = 0u64;
+    for chunk in body.chunks(16 * 1024) {
+        let chunk = match f.cut_after {
+            Some(cut) if sent + chunk.len() as u64 > cut => &chunk[..(cut - sent) as usize],
+            _ => chunk,
+        };
+        tls.write_all(chunk)?;
+        tls.flush()?;
+        sent += chunk.len() as u64;
+        served.lock().unwrap().body_bytes += chunk.len() as u64;
+        if f.cut_after.is_some_and(|c| sent >= c) {
+            // A cut connection: no close_notify, just gone.
+            tls.sock.shutdown(std::net::Shutdown::Both)?;
+            return Ok(());
+        }
+        if let Some(t) = f.throttle {
+            std::thread::sleep(t);
+        }
+    }
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
+    Ok(())
+}
