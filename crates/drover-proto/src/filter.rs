@@ -19,6 +19,7 @@
 //!            | field [ "not" ] "in" "(" value ( "," value )* ")"
 //!            | field [ "not" ] "exists"            (tag.KEY and attr.KEY only)
 //! field     := "id" | "status" | "group" | "tag." KEY | "attr." KEY
+//!            | "artifact.id" | "artifact.name" | "artifact.version" | "artifact.commit"
 //! value     := "double-quoted, with \" and \\ escapes" | bare word
 //! ```
 //!
@@ -63,6 +64,20 @@ pub enum Field {
     Tag(String),
     /// An inventory attribute the device reported.
     Attr(String),
+    /// What Drover installed on the device (its `software`), or the source commit of that
+    /// artifact's build.
+    Artifact(ArtifactField),
+}
+
+/// The part of a device's installed artifact a filter looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtifactField {
+    /// The artifact's id (SHA-256).
+    Id,
+    Name,
+    Version,
+    /// The source commit in the artifact's provenance.
+    Commit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,7 +332,7 @@ impl Parser {
             return err(
                 col,
                 format!(
-                    "expected a condition (online, id, status, group, tag.KEY or attr.KEY), found {}",
+                    "expected a condition (online, id, status, group, tag.KEY, attr.KEY or artifact.FIELD), found {}",
                     tok.describe()
                 ),
             );
@@ -337,6 +352,16 @@ impl Parser {
             "id" => Field::Id,
             "status" => Field::Status,
             "group" => Field::Group,
+            "artifact.id" => Field::Artifact(ArtifactField::Id),
+            "artifact.name" => Field::Artifact(ArtifactField::Name),
+            "artifact.version" => Field::Artifact(ArtifactField::Version),
+            "artifact.commit" => Field::Artifact(ArtifactField::Commit),
+            _ if w.starts_with("artifact.") => {
+                return err(
+                    col,
+                    format!("unknown field '{w}': use artifact.id, artifact.name, artifact.version or artifact.commit"),
+                );
+            }
             _ => {
                 if let Some(k) = w.strip_prefix("tag.") {
                     Field::Tag(key(k, "tag")?)
@@ -345,7 +370,9 @@ impl Parser {
                 } else {
                     return err(
                         col,
-                        format!("unknown field '{w}': use online, id, status, group, tag.KEY or attr.KEY"),
+                        format!(
+                            "unknown field '{w}': use online, id, status, group, tag.KEY, attr.KEY or artifact.FIELD"
+                        ),
                     );
                 }
             }
@@ -401,7 +428,7 @@ impl Parser {
                 let vcol = self.col();
                 let value = self.value(sym)?;
                 if op == Op::Glob && matches!(field, Field::Status | Field::Group) {
-                    return err(col, "'~' works on id, tag.KEY and attr.KEY only");
+                    return err(col, "'~' works on id, tag.KEY, attr.KEY and artifact.FIELD only");
                 }
                 check_value(&field, &value, vcol)?;
                 Cond::Compare { field, op, value }
@@ -509,6 +536,29 @@ mod tests {
     }
 
     #[test]
+    fn artifact_fields() {
+        assert_eq!(
+            parse("artifact.name = edge-app and artifact.commit ~ \"abc1234*\"").unwrap(),
+            Expr::And(vec![
+                Expr::Cond(Cond::Compare {
+                    field: Field::Artifact(ArtifactField::Name),
+                    op: Op::Eq,
+                    value: "edge-app".into()
+                }),
+                Expr::Cond(Cond::Compare {
+                    field: Field::Artifact(ArtifactField::Commit),
+                    op: Op::Glob,
+                    value: "abc1234*".into()
+                }),
+            ])
+        );
+        assert!(parse("artifact.version in (1.0, 2.0)").is_ok());
+        let e = parse("artifact.colour = red").unwrap_err();
+        assert!(e.message.contains("artifact.name"), "{e}");
+        assert!(parse("artifact.name exists").is_err(), "exists is for tags and attributes");
+    }
+
+    #[test]
     fn parses_the_documented_example() {
         let e = parse(r#"tag.region = "eu" and attr.arch = "aarch64" and online"#).unwrap();
         assert_eq!(
@@ -583,7 +633,7 @@ mod tests {
                 "tag.region eu",
                 "expected '=', '!=', '~', 'in' or 'exists' after the field at column 1, found 'eu' at column 12",
             ),
-            ("colour = red", "unknown field 'colour': use online, id, status, group, tag.KEY or attr.KEY at column 1"),
+            ("colour = red", "unknown field 'colour': use online, id, status, group, tag.KEY, attr.KEY or artifact.FIELD at column 1"),
             ("id == x", "use '=' to compare, not '==' at column 4"),
             ("! online", "expected '!=' (use 'not' to negate) at column 1"),
             ("tag.a = 'x'", "use double quotes for strings at column 9"),
@@ -593,7 +643,7 @@ mod tests {
             ("tag.a = and", "expected a value after '=', found the keyword 'and' (quote it) at column 9"),
             ("online online", "expected 'and', 'or' or the end of the filter, found 'online' at column 8"),
             ("id exists", "'exists' works on tag.KEY and attr.KEY only at column 4"),
-            ("status ~ acc*", "'~' works on id, tag.KEY and attr.KEY only at column 8"),
+            ("status ~ acc*", "'~' works on id, tag.KEY, attr.KEY and artifact.FIELD only at column 8"),
             (
                 "status = gone",
                 "unknown status \"gone\": use pending, accepted, rejected or decommissioned at column 10",

@@ -5,7 +5,7 @@
 //! device_id)` indexes and the `(device_id, key)` primary keys serve; the same SQL runs on
 //! SQLite and PostgreSQL.
 
-use drover_proto::filter::{Cond, Expr, Field, Op};
+use drover_proto::filter::{ArtifactField, Cond, Expr, Field, Op};
 
 use crate::db::{Bind, Db, like_escape};
 use crate::error::{AppError, AppResult};
@@ -96,6 +96,33 @@ impl Compiler<'_> {
                         "{not}EXISTS (SELECT 1 FROM {table} x WHERE x.device_id = d.id AND x.key = {k}{value_test})"
                     )
                 }
+            }
+            Field::Artifact(ArtifactField::Commit) => {
+                // By the provenance of the artifact the device runs.
+                let org_id = self.org_id.to_string();
+                let org = self.text(&org_id);
+                // Commits are stored lowercase.
+                let lower = match c {
+                    Cond::Compare { field, op, value } => {
+                        Cond::Compare { field: field.clone(), op: *op, value: value.to_lowercase() }
+                    }
+                    Cond::In { field, values } => {
+                        Cond::In { field: field.clone(), values: values.iter().map(|v| v.to_lowercase()).collect() }
+                    }
+                    other => other.clone(),
+                };
+                let t = self.test("a.source_commit", &lower);
+                format!("{not}d.sw_artifact IN (SELECT a.id FROM artifacts a WHERE a.org_id = {org} AND {t})")
+            }
+            Field::Artifact(part) => {
+                // A device with no software has '' here, so `!=` and `not in` include it.
+                let col = match part {
+                    ArtifactField::Id => "COALESCE(d.sw_artifact, '')",
+                    ArtifactField::Name => "COALESCE(d.sw_name, '')",
+                    _ => "COALESCE(d.sw_version, '')",
+                };
+                let t = self.test(col, c);
+                if negate { format!("NOT ({t})") } else { t }
             }
             Field::Group => {
                 let org_id = self.org_id.to_string();
@@ -211,6 +238,17 @@ mod tests {
             "(d.id IN (SELECT x.device_id FROM device_tags x WHERE x.key = ? AND x.value = ?) AND \
              NOT d.id IN (SELECT x.device_id FROM device_attributes x WHERE x.key = ?))"
         );
+    }
+
+    #[test]
+    fn artifact_fields_look_at_the_software_and_its_provenance() {
+        let c = sql(r#"artifact.name = edge-app and artifact.version != "1.0" and artifact.commit ~ "abc1234*""#);
+        assert_eq!(
+            c.sql,
+            "(COALESCE(d.sw_name, '') = ? AND NOT (COALESCE(d.sw_version, '') = ?) AND \
+             d.sw_artifact IN (SELECT a.id FROM artifacts a WHERE a.org_id = ? AND a.source_commit LIKE ? ESCAPE '\\'))"
+        );
+        assert_eq!(c.binds, [t("edge-app"), t("1.0"), t("org1"), t("abc1234%")]);
     }
 
     #[test]

@@ -263,6 +263,26 @@ async fn reports_keep_final_states_final_and_set_what_devices_run() {
         assert!(list("commit=0000000".into()).await.is_empty());
         let r = app.admin(Method::GET, "/api/v1/devices?commit=abc", None).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        // The same in the filter language (docs/filters.md).
+        let filter = |f: &str| {
+            let enc: String = f
+                .chars()
+                .map(|ch| match ch {
+                    ' ' => "%20".to_string(),
+                    '=' => "%3D".into(),
+                    '"' => "%22".into(),
+                    '*' => "%2A".into(),
+                    '~' => "%7E".into(),
+                    '!' => "%21".into(),
+                    c => c.to_string(),
+                })
+                .collect();
+            format!("filter={enc}")
+        };
+        assert_eq!(list(filter(r#"artifact.commit ~ "89ABCDEF*""#)).await, vec![a.clone()]);
+        assert_eq!(list(filter("artifact.version = 1.4.1")).await, vec![b.clone()]);
+        assert_eq!(list(filter("artifact.name != edge-app")).await, vec![c.clone()]);
+        assert_eq!(list(filter(&format!("artifact.id = {art}"))).await, vec![a.clone()]);
 
         // A decommissioned device ends its unfinished rows (aborted), so deployments finish.
         let r = create(&app, &operator, json!({"artifact": art, "devices": [c]})).await;
