@@ -9,6 +9,7 @@
 //! certificate, by a device not in the deployment, past the end, and cut mid-body.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
@@ -441,4 +442,62 @@ async fn devices_download_deployed_artifacts_over_tls_and_resume_with_range() {
         assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
         assert!(!app.state.config.data_dir.join("artifacts").join(&id).exists());
     });
+}
+
+/// How fast the device endpoint serves a download over TLS: one client on this machine
+/// fetching a 256 MiB artifact (the client's decryption shares the two cores). Run with
+/// `cargo test --release -p drover-server --test it download_throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check; run it by name"]
+async fn download_throughput() {
+    let tdb = crate::support::TestDb::sqlite();
+    let app = TestApp::new(&tdb).await;
+    let key = SigningKey::generate().unwrap();
+    let payload: Vec<u8> = (0..256u32 * 1024 * 1024).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let file = build_artifact("big", "1", &payload, &[&key], None);
+    drop(payload);
+    let id = sha256_hex(&file);
+    let started = std::time::Instant::now();
+    let r = upload(&app, &app.admin_token, file.clone(), &[]).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let up = started.elapsed();
+    let (device, dkey, cert) = accepted_device(&app, "SN-BIG").await;
+    let r = app.admin(Method::POST, "/api/v1/deployments", Some(json!({"artifact": id, "devices": [device]}))).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let port = device_endpoint(&app).await;
+    let agent = https(app.state.ca.cert_pem(), Some((&dkey, &cert)));
+    let url = format!("https://localhost:{port}/device/v1/artifacts/{id}");
+    let (n, took) = tokio::task::spawn_blocking(move || {
+        let mut best = (0u64, Duration::MAX);
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            let resp = agent.get(&url).call().unwrap();
+            let mut reader = resp.into_body().into_reader();
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut n = 0u64;
+            loop {
+                let k = std::io::Read::read(&mut reader, &mut buf).unwrap();
+                if k == 0 {
+                    break;
+                }
+                n += k as u64;
+            }
+            let took = started.elapsed();
+            if took < best.1 {
+                best = (n, took);
+            }
+        }
+        best
+    })
+    .await
+    .unwrap();
+    assert_eq!(n, file.len() as u64);
+    let mbit = |bytes: u64, d: Duration| bytes as f64 * 8.0 / d.as_secs_f64() / 1e6;
+    eprintln!(
+        "upload {:.0} Mbit/s; download over TLS {:.0} Mbit/s ({} bytes in {took:?})",
+        mbit(file.len() as u64, up),
+        mbit(n, took),
+        n
+    );
+    tdb.drop_schema().await;
 }
