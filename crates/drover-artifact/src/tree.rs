@@ -63,7 +63,8 @@ pub fn pack_dir(dir: &Path, out: impl Write) -> Result<u64, ArtifactError> {
     let mut tar = tar::Builder::new(Counter { inner: out, n: 0 });
     pack_into(&mut tar, dir, Path::new(""), 0)?;
     tar.finish()?;
-    let counter = tar.into_inner()?;
+    let mut counter = tar.into_inner()?;
+    counter.flush()?;
     Ok(counter.n)
 }
 

@@ -112,6 +112,29 @@ impl Client {
         self.finish(req.send(body))
     }
 
+    /// POSTs `len` bytes read from `body` (a file: streamed, never held in memory). No overall
+    /// timeout: a large upload takes as long as it takes.
+    pub fn send_stream<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &mut dyn std::io::Read,
+        len: u64,
+    ) -> Result<T, CliError> {
+        let mut req = self
+            .agent
+            .post(&self.url(path))
+            .header("Content-Type", content_type)
+            .header("Content-Length", &len.to_string())
+            .config()
+            .timeout_global(None)
+            .build();
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        self.finish(req.send(ureq::SendBody::from_reader(body)))
+    }
+
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
         let mut req = self.agent.delete(&self.url(path));
         if let Some(t) = &self.token {

@@ -12,6 +12,7 @@ use drover_proto::api::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::artifact::{self, ArtifactCommand};
 use crate::client::{CliError, Client, segment};
 use crate::config;
 use crate::deploy::{self, DeployCommand};
@@ -62,6 +63,9 @@ enum Command {
     /// Devices vouched for before they ask to enroll.
     #[command(subcommand)]
     Preauth(PreauthCommand),
+    /// Update artifacts and trust roots: keys, build, sign, verify, inspect, upload.
+    #[command(subcommand)]
+    Artifact(ArtifactCommand),
     /// Software deployments: create, follow (--wait, --watch), list, devices, logs, abort.
     #[command(subcommand)]
     Deploy(DeployCommand),
@@ -228,6 +232,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode, CliErro
         Command::EnrollToken(cmd) => return fleet::enroll_token(&client(&cfg_path)?, out, cmd),
         Command::Group(cmd) => return fleet::group(&client(&cfg_path)?, out, cmd),
         Command::Preauth(cmd) => return fleet::preauth(&client(&cfg_path)?, out, cmd),
+        Command::Artifact(cmd) => return artifact::run(out, cmd, || client(&cfg_path)),
         Command::Deploy(cmd) => return deploy::deploy(&client(&cfg_path)?, out, cmd),
     }
     Ok(ExitCode::SUCCESS)

@@ -3,6 +3,7 @@
 //! **Architecture invariant:** talks to the server only through the REST API and the types in
 //! `drover-proto`; it never depends on the server crate.
 
+mod artifact;
 pub mod client;
 pub mod commands;
 pub mod config;

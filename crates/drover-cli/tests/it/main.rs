@@ -1,5 +1,7 @@
 //! The real `drover` binary against a real droverd (run in-process on a free port, SQLite).
 
+mod artifact;
+
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
