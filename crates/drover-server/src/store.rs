@@ -99,12 +99,20 @@ impl ArtifactStore {
         if bucket.is_empty() {
             return Err(bad("no bucket"));
         }
+        ArtifactStore::s3(object_store::aws::AmazonS3Builder::from_env(), bucket, prefix)
+            .map_err(|e| bad(&e.to_string()))
+    }
+
+    /// An S3 store in `bucket` under `prefix`, configured by `builder` (credentials, region,
+    /// endpoint…; [`ArtifactStore::open`] takes them from the `AWS_*` variables).
+    pub fn s3(
+        builder: object_store::aws::AmazonS3Builder,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<ArtifactStore, StoreError> {
         // reqwest's rustls has no provider of its own: it takes the process's, which is ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let s3 = object_store::aws::AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .build()
-            .map_err(|e| bad(&e.to_string()))?;
+        let s3 = builder.with_bucket_name(bucket).build()?;
         let prefix = prefix.trim_matches('/');
         let inner: Arc<dyn ObjectStore> =
             if prefix.is_empty() { Arc::new(s3) } else { Arc::new(object_store::prefix::PrefixStore::new(s3, prefix)) };
@@ -284,6 +292,25 @@ impl Drop for Upload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_urls() {
+        let dir = std::env::temp_dir().join(format!("drover-store-url-{}", uuid::Uuid::now_v7().simple()));
+        let local = ArtifactStore::open("", &dir).unwrap();
+        assert!(local.describe().ends_with("/artifacts"), "{}", local.describe());
+        for (url, why) in [
+            ("ftp://host/x", "use s3://"),
+            ("s3://", "no bucket"),
+            ("s3:///prefix", "no bucket"),
+            ("file://relative/path", "absolute path"),
+        ] {
+            let e = ArtifactStore::open(url, &dir).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains(url), "{url}: {e}");
+        }
+        let s3 = ArtifactStore::open("s3://bucket/fleet/eu/", &dir).unwrap();
+        assert_eq!(s3.describe(), "S3 bucket bucket prefix \"fleet/eu\"");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[tokio::test]
     async fn uploads_land_at_their_content_address_and_read_back_in_ranges() {

@@ -501,3 +501,121 @@ async fn download_throughput() {
     );
     tdb.drop_schema().await;
 }
+
+/// A local S3-compatible server (moto's, from PyPI: `pip install "moto[server]"`).
+struct S3Server {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl S3Server {
+    fn start() -> Option<S3Server> {
+        let port = crate::support::free_port();
+        let child = std::process::Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let s = S3Server { child, port };
+        crate::support::eventually(Duration::from_secs(30), "the S3 server to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Some(s)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}/{path}", self.port)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The keys under `prefix` in `bucket` (ListObjectsV2).
+fn s3_keys(s3: &S3Server, bucket: &str, prefix: &str) -> Vec<String> {
+    let xml = crate::e2e::agent()
+        .get(&s3.url(&format!("{bucket}?list-type=2&prefix={prefix}")))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    xml.split("<Key>").skip(1).filter_map(|k| k.split("</Key>").next()).map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_can_live_in_an_s3_bucket() {
+    let Some(s3) = tokio::task::spawn_blocking(S3Server::start).await.unwrap() else {
+        eprintln!("note: moto_server is not installed (pip install \"moto[server]\"); the S3 store is not tested");
+        return;
+    };
+    let bucket = "drover-artifacts";
+    let made = crate::e2e::agent().put(&s3.url(bucket)).send_empty().unwrap();
+    assert_eq!(made.status().as_u16(), 200);
+    let builder = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(s3.url(""))
+        .with_allow_http(true)
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .with_region("us-east-1");
+    let store = drover_server::store::ArtifactStore::s3(builder, bucket, "fleet/eu").unwrap();
+    let tdb = crate::support::TestDb::sqlite();
+    let base = TestApp::new(&tdb).await;
+    let state = drover_server::app::AppState::with_store(
+        base.db.clone(),
+        base.state.config.clone(),
+        base.state.ca.clone(),
+        store,
+    );
+    let app = TestApp { app: drover_server::app::router(state.clone()), state, ..base };
+
+    // Large enough for a multipart upload of two parts.
+    let key = SigningKey::generate().unwrap();
+    let payload: Vec<u8> = (0..9_500_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let file = build_artifact("edge-app", "3.0.0", &payload, &[&key], None);
+    let id = sha256_hex(&file);
+    let mut flipped = file.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    let r = upload(&app, &app.admin_token, flipped, &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    let keys = tokio::task::block_in_place(|| s3_keys(&s3, bucket, "fleet/eu/"));
+    assert!(keys.is_empty(), "a refused upload leaves nothing in the bucket: {keys:?}");
+    let r = upload(&app, &app.admin_token, file.clone(), &[]).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let keys = tokio::task::block_in_place(|| s3_keys(&s3, bucket, "fleet/eu/"));
+    assert_eq!(keys, [format!("fleet/eu/artifacts/{id}")]);
+
+    // Served to a device from the bucket, whole and resumed.
+    let (device, dkey, cert) = accepted_device(&app, "SN-S3").await;
+    let r = app.admin(Method::POST, "/api/v1/deployments", Some(json!({"artifact": id, "devices": [device]}))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let port = device_endpoint(&app).await;
+    let agent = https(app.state.ca.cert_pem(), Some((&dkey, &cert)));
+    let url = format!("https://localhost:{port}/device/v1/artifacts/{id}");
+    let (whole, head, tail) = tokio::task::spawn_blocking(move || {
+        let (s1, _, whole) = get(&agent, &url, None);
+        assert_eq!(s1, 200);
+        let (s2, _, head) = get(&agent, &url, Some("bytes=0-999999"));
+        let (s3, _, tail) = get(&agent, &url, Some("bytes=1000000-"));
+        assert_eq!((s2, s3), (206, 206));
+        (whole, head, tail)
+    })
+    .await
+    .unwrap();
+    assert_eq!(sha256_hex(&whole), id);
+    assert_eq!(sha256_hex(&[head, tail].concat()), id);
+
+    // Finished and deleted: gone from the bucket.
+    let dep = r.body["id"].as_str().unwrap().to_string();
+    let report = drover_proto::update::UpdateReport::new(dep, drover_proto::update::UpdateState::Success);
+    app.state.engine.on_report(&device, report).await.unwrap();
+    let r = app.admin(Method::DELETE, &format!("/api/v1/artifacts/{id}"), None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    let keys = tokio::task::block_in_place(|| s3_keys(&s3, bucket, "fleet/eu/"));
+    assert!(keys.is_empty(), "{keys:?}");
+}
