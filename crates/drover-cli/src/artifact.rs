@@ -60,6 +60,9 @@ pub(crate) enum ArtifactCommand {
     /// Trust roots (root.json): the signed list of release keys devices trust.
     #[command(subcommand)]
     Root(RootCommand),
+    /// list, show, delete: the artifacts uploaded to the server (`crate::deploy`).
+    #[command(flatten)]
+    Server(crate::deploy::ArtifactServerCommand),
 }
 
 #[derive(Args, Debug)]
@@ -191,6 +194,7 @@ pub(crate) fn run(
         ArtifactCommand::Verify { file, root, key } => verify(out, &file, &root, key.as_deref())?,
         ArtifactCommand::Inspect { file } => inspect(out, &file)?,
         ArtifactCommand::Upload { file } => upload(out, &file, &client()?)?,
+        ArtifactCommand::Server(cmd) => return crate::deploy::artifact(&client()?, out, cmd),
         ArtifactCommand::Root(RootCommand::Create {
             root_keys,
             root_pubs,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::{ArgGroup, Subcommand};
 use drover_proto::api::Page;
 use drover_proto::deploy::{
-    CreateDeployment, Deployment, DeploymentDevice, DeploymentDeviceLog, DeploymentStatus, UpdateState,
+    Artifact, CreateDeployment, Deployment, DeploymentDevice, DeploymentDeviceLog, DeploymentStatus, UpdateState,
 };
 
 use crate::client::{CliError, Client, segment};
@@ -189,6 +189,117 @@ pub(crate) fn deploy(client: &Client, out: Format, cmd: DeployCommand) -> Result
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The artifacts the server holds, under `drover artifact` beside the offline commands.
+#[derive(Subcommand, Debug)]
+pub(crate) enum ArtifactServerCommand {
+    /// Artifacts uploaded to the server, newest first.
+    List {
+        /// Only artifacts of this name.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    /// An uploaded artifact: manifest, payloads, provides/depends, provenance, signatures.
+    Show {
+        /// Its id (SHA-256) or NAME@VERSION.
+        artifact: String,
+    },
+    /// Delete an uploaded artifact and its file (refused while an unfinished deployment uses it).
+    Delete {
+        /// Its id (SHA-256) or NAME@VERSION.
+        artifact: String,
+    },
+}
+
+const ARTIFACT_HEADERS: &[&str] =
+    &["name", "version", "device types", "size", "signed by", "uploaded", "by", "in use", "id"];
+
+fn artifact_row(a: &Artifact) -> Vec<String> {
+    vec![
+        a.name.clone(),
+        a.version.clone(),
+        a.device_types.join(","),
+        size(a.size),
+        if a.signed_by.is_empty() { "unsigned".into() } else { a.signed_by.join(",") },
+        output::short_time(Some(&a.uploaded_at)),
+        a.uploaded_by.clone(),
+        if a.active_deployments == 0 { "-".into() } else { format!("{} deployments", a.active_deployments) },
+        a.id.clone(),
+    ]
+}
+
+fn print_artifact(a: &Artifact) {
+    let prov = a.provenance.clone().unwrap_or_default();
+    let dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let rows: Vec<(&str, String)> = vec![
+        ("id", a.id.clone()),
+        ("artifact", format!("{} {}", a.name, a.version)),
+        ("device types", a.device_types.join(", ")),
+        ("update module", a.payload_type.clone()),
+        ("size", format!("{} ({} bytes)", size(a.size), a.size)),
+        ("signed by", if a.signed_by.is_empty() { "unsigned".into() } else { a.signed_by.join(", ") }),
+        ("uploaded", format!("{} by {}", output::short_time(Some(&a.uploaded_at)), a.uploaded_by)),
+        ("in use by", format!("{} unfinished deployment(s)", a.active_deployments)),
+        ("source", dash(prov.source)),
+        ("commit", dash(prov.commit)),
+        ("build", dash(prov.build_id)),
+    ];
+    print!("{}", output::fields(&rows));
+    println!("\npayloads:");
+    let rows: Vec<Vec<String>> =
+        a.payloads.iter().map(|p| vec![p.name.clone(), p.role.clone(), size(p.size), p.sha256.clone()]).collect();
+    print!("{}", output::table(&["name", "role", "size", "sha256"], &rows));
+    if !a.provides.is_empty() {
+        println!("\nprovides:");
+        let rows: Vec<Vec<String>> = a.provides.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
+        print!("{}", output::table(&["key", "value"], &rows));
+    }
+    if !a.depends.is_empty() {
+        println!("\ndepends on:");
+        let rows: Vec<Vec<String>> = a.depends.iter().map(|(k, v)| vec![k.clone(), v.join(" | ")]).collect();
+        print!("{}", output::table(&["key", "one of"], &rows));
+    }
+}
+
+/// A 404 for an artifact says how to find the right one.
+fn no_artifact(reference: &str) -> impl Fn(CliError) -> CliError + '_ {
+    move |e| match e {
+        CliError::Api { status: 404, .. } => CliError::Usage(format!(
+            "no artifact {reference:?} on the server: `drover artifact list` shows them (id or NAME@VERSION)"
+        )),
+        other => other,
+    }
+}
+
+pub(crate) fn artifact(client: &Client, out: Format, cmd: ArtifactServerCommand) -> Result<ExitCode, CliError> {
+    match cmd {
+        ArtifactServerCommand::List { name, paging } => {
+            let query: Vec<(&str, String)> = name.into_iter().map(|n| ("name", n)).collect();
+            let items: Vec<Artifact> = list(client, "/artifacts", query, &paging)?;
+            print_list(out, &items, ARTIFACT_HEADERS, artifact_row);
+        }
+        ArtifactServerCommand::Show { artifact } => {
+            let a: Artifact =
+                client.get(&format!("/artifacts/{}", segment(&artifact)), &[]).map_err(no_artifact(&artifact))?;
+            match out {
+                Format::Json => print!("{}", output::json(&a)),
+                Format::Table => print_artifact(&a),
+            }
+        }
+        ArtifactServerCommand::Delete { artifact } => {
+            let a: Artifact =
+                client.get(&format!("/artifacts/{}", segment(&artifact)), &[]).map_err(no_artifact(&artifact))?;
+            let _: serde_json::Value = client.delete(&format!("/artifacts/{}", segment(&a.id)))?;
+            match out {
+                Format::Json => print!("{}", output::json(&serde_json::json!({"deleted": a.id}))),
+                Format::Table => println!("deleted artifact {} {} ({})", a.name, a.version, a.id),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn get(client: &Client, id: &str) -> Result<Deployment, CliError> {

@@ -1,6 +1,7 @@
 //! The real `drover` binary against a real droverd (run in-process on a free port, SQLite).
 
 mod artifact;
+mod deploy;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,12 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
+        Server::start_on("127.0.0.1:0")
+    }
+
+    /// A server whose embedded broker listens on `mqtt_listen`, for tests with devices.
+    fn start_on(mqtt_listen: &str) -> Server {
+        let mqtt_listen = mqtt_listen.to_string();
         let dir = std::env::temp_dir().join(format!(
             "drover-cli-it-{}-{}",
             std::process::id(),
@@ -36,7 +43,7 @@ impl Server {
             rt.block_on(async move {
                 let mut config = drover_server::config::Config::defaults(&data);
                 config.http_listen = "127.0.0.1:0".into();
-                config.mqtt_listen = "127.0.0.1:0".into();
+                config.mqtt_listen = mqtt_listen;
                 config.device_listen = "127.0.0.1:0".into();
                 drover_server::app::prepare_data_dir(&data).unwrap();
                 let db = drover_server::app::open_db(&config, Some("cli test admin pw".into())).await.unwrap();
