@@ -397,3 +397,33 @@ fn builder_refuses_bad_input() {
     assert_eq!(whole(&out).unwrap().size, out.len() as u64);
     assert_eq!(bytes(3, 4).len(), 4);
 }
+
+/// The worked example of `docs/artifact-format.md`: an implementation in another language can
+/// check itself against these bytes (Ed25519 signatures are deterministic).
+#[test]
+fn documented_example_is_byte_exact() {
+    // RFC 8410, section 10.3.
+    let pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEINTuctv5E1hK1bbY8fdp+K06/nwoy/HU++CXqI9EdVhC\n-----END PRIVATE KEY-----\n";
+    let key = SigningKey::from_pem(pem).unwrap();
+    let dir = TempDir::new("example");
+    std::fs::write(dir.join("hello.txt"), b"hello\n").unwrap();
+    let mut m = Manifest::new("hello", "1.0.0", vec!["rpi4".into()], "file");
+    m.module_args.insert("dest".into(), "/etc/hello.txt".into());
+    let mut out = Vec::new();
+    Builder::new(m).payload("hello.txt", dir.join("hello.txt"), PayloadRole::Install).build(&mut out, &[&key]).unwrap();
+    let v = whole(&out).unwrap();
+    assert_eq!(key.public().to_string(), "ed25519:Gb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=");
+    assert_eq!(key.key_id(), "e744c0791320c328");
+    assert_eq!(
+        String::from_utf8(v.header.manifest_bytes.clone()).unwrap(),
+        r#"{"v":1,"name":"hello","version":"1.0.0","device_types":["rpi4"],"payload_type":"file","payloads":[{"name":"hello.txt","size":6,"sha256":"5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03","role":"install"}],"module_args":{"dest":"/etc/hello.txt"}}"#
+    );
+    assert_eq!(
+        serde_json::to_string(&v.header.signatures).unwrap(),
+        r#"[{"key_id":"e744c0791320c328","alg":"ed25519","sig":"1MezX+k3wlXu8W8oPmMgfpHWZe3LGT5ApUOA1fi59SCVrze90ERqO97bCuNt6wy286B5PaqINg3riMTSx69ZAQ=="}]"#
+    );
+    assert_eq!(&out[..12], b"DROVERA\x01\x00\x00\x01\x06");
+    assert_eq!((v.header.len, v.size), (422, 428));
+    assert_eq!(v.file_sha256, "edddaa214173af77e89a18fb177f81085b887c2b0b4ada4821b4d42d3848e223");
+    assert_eq!(&out[422..], b"hello\n");
+}

@@ -201,3 +201,31 @@ fn sign_root_adds_or_replaces_a_signature() {
     assert!(matches!(TrustStore::from_initial(&signed(r.clone(), &[&a])), Err(TrustError::Threshold { .. })));
     TrustStore::from_initial(&signed(r, &[&b])).unwrap();
 }
+
+/// The root example of `docs/artifact-format.md`, byte for byte.
+#[test]
+fn documented_root_example_is_byte_exact() {
+    let pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEINTuctv5E1hK1bbY8fdp+K06/nwoy/HU++CXqI9EdVhC\n-----END PRIVATE KEY-----\n";
+    let k = SigningKey::from_pem(pem).unwrap();
+    let mut r = Root::new(1, keys(&[&k], "root-2026"), keys(&[&k], "ci-2026"));
+    r.expires = Some("2030-01-01T00:00:00Z".into());
+    let doc = create_root(r, &[&k]).unwrap();
+    let canonical = r#"{"v":1,"type":"drover-root","version":1,"expires":"2030-01-01T00:00:00Z","root_keys":[{"id":"e744c0791320c328","public":"ed25519:Gb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=","name":"root-2026"}],"root_threshold":1,"release_keys":[{"id":"e744c0791320c328","public":"ed25519:Gb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=","name":"ci-2026"}],"revoked":[]}"#;
+    assert_eq!(String::from_utf8(doc.signed.canonical_bytes()).unwrap(), canonical);
+    let sig = "xS4MLxTrJTBQHoq2i7oeHgXdyHssXrhwUajYJBXMi6VhpL3QLtW/5kNItd7sXgJWKEO+uRyZO3Ow4ooERxy7BQ==";
+    assert_eq!(doc.signatures[0].sig, sig);
+    // As written in the document: formatted by hand, and "revoked" left out.
+    let file = format!(
+        r#"{{
+  "signed": {{
+    "v": 1, "type": "drover-root", "version": 1, "expires": "2030-01-01T00:00:00Z",
+    "root_keys": [{{"id": "e744c0791320c328", "public": "ed25519:Gb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=", "name": "root-2026"}}],
+    "root_threshold": 1,
+    "release_keys": [{{"id": "e744c0791320c328", "public": "ed25519:Gb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=", "name": "ci-2026"}}]
+  }},
+  "signatures": [{{"key_id": "e744c0791320c328", "alg": "ed25519", "sig": "{sig}"}}]
+}}"#
+    );
+    let store = TrustStore::from_initial(file.as_bytes()).unwrap();
+    assert_eq!(store.root(), &doc.signed);
+}
