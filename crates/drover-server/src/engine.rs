@@ -42,6 +42,8 @@ const QUEUE: usize = 8192;
 const BATCH: i64 = 500;
 /// How often progress is written.
 const PROGRESS_FLUSH: Duration = Duration::from_secs(1);
+/// States remembered for telling progress from a state change, at most.
+const MAX_KNOWN: usize = 200_000;
 /// How often each replica looks for current rows nobody sent.
 const SWEEP: Duration = Duration::from_secs(10);
 
@@ -50,9 +52,11 @@ const IS_CURRENT: &str = "NOT EXISTS (SELECT 1 FROM deployment_devices o WHERE o
                           AND o.finished = 0 AND (o.created_at < dd.created_at OR \
                           (o.created_at = dd.created_at AND o.deployment_id < dd.deployment_id)))";
 
-struct Outgoing {
-    topic: String,
-    payload: Vec<u8>,
+/// A command on its way to a device.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -100,9 +104,6 @@ impl Engine {
     /// progress writes, the sweep) until `stop`.
     pub fn start(self: &Arc<Self>, client: rumqttc::v5::AsyncClient, stop: watch::Receiver<bool>) {
         let (tx, mut rx) = mpsc::channel::<Outgoing>(QUEUE);
-        if self.out.set(tx).is_err() {
-            return;
-        }
         let mut s1 = stop.clone();
         tokio::spawn(async move {
             loop {
@@ -116,6 +117,15 @@ impl Engine {
                 }
             }
         });
+        self.start_with(tx, stop);
+    }
+
+    /// As [`Engine::start`], with commands handed to `out` instead of an MQTT client (what
+    /// [`Engine::start`] itself does; tests read the queue).
+    pub fn start_with(self: &Arc<Self>, out: mpsc::Sender<Outgoing>, stop: watch::Receiver<bool>) {
+        if self.out.set(out).is_err() {
+            return;
+        }
         self.batching.store(true, std::sync::atomic::Ordering::Relaxed);
         let me = self.clone();
         let mut s2 = stop.clone();
@@ -163,6 +173,13 @@ impl Engine {
                 false
             }
         }
+    }
+
+    /// As [`Engine::send`], waiting for room in the queue (never on the ingest loop).
+    async fn send_wait(&self, device_id: &str, payload: Vec<u8>) -> bool {
+        let Some(out) = self.out.get() else { return false };
+        let topic = drover_proto::device::topic(device_id, Channel::Update);
+        out.send(Outgoing { topic, payload }).await.is_ok()
     }
 
     /// The install command of a deployment (the same for every device in it), or `None` when
@@ -266,9 +283,14 @@ impl Engine {
                 }
             };
             let n = rows.len();
-            let mut progressed = false;
+            let mut by_deployment: HashMap<String, Vec<String>> = HashMap::new();
             for (dep, device) in rows {
-                if !self.claim(&dep, &device).await? {
+                by_deployment.entry(dep).or_default().push(device);
+            }
+            let mut progressed = false;
+            for (dep, devices) in by_deployment {
+                let claimed = self.claim_many(&dep, &devices).await?;
+                if claimed.is_empty() {
                     continue;
                 }
                 progressed = true;
@@ -277,18 +299,35 @@ impl Engine {
                     payloads.insert(dep.clone(), p);
                 }
                 let Some(p) = payloads.get(&dep).and_then(|p| p.clone()) else { continue };
-                if self.send(&device, p) {
+                for device in claimed {
+                    // Off the ingest loop: waiting for room in the queue is fine here.
+                    if !self.send_wait(&device, p.clone()).await {
+                        self.unclaim(&dep, &device).await;
+                        return Ok(sent);
+                    }
                     sent += 1;
-                } else {
-                    // The queue is full: leave the rest to the next sweep.
-                    self.unclaim(&dep, &device).await;
-                    return Ok(sent);
                 }
             }
             if (n as i64) < BATCH || !progressed {
                 return Ok(sent);
             }
         }
+    }
+
+    /// Claims the unsent rows of these devices in one deployment, in one statement; returns
+    /// the devices this replica won.
+    async fn claim_many(&self, deployment_id: &str, devices: &[String]) -> AppResult<Vec<String>> {
+        let marks: Vec<String> = (3..devices.len() + 3).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "UPDATE deployment_devices SET sent_at = $1 WHERE deployment_id = $2 AND sent_at IS NULL AND finished = 0 \
+             AND device_id IN ({}) RETURNING device_id",
+            marks.join(", ")
+        );
+        let mut q = sqlx::query_as::<_, (String,)>(&sql).bind(now_ms()).bind(deployment_id.to_string());
+        for d in devices {
+            q = q.bind(d.clone());
+        }
+        Ok(q.fetch_all(self.db.pool()).await?.into_iter().map(|(d,)| d).collect())
     }
 
     /// Install for an active deployment, abort for an aborted one.
@@ -405,6 +444,11 @@ impl Engine {
         let outcome = self.write_report(device_id, &r).await?;
         {
             let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            if known.len() > MAX_KNOWN {
+                // Rows that never ended here (another replica took their last report): forget
+                // them all; the next report of each is written at once.
+                known.clear();
+            }
             if outcome == Written::Current && !r.state.is_final() {
                 known.insert(key, r.state);
             } else {

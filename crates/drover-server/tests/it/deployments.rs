@@ -596,3 +596,118 @@ async fn devices_are_updated_over_mqtt_and_a_restart_resumes_the_deployment() {
         tdb.drop_schema().await;
     }
 }
+
+/// Commands each engine queued, as (device id, deployment, action), until `quiet` passes
+/// without one.
+async fn drain(
+    rx: &mut tokio::sync::mpsc::Receiver<drover_server::engine::Outgoing>,
+    quiet: Duration,
+) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(quiet, rx.recv()).await {
+        let device = m.topic.split('/').nth(3).unwrap().to_string();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        out.push((device, v["deployment"].as_str().unwrap().to_string(), v["action"].as_str().unwrap().to_string()));
+    }
+    out
+}
+
+/// Two droverd replicas on one database (design decision 3): a deployment's installs are
+/// sent once each although both sweep at the same time; reports taken by either replica
+/// finish the deployment and send each device its next one, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_share_the_work_and_send_each_command_once() {
+    for tdb in crate::support::TestDb::all().await {
+        let app = TestApp::new(&tdb).await;
+        eprintln!("— on {}", app.label);
+        let db2 = drover_server::db::Db::open(&tdb.url).await.unwrap();
+        let replica2 = drover_server::app::AppState::new(db2.clone(), app.state.config.clone(), app.state.ca.clone());
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let (tx1, mut rx1) = tokio::sync::mpsc::channel(10_000);
+        let (tx2, mut rx2) = tokio::sync::mpsc::channel(10_000);
+        app.state.engine.start_with(tx1, stop.clone());
+        replica2.engine.start_with(tx2, stop.clone());
+
+        let operator = app.token("operator").await;
+        let art1 = uploaded(&app, &operator, "edge-app", "5.0.0", None).await;
+        let art2 = uploaded(&app, &operator, "edge-app", "5.1.0", None).await;
+        let mut ids = Vec::new();
+        for i in 0..30 {
+            let (id, _, _) = accepted_device(&app, &format!("SN-REP-{i}")).await;
+            drover_server::presence::record_status(&app.db, &id, true, 1_000).await.unwrap();
+            ids.push(id);
+        }
+        let r = create(&app, &operator, json!({"artifact": art1, "devices": ids})).await;
+        let d1 = r.body["id"].as_str().unwrap().to_string();
+        // Both replicas sweep while the creating one sends.
+        let (e1, e2) = (app.state.engine.clone(), replica2.engine.clone());
+        let sweeps: Vec<_> = (0..6)
+            .map(|i| {
+                let e = if i % 2 == 0 { e1.clone() } else { e2.clone() };
+                tokio::spawn(async move { e.sweep().await.unwrap() })
+            })
+            .collect();
+        for s in sweeps {
+            s.await.unwrap();
+        }
+        let mut sent = drain(&mut rx1, Duration::from_millis(300)).await;
+        sent.extend(drain(&mut rx2, Duration::from_millis(300)).await);
+        sent.sort();
+        let mut expected: Vec<(String, String, String)> =
+            ids.iter().map(|id| (id.clone(), d1.clone(), "install".to_string())).collect();
+        expected.sort();
+        assert_eq!(sent, expected, "one install per device, from one replica or the other");
+
+        // A second deployment to the same devices waits behind the first.
+        let r = create(&app, &operator, json!({"artifact": art2, "devices": ids})).await;
+        let d2 = r.body["id"].as_str().unwrap().to_string();
+        e1.sweep().await.unwrap();
+        e2.sweep().await.unwrap();
+        assert!(drain(&mut rx1, Duration::from_millis(200)).await.is_empty());
+        assert!(drain(&mut rx2, Duration::from_millis(200)).await.is_empty());
+
+        // Final reports arrive at either replica, two at a time: each device gets its next
+        // deployment once, and the first one ends.
+        let mut tasks = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let e = if i % 2 == 0 { e1.clone() } else { e2.clone() };
+            let (id, d1) = (id.clone(), d1.clone());
+            tasks.push(tokio::spawn(async move { e.on_report(&id, report(&d1, UpdateState::Success)).await.unwrap() }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        e1.sweep().await.unwrap();
+        e2.sweep().await.unwrap();
+        let mut sent = drain(&mut rx1, Duration::from_millis(300)).await;
+        sent.extend(drain(&mut rx2, Duration::from_millis(300)).await);
+        sent.sort();
+        let mut expected: Vec<(String, String, String)> =
+            ids.iter().map(|id| (id.clone(), d2.clone(), "install".to_string())).collect();
+        expected.sort();
+        assert_eq!(sent, expected);
+        let r = app.admin(Method::GET, &format!("/api/v1/deployments/{d1}"), None).await;
+        assert_eq!((r.body["status"].clone(), r.body["counts"].clone()), (json!("succeeded"), json!({"success": 30})));
+
+        // Progress through a running engine is merged and written within a flush.
+        let mut p = report(&d2, UpdateState::Downloading);
+        e1.on_report(&ids[0], p.clone()).await.unwrap();
+        for b in [10u64, 20, 30] {
+            (p.bytes, p.total) = (Some(b), Some(100));
+            e1.on_report(&ids[0], p.clone()).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = app.admin(Method::GET, &format!("/api/v1/deployments/{d2}/devices?state=downloading"), None).await;
+            if r.body["items"][0]["bytes"] == 30 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "progress never written: {}", r.body);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = stop_tx.send(true);
+        db2.close().await;
+        app.db.close().await;
+        tdb.drop_schema().await;
+    }
+}
