@@ -34,7 +34,9 @@ pub struct Header {
     /// The manifest exactly as it is in the file: these bytes are signed.
     pub manifest_bytes: Vec<u8>,
     pub signatures: Vec<Signature>,
-    /// Length of the header: the offset of payload 0 in the file.
+    /// Length of the header: the offset of payload 0 in the file. For a header made or
+    /// changed here ([`Header::new`], [`Header::add_signature`]), the length of
+    /// [`Header::to_bytes`].
     pub len: u64,
 }
 

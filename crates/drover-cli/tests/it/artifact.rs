@@ -514,3 +514,25 @@ fn upload_streams_the_file_with_the_token() {
     ));
     assert!(err.contains("not a Drover artifact"), "{err}");
 }
+
+#[test]
+fn upload_to_a_real_droverd() {
+    let server = super::Server::start();
+    let d = Dir::new("upload-real");
+    let id = keygen(&d, "release.key");
+    let art = build(&d, "edge.drover", Some("release.key"));
+    let env = [("DROVER_URL", server.url.as_str()), ("DROVER_TOKEN", server.admin_token.as_str())];
+    let cfg = d.p("config.json");
+    let v = json(&drover(Path::new(&cfg), &env, &["-o", "json", "artifact", "upload", &art], None));
+    let data = std::fs::read(&art).unwrap();
+    assert_eq!(v["id"], drover_artifact::sha256_hex(&data));
+    assert_eq!(v["size"], data.len() as u64);
+    assert_eq!(v["signed_by"], serde_json::json!([id]));
+    let table = ok(&drover(Path::new(&cfg), &env, &["artifact", "upload", &art], None));
+    assert!(table.contains("edge-app 1.4.2"), "{table}");
+
+    // The server refuses an unsigned artifact, and the CLI says why.
+    let unsigned = build(&d, "unsigned.drover", None);
+    let err = fails(&drover(Path::new(&cfg), &env, &["artifact", "upload", &unsigned], None));
+    assert!(err.contains("not signed"), "{err}");
+}
