@@ -56,6 +56,10 @@ struct DevicesUi {
     filter: Option<String>,
     q: Option<String>,
     sort: Option<String>,
+    /// Devices running an artifact (id, NAME or NAME@VERSION) or a build of a commit: links
+    /// from an artifact's page land here.
+    artifact: Option<String>,
+    commit: Option<String>,
     cursor: Option<String>,
     notice: Option<String>,
     error: Option<String>,
@@ -75,6 +79,8 @@ impl DevicesUi {
             ("filter", &self.filter),
             ("q", &self.q),
             ("sort", &self.sort),
+            ("artifact", &self.artifact),
+            ("commit", &self.commit),
         ] {
             if let Some(v) = some(v) {
                 parts.push(format!("{k}={}", urlencode(v)));
@@ -104,8 +110,8 @@ impl DevicesUi {
             filter: some(&self.filter).map(str::to_string),
             q: some(&self.q).map(str::to_string),
             online,
-            artifact: None,
-            commit: None,
+            artifact: some(&self.artifact).map(str::to_string),
+            commit: some(&self.commit).map(str::to_string),
         })
     }
 }
