@@ -2,7 +2,8 @@
 # Drover's whole test suite, exactly as CI runs it.
 #
 # On a fresh Debian machine it first installs what the tests need: Chromium and chromedriver
-# (Debian packages) for the browser tests, and the OpenAPI validator (Python package). Then it
+# (Debian packages) for the browser tests, the OpenAPI validator and moto's S3-compatible
+# server (Python packages). Then it
 # checks formatting and lints, and runs every test on SQLite and on PostgreSQL.
 #
 # PostgreSQL: DROVER_TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test);
@@ -23,6 +24,10 @@ fi
 if ! python3 -c 'import openapi_spec_validator' 2>/dev/null; then
   echo "test.sh: installing openapi-spec-validator"
   python3 -m pip install --quiet --disable-pip-version-check 'openapi-spec-validator==0.9.0'
+fi
+if ! python3 -c 'import moto.server' 2>/dev/null; then
+  echo "test.sh: installing moto (a local S3-compatible server for the artifact store tests)"
+  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]==5.2.1'
 fi
 
 export DROVER_TEST_DATABASE_URL="${DROVER_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
