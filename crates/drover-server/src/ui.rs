@@ -23,6 +23,7 @@ use crate::ops;
 
 mod fleet;
 mod groups;
+mod updates;
 
 const HTMX: &str = include_str!("../assets/vendor/htmx-2.0.4.min.js");
 const HTMX_LICENSE: &str = include_str!("../assets/vendor/htmx-2.0.4.LICENSE");
@@ -59,6 +60,14 @@ impl Templates {
             ("groups.html", include_str!("../templates/groups.html")),
             ("group.html", include_str!("../templates/group.html")),
             ("group_preview.html", include_str!("../templates/group_preview.html")),
+            ("updates_macros.html", include_str!("../templates/updates_macros.html")),
+            ("artifacts.html", include_str!("../templates/artifacts.html")),
+            ("artifact.html", include_str!("../templates/artifact.html")),
+            ("deployments.html", include_str!("../templates/deployments.html")),
+            ("deployment_new.html", include_str!("../templates/deployment_new.html")),
+            ("deployment.html", include_str!("../templates/deployment.html")),
+            ("deployment_live.html", include_str!("../templates/deployment_live.html")),
+            ("deployment_log.html", include_str!("../templates/deployment_log.html")),
         ] {
             env.add_template(name, src).expect("templates compile");
         }
@@ -85,6 +94,7 @@ pub fn routes() -> Router<AppState> {
         .route("/audit", get(audit))
         .merge(fleet::routes())
         .merge(groups::routes())
+        .merge(updates::routes())
         .route("/assets/drover.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], CSS) }))
         .route(
             "/assets/vendor/htmx-2.0.4.min.js",

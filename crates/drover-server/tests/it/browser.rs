@@ -255,3 +255,142 @@ fn sign_in_and_use_the_ui_in_headless_chromium() {
     b.click("header form button");
     b.wait_title("Sign in");
 }
+
+/// An API session signed in as `user`, for setting up what a test needs besides the page.
+struct ApiSession {
+    base: String,
+    cookie: String,
+    csrf: String,
+}
+
+impl ApiSession {
+    fn sign_in(base: &str, username: &str, password: &str) -> ApiSession {
+        let mut resp = agent()
+            .post(&format!("{base}/api/v1/auth/login"))
+            .send_json(json!({"username": username, "password": password}))
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let cookie = resp.headers().get("set-cookie").unwrap().to_str().unwrap().split(';').next().unwrap().to_string();
+        let v: Value = resp.body_mut().read_json().unwrap();
+        ApiSession { base: base.to_string(), cookie, csrf: v["csrf_token"].as_str().unwrap().to_string() }
+    }
+
+    fn post(&self, path: &str, body: Value) -> Value {
+        let mut resp = agent()
+            .post(&format!("{}/api/v1{path}", self.base))
+            .header("Cookie", &self.cookie)
+            .header("X-CSRF-Token", &self.csrf)
+            .send_json(body)
+            .unwrap();
+        let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
+        assert!(resp.status().is_success(), "POST {path}: {v}");
+        v
+    }
+}
+
+#[test]
+fn upload_an_artifact_deploy_it_to_a_group_and_abort_in_headless_chromium() {
+    let dir = TempDir::new("browser-updates");
+    let password = "browser admin password";
+    let server = Server::start(&dir.path().join("data"), None, &[("DROVER_ADMIN_PASSWORD", password)]);
+    let api = ApiSession::sign_in(&server.base, "admin", password);
+
+    // A signed artifact on disk, as a release pipeline leaves it.
+    let payload = dir.path().join("app.bin");
+    std::fs::write(&payload, vec![42u8; 200_000]).unwrap();
+    let mut m = drover_artifact::Manifest::new("edge-app", "1.2.3", vec!["test-board".into()], "file");
+    m.provenance = Some(drover_artifact::Provenance {
+        source: Some("https://git.example/edge-app".into()),
+        commit: Some("c0ffee0123456789c0ffee0123456789c0ffee01".into()),
+        build_id: Some("build-42".into()),
+        sbom: None,
+    });
+    let key = drover_artifact::SigningKey::generate().unwrap();
+    let file = dir.path().join("edge-app-1.2.3.drover");
+    drover_artifact::Builder::new(m)
+        .payload("app.bin", &payload, drover_artifact::PayloadRole::Install)
+        .build(std::fs::File::create(&file).unwrap(), &[&key])
+        .unwrap();
+
+    // Two accepted devices in a static group.
+    let mut devices = Vec::new();
+    for serial in ["SN-UPD-1", "SN-UPD-2"] {
+        api.post("/devices/preauthorize", json!({"identities": [{"serial": serial}]}));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
+        let mut resp = agent()
+            .post(&format!("{}/api/v1/enroll", server.base))
+            .send_json(json!({"csr_pem": csr, "identity": {"serial": serial}}))
+            .unwrap();
+        let v: Value = resp.body_mut().read_json().unwrap();
+        assert_eq!(v["status"], "accepted", "{v}");
+        devices.push(v["device_id"].as_str().unwrap().to_string());
+    }
+    let group = api.post("/groups", json!({"name": "lab", "kind": "static"}));
+    api.post(&format!("/groups/{}/devices", group["id"].as_str().unwrap()), json!({"devices": devices}));
+
+    let b = Browser::start();
+    b.goto(&format!("{}/artifacts", server.base));
+    b.wait_title("Sign in");
+    b.type_into("input[name=username]", "admin");
+    b.type_into("input[name=password]", password);
+    b.click("button[type=submit]");
+    b.wait_title("Artifacts");
+
+    // Upload through the page: the file input, then the page's script streams it to the API.
+    b.with_element("#upload-artifact input[type=file]", |el| {
+        b.try_cmd("POST", &format!("/element/{el}/value"), Some(json!({"text": file.display().to_string()})))
+    });
+    // The button works once the page's script has run (it stays disabled without JavaScript).
+    eventually(Duration::from_secs(10), "the upload button to be enabled", || {
+        let v = b.with_element("#upload-artifact button[type=submit]", |el| {
+            b.try_cmd("GET", &format!("/element/{el}/enabled"), None)
+        });
+        (v == json!(true)).then_some(())
+    });
+    b.click("#upload-artifact button[type=submit]");
+    b.wait_title("Artifact edge-app 1.2.3");
+    assert!(b.text("main .notice").contains("Artifact edge-app 1.2.3 uploaded."));
+    assert!(b.text("#provenance").contains("c0ffee0123456789c0ffee0123456789c0ffee01"));
+    assert!(b.text("#payloads").contains("app.bin") && b.text("#payloads").contains("195.3 KiB"));
+    assert!(b.text("#signatures").contains(&key.key_id()));
+    b.screenshot("artifact");
+
+    // A deployment to the group, from the artifact's page.
+    b.click("#deploy-artifact");
+    b.wait_title("New deployment");
+    b.type_into("#create-deployment input[name=name]", "lab rollout");
+    b.click("#create-deployment input[name=target][value=group]");
+    b.click("#create-deployment select[name=group] option[value=lab]");
+    b.screenshot("deployment-new");
+    b.click("#create-deployment button[type=submit]");
+    b.wait_title("Deployment lab rollout");
+    assert!(b.text("main .notice").contains("created for 2 devices"));
+    assert!(b.text("#progress-text").contains("0 of 2 devices finished"));
+    b.find("#deployment-progress");
+    let rows = b.text("#deployment-devices");
+    for d in &devices {
+        assert!(rows.contains(d.as_str()), "{rows}");
+    }
+    assert!(rows.contains("pending"));
+    b.screenshot("deployment");
+
+    // Abort, after the confirmation.
+    b.click("#abort-deployment");
+    eventually(Duration::from_secs(10), "the confirmation to accept", || b.try_cmd("POST", "/alert/accept", None).ok());
+    eventually(Duration::from_secs(10), "the deployment aborted", || {
+        b.page_source().contains("status-aborted").then_some(())
+    });
+    assert!(b.text("main .notice").contains("Deployment lab rollout aborted."));
+    assert!(
+        b.text("#progress-text").contains("2 of 2 devices finished") && b.text("#progress-text").contains("2 aborted")
+    );
+    assert!(b.text("#deployment-devices").contains("aborted by an operator"));
+    assert!(!b.page_source().contains("abort-deployment"), "nothing left to abort");
+    b.screenshot("deployment-aborted");
+
+    b.click("a[href='/deployments']");
+    b.wait_title("Deployments");
+    assert!(b.text("#deployments-table").contains("lab rollout") && b.text("#deployments-table").contains("aborted"));
+    b.screenshot("deployments");
+}

@@ -14,3 +14,4 @@ mod fleet;
 mod groups;
 mod support;
 mod ui;
+mod ui_updates;
