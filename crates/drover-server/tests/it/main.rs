@@ -15,3 +15,4 @@ mod groups;
 mod support;
 mod ui;
 mod ui_updates;
+mod update_agents;
