@@ -104,8 +104,8 @@ pub struct CreateDeployment {
 ///
 /// - `active`: some devices have not reached a final state.
 /// - `succeeded`: every device ended in `success` or `already-installed`.
-/// - `failed`: finished, and at least one device ended in `failure`, `rolled-back` or
-///   `incompatible`.
+/// - `failed`: finished, and at least one device ended otherwise (`failure`, `rolled-back`,
+///   `incompatible`, or `aborted` because it was decommissioned mid-way).
 /// - `aborted`: an operator aborted it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]

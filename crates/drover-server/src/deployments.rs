@@ -418,9 +418,11 @@ pub async fn abort(db: &Db, engine: &Arc<Engine>, p: &Principal, id: &str) -> Ap
 /// device failed, rolled back or was incompatible), or kept `aborted`; sets `finished_at`.
 /// The caller holds the deployment's row (or SQLite's writer lock).
 pub(crate) async fn finish_if_done(conn: &mut sqlx::AnyConnection, id: &str, now: i64) -> Result<bool, sqlx::Error> {
+    // `succeeded` only when every device runs the artifact: a failure, a rollback, an
+    // incompatible device or one that ended `aborted` (decommissioned mid-way) fails it.
     let (unfinished, failed): (i64, i64) = sqlx::query_as(
         "SELECT COUNT(CASE WHEN finished = 0 THEN 1 END), \
-         COUNT(CASE WHEN state IN ('failure', 'rolled-back', 'incompatible') THEN 1 END) \
+         COUNT(CASE WHEN state NOT IN ('success', 'already-installed') THEN 1 END) \
          FROM deployment_devices WHERE deployment_id = $1",
     )
     .bind(id.to_string())

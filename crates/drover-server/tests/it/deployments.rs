@@ -284,13 +284,14 @@ async fn reports_keep_final_states_final_and_set_what_devices_run() {
         assert_eq!(list(filter("artifact.name != edge-app")).await, vec![c.clone()]);
         assert_eq!(list(filter(&format!("artifact.id = {art}"))).await, vec![a.clone()]);
 
-        // A decommissioned device ends its unfinished rows (aborted), so deployments finish.
+        // A decommissioned device ends its unfinished rows (aborted), so deployments finish —
+        // as failed: not every device got the artifact.
         let r = create(&app, &operator, json!({"artifact": art, "devices": [c]})).await;
         let dep2 = r.body["id"].as_str().unwrap().to_string();
         let r = app.admin(Method::POST, &format!("/api/v1/devices/{c}/decommission"), None).await;
         assert_eq!(r.status, StatusCode::OK);
         let r = app.admin(Method::GET, &format!("/api/v1/deployments/{dep2}"), None).await;
-        assert_eq!((r.body["status"].clone(), r.body["counts"].clone()), (json!("succeeded"), json!({"aborted": 1})));
+        assert_eq!((r.body["status"].clone(), r.body["counts"].clone()), (json!("failed"), json!({"aborted": 1})));
     });
 }
 
