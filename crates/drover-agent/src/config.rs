@@ -209,6 +209,9 @@ pub struct UpdateConfig {
     pub hook_retry_max: u32,
     /// How long one call of an update module may take.
     pub module_timeout: Duration,
+    /// Not in the TOML: the `file` module's paths are taken under this folder (the simulator
+    /// gives each simulated device one, so one artifact serves a whole simulated fleet).
+    pub file_root: Option<PathBuf>,
 }
 
 impl UpdateConfig {
@@ -234,6 +237,7 @@ impl UpdateConfig {
             hook_retry_interval: Duration::from_secs(60),
             hook_retry_max: 30,
             module_timeout: Duration::from_secs(3600),
+            file_root: None,
         }
     }
 }
@@ -479,6 +483,7 @@ fn check_update(raw: RawUpdate) -> Result<Option<UpdateConfig>, ConfigError> {
         )?,
         hook_retry_max,
         module_timeout: secs_in("module_timeout_secs", raw.module_timeout_secs, d.module_timeout, 1, 7 * 86_400)?,
+        file_root: None,
         device_type: d.device_type,
     }))
 }

@@ -6,6 +6,12 @@
 //! and certificates across runs (`--state-dir`), and [`run`] enrolls (a bounded number at a
 //! time), paces new connections (`--connect-rate`), churns a fraction of the fleet
 //! (`--churn`), and reports.
+//!
+//! With `--device-type` each device also runs the agent's update engine
+//! ([`drover_agent::update::Engine`]): real downloads over HTTPS with its certificate, real
+//! verification against `--root-file`, real `file` / `app` installs into its own folder under
+//! `--update-dir`. An engine is a task, not a thread: only the downloads and installs running
+//! at a moment take a thread from tokio's blocking pool, at most `--update-slots` of them.
 
 pub mod inventory;
 pub mod state;
@@ -19,9 +25,12 @@ use std::time::Duration;
 
 use clap::Parser;
 use drover_agent::backoff::BackoffPolicy;
+use drover_agent::config::UpdateConfig;
 use drover_agent::enroll::{EnrollClient, EnrollError, Outcome, enroll};
 use drover_agent::session::{Session, SessionConfig, SessionStats, StaticSource};
 use drover_agent::tls::{DeviceKey, mqtt_client_config};
+use drover_agent::update::download::Downloader;
+use drover_agent::update::{Engine, UpdateLink};
 use drover_proto::api::EnrollRequest;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
@@ -89,6 +98,22 @@ pub struct Args {
     /// Longest wait between reconnect attempts, seconds (the agent's default: 300).
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub max_backoff: u64,
+    /// Take software updates as this device type, with the agent's own update engine
+    /// (download, verification, `file` / `app` modules into each device's folder).
+    #[arg(long, requires = "root_file")]
+    pub device_type: Option<String>,
+    /// The trust root (`root.json`) the simulated devices are provisioned with.
+    #[arg(long)]
+    pub root_file: Option<PathBuf>,
+    /// Each device's update state and installed files: `DIR/{name}/` (`state/`, `files/` for
+    /// the `file` module — its paths are taken under this folder — and `apps/`). Default:
+    /// `STATE_DIR/updates`, or a folder under the system's temporary directory.
+    #[arg(long)]
+    pub update_dir: Option<PathBuf>,
+    /// Downloads and installs running at once across the fleet (each takes a thread while it
+    /// runs; idle devices take none).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=512))]
+    pub update_slots: u32,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -165,6 +190,8 @@ struct Ctx {
     enroll_slots: Semaphore,
     pacer: Pacer,
     fleet: Fleet,
+    /// `--device-type`: where each device's update folders go, and the shared work slots.
+    updates: Option<(PathBuf, Arc<Semaphore>)>,
 }
 
 /// Spaces new connections `period` apart across the fleet.
@@ -336,6 +363,8 @@ fn explain_enroll_error(ctx: &Ctx, e: &EnrollError) -> String {
 struct Ready {
     device_id: String,
     tls: Arc<rustls::ClientConfig>,
+    cert_pem: String,
+    key: DeviceKey,
 }
 
 fn identity(ctx: &Ctx, index: u64) -> BTreeMap<String, String> {
@@ -365,7 +394,7 @@ async fn prepare(ctx: &Ctx, index: u64, name: &str) -> Result<Ready, String> {
         let tls =
             mqtt_client_config(&[ca], cert.as_bytes(), &key).map_err(|e| format!("state directory: {name}: {e}"))?;
         ctx.fleet.reused.fetch_add(1, Ordering::Relaxed);
-        return Ok(Ready { device_id, tls });
+        return Ok(Ready { device_id, tls, cert_pem: cert, key });
     }
     let token = ctx.args.token.as_deref().ok_or("not enrolled yet, and no --token given to enroll it")?;
     let enrolled = {
@@ -381,7 +410,30 @@ async fn prepare(ctx: &Ctx, index: u64, name: &str) -> Result<Ready, String> {
         mqtt_client_config(&[ca, (enrolled.ca_pem.as_bytes(), "ca_pem")], enrolled.certificate_pem.as_bytes(), &key)
             .map_err(|e| e.to_string())?;
     ctx.fleet.enrolled.fetch_add(1, Ordering::Relaxed);
-    Ok(Ready { device_id: enrolled.device_id, tls })
+    Ok(Ready { device_id: enrolled.device_id, tls, cert_pem: enrolled.certificate_pem, key })
+}
+
+/// The agent's update engine for one simulated device, in `DIR/{name}/`: the same engine,
+/// modules and downloads as the agent; reboots are simulated.
+fn update_engine(ctx: &Ctx, name: &str, ready: &Ready) -> Result<Option<UpdateLink>, String> {
+    let (Some((dir, slots)), Some(device_type)) = (&ctx.updates, &ctx.args.device_type) else {
+        return Ok(None);
+    };
+    let dev = dir.join(name);
+    let mut cfg = UpdateConfig::new(device_type.clone());
+    cfg.root_file = ctx.args.root_file.clone().unwrap_or_default();
+    cfg.hooks_dir = dev.join("hooks");
+    cfg.modules_dir = dev.join("modules");
+    cfg.file_allow = vec![dev.join("files")];
+    cfg.file_root = Some(dev.join("files"));
+    cfg.apps_dir = dev.join("apps");
+    cfg.reboot_command = "true".into();
+    cfg.download_backoff = Duration::from_secs(2);
+    cfg.download_backoff_max = Duration::from_secs(60);
+    std::fs::create_dir_all(dev.join("files")).map_err(|e| format!("{}: {e}", dev.display()))?;
+    let dl = Downloader::new(&ctx.args.server, &[&ctx.ca_pem], ready.cert_pem.as_bytes(), &ready.key)?;
+    let engine = Engine::new(cfg, &dev.join("state"), Some(dl)).simulated_reboot().with_slots(slots.clone());
+    Ok(Some(drover_agent::update::spawn(engine)))
 }
 
 /// One simulated device: enroll (or load), then sessions until the simulator stops. A churned
@@ -398,6 +450,10 @@ async fn device(ctx: Arc<Ctx>, index: u64, mut stop: watch::Receiver<bool>) {
         Ok(r) => r,
         Err(e) => return ctx.fleet.enroll_failed(&name, &e),
     };
+    let updates = match update_engine(&ctx, &name, &ready) {
+        Ok(u) => u,
+        Err(e) => return ctx.fleet.enroll_failed(&name, &format!("updates: {e}")),
+    };
     let attrs = inventory::attributes(&ctx.args.prefix, &ctx.run_id, index);
     let boot_id = format!("{:016x}", rand::random::<u64>());
     loop {
@@ -412,6 +468,7 @@ async fn device(ctx: Arc<Ctx>, index: u64, mut stop: watch::Receiver<bool>) {
         cfg.boot_id = Some(boot_id.clone());
         cfg.uptime_base_secs = Some(inventory::uptime_base(index));
         cfg.backoff = BackoffPolicy { cap: Duration::from_secs(ctx.args.max_backoff), ..BackoffPolicy::default() };
+        cfg.updates = updates.clone();
         let session = match Session::new(cfg, StaticSource(attrs.clone())) {
             Ok(s) => s,
             Err(e) => return ctx.fleet.enroll_failed(&name, &format!("session: {e}")),
@@ -532,8 +589,25 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
     let (store, run_id) = Store::open(args.state_dir.as_deref()).map_err(|e| {
         format!("state directory {}: {e}", args.state_dir.as_deref().unwrap_or(std::path::Path::new("")).display())
     })?;
+    let updates = match &args.device_type {
+        None => None,
+        Some(_) => {
+            let root = args.root_file.as_deref().unwrap_or(std::path::Path::new(""));
+            let text = std::fs::read(root).map_err(|e| format!("cannot read --root-file {}: {e}", root.display()))?;
+            drover_agent::update::trust::check_root(&text)
+                .map_err(|e| format!("--root-file {}: {e}", root.display()))?;
+            let dir = match (&args.update_dir, &args.state_dir) {
+                (Some(d), _) => d.clone(),
+                (None, Some(s)) => s.join("updates"),
+                (None, None) => std::env::temp_dir().join(format!("drover-sim-{run_id}")),
+            };
+            std::fs::create_dir_all(&dir).map_err(|e| format!("--update-dir {}: {e}", dir.display()))?;
+            Some((dir, Arc::new(Semaphore::new(args.update_slots as usize))))
+        }
+    };
     let n = args.devices;
     let ctx = Arc::new(Ctx {
+        updates,
         host,
         port,
         ca_pem,

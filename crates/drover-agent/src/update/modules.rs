@@ -295,12 +295,24 @@ impl FileModule {
         if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
             return Err(err(format!("module_args path {raw:?} must be an absolute path without . or ..")));
         }
+        let rooted;
+        let path = match &cx.cfg.file_root {
+            Some(root) => {
+                rooted = root.join(path.strip_prefix("/").unwrap_or(path));
+                rooted.as_path()
+            }
+            None => path,
+        };
         let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
             return Err(err(format!("module_args path {raw:?} names no file")));
         };
         let name_s = name.to_string_lossy();
         if name_s.ends_with(PREV_SUFFIX) || name_s.ends_with(".drover-new") {
             return Err(err(format!("module_args path {raw:?}: that name is the file module's own")));
+        }
+        if cx.cfg.file_root.is_some() {
+            // A simulated device starts empty: its folders come with the first file.
+            let _ = std::fs::create_dir_all(parent);
         }
         let real_parent =
             std::fs::canonicalize(parent).map_err(|e| err(format!("the folder of {raw:?} is not usable: {e}")))?;
@@ -985,6 +997,24 @@ mod tests {
         });
         assert_eq!(names(&fx.dir.join("secret")), Vec::<String>::new());
         assert_eq!(names(&fx.dir.join("etc")), ["link"]);
+    }
+
+    /// The simulator's `file_root`: the artifact's absolute path lands under the device's folder.
+    #[test]
+    fn file_root_puts_paths_under_a_folder() {
+        let mut fx = Fx::new("file-root");
+        let root = fx.dir.join("device-7");
+        fx.cfg.file_root = Some(root.clone());
+        fx.cfg.file_allow = vec![root.clone()];
+        let m = FileModule;
+        fx.with("file", "1", &[("path", "/etc/app/app.conf")], &[("app.conf", b"sim")], |cx| {
+            m.download(cx).unwrap();
+            m.install(cx).unwrap();
+        });
+        assert_eq!(read(&root.join("etc/app/app.conf")), "sim");
+        fx.with("file", "2", &[("path", "/etc/../../escape")], &[("x", b"x")], |cx| {
+            assert!(m.download(cx).is_err());
+        });
     }
 
     fn app_tar(version: &str) -> Vec<u8> {

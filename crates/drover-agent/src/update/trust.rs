@@ -16,6 +16,11 @@ fn read_root(path: &Path) -> Result<Option<TrustStore>, String> {
     }
 }
 
+/// Checks that `root_json` can be a device's first root (signed by its own root keys).
+pub fn check_root(root_json: &[u8]) -> Result<(), String> {
+    TrustStore::from_initial(root_json).map(drop).map_err(|e| e.to_string())
+}
+
 /// The trust store to verify with: the newer of the kept and the provisioned root, then the
 /// server's `roots` applied in order (each must be signed by the root before it). A root that
 /// advanced is kept.

@@ -355,3 +355,87 @@ fn a_wrong_token_server_or_ca_is_one_clear_error() {
     // None of this enrolled anything, and the token is unused.
     assert!(devices(&server, &admin).is_empty());
 }
+
+fn post_bytes(d: &Droverd, path: &str, admin: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+    let mut resp = agent()
+        .post(&format!("{}{path}", d.base))
+        .header("Authorization", &format!("Bearer {admin}"))
+        .header("Content-Type", content_type)
+        .send(body)
+        .unwrap();
+    (resp.status().as_u16(), resp.body_mut().read_json().unwrap_or(Value::Null))
+}
+
+/// Simulated devices run the agent's update engine: a `file` and then an `app` deployment to
+/// a simulated fleet end `succeeded`, each device's folder holds what it installed, and the
+/// server knows what each device runs.
+#[test]
+fn a_simulated_fleet_takes_file_and_app_updates() {
+    use drover_artifact::keys::SigningKey;
+    use drover_artifact::manifest::{Manifest, PayloadRole};
+    use drover_artifact::root::{Root, RootKey, create_root};
+    use drover_artifact::write::Builder;
+
+    let dir = TempDir::new("updates");
+    let server = Droverd::start(&dir.path().join("data"));
+    let admin = server.admin_token();
+    let ca = dir.path().join("ca.pem");
+    server.ca_file(&ca);
+    let token = server.enrollment_token(&admin, 100);
+    let (root_key, release) = (SigningKey::generate().unwrap(), SigningKey::generate().unwrap());
+    let root = Root::new(1, vec![RootKey::new(root_key.public(), "root")], vec![RootKey::new(release.public(), "ci")]);
+    let root_file = dir.path().join("root.json");
+    std::fs::write(&root_file, create_root(root, &[&root_key]).unwrap().to_json()).unwrap();
+    let state = dir.path().join("state");
+    let n = 8;
+    let mut cmd = server.sim(&ca, &["--token", &token, "-n", &n.to_string(), "--report", "0"]);
+    cmd.arg("--state-dir").arg(&state).args(["--device-type", "sim-box", "--root-file"]).arg(&root_file);
+    let (mut sim, lines) = spawn_lines(cmd);
+    wait_line(&lines, Duration::from_secs(90), |l| l.starts_with(&format!("all {n} devices connected")));
+    let ids: Vec<String> = devices(&server, &admin).iter().map(|d| d["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), n);
+
+    let build = |m: Manifest, name: &str, data: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, data).unwrap();
+        let mut out = Vec::new();
+        Builder::new(m).payload(name, p, PayloadRole::Install).build(&mut out, &[&release]).unwrap();
+        out
+    };
+    let mut conf = Manifest::new("sim-conf", "1", vec!["sim-box".into()], "file");
+    conf.module_args.insert("path".into(), "/etc/sim/app.conf".into());
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::write(tree.join("bin/run"), "edge 3\n").unwrap();
+    let mut tar = Vec::new();
+    drover_artifact::tree::pack_dir(&tree, &mut tar).unwrap();
+    let mut app = Manifest::new("edge", "3", vec!["sim-box".into()], "app");
+    app.module_args.insert("name".into(), "edge".into());
+    for (artifact, check) in [
+        (build(conf, "app.conf", b"configured\n"), "files/etc/sim/app.conf"),
+        (build(app, "app.tar", &tar), "apps/edge/current/bin/run"),
+    ] {
+        let (status, a) = post_bytes(&server, "/api/v1/artifacts", &admin, "application/octet-stream", &artifact);
+        assert_eq!(status, 201, "{a}");
+        let id = a["id"].as_str().unwrap().to_string();
+        let body = serde_json::to_vec(&json!({"artifact": id, "devices": ids})).unwrap();
+        let (status, dep) = post_bytes(&server, "/api/v1/deployments", &admin, "application/json", &body);
+        assert_eq!(status, 201, "{dep}");
+        let dep_id = dep["id"].as_str().unwrap();
+        let done = eventually(Duration::from_secs(90), "the deployment to finish", || {
+            let d = server.get(&format!("/api/v1/deployments/{dep_id}"), &admin);
+            (d["status"] != "active").then_some(d)
+        });
+        assert_eq!(done["status"], "succeeded", "{done}");
+        for i in 0..n {
+            let path = state.join("updates").join(format!("sim-{i:05}")).join(check);
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(text == "configured\n" || text == "edge 3\n", "{text}");
+        }
+        for d in devices(&server, &admin) {
+            assert_eq!(d["software"]["artifact"], id, "{d}");
+        }
+    }
+    sigterm(&sim);
+    assert!(wait_exit(&mut sim, Duration::from_secs(30)).success());
+}
