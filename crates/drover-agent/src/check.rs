@@ -110,7 +110,30 @@ pub fn run_checks(config_path: &Path) -> Vec<CheckLine> {
     });
     out.push(check_server(&cfg));
     out.push(check_broker(&cfg, &store, provisioned.as_ref()));
+    if let Some(u) = &cfg.update {
+        out.push(check_update(&cfg, u));
+    }
     out
+}
+
+/// Only with `[update]`: the trust root in force, and the update in flight.
+fn check_update(cfg: &Config, u: &config::UpdateConfig) -> CheckLine {
+    let dir = crate::update::persist::UpdateDir::new(&cfg.data_dir);
+    let root = match crate::update::trust::current(&dir, &u.root_file) {
+        Ok((store, _)) => {
+            let keys = store.root().release_keys.len();
+            format!("trust root v{} ({keys} release key{})", store.version(), if keys == 1 { "" } else { "s" })
+        }
+        Err(e) => return line("update", Level::Fail, e),
+    };
+    let flight = match dir.load() {
+        Ok(p) => match p.job {
+            Some(j) => format!("deployment {} at step {}", j.deployment, j.step.as_str()),
+            None => "no update in flight".to_string(),
+        },
+        Err(e) => return line("update", Level::Fail, format!("update state: {e}")),
+    };
+    line("update", Level::Ok, format!("device type {}, {root}, {flight}", u.device_type))
 }
 
 fn check_clock(cfg: &Config, store: &Store) -> CheckLine {

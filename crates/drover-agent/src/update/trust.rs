@@ -21,10 +21,9 @@ pub fn check_root(root_json: &[u8]) -> Result<(), String> {
     TrustStore::from_initial(root_json).map(drop).map_err(|e| e.to_string())
 }
 
-/// The trust store to verify with: the newer of the kept and the provisioned root, then the
-/// server's `roots` applied in order (each must be signed by the root before it). A root that
-/// advanced is kept.
-pub fn load(dir: &UpdateDir, root_file: &Path, roots: &[String]) -> Result<TrustStore, String> {
+/// The root in force, without the server's: the newer of the kept and the provisioned one;
+/// also the kept one's version.
+pub fn current(dir: &UpdateDir, root_file: &Path) -> Result<(TrustStore, Option<u64>), String> {
     let kept = read_root(&dir.root_path())?;
     let provisioned = match read_root(root_file) {
         Ok(r) => r,
@@ -36,7 +35,7 @@ pub fn load(dir: &UpdateDir, root_file: &Path, roots: &[String]) -> Result<Trust
         Err(e) => return Err(e),
     };
     let kept_version = kept.as_ref().map(TrustStore::version);
-    let mut store = match (kept, provisioned) {
+    let store = match (kept, provisioned) {
         (Some(k), Some(p)) => {
             if p.version() > k.version() {
                 p
@@ -53,6 +52,14 @@ pub fn load(dir: &UpdateDir, root_file: &Path, roots: &[String]) -> Result<Trust
             ));
         }
     };
+    Ok((store, kept_version))
+}
+
+/// The trust store to verify with: the newer of the kept and the provisioned root, then the
+/// server's `roots` applied in order (each must be signed by the root before it). A root that
+/// advanced is kept.
+pub fn load(dir: &UpdateDir, root_file: &Path, roots: &[String]) -> Result<TrustStore, String> {
+    let (mut store, kept_version) = current(dir, root_file)?;
     for (i, r) in roots.iter().enumerate() {
         store.apply(r.as_bytes()).map_err(|e| format!("the server's trust root #{} was refused: {e}", i + 1))?;
     }

@@ -669,3 +669,22 @@ async fn kill_9_in_every_state_leaves_old_or_new() {
     }
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n\n"));
 }
+
+/// `check` with `[update]`: one more line, with the trust root and the update in flight.
+/// Bad input: no trust root at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_the_update_setup() {
+    let rig = Rig::new("check").await;
+    let dev = rig.device("dev-check-update", "");
+    let check = |cfg: &Path| {
+        let out = Command::new(BIN).args(["check", "--config"]).arg(cfg).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines().find(|l| l[5..].starts_with("update ")).map(str::to_string).unwrap_or_else(|| panic!("{text}"))
+    };
+    let l = check(&dev.cfg);
+    assert_eq!(l, "ok   update       device type test-box, trust root v1 (1 release key), no update in flight");
+    let cfg = read(&dev.cfg).replace(&rig.dir.join("root.json").display().to_string(), "/nonexistent/root.json");
+    write(&dev.cfg, &cfg);
+    let l = check(&dev.cfg);
+    assert!(l.starts_with("FAIL update       this device has no trust root: /nonexistent/root.json"), "{l}");
+}
