@@ -352,8 +352,10 @@ impl Engine {
         r
     }
 
-    /// Runs `f` on the blocking pool (within a slot, if slots are set).
-    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+    /// Runs `f` on the blocking pool (within a slot, if slots are set). One closure type for
+    /// every step: each distinct type would add a copy of tokio's task code to the agent.
+    async fn blocking(&self, f: impl FnOnce() -> StepResult + Send + 'static) -> StepResult {
+        let f: Box<dyn FnOnce() -> StepResult + Send> = Box::new(f);
         let _permit = match &self.slots {
             Some(s) => s.clone().acquire_owned().await.ok(),
             None => None,
@@ -496,18 +498,23 @@ impl Engine {
         let command = self.cfg.reboot_command.clone();
         let log = cx.log.clone();
         log.line(&format!("rebooting: {command}"));
-        let out = self.blocking(move || proc::run(&mut proc::shell(&command), Duration::from_secs(120))).await;
-        match out {
-            Err(e) => return (Outcome::Failed(format!("reboot_command could not run: {e}")), None),
-            Ok(o) if !o.success() => {
-                log.output("reboot_command output", &format!("{}{}", o.stdout, o.stderr));
-                let said = o.last_line().map(|l| format!(": {l}")).unwrap_or_default();
-                return (
-                    Outcome::Failed(format!("reboot_command failed ({}){said}", o.describe(Duration::from_secs(120)))),
-                    None,
-                );
-            }
-            Ok(_) => {}
+        let limit = Duration::from_secs(120);
+        let (outcome, _) = self
+            .blocking(move || {
+                let o = match proc::run(&mut proc::shell(&command), limit) {
+                    Err(e) => Outcome::Failed(format!("reboot_command could not run: {e}")),
+                    Ok(o) if !o.success() => {
+                        log.output("reboot_command output", &format!("{}{}", o.stdout, o.stderr));
+                        let said = o.last_line().map(|l| format!(": {l}")).unwrap_or_default();
+                        Outcome::Failed(format!("reboot_command failed ({}){said}", o.describe(limit)))
+                    }
+                    Ok(_) => Outcome::Ok,
+                };
+                (o, None)
+            })
+            .await;
+        if outcome != Outcome::Ok {
+            return (outcome, None);
         }
         if self.reboot == RebootMode::Simulated {
             return (Outcome::Ok, None);
