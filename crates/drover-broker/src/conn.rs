@@ -235,7 +235,7 @@ impl Conn {
             End::Abnormal(why) => {
                 tracing::debug!(client = %self.client_id, "broker: connection lost: {why}");
                 if let Some(will) = self.will.take() {
-                    self.publish_will(will);
+                    self.publish_will(will).await;
                 }
             }
         }
@@ -512,7 +512,9 @@ impl Conn {
                 self.denied("more retained topics than a device may hold");
                 reason = PubAckReason::QuotaExceeded;
             } else {
-                self.shared.route(msg);
+                for b in self.shared.route(msg) {
+                    b.wait(&self.shared.stats).await;
+                }
             }
         }
         if p.qos == QoS::AtLeastOnce {
@@ -603,7 +605,7 @@ impl Conn {
         self.send(Packet::UnsubAck(UnsubAck { pkid: u.pkid, reasons, properties: None })).await
     }
 
-    fn publish_will(&self, will: LastWill) {
+    async fn publish_will(&self, will: LastWill) {
         let msg = Arc::new(Message {
             topic: will.topic,
             payload: will.message,
@@ -616,7 +618,9 @@ impl Conn {
         if msg.retain {
             self.shared.retain(&msg, None);
         }
-        self.shared.route(msg);
+        for b in self.shared.route(msg) {
+            b.wait(&self.shared.stats).await;
+        }
     }
 }
 

@@ -157,6 +157,32 @@ pub(crate) struct Delivery {
     pub retain: bool,
 }
 
+/// A delivery to a share group whose members' queues were all full when it was routed.
+pub(crate) struct Blocked {
+    tx: mpsc::Sender<Delivery>,
+    delivery: Delivery,
+}
+
+/// How long a publisher waits for room in a busy share group before the message is dropped
+/// (and counted): long enough to ride out a burst, short enough that a wedged server does not
+/// hold its devices for ever.
+const BLOCKED_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Blocked {
+    /// Waits for room in the member's queue (at most [`BLOCKED_WAIT`]).
+    pub(crate) async fn wait(self, stats: &Stats) {
+        match tokio::time::timeout(BLOCKED_WAIT, self.tx.send(self.delivery)).await {
+            Ok(Ok(())) => {
+                stats.messages_out.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(_)) | Err(_) => {
+                stats.dropped_total.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("broker: a share group stayed full for {BLOCKED_WAIT:?}, message dropped");
+            }
+        }
+    }
+}
+
 /// How the broker tells a connection to close, and why.
 pub(crate) struct Kick {
     reason: Mutex<DisconnectReasonCode>,
@@ -204,8 +230,16 @@ pub(crate) struct Shared {
 impl Shared {
     /// Delivers `msg` to every matching subscription: each ordinary subscriber once (at the
     /// highest QoS among its matching subscriptions), each share group to one member.
-    pub(crate) fn route(&self, msg: Arc<Message>) {
-        let Ok(topic) = std::str::from_utf8(&msg.topic) else { return };
+    ///
+    /// An ordinary subscriber whose queue is full loses the message (counted): a slow device
+    /// must not hold up anyone. A share group — the server replicas consuming the fleet's
+    /// traffic — whose members' queues are all full gets it as a [`Blocked`] delivery that
+    /// the publisher's connection waits for ([`Blocked::wait`]) before it acknowledges the
+    /// publish, so a busy server slows its devices down instead of losing their messages.
+    #[must_use = "blocked deliveries must be awaited or they are lost"]
+    pub(crate) fn route(&self, msg: Arc<Message>) -> Vec<Blocked> {
+        let mut blocked = Vec::new();
+        let Ok(topic) = std::str::from_utf8(&msg.topic) else { return blocked };
         let mut direct: Vec<(Arc<str>, QoS, bool)> = Vec::new();
         let mut groups: Vec<(Arc<str>, Vec<(Arc<str>, QoS)>)> = Vec::new();
         {
@@ -233,7 +267,7 @@ impl Shared {
             });
         }
         if direct.is_empty() && groups.is_empty() {
-            return;
+            return blocked;
         }
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         for (client, qos, rap) in direct {
@@ -254,10 +288,19 @@ impl Shared {
                     break;
                 }
             }
-            if !sent {
-                self.stats.dropped_total.fetch_add(1, Ordering::Relaxed);
+            if !sent && let Some((client, qos)) = members.get(start % members.len().max(1)) {
+                match clients.get(client) {
+                    Some(entry) => blocked.push(Blocked {
+                        tx: entry.tx.clone(),
+                        delivery: Delivery { msg: msg.clone(), qos: *qos, retain: false },
+                    }),
+                    None => {
+                        self.stats.dropped_total.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
         }
+        blocked
     }
 
     fn offer(&self, clients: &HashMap<Arc<str>, ClientEntry>, client: &str, out: Delivery) {

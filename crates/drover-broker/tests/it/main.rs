@@ -464,6 +464,69 @@ async fn shared_subscriptions_split_traffic_between_replicas() {
     assert!(n1 > 0 && n2 > 0, "both replicas take a share: {n1} and {n2}");
 }
 
+/// A server replica that stops reading (busy writing to its database) slows the devices down
+/// instead of losing their messages: with a queue of 4 and an in-flight window of 2, a device
+/// publishes 60 messages while the replica acknowledges nothing; once it does, all 60 arrive,
+/// none dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_server_replica_slows_devices_down_and_loses_nothing() {
+    let h = harness_with(|c| {
+        c.max_queued = 4;
+        c.receive_maximum = 2;
+    })
+    .await;
+    let identity = leaf(&h.ca, "service:drover", vec![], false);
+    let mut r = Client::start(&h, "service:drover", client_tls(&h.ca, Some(&identity)), |o| {
+        o.set_manual_acks(true);
+    });
+    r.connected().await;
+    subscribed(&mut r, "$share/drover/drover/v1/d/+/up/#").await;
+    let mut d = Client::device(&h, "dev-busy");
+    d.connected().await;
+    let publisher = {
+        let client = d.client.clone();
+        tokio::spawn(async move {
+            for i in 0..60 {
+                client
+                    .publish("drover/v1/d/dev-busy/up/heartbeat", QoS::AtLeastOnce, false, format!("{i}"))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    // Unacknowledged, the replica holds only its in-flight window.
+    let mut held = Vec::new();
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(Some(ev)) = tokio::time::timeout_at(quiet_until, r.events.recv()).await {
+        if let Ok(Event::Incoming(Packet::Publish(p))) = ev {
+            held.push(p);
+        }
+    }
+    assert!(held.len() <= 2, "the broker kept its in-flight window: {} delivered unacknowledged", held.len());
+    let stats = h.broker.stats();
+    assert_eq!(stats.dropped_total.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing dropped while blocked");
+    // The replica catches up.
+    let mut got: Vec<u32> = Vec::new();
+    for p in held {
+        got.push(std::str::from_utf8(&p.payload).unwrap().parse().unwrap());
+        r.client.ack(&p).await.unwrap();
+    }
+    while got.len() < 60 {
+        let p = r.expect("a heartbeat", |p| match p {
+            Packet::Publish(p) => Some(p.clone()),
+            _ => None,
+        });
+        let p = p.await;
+        got.push(std::str::from_utf8(&p.payload).unwrap().parse().unwrap());
+        r.client.ack(&p).await.unwrap();
+    }
+    publisher.await.unwrap();
+    assert_eq!(got, (0..60).collect::<Vec<_>>(), "every message, in order");
+    assert_eq!(stats.dropped_total.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // The device drained its own publishes: it was slowed, not cut off.
+    d.expect("its last acknowledgement", |p| matches!(p, Packet::PubAck(_)).then_some(())).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_packets_and_mqtt_3_clients_are_refused() {
     let h = harness_with(|c| c.max_packet_size = 4096).await;
