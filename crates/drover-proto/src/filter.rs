@@ -633,7 +633,10 @@ mod tests {
                 "tag.region eu",
                 "expected '=', '!=', '~', 'in' or 'exists' after the field at column 1, found 'eu' at column 12",
             ),
-            ("colour = red", "unknown field 'colour': use online, id, status, group, tag.KEY, attr.KEY or artifact.FIELD at column 1"),
+            (
+                "colour = red",
+                "unknown field 'colour': use online, id, status, group, tag.KEY, attr.KEY or artifact.FIELD at column 1",
+            ),
             ("id == x", "use '=' to compare, not '==' at column 4"),
             ("! online", "expected '!=' (use 'not' to negate) at column 1"),
             ("tag.a = 'x'", "use double quotes for strings at column 9"),
