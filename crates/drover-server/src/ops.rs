@@ -547,12 +547,16 @@ pub async fn authenticate_token(db: &Db, secret: &str, source: String) -> AppRes
         return Err(unauthorized_token());
     }
     if last_used_at.is_none_or(|t| now - t > 60_000) {
-        // Bookkeeping, not a change anyone made: not audited.
+        // Bookkeeping, not a change anyone made: not audited. Through the writer queue like
+        // every write: on SQLite a write beside it would otherwise spin in the busy handler
+        // while queued writers keep taking the lock (API calls took 10–30 s during a rollout).
+        let mut tx = db.begin_write().await?;
         sqlx::query("UPDATE api_tokens SET last_used_at = $1 WHERE id = $2")
             .bind(now)
             .bind(id.clone())
-            .execute(db.pool())
+            .execute(tx.conn())
             .await?;
+        tx.commit().await?;
     }
     Ok(Principal {
         kind: PrincipalKind::Token,
@@ -673,11 +677,14 @@ pub async fn authenticate_session(db: &Db, cookie: &str, source: String, idle_ti
         return Err(expired());
     }
     if now - last_seen > 60_000 {
+        // Through the writer queue, as for tokens above.
+        let mut tx = db.begin_write().await?;
         sqlx::query("UPDATE sessions SET last_seen_at = $1 WHERE id_hash = $2")
             .bind(now)
             .bind(id_hash.clone())
-            .execute(db.pool())
+            .execute(tx.conn())
             .await?;
+        tx.commit().await?;
     }
     Ok(Principal {
         kind: PrincipalKind::User,
