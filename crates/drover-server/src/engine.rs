@@ -218,8 +218,11 @@ impl Engine {
         serde_json::to_vec(&cmd).unwrap_or_default()
     }
 
-    /// Claims a row for sending; true when this replica won it.
+    /// Claims a row for sending; true when this replica won it. Every write here goes through
+    /// the writer queue (`Db::begin_write`): on SQLite a write beside it spins in the busy
+    /// handler while queued writers keep the lock, which stalled dispatch during rollouts.
     async fn claim(&self, deployment_id: &str, device_id: &str) -> AppResult<bool> {
+        let mut tx = self.db.begin_write().await?;
         let n = sqlx::query(
             "UPDATE deployment_devices SET sent_at = $1 WHERE deployment_id = $2 AND device_id = $3 \
              AND sent_at IS NULL AND finished = 0",
@@ -227,19 +230,25 @@ impl Engine {
         .bind(now_ms())
         .bind(deployment_id.to_string())
         .bind(device_id.to_string())
-        .execute(self.db.pool())
+        .execute(tx.conn())
         .await?
         .rows_affected();
+        tx.commit().await?;
         Ok(n == 1)
     }
 
     /// A claimed row whose command could not be queued goes back to unsent.
     async fn unclaim(&self, deployment_id: &str, device_id: &str) {
-        let _ = sqlx::query("UPDATE deployment_devices SET sent_at = NULL WHERE deployment_id = $1 AND device_id = $2")
-            .bind(deployment_id.to_string())
-            .bind(device_id.to_string())
-            .execute(self.db.pool())
-            .await;
+        let Ok(mut tx) = self.db.begin_write().await else { return };
+        let done =
+            sqlx::query("UPDATE deployment_devices SET sent_at = NULL WHERE deployment_id = $1 AND device_id = $2")
+                .bind(deployment_id.to_string())
+                .bind(device_id.to_string())
+                .execute(tx.conn())
+                .await;
+        if done.is_ok() {
+            let _ = tx.commit().await;
+        }
     }
 
     /// Sends the install to every online device whose current row is in this (new)
@@ -327,7 +336,10 @@ impl Engine {
         for d in devices {
             q = q.bind(d.clone());
         }
-        Ok(q.fetch_all(self.db.pool()).await?.into_iter().map(|(d,)| d).collect())
+        let mut tx = self.db.begin_write().await?;
+        let won = q.fetch_all(tx.conn()).await?.into_iter().map(|(d,)| d).collect();
+        tx.commit().await?;
+        Ok(won)
     }
 
     /// Install for an active deployment, abort for an aborted one.
@@ -390,12 +402,14 @@ impl Engine {
         .await?;
         let Some((dep, _sent_at, online)) = row else { return Ok(()) };
         if resend {
+            let mut tx = self.db.begin_write().await?;
             sqlx::query("UPDATE deployment_devices SET sent_at = $1 WHERE deployment_id = $2 AND device_id = $3")
                 .bind(now_ms())
                 .bind(dep.clone())
                 .bind(device_id.to_string())
-                .execute(self.db.pool())
+                .execute(tx.conn())
                 .await?;
+            tx.commit().await?;
         } else if online == 0 || !self.claim(&dep, device_id).await? {
             return Ok(());
         }
@@ -412,6 +426,7 @@ impl Engine {
     /// deployment again.
     pub async fn on_hello(&self, device_id: &str, software: Option<&Software>) -> AppResult<()> {
         if let Some(sw) = software {
+            let mut tx = self.db.begin_write().await?;
             sqlx::query(
                 "UPDATE devices SET sw_artifact = $1, sw_name = $2, sw_version = $3 WHERE id = $4 AND status = 'accepted'",
             )
@@ -419,8 +434,9 @@ impl Engine {
             .bind(sw.name.clone())
             .bind(sw.version.clone())
             .bind(device_id.to_string())
-            .execute(self.db.pool())
+            .execute(tx.conn())
             .await?;
+            tx.commit().await?;
         }
         self.dispatch(device_id, true).await
     }
