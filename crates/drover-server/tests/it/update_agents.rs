@@ -23,7 +23,7 @@ use drover_artifact::write::Builder;
 use serde_json::{Value, json};
 
 use crate::e2e::agent as http;
-use crate::support::{TempDir, eventually, free_port};
+use crate::support::{TempDir, eventually};
 
 const DROVERD: &str = env!("CARGO_BIN_EXE_droverd");
 const DEVICE_TYPE: &str = "test-gw";
@@ -54,64 +54,27 @@ fn sha256_hex(b: &[u8]) -> String {
     drover_artifact::sha256_hex(b)
 }
 
-struct Droverd {
-    child: Child,
-    base: String,
-    dev: u16,
-    mqtt: u16,
+/// droverd (the suite's `fleet::Droverd`: fresh ports, readiness) with an admin token and the
+/// fleet CA certificate on disk for the agents.
+struct Server {
+    d: crate::fleet::Droverd,
     data: PathBuf,
     token: String,
     ca: PathBuf,
 }
 
-impl Droverd {
-    fn start(dir: &Path) -> Droverd {
+impl Server {
+    fn start(dir: &Path) -> Server {
         let data = dir.join("server");
-        for _ in 0..5 {
-            let (http_port, mqtt, dev) = (free_port(), free_port(), free_port());
-            let mut child = Command::new(DROVERD)
-                .arg("--data-dir")
-                .arg(&data)
-                .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
-                .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
-                .args(["--device-listen", &format!("127.0.0.1:{dev}")])
-                .env_remove("DROVER_DATABASE_URL")
-                .env("DROVER_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap();
-            let base = format!("http://127.0.0.1:{http_port}");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let ready = loop {
-                if child.try_wait().unwrap().is_some() {
-                    break false;
-                }
-                if http().get(&format!("{base}/readyz")).call().ok().is_some_and(|r| r.status() == 200) {
-                    break true;
-                }
-                assert!(Instant::now() < deadline, "droverd not ready after 30 s");
-                std::thread::sleep(Duration::from_millis(50));
-            };
-            if !ready {
-                continue;
-            }
-            let cli = |args: &[&str]| {
-                let out = Command::new(DROVERD).arg("--data-dir").arg(&data).args(args).output().unwrap();
-                assert!(out.status.success(), "droverd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-                String::from_utf8(out.stdout).unwrap()
-            };
-            let out = cli(&["token", "create", "--role", "admin", "--name", "update test"]);
-            let token = out.split_whitespace().find(|w| w.starts_with("drv_")).unwrap().to_string();
-            let ca = dir.join("ca.crt");
-            std::fs::write(&ca, cli(&["ca", "cert"])).unwrap();
-            return Droverd { child, base, dev, mqtt, data, token, ca };
-        }
-        panic!("droverd would not start");
+        let d = crate::fleet::Droverd::start(&data, None, &[]);
+        let token = crate::fleet::admin_token(&data);
+        let ca = dir.join("ca.crt");
+        std::fs::write(&ca, crate::fleet::droverd_cli(&data, &["ca", "cert"])).unwrap();
+        Server { d, data, token, ca }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = format!("{}{path}", self.base);
+        let url = format!("{}{path}", self.d.base);
         let auth = format!("Bearer {}", self.token);
         let resp = match (method, body) {
             ("GET", _) => http().get(&url).header("Authorization", &auth).call(),
@@ -127,7 +90,7 @@ impl Droverd {
     /// Uploads an artifact; its id.
     fn upload(&self, bytes: &[u8]) -> String {
         let mut resp = http()
-            .post(&format!("{}/api/v1/artifacts", self.base))
+            .post(&format!("{}/api/v1/artifacts", self.d.base))
             .header("Authorization", &format!("Bearer {}", self.token))
             .header("Content-Type", "application/octet-stream")
             .send(bytes)
@@ -140,7 +103,7 @@ impl Droverd {
 
     fn put_root(&self, json: &[u8]) {
         let mut resp = http()
-            .put(&format!("{}/api/v1/trust-root", self.base))
+            .put(&format!("{}/api/v1/trust-root", self.d.base))
             .header("Authorization", &format!("Bearer {}", self.token))
             .header("Content-Type", "application/json")
             .send(json)
@@ -173,7 +136,7 @@ impl Droverd {
 
     fn log(&self, dep: &str, device: &str) -> String {
         let resp = http()
-            .get(&format!("{}/api/v1/deployments/{dep}/devices/{device}/log", self.base))
+            .get(&format!("{}/api/v1/deployments/{dep}/devices/{device}/log", self.d.base))
             .header("Authorization", &format!("Bearer {}", self.token))
             .call();
         resp.ok().and_then(|mut r| r.body_mut().read_to_string().ok()).unwrap_or_default()
@@ -181,7 +144,7 @@ impl Droverd {
 
     fn bytes_served(&self) -> u64 {
         let mut resp = http()
-            .get(&format!("{}/metrics", self.base))
+            .get(&format!("{}/metrics", self.d.base))
             .header("Authorization", &format!("Bearer {}", self.token))
             .call()
             .unwrap();
@@ -198,13 +161,6 @@ impl Droverd {
     }
 }
 
-impl Drop for Droverd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A device: a real drover-agent process with its own folders.
 struct Agent {
     name: String,
@@ -217,7 +173,7 @@ struct Agent {
 }
 
 impl Agent {
-    fn new(s: &Droverd, root: &Path, base: &Path, name: &str, token: &str, update_extra: &str) -> Agent {
+    fn new(s: &Server, root: &Path, base: &Path, name: &str, token: &str, update_extra: &str) -> Agent {
         let dir = base.join(name);
         for d in ["target", "hooks", "modules", "apps"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
@@ -255,8 +211,8 @@ impl Agent {
                  verify_timeout_secs = 60\n\
                  hook_retry_interval_secs = 1\n\
                  {update_extra}\n",
-                dev = s.dev,
-                mqtt = s.mqtt,
+                dev = s.d.dev,
+                mqtt = s.d.mqtt,
                 ca = s.ca,
                 inv = dir.join("inventory.d"),
                 hooks = dir.join("hooks"),
@@ -364,7 +320,7 @@ impl Drop for Agent {
 
 /// Waits until every agent's row in `dep` is final, restarting agents that die meanwhile (a
 /// `kill -9` from a hook, a module, the reboot command or the health check).
-fn wait_final(s: &Droverd, dep: &str, agents: &mut [&mut Agent], within: Duration) -> Vec<Value> {
+fn wait_final(s: &Server, dep: &str, agents: &mut [&mut Agent], within: Duration) -> Vec<Value> {
     let deadline = Instant::now() + within;
     loop {
         let rows = s.rows(dep);
@@ -475,7 +431,7 @@ fn raw_tar(path: &str, link: Option<&str>) -> Vec<u8> {
 #[test]
 fn a_deployment_to_several_agents_succeeds_across_a_root_rotation() {
     let dir = TempDir::new("update-agents-e2e");
-    let s = Droverd::start(dir.path());
+    let s = Server::start(dir.path());
     let k = keys();
     let root = dir.path().join("root.json");
     std::fs::write(&root, &k.root_v1).unwrap();
@@ -543,7 +499,7 @@ fn tampered_and_unsuitable_artifacts_are_refused_and_the_device_is_unchanged() {
     let dir = TempDir::new("update-agents-tamper");
     // No trust root on the server: it accepts any signed upload, so the devices' check is the
     // only one.
-    let s = Droverd::start(dir.path());
+    let s = Server::start(dir.path());
     let k = keys();
     std::fs::write(dir.path().join("root.json"), &k.root_v1).unwrap();
     let token = s.enrollment_token();
@@ -668,7 +624,7 @@ fn tampered_and_unsuitable_artifacts_are_refused_and_the_device_is_unchanged() {
 #[test]
 fn a_download_cut_by_kill_9_resumes_where_it_stopped() {
     let dir = TempDir::new("update-agents-resume");
-    let s = Droverd::start(dir.path());
+    let s = Server::start(dir.path());
     let k = keys();
     std::fs::write(dir.path().join("root.json"), &k.root_v1).unwrap();
     let token = s.enrollment_token();
@@ -746,7 +702,7 @@ struct Case {
 #[test]
 fn kill_9_in_every_state_ends_on_the_old_or_the_new_version() {
     let dir = TempDir::new("update-agents-kill9");
-    let s = Droverd::start(dir.path());
+    let s = Server::start(dir.path());
     let k = keys();
     let root = dir.path().join("root.json");
     std::fs::write(&root, &k.root_v1).unwrap();
