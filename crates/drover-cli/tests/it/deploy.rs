@@ -394,7 +394,11 @@ fn deploy_abort_timeout_and_roles() {
 
     // A pipeline waiting on a deployment someone aborts exits 4.
     let mut waiting = spawn_drover(&cfg, &admin, &["deploy", "show", &id, "--watch"]);
-    std::thread::sleep(Duration::from_millis(1500));
+    // Its first progress line says it is following the deployment.
+    let mut watch_out = std::io::BufReader::new(waiting.stdout.take().unwrap());
+    let mut stdout = String::new();
+    std::io::BufRead::read_line(&mut watch_out, &mut stdout).unwrap();
+    assert!(!stdout.is_empty(), "drover deploy show --watch printed nothing");
     let aborted = json(&run(&["deploy", "abort", &id, "-o", "json"]));
     assert_eq!(aborted["status"], "aborted");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -405,8 +409,7 @@ fn deploy_abort_timeout_and_roles() {
         assert!(Instant::now() < deadline, "drover deploy show --watch did not end after the abort");
         std::thread::sleep(Duration::from_millis(100));
     };
-    let out = waiting.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    std::io::Read::read_to_string(&mut watch_out, &mut stdout).unwrap();
     assert_eq!(code, Some(4), "{stdout}");
     assert!(
         stdout.contains("2/2 done (0 ok, 2 aborted)") && stdout.contains(&format!("deployment {id} aborted")),

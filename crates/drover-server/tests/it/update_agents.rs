@@ -257,6 +257,15 @@ impl Agent {
         }
     }
 
+    /// The process is stopped (SIGSTOP took effect): state `T` in /proc.
+    fn stopped(&self) -> bool {
+        let Some(c) = &self.child else { return false };
+        std::fs::read_to_string(format!("/proc/{}/stat", c.id()))
+            .ok()
+            .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+            .unwrap_or(false)
+    }
+
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -639,7 +648,7 @@ fn a_download_cut_by_kill_9_resumes_where_it_stopped() {
     let threshold = 24 << 20;
     eventually(Duration::from_secs(60), "the download to pass 24 MiB", || (a.part_len(&id) >= threshold).then_some(()));
     a.signal("-STOP");
-    std::thread::sleep(Duration::from_millis(100));
+    eventually(Duration::from_secs(10), "the agent to stop", || a.stopped().then_some(()));
     let had = a.part_len(&id);
     a.kill();
     assert!(had < art.len() as u64, "the download finished before the kill ({had} bytes); make the artifact larger");
