@@ -45,10 +45,22 @@ pub enum Channel {
     UpdateReport,
     /// `down/update`: install or abort ([`crate::update::UpdateCommand`]).
     Update,
+    /// `up/telemetry`: a batch of metric points and events from the device's outbox.
+    Telemetry,
+    /// `down/telemetry`: the server acknowledges stored telemetry batches.
+    TelemetryAck,
+    /// `down/rules`: the rule set the device evaluates on its own data.
+    Rules,
+    /// `down/logs`: the server asks for log lines.
+    LogsRequest,
+    /// `up/logs`: log lines answering a `down/logs` request.
+    Logs,
+    /// `down/remote`: open or close a remote-access session.
+    Remote,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 7] = [
+    pub const ALL: [Channel; 13] = [
         Channel::Status,
         Channel::Hello,
         Channel::Inventory,
@@ -56,6 +68,12 @@ impl Channel {
         Channel::Ping,
         Channel::UpdateReport,
         Channel::Update,
+        Channel::Telemetry,
+        Channel::TelemetryAck,
+        Channel::Rules,
+        Channel::LogsRequest,
+        Channel::Logs,
+        Channel::Remote,
     ];
 
     /// The part of the topic after the device prefix.
@@ -68,6 +86,12 @@ impl Channel {
             Channel::Ping => "down/ping",
             Channel::UpdateReport => "up/update",
             Channel::Update => "down/update",
+            Channel::Telemetry => "up/telemetry",
+            Channel::TelemetryAck => "down/telemetry",
+            Channel::Rules => "down/rules",
+            Channel::LogsRequest => "down/logs",
+            Channel::Logs => "up/logs",
+            Channel::Remote => "down/remote",
         }
     }
 
@@ -77,10 +101,17 @@ impl Channel {
 
     pub fn qos(self) -> Qos {
         match self {
-            Channel::Heartbeat | Channel::Ping => Qos::AtMostOnce,
-            Channel::Status | Channel::Hello | Channel::Inventory | Channel::UpdateReport | Channel::Update => {
-                Qos::AtLeastOnce
-            }
+            Channel::Heartbeat | Channel::Ping | Channel::TelemetryAck => Qos::AtMostOnce,
+            Channel::Status
+            | Channel::Hello
+            | Channel::Inventory
+            | Channel::UpdateReport
+            | Channel::Update
+            | Channel::Telemetry
+            | Channel::Rules
+            | Channel::LogsRequest
+            | Channel::Logs
+            | Channel::Remote => Qos::AtLeastOnce,
         }
     }
 
@@ -204,13 +235,15 @@ impl std::fmt::Display for MessageError {
 impl std::error::Error for MessageError {}
 
 /// A message on an uplink channel, decoded and checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Uplink {
     Status(Status),
     Hello(Hello),
     Inventory(Inventory),
     Heartbeat(Heartbeat),
     UpdateReport(crate::update::UpdateReport),
+    Telemetry(crate::telemetry::TelemetryBatch),
+    Logs(crate::telemetry::LogsReply),
 }
 
 #[derive(Deserialize)]
@@ -251,7 +284,22 @@ pub fn decode_uplink(channel: Channel, payload: &[u8]) -> Result<Uplink, Message
             r.check().map_err(MessageError::Invalid)?;
             Uplink::UpdateReport(r)
         }
-        Channel::Ping | Channel::Update => {
+        Channel::Telemetry => {
+            let b: crate::telemetry::TelemetryBatch = parse(payload)?;
+            b.check().map_err(MessageError::Invalid)?;
+            Uplink::Telemetry(b)
+        }
+        Channel::Logs => {
+            let r: crate::telemetry::LogsReply = parse(payload)?;
+            r.check().map_err(MessageError::Invalid)?;
+            Uplink::Logs(r)
+        }
+        Channel::Ping
+        | Channel::Update
+        | Channel::TelemetryAck
+        | Channel::Rules
+        | Channel::LogsRequest
+        | Channel::Remote => {
             return Err(MessageError::Invalid(format!("{} is not an uplink channel", channel.suffix())));
         }
     };

@@ -9,5 +9,8 @@ pub mod api;
 pub mod deploy;
 pub mod device;
 pub mod filter;
+pub mod operator;
+pub mod remote;
+pub mod telemetry;
 pub mod update;
 pub mod validate;
