@@ -249,9 +249,14 @@ impl Conn {
         will: Option<LastWill>,
     ) -> Option<(Duration, Arc<Kick>, mpsc::Receiver<Delivery>)> {
         let expected = self.identity.client_id();
-        // A service may add `/{instance}` (several replicas sharing one service identity).
-        let instance = matches!(self.identity, Identity::Service(_))
-            && connect.client_id.strip_prefix(&expected).is_some_and(|rest| rest.len() > 1 && rest.starts_with('/'));
+        // A service may add `/{instance}` (several replicas sharing one service identity); a
+        // device may open one more connection, `{device_id}/remote`, for remote-access
+        // sessions (docs/protocol.md).
+        let suffix = connect.client_id.strip_prefix(&expected);
+        let instance = match self.identity {
+            Identity::Service(_) => suffix.is_some_and(|rest| rest.len() > 1 && rest.starts_with('/')),
+            Identity::Device(_) => suffix == Some(crate::DEVICE_REMOTE_SUFFIX),
+        };
         if instance {
             self.client_id = connect.client_id.as_str().into();
         } else if !connect.client_id.is_empty() && connect.client_id != expected {
@@ -512,8 +517,29 @@ impl Conn {
                 self.denied("more retained topics than a device may hold");
                 reason = PubAckReason::QuotaExceeded;
             } else {
+                let mut undelivered = 0;
                 for b in self.shared.route(msg) {
-                    b.wait(&self.shared.stats).await;
+                    if !b.wait(self.shared.config.busy_wait, &self.shared.stats).await {
+                        undelivered += 1;
+                    }
+                }
+                if undelivered > 0 {
+                    if p.qos == QoS::AtLeastOnce {
+                        // No PUBACK for a message the servers did not take: the publisher
+                        // keeps it and sends it again once reconnected.
+                        self.shared.stats.busy_disconnects_total.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            "broker: the server replicas took no message for {:?}; disconnecting the publisher (server busy)",
+                            self.shared.config.busy_wait
+                        );
+                        self.send(disconnect(DisconnectReasonCode::ServerBusy)).await?;
+                        return Ok(Some(End::Abnormal("server busy".into())));
+                    }
+                    self.shared.stats.dropped_total.fetch_add(undelivered, Ordering::Relaxed);
+                    tracing::warn!(
+                        "broker: a share group stayed full for {:?}, message dropped",
+                        self.shared.config.busy_wait
+                    );
                 }
             }
         }
@@ -619,7 +645,10 @@ impl Conn {
             self.shared.retain(&msg, None);
         }
         for b in self.shared.route(msg) {
-            b.wait(&self.shared.stats).await;
+            if !b.wait(self.shared.config.busy_wait, &self.shared.stats).await {
+                self.shared.stats.dropped_total.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("broker: a share group stayed full; a last will was dropped");
+            }
         }
     }
 }
@@ -636,6 +665,7 @@ fn disconnect(reason: DisconnectReasonCode) -> Packet {
         DisconnectReasonCode::TopicNameInvalid => "invalid topic name",
         DisconnectReasonCode::MalformedPacket => "malformed packet",
         DisconnectReasonCode::ProtocolError => "protocol error",
+        DisconnectReasonCode::ServerBusy => "server busy: the servers are behind; send again after reconnecting",
         _ => "disconnected by the broker",
     };
     let properties = DisconnectProperties {

@@ -31,6 +31,10 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 
 pub use trie::{Subscriber, Trie};
 
+/// The client id suffix of a device's second connection, for remote-access sessions: a device
+/// may connect as `{device_id}` and as `{device_id}/remote`, nothing else.
+pub const DEVICE_REMOTE_SUFFIX: &str = "/remote";
+
 /// The prefix of a service identity's common name.
 pub const SERVICE_PREFIX: &str = "service:";
 
@@ -54,6 +58,11 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Retained topics one device may hold.
     pub max_retained_per_device: usize,
+    /// How long a publisher waits for room in a share group whose members' queues are all
+    /// full (the server replicas are behind). Past it, a QoS 1 message is not acknowledged:
+    /// its publisher is disconnected with "server busy" and sends it again after
+    /// reconnecting; a QoS 0 message is dropped (and counted).
+    pub busy_wait: Duration,
 }
 
 impl Config {
@@ -68,6 +77,7 @@ impl Config {
             max_keep_alive: 600,
             connect_timeout: Duration::from_secs(10),
             max_retained_per_device: 16,
+            busy_wait: Duration::from_secs(30),
         }
     }
 }
@@ -136,6 +146,8 @@ pub struct Stats {
     pub messages_out: AtomicU64,
     pub dropped_total: AtomicU64,
     pub acl_denied_total: AtomicU64,
+    /// Publishers disconnected because the server replicas took no message for `busy_wait`.
+    pub busy_disconnects_total: AtomicU64,
 }
 
 /// A message as routed: shared by every subscriber's queue.
@@ -163,22 +175,16 @@ pub(crate) struct Blocked {
     delivery: Delivery,
 }
 
-/// How long a publisher waits for room in a busy share group before the message is dropped
-/// (and counted): long enough to ride out a burst, short enough that a wedged server does not
-/// hold its devices for ever.
-const BLOCKED_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-
 impl Blocked {
-    /// Waits for room in the member's queue (at most [`BLOCKED_WAIT`]).
-    pub(crate) async fn wait(self, stats: &Stats) {
-        match tokio::time::timeout(BLOCKED_WAIT, self.tx.send(self.delivery)).await {
+    /// Waits for room in the member's queue, at most `wait`; false if the message could not
+    /// be delivered (the group stayed full, or its member left).
+    pub(crate) async fn wait(self, wait: Duration, stats: &Stats) -> bool {
+        match tokio::time::timeout(wait, self.tx.send(self.delivery)).await {
             Ok(Ok(())) => {
                 stats.messages_out.fetch_add(1, Ordering::Relaxed);
+                true
             }
-            Ok(Err(_)) | Err(_) => {
-                stats.dropped_total.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("broker: a share group stayed full for {BLOCKED_WAIT:?}, message dropped");
-            }
+            Ok(Err(_)) | Err(_) => false,
         }
     }
 }
@@ -407,17 +413,19 @@ impl BrokerHandle {
         self.local_addr
     }
 
-    /// Closes a client's connection with the given reason (no will is published). Returns
-    /// whether it was connected.
+    /// Closes a client's connection with the given reason (no will is published), and for a
+    /// device its remote-access connection too. Returns whether it was connected.
     pub fn disconnect(&self, client_id: &str, reason: DisconnectReasonCode) -> bool {
         let clients = self.shared.clients.lock().unwrap_or_else(|e| e.into_inner());
-        match clients.get(client_id) {
-            Some(entry) => {
+        let remote = format!("{client_id}{DEVICE_REMOTE_SUFFIX}");
+        let mut found = false;
+        for id in [client_id, remote.as_str()] {
+            if let Some(entry) = clients.get(id) {
                 entry.kick.fire(reason);
-                true
+                found = true;
             }
-            None => false,
         }
+        found
     }
 
     pub fn is_connected(&self, client_id: &str) -> bool {

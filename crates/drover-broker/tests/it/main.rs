@@ -527,6 +527,105 @@ async fn a_busy_server_replica_slows_devices_down_and_loses_nothing() {
     d.expect("its last acknowledgement", |p| matches!(p, Packet::PubAck(_)).then_some(())).await;
 }
 
+/// A server replica wedged for longer than the broker's busy wait: the device's QoS 1 message
+/// is not acknowledged (it would be lost); the device is disconnected with "server busy",
+/// reconnects and sends it again, and once the replica reads again every message arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_server_replica_gets_devices_disconnected_busy_and_still_loses_nothing() {
+    let h = harness_with(|c| {
+        c.max_queued = 1;
+        c.receive_maximum = 1;
+        c.busy_wait = Duration::from_millis(300);
+    })
+    .await;
+    let identity = leaf(&h.ca, "service:drover", vec![], false);
+    let mut r = Client::start(&h, "service:drover", client_tls(&h.ca, Some(&identity)), |o| {
+        o.set_manual_acks(true);
+    });
+    r.connected().await;
+    subscribed(&mut r, "$share/drover/drover/v1/d/+/up/#").await;
+    let mut d = Client::device(&h, "dev-wedged");
+    d.connected().await;
+    for i in 0..6 {
+        d.client.publish("drover/v1/d/dev-wedged/up/heartbeat", QoS::AtLeastOnce, false, format!("{i}")).await.unwrap();
+    }
+    // The replica acknowledges nothing: one message in flight, one queued, the third waits
+    // for the busy wait and then costs its publisher the connection instead of a PUBACK.
+    let mut acked = 0;
+    let e = loop {
+        match tokio::time::timeout(WAIT, d.events.recv()).await.expect("timed out").expect("event loop ended") {
+            Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert!(e.contains("ServerBusy"), "disconnected as server busy: {e}");
+    assert!(acked < 6, "only what the servers took was acknowledged ({acked})");
+    let stats = h.broker.stats();
+    assert!(stats.busy_disconnects_total.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert_eq!(stats.dropped_total.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing dropped");
+    // The device reconnects and sends again what was not acknowledged; the replica reads
+    // again, and every message arrives (at least once: QoS 1).
+    let d = Client::device(&h, "dev-wedged");
+    for i in acked..6 {
+        d.client.publish("drover/v1/d/dev-wedged/up/heartbeat", QoS::AtLeastOnce, false, format!("{i}")).await.unwrap();
+    }
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < 6 {
+        let p = r
+            .expect("a heartbeat", |p| match p {
+                Packet::Publish(p) => Some(p.clone()),
+                _ => None,
+            })
+            .await;
+        got.insert(std::str::from_utf8(&p.payload).unwrap().parse::<u32>().unwrap());
+        r.client.ack(&p).await.unwrap();
+    }
+    assert_eq!(got, (0..6).collect(), "every message arrived");
+}
+
+/// A device may hold a second connection, `{id}/remote`, for remote-access sessions, within
+/// its own prefix like the first; any other client id is refused; dropping the device (as
+/// droverd does on decommissioning) closes both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_may_add_its_remote_access_connection_and_nothing_else() {
+    let h = harness().await;
+    let mut main = Client::device(&h, "dev-ra");
+    main.connected().await;
+    let identity = leaf(&h.ca, "dev-ra", vec![], false);
+    let mut remote = Client::start(&h, "dev-ra/remote", client_tls(&h.ca, Some(&identity)), |_| {});
+    remote.connected().await;
+    subscribed(&mut remote, "drover/v1/d/dev-ra/rs/+/d").await;
+    main.client.publish("drover/v1/d/dev-ra/rs/s1/d", QoS::AtLeastOnce, false, "frame").await.unwrap();
+    let got = remote
+        .expect("the session frame", |p| match p {
+            Packet::Publish(p) => Some(p.payload.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(&got[..], b"frame");
+    // Only under its own prefix, as for the main connection.
+    remote.client.publish("drover/v1/d/dev-other/rs/s1/u", QoS::AtLeastOnce, false, "x").await.unwrap();
+    let code = remote
+        .expect("PUBACK", |p| match p {
+            Packet::PubAck(a) => Some(a.reason),
+            _ => None,
+        })
+        .await;
+    assert_eq!(code, rumqttc::v5::mqttbytes::v5::PubAckReason::NotAuthorized);
+    // Any other suffix is refused.
+    let identity = leaf(&h.ca, "dev-ra", vec![], false);
+    let mut other = Client::start(&h, "dev-ra/extra", client_tls(&h.ca, Some(&identity)), |_| {});
+    let e = other.expect_error().await;
+    assert!(e.contains("ClientIdentifierNotValid"), "{e}");
+    // Dropping the device closes both of its connections.
+    assert!(h.broker.disconnect("dev-ra", rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::NotAuthorized));
+    let e = remote.expect_error().await;
+    assert!(e.contains("NotAuthorized"), "{e}");
+    let e = main.expect_error().await;
+    assert!(e.contains("NotAuthorized"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_packets_and_mqtt_3_clients_are_refused() {
     let h = harness_with(|c| c.max_packet_size = 4096).await;
