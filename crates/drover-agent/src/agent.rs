@@ -160,6 +160,55 @@ pub fn update_engine(
     Ok(Some(crate::update::Engine::new(u.clone(), &cfg.data_dir, downloader)))
 }
 
+/// Remote access with the main session's broker and certificate; logs which kinds are on.
+pub fn remote_access(cfg: &Config, sc: &SessionConfig) -> crate::remote::RemoteLink {
+    let r = &cfg.remote;
+    tracing::info!(
+        terminal = r.terminal,
+        files = r.files,
+        forward = r.forward,
+        "remote access{}",
+        if r.terminal || r.files || r.forward { "" } else { " is off: switch kinds on in [remote]" }
+    );
+    let conn = crate::remote::ConnParams {
+        device_id: sc.device_id.clone(),
+        host: sc.host.clone(),
+        port: sc.port,
+        tls: sc.tls.clone(),
+        keepalive: sc.keepalive,
+    };
+    crate::remote::spawn(r.clone(), conn)
+}
+
+/// The telemetry core of this device with its local interface, `None` (logged) when
+/// `[telemetry] enabled = false`.
+pub fn telemetry(cfg: &Config) -> Result<Option<crate::telemetry::TelemetryLink>, AgentError> {
+    let t = &cfg.telemetry;
+    if !t.enabled {
+        tracing::info!("telemetry is off ([telemetry] enabled = false)");
+        return Ok(None);
+    }
+    let bad = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let local = match &t.socket {
+        Some(path) => match crate::telemetry::serve_socket(path, t.socket_mode, bad.clone()) {
+            Ok(rx) => {
+                tracing::info!(socket = %path.display(), "local telemetry interface listening");
+                Some(rx)
+            }
+            Err(e) => {
+                tracing::error!(socket = %path.display(), "local telemetry interface unavailable: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    let core = crate::telemetry::CoreConfig::from_config(t);
+    let collector = crate::telemetry::collect::Collector::new(t.disks.clone());
+    let link = crate::telemetry::spawn(core, collector, local, bad).map_err(|e| AgentError::Other(e.to_string()))?;
+    tracing::info!(interval_s = t.interval.as_secs(), outbox = %t.dir.display(), "telemetry is on");
+    Ok(Some(link))
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub fn shutdown_signal() -> Result<impl Future<Output = ()>, AgentError> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -184,6 +233,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     };
     let mut sc = session_config(&cfg, &store, &provisioned)?;
     sc.updates = update_engine(&cfg, &store, &provisioned)?.map(crate::update::spawn);
+    sc.remote = Some(remote_access(&cfg, &sc));
+    sc.telemetry = telemetry(&cfg)?;
     drop(provisioned);
     let source = SystemSource(SystemInventory {
         scripts_dir: cfg.inventory_scripts_dir.clone(),

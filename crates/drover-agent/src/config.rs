@@ -47,6 +47,25 @@ struct RawConfig {
     inventory_script_timeout_secs: Option<u64>,
     log_level: Option<String>,
     update: Option<RawUpdate>,
+    remote: Option<RawRemote>,
+    telemetry: Option<crate::telemetry::config::RawTelemetry>,
+}
+
+/// `[remote]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRemote {
+    terminal: Option<bool>,
+    files: Option<bool>,
+    forward: Option<bool>,
+    user: Option<String>,
+    allow_root: Option<bool>,
+    file_paths: Option<Vec<PathBuf>>,
+    max_file_size: Option<u64>,
+    forward_allow: Option<Vec<String>>,
+    idle_timeout_secs: Option<u64>,
+    max_duration_secs: Option<u64>,
+    max_sessions: Option<usize>,
 }
 
 /// `[update]` as written.
@@ -169,6 +188,51 @@ pub struct Config {
     pub log_level: LogLevel,
     /// `[update]`: `None` unless `device_type` is set (updates disabled).
     pub update: Option<UpdateConfig>,
+    /// `[remote]`: remote access; every kind is off unless switched on.
+    pub remote: RemoteConfig,
+    /// `[telemetry]`: collection, local interface, outbox, device rules, logs on demand.
+    pub telemetry: crate::telemetry::config::TelemetryConfig,
+}
+
+/// `[remote]`: what an operator may do on this device through Drover (`docs/remote-access.md`).
+/// The defaults refuse everything: each kind must be switched on by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteConfig {
+    pub terminal: bool,
+    pub files: bool,
+    pub forward: bool,
+    /// The terminal's user; `None`: the agent's own user.
+    pub user: Option<String>,
+    /// Whether the terminal may run as root (uid 0).
+    pub allow_root: bool,
+    /// Absolute path prefixes that file transfers may read and write (none by default).
+    pub file_paths: Vec<PathBuf>,
+    /// Largest file transferred either way, in bytes.
+    pub max_file_size: u64,
+    /// `host:port` or `host:*` targets port forwarding may connect to (none by default).
+    pub forward_allow: Vec<String>,
+    pub idle_timeout: Duration,
+    pub max_duration: Duration,
+    /// Sessions open at once.
+    pub max_sessions: usize,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            terminal: false,
+            files: false,
+            forward: false,
+            user: None,
+            allow_root: false,
+            file_paths: Vec::new(),
+            max_file_size: 256 << 20,
+            forward_allow: Vec::new(),
+            idle_timeout: Duration::from_secs(900),
+            max_duration: Duration::from_secs(4 * 3600),
+            max_sessions: 4,
+        }
+    }
 }
 
 /// `[update]`: how this device takes software updates (`docs/agent.md`, "Software updates").
@@ -379,6 +443,9 @@ fn check(raw: RawConfig, path: PathBuf, dropins: Vec<PathBuf>) -> Result<Config,
         Some(u) => check_update(u)?,
         None => None,
     };
+    let remote = check_remote(raw.remote.unwrap_or_default())?;
+    let data_dir = raw.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+    let telemetry = crate::telemetry::config::check(raw.telemetry, &data_dir)?;
     Ok(Config {
         path,
         dropins,
@@ -386,7 +453,7 @@ fn check(raw: RawConfig, path: PathBuf, dropins: Vec<PathBuf>) -> Result<Config,
         broker,
         mqtt_url,
         ca_file: raw.ca_file.unwrap_or_else(|| DEFAULT_CA_FILE.into()),
-        data_dir: raw.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+        data_dir,
         enrollment_token,
         identity,
         heartbeat_interval: secs("heartbeat_interval_secs", raw.heartbeat_interval_secs, 60, 1, 86_400)?,
@@ -396,6 +463,51 @@ fn check(raw: RawConfig, path: PathBuf, dropins: Vec<PathBuf>) -> Result<Config,
         inventory_script_timeout: secs("inventory_script_timeout_secs", raw.inventory_script_timeout_secs, 10, 1, 600)?,
         log_level,
         update,
+        remote,
+        telemetry,
+    })
+}
+
+fn check_remote(raw: RawRemote) -> Result<RemoteConfig, ConfigError> {
+    let invalid = |m: String| ConfigError::Invalid(format!("[remote] {m}"));
+    let d = RemoteConfig::default();
+    let file_paths = raw.file_paths.unwrap_or_default();
+    if let Some(p) = file_paths.iter().find(|p| !p.is_absolute()) {
+        return Err(invalid(format!("file_paths {}: must be an absolute path", p.display())));
+    }
+    let forward_allow = raw.forward_allow.unwrap_or_default();
+    for a in &forward_allow {
+        let ok = a
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && (p == "*" || drover_proto::remote::Target::parse(a).is_ok()));
+        if !ok {
+            return Err(invalid(format!("forward_allow {a:?}: expected host:port or host:*")));
+        }
+    }
+    if let Some(u) = &raw.user
+        && (u.is_empty() || u.len() > 32 || u.contains(['\0', ':', '/']))
+    {
+        return Err(invalid(format!("user {u:?} is not a user name")));
+    }
+    let max_sessions = raw.max_sessions.unwrap_or(d.max_sessions);
+    if !(1..=64).contains(&max_sessions) {
+        return Err(invalid(format!("max_sessions = {max_sessions}: must be between 1 and 64")));
+    }
+    let secs_in = |name: &str, v: Option<u64>, default: Duration, max: u64| {
+        secs(name, v, default.as_secs(), 1, max).map_err(|e| invalid(e.to_string()))
+    };
+    Ok(RemoteConfig {
+        terminal: raw.terminal.unwrap_or(false),
+        files: raw.files.unwrap_or(false),
+        forward: raw.forward.unwrap_or(false),
+        user: raw.user,
+        allow_root: raw.allow_root.unwrap_or(false),
+        file_paths,
+        max_file_size: raw.max_file_size.unwrap_or(d.max_file_size),
+        forward_allow,
+        idle_timeout: secs_in("idle_timeout_secs", raw.idle_timeout_secs, d.idle_timeout, 7 * 86_400)?,
+        max_duration: secs_in("max_duration_secs", raw.max_duration_secs, d.max_duration, 30 * 86_400)?,
+        max_sessions,
     })
 }
 
@@ -656,5 +768,35 @@ serial = "SN-1"
         let err = load(&dir.join("missing.toml")).unwrap_err().to_string();
         assert!(err.contains("missing.toml"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Bad input: a relative file path, a forward target without a port, a user name with a
+    /// slash, zero sessions, an unknown key in `[remote]`.
+    #[test]
+    fn remote_defaults_refuse_everything_and_bad_values_are_named() {
+        let c = from_sources(&src(&[("/etc/drover/agent.toml", MAIN)])).unwrap();
+        assert_eq!(c.remote, RemoteConfig::default());
+        assert!(!c.remote.terminal && !c.remote.files && !c.remote.forward && !c.remote.allow_root);
+        assert!(c.remote.file_paths.is_empty() && c.remote.forward_allow.is_empty());
+        let on = "[remote]\nterminal = true\nfiles = true\nuser = \"op\"\nfile_paths = [\"/srv/data\"]\n\
+                  forward_allow = [\"127.0.0.1:80\", \"localhost:*\"]\nidle_timeout_secs = 60\n";
+        let c =
+            from_sources(&src(&[("/etc/drover/agent.toml", MAIN), ("/etc/drover/config.d/remote.toml", on)])).unwrap();
+        assert!(c.remote.terminal && c.remote.files && !c.remote.forward);
+        assert_eq!(c.remote.user.as_deref(), Some("op"));
+        assert_eq!(c.remote.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.remote.forward_allow.len(), 2);
+        for (bad, what) in [
+            ("[remote]\nfile_paths = [\"srv\"]\n", "file_paths"),
+            ("[remote]\nforward_allow = [\"localhost\"]\n", "forward_allow"),
+            ("[remote]\nuser = \"a/b\"\n", "user"),
+            ("[remote]\nmax_sessions = 0\n", "max_sessions"),
+            ("[remote]\nshell = \"/bin/sh\"\n", "shell"),
+        ] {
+            let err = from_sources(&src(&[("/etc/drover/agent.toml", MAIN), ("/etc/drover/config.d/r.toml", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(what), "{bad}: {err}");
+        }
     }
 }

@@ -12,8 +12,10 @@ pub mod config;
 mod der;
 pub mod enroll;
 pub mod inventory;
+pub mod remote;
 pub mod session;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod update;
 

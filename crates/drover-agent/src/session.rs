@@ -82,6 +82,11 @@ pub struct SessionConfig {
     /// The update engine to hand `down/update` commands to and publish `up/update` reports
     /// of; `None`: updates are off (commands are ignored).
     pub updates: Option<crate::update::UpdateLink>,
+    /// Remote access, to hand `down/remote` commands to; `None`: they are ignored.
+    pub remote: Option<crate::remote::RemoteLink>,
+    /// The telemetry core: told about the connection and `down/telemetry`, `down/rules`,
+    /// `down/logs`; what it hands back is published. `None`: no telemetry.
+    pub telemetry: Option<crate::telemetry::TelemetryLink>,
 }
 
 impl SessionConfig {
@@ -109,6 +114,8 @@ impl SessionConfig {
             session_expiry_secs: 3600,
             connect_timeout_secs: 10,
             updates: None,
+            remote: None,
+            telemetry: None,
         }
     }
 }
@@ -175,6 +182,16 @@ fn qos(channel: Channel) -> QoS {
 
 /// The next report from the update engine; never, without one.
 async fn next_report(rx: &mut Option<OwnedMutexGuard<mpsc::Receiver<UpdateReport>>>) -> Option<UpdateReport> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next message from the telemetry core; never, without one.
+async fn next_telemetry(
+    rx: &mut Option<OwnedMutexGuard<mpsc::Receiver<crate::telemetry::Outgoing>>>,
+) -> Option<crate::telemetry::Outgoing> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -251,6 +268,10 @@ impl<I: InventorySource> Session<I> {
             Some(l) => Some(l.reports.clone().lock_owned().await),
             None => None,
         };
+        let mut telemetry = match &cfg.telemetry {
+            Some(l) => Some(l.out.clone().lock_owned().await),
+            None => None,
+        };
         let mut st = State {
             cfg: &cfg,
             stats: &stats,
@@ -305,6 +326,7 @@ impl<I: InventorySource> Session<I> {
                 },
                 _ = heartbeat.tick(), if connected => st.heartbeat(),
                 Some(r) = next_report(&mut reports) => st.report(r),
+                Some(o) = next_telemetry(&mut telemetry) => st.telemetry_out(o),
                 () = tokio::time::sleep(Duration::from_secs(1)), if connected && !st.unsent.is_empty() => st.flush_unsent(),
                 Ok(()) = inv_rx.changed(), if connected => {
                     let current = inv_rx.borrow_and_update().clone();
@@ -317,6 +339,9 @@ impl<I: InventorySource> Session<I> {
         stats.connected.store(false, Ordering::Relaxed);
         if let Some(l) = &cfg.updates {
             l.shared.set_connected(false);
+        }
+        if let Some(t) = &cfg.telemetry {
+            t.send(crate::telemetry::Input::Disconnected);
         }
         drop(collector);
     }
@@ -381,6 +406,23 @@ impl State<'_> {
                 self.report(r);
             }
             l.shared.set_connected(true);
+        }
+        if let Some(t) = &self.cfg.telemetry {
+            t.send(crate::telemetry::Input::Connected);
+        }
+    }
+
+    /// Publishes what the telemetry core hands over; while disconnected it is dropped (the
+    /// core sends its outbox again after the next connect).
+    fn telemetry_out(&mut self, o: crate::telemetry::Outgoing) {
+        if self.connected_at.is_none() {
+            return;
+        }
+        if !self.publish(o.channel, o.payload)
+            && o.channel == Channel::Telemetry
+            && let Some(t) = &self.cfg.telemetry
+        {
+            t.send(crate::telemetry::Input::PublishFailed);
         }
     }
 
@@ -457,6 +499,20 @@ impl State<'_> {
         if topic == self.update_topic.as_bytes() {
             return self.on_update_command(payload);
         }
+        if topic.ends_with(b"/down/remote") {
+            match &self.cfg.remote {
+                Some(r) => r.command(bytes::Bytes::copy_from_slice(payload)),
+                None => tracing::warn!("ignoring a remote-access command: remote access is not running"),
+            }
+            return;
+        }
+        if let Some(t) = &self.cfg.telemetry
+            && let Some((_, c @ (Channel::TelemetryAck | Channel::Rules | Channel::LogsRequest))) =
+                std::str::from_utf8(topic).ok().and_then(device::parse_topic)
+        {
+            t.send(crate::telemetry::Input::Downlink(c, payload.to_vec()));
+            return;
+        }
         if topic != self.ping_topic.as_bytes() {
             tracing::debug!(topic = %String::from_utf8_lossy(topic), "ignoring an unknown downlink message");
             return;
@@ -476,6 +532,9 @@ impl State<'_> {
         self.stats.connected.store(false, Ordering::Relaxed);
         if let Some(l) = &self.cfg.updates {
             l.shared.set_connected(false);
+        }
+        if let Some(t) = &self.cfg.telemetry {
+            t.send(crate::telemetry::Input::Disconnected);
         }
         self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
         let delay = self.backoff.next_delay(up, rand::random::<f64>());

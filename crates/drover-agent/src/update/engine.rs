@@ -155,18 +155,28 @@ impl Engine {
         self.dir.load_installed().unwrap_or_default()
     }
 
-    /// Persists `st`, retrying until the disk takes it: no step runs unrecorded.
+    /// Persists `st`, retrying until the disk takes it: no step runs unrecorded. The write
+    /// and its fsyncs run on the blocking pool: on slow flash (or for the simulator's
+    /// thousand devices) they would otherwise stall the runtime, and with it the MQTT
+    /// connection.
     async fn save(&self, st: &Persisted) {
         let mut wait = Duration::from_millis(500);
         loop {
-            match self.dir.save(st) {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::error!("cannot record the update state: {e}; retrying in {}s", wait.as_secs_f64());
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(60));
-                }
-            }
+            let (dir, p) = (self.dir.clone(), st.clone());
+            let (saved, _) = self
+                .run_blocking(false, move || match dir.save(&p) {
+                    Ok(()) => (Outcome::Ok, None),
+                    Err(e) => (Outcome::Failed(e), None),
+                })
+                .await;
+            let e = match saved {
+                Outcome::Ok => return,
+                Outcome::Failed(e) => e,
+                other => format!("{other:?}"),
+            };
+            tracing::error!("cannot record the update state: {e}; retrying in {}s", wait.as_secs_f64());
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(60));
         }
     }
 
@@ -352,13 +362,19 @@ impl Engine {
         r
     }
 
-    /// Runs `f` on the blocking pool (within a slot, if slots are set). One closure type for
-    /// every step: each distinct type would add a copy of tokio's task code to the agent.
+    /// Runs a step's `f` on the blocking pool, within a slot if slots are set.
     async fn blocking(&self, f: impl FnOnce() -> StepResult + Send + 'static) -> StepResult {
+        self.run_blocking(true, f).await
+    }
+
+    /// Runs `f` on the blocking pool; `slotted`: within a slot, if slots are set (steps are,
+    /// state writes are not). One closure type for everything: each distinct type would add a
+    /// copy of tokio's task code to the agent.
+    async fn run_blocking(&self, slotted: bool, f: impl FnOnce() -> StepResult + Send + 'static) -> StepResult {
         let f: Box<dyn FnOnce() -> StepResult + Send> = Box::new(f);
         let _permit = match &self.slots {
-            Some(s) => s.clone().acquire_owned().await.ok(),
-            None => None,
+            Some(s) if slotted => s.clone().acquire_owned().await.ok(),
+            _ => None,
         };
         match tokio::task::spawn_blocking(f).await {
             Ok(v) => v,

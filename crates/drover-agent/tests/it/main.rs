@@ -2,6 +2,8 @@
 //! Mosquitto with mutual TLS (started by each test on a free port).
 
 mod binary;
+mod remote;
 mod session;
 mod support;
+mod telemetry;
 mod update;
