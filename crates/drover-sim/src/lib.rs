@@ -114,6 +114,21 @@ pub struct Args {
     /// runs; idle devices take none).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=512))]
     pub update_slots: u32,
+    /// Send telemetry every this many seconds per device, through the agent's own telemetry
+    /// core (outbox, numbered batches, acks, re-sends). Off by default.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub telemetry_interval: Option<u64>,
+    /// Metrics per device per telemetry round (`sim.m0` … `sim.m{N-1}`, random walks).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=2000))]
+    pub metrics: u32,
+    /// Each device's outbox: `DIR/{name}/`. Default: `STATE_DIR/telemetry`, or a folder under
+    /// the system's temporary directory.
+    #[arg(long)]
+    pub telemetry_dir: Option<PathBuf>,
+    /// fdatasync the outboxes as the agent does (off by default: the simulator's outboxes
+    /// survive a crash of the simulator, not a power cut).
+    #[arg(long)]
+    pub telemetry_fsync: bool,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -192,6 +207,8 @@ struct Ctx {
     fleet: Fleet,
     /// `--device-type`: where each device's update folders go, and the shared work slots.
     updates: Option<(PathBuf, Arc<Semaphore>)>,
+    /// `--telemetry-interval`: where each device's outbox goes.
+    telemetry: Option<PathBuf>,
 }
 
 /// Spaces new connections `period` apart across the fleet.
@@ -436,6 +453,36 @@ fn update_engine(ctx: &Ctx, name: &str, ready: &Ready) -> Result<Option<UpdateLi
     Ok(Some(drover_agent::update::spawn(engine)))
 }
 
+/// `--metrics` random walks, one point each per round.
+struct SimMetrics(Vec<f64>);
+
+impl drover_agent::telemetry::MetricSource for SimMetrics {
+    fn collect(&mut self) -> Vec<(String, f64)> {
+        self.0
+            .iter_mut()
+            .enumerate()
+            .map(|(i, v)| {
+                *v = (*v + rand::random::<f64>() * 2.0 - 1.0).clamp(0.0, 100.0);
+                (format!("sim.m{i}"), (*v * 100.0).round() / 100.0)
+            })
+            .collect()
+    }
+}
+
+/// The agent's telemetry core for one simulated device, its outbox in `DIR/{name}/`.
+fn telemetry(ctx: &Ctx, name: &str) -> Result<Option<drover_agent::telemetry::TelemetryLink>, String> {
+    let (Some(dir), Some(secs)) = (&ctx.telemetry, ctx.args.telemetry_interval) else { return Ok(None) };
+    let mut cfg = drover_agent::telemetry::config::TelemetryConfig::defaults(&dir.join(name));
+    cfg.interval = Duration::from_secs(secs);
+    cfg.batch_max_points = drover_proto::telemetry::MAX_BATCH_POINTS;
+    let mut core = drover_agent::telemetry::CoreConfig::from_config(&cfg);
+    core.outbox.fsync = ctx.args.telemetry_fsync;
+    core.self_metrics = false;
+    let source = SimMetrics((0..ctx.args.metrics).map(|i| (i * 7 % 100) as f64).collect());
+    let bad = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    drover_agent::telemetry::spawn(core, source, None, bad).map(Some).map_err(|e| e.to_string())
+}
+
 /// One simulated device: enroll (or load), then sessions until the simulator stops. A churned
 /// session ends cleanly (`offline`, DISCONNECT); the device stays away 5–30 s and comes back
 /// through the connection pacer.
@@ -454,6 +501,10 @@ async fn device(ctx: Arc<Ctx>, index: u64, mut stop: watch::Receiver<bool>) {
         Ok(u) => u,
         Err(e) => return ctx.fleet.enroll_failed(&name, &format!("updates: {e}")),
     };
+    let telemetry = match telemetry(&ctx, &name) {
+        Ok(t) => t,
+        Err(e) => return ctx.fleet.enroll_failed(&name, &format!("telemetry: {e}")),
+    };
     let attrs = inventory::attributes(&ctx.args.prefix, &ctx.run_id, index);
     let boot_id = format!("{:016x}", rand::random::<u64>());
     loop {
@@ -469,6 +520,7 @@ async fn device(ctx: Arc<Ctx>, index: u64, mut stop: watch::Receiver<bool>) {
         cfg.uptime_base_secs = Some(inventory::uptime_base(index));
         cfg.backoff = BackoffPolicy { cap: Duration::from_secs(ctx.args.max_backoff), ..BackoffPolicy::default() };
         cfg.updates = updates.clone();
+        cfg.telemetry = telemetry.clone();
         let session = match Session::new(cfg, StaticSource(attrs.clone())) {
             Ok(s) => s,
             Err(e) => return ctx.fleet.enroll_failed(&name, &format!("session: {e}")),
@@ -605,8 +657,15 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
             Some((dir, Arc::new(Semaphore::new(args.update_slots as usize))))
         }
     };
+    let telemetry = match (&args.telemetry_interval, &args.telemetry_dir, &args.state_dir) {
+        (None, _, _) => None,
+        (Some(_), Some(d), _) => Some(d.clone()),
+        (Some(_), None, Some(s)) => Some(s.join("telemetry")),
+        (Some(_), None, None) => Some(std::env::temp_dir().join(format!("drover-sim-{run_id}-telemetry"))),
+    };
     let n = args.devices;
     let ctx = Arc::new(Ctx {
+        telemetry,
         updates,
         host,
         port,
