@@ -56,6 +56,9 @@ pub fn routes() -> Router<AppState> {
         .route("/deployments/{id}/devices", get(list_deployment_devices))
         .route("/deployments/{id}/devices/{device_id}/log", get(get_deployment_device_log))
         .route("/deployments/{id}/abort", post(abort_deployment))
+        .merge(crate::alerts::api::routes())
+        .merge(crate::telemetry::api::routes())
+        .merge(crate::remote::api_routes())
 }
 
 struct SecurityAddon;
@@ -118,6 +121,9 @@ pub struct ApiDoc;
 /// The OpenAPI document as JSON.
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
+    doc.merge(<crate::alerts::api::AlertsApi as OpenApi>::openapi());
+    doc.merge(<crate::telemetry::api::TelemetryApi as OpenApi>::openapi());
+    doc.merge(<crate::remote::RemoteApiDoc as OpenApi>::openapi());
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     doc
 }

@@ -35,6 +35,10 @@ pub struct Inner {
     pub store: crate::store::ArtifactStore,
     /// Sends update commands and takes reports (connected once the MQTT client runs).
     pub engine: Arc<crate::engine::Engine>,
+    /// Stores device telemetry and acks it (connected once the MQTT client runs).
+    pub telemetry: Arc<crate::telemetry::ingest::Ingest>,
+    /// This replica's broker connection for remote sessions (connected once it runs).
+    pub remote: Arc<crate::remote::Hub>,
 }
 
 /// Shared state of every request handler.
@@ -66,6 +70,7 @@ impl AppState {
         store: crate::store::ArtifactStore,
     ) -> AppState {
         let engine = crate::engine::Engine::new(db.clone());
+        let (db_for_telemetry, telemetry_config) = (db.clone(), config.telemetry.clone());
         AppState(Arc::new(Inner {
             db,
             ca,
@@ -76,6 +81,8 @@ impl AppState {
             broker: std::sync::OnceLock::new(),
             store,
             engine,
+            telemetry: crate::telemetry::ingest::Ingest::new(db_for_telemetry, telemetry_config),
+            remote: crate::remote::Hub::new(),
         }))
     }
 }
@@ -89,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/metrics/fleet", get(crate::telemetry::prometheus::handler))
         .nest("/api/v1", api)
         .merge(crate::ui::routes())
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
@@ -446,8 +454,31 @@ pub async fn serve(
         });
     }
     let engine = state.engine.clone();
-    let ingest =
-        devices.ingest.map(|target| tokio::spawn(crate::devnet::run_ingest(db.clone(), engine, target, stopping)));
+    tokio::spawn(crate::alerts::engine::run(
+        db.clone(),
+        std::time::Duration::from_secs(state.config.alerts.interval_secs.max(1)),
+        stopping.clone(),
+    ));
+    match crate::alerts::notify::Notifier::new(state.config.alerts.clone()) {
+        Ok(n) => {
+            tokio::spawn(crate::alerts::notify::run(db.clone(), Arc::new(n), stopping.clone()));
+        }
+        Err(e) => return Err(StartError::Bootstrap(format!("alert notifications: {e}"))),
+    }
+    if let Some(target) = devices.ingest.clone() {
+        tokio::spawn(state.remote.clone().run(target, stopping.clone()));
+    }
+    tokio::spawn(crate::telemetry::maintenance::run(
+        db.clone(),
+        state.telemetry.cache.clone(),
+        state.config.telemetry.clone(),
+        uuid::Uuid::now_v7().simple().to_string(),
+        stopping.clone(),
+    ));
+    let telemetry = state.telemetry.clone();
+    let ingest = devices
+        .ingest
+        .map(|target| tokio::spawn(crate::devnet::run_ingest(db.clone(), engine, telemetry, target, stopping)));
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     on_listening(addr);
     tracing::info!(%addr, backend = db.backend().name(), "droverd listening");

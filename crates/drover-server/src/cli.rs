@@ -41,6 +41,8 @@ pub struct Args {
     /// Largest artifact accepted by upload, in bytes (overrides max_artifact_size).
     #[arg(long, global = true)]
     pub max_artifact_size: Option<u64>,
+    #[command(flatten)]
+    pub telemetry: crate::telemetry::TelemetryFlags,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -133,6 +135,7 @@ pub fn main() -> ExitCode {
         device_listen: args.device_listen.clone(),
         artifact_store: args.artifact_store.clone(),
         max_artifact_size: args.max_artifact_size,
+        telemetry: args.telemetry.clone(),
     };
     let env = |k: &str| std::env::var(k).ok();
     let config = match Config::load(&args.data_dir, &env, &flags) {

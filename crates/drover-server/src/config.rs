@@ -68,6 +68,39 @@ artifact_store = ""
 # Largest artifact accepted by upload, in bytes (4 GiB).
 max_artifact_size = 4294967296
 
+# Remote access (terminal, files, port forwarding): a session ends after this many seconds
+# without data either way, and after the maximum duration in any case.
+remote_idle_timeout_secs = 900
+remote_max_duration_secs = 14400
+
+# Alerts: seconds between evaluations (one replica evaluates at a time).
+alert_interval_secs = 5
+
+# Email notifications: the SMTP server (HOST:PORT; empty: email channels are off), how to
+# secure the connection (starttls, tls, or none for a local relay), the From address and, if
+# the server wants AUTH, the username and password (better: DROVER_SMTP_PASSWORD).
+smtp_server = ""
+smtp_security = "starttls"
+smtp_from = ""
+smtp_username = ""
+smtp_password = ""
+
+# Extra CA certificates (PEM) to trust for webhooks and SMTP, besides the system's. Empty: none.
+notify_ca_file = ""
+
+# Telemetry (docs/telemetry-server.md): how long raw points, 1-minute and 1-hour rollups and
+# events are kept (days); a point arriving more than late_after_secs after it was measured is
+# stored as late; /metrics/fleet labels fleet aggregates by these tag keys. A TOML table: put
+# it at the end of this file.
+# [telemetry]
+# late_after_secs = 120
+# retention_raw_days = 7
+# retention_1m_days = 30
+# retention_1h_days = 400
+# retention_events_days = 30
+# prometheus_tags = ["site"]
+# prometheus_metrics = ["cpu.percent", "mem.used_percent"]
+
 # Mark session cookies Secure. Set this when droverd is reached over HTTPS through a
 # reverse proxy that does not send X-Forwarded-Proto.
 secure_cookies = false
@@ -93,6 +126,10 @@ pub struct Config {
     pub public_names: Vec<String>,
     pub artifact_store: String,
     pub max_artifact_size: u64,
+    pub telemetry: crate::telemetry::TelemetryConfig,
+    pub alerts: crate::alerts::AlertsConfig,
+    pub remote_idle_timeout_secs: u64,
+    pub remote_max_duration_secs: u64,
 }
 
 /// The default largest artifact: 4 GiB.
@@ -118,6 +155,16 @@ struct FileConfig {
     public_names: Option<Vec<String>>,
     artifact_store: Option<String>,
     max_artifact_size: Option<u64>,
+    telemetry: Option<crate::telemetry::TelemetryFile>,
+    alert_interval_secs: Option<u64>,
+    smtp_server: Option<String>,
+    smtp_security: Option<String>,
+    smtp_from: Option<String>,
+    smtp_username: Option<String>,
+    smtp_password: Option<String>,
+    notify_ca_file: Option<String>,
+    remote_idle_timeout_secs: Option<u64>,
+    remote_max_duration_secs: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +187,7 @@ pub struct Overrides {
     pub device_listen: Option<String>,
     pub artifact_store: Option<String>,
     pub max_artifact_size: Option<u64>,
+    pub telemetry: crate::telemetry::TelemetryFlags,
 }
 
 impl Config {
@@ -164,6 +212,10 @@ impl Config {
             public_names: vec!["localhost".into(), "127.0.0.1".into()],
             artifact_store: String::new(),
             max_artifact_size: DEFAULT_MAX_ARTIFACT_SIZE,
+            telemetry: crate::telemetry::TelemetryConfig::default(),
+            alerts: crate::alerts::AlertsConfig::default(),
+            remote_idle_timeout_secs: 900,
+            remote_max_duration_secs: 4 * 3600,
         }
     }
 
@@ -206,6 +258,7 @@ impl Config {
         if let Some(v) = flags.max_artifact_size {
             c.max_artifact_size = v;
         }
+        c.telemetry.apply_flags(&flags.telemetry);
         Ok(c)
     }
 
@@ -254,6 +307,31 @@ impl Config {
         if let Some(v) = f.max_artifact_size {
             self.max_artifact_size = v;
         }
+        if let Some(t) = f.telemetry {
+            self.telemetry.apply_file(t);
+        }
+        if let Some(v) = f.alert_interval_secs {
+            self.alerts.interval_secs = v;
+        }
+        let a = &mut self.alerts;
+        for (value, field) in [
+            (f.smtp_server, &mut a.smtp_server),
+            (f.smtp_security, &mut a.smtp_security),
+            (f.smtp_from, &mut a.smtp_from),
+            (f.smtp_username, &mut a.smtp_username),
+            (f.smtp_password, &mut a.smtp_password),
+            (f.notify_ca_file, &mut a.notify_ca_file),
+        ] {
+            if let Some(v) = value {
+                *field = v;
+            }
+        }
+        if let Some(v) = f.remote_idle_timeout_secs {
+            self.remote_idle_timeout_secs = v;
+        }
+        if let Some(v) = f.remote_max_duration_secs {
+            self.remote_max_duration_secs = v;
+        }
     }
 
     fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
@@ -277,6 +355,27 @@ impl Config {
         }
         if let Some(v) = env("DROVER_SESSION_IDLE_TIMEOUT_SECS") {
             self.session_idle_timeout_secs = parsed("DROVER_SESSION_IDLE_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = env("DROVER_ALERT_INTERVAL_SECS") {
+            self.alerts.interval_secs = parsed("DROVER_ALERT_INTERVAL_SECS", v)?;
+        }
+        for (name, field) in [
+            ("DROVER_SMTP_SERVER", &mut self.alerts.smtp_server),
+            ("DROVER_SMTP_SECURITY", &mut self.alerts.smtp_security),
+            ("DROVER_SMTP_FROM", &mut self.alerts.smtp_from),
+            ("DROVER_SMTP_USERNAME", &mut self.alerts.smtp_username),
+            ("DROVER_SMTP_PASSWORD", &mut self.alerts.smtp_password),
+            ("DROVER_NOTIFY_CA_FILE", &mut self.alerts.notify_ca_file),
+        ] {
+            if let Some(v) = env(name) {
+                *field = v;
+            }
+        }
+        if let Some(v) = env("DROVER_REMOTE_IDLE_TIMEOUT_SECS") {
+            self.remote_idle_timeout_secs = parsed("DROVER_REMOTE_IDLE_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = env("DROVER_REMOTE_MAX_DURATION_SECS") {
+            self.remote_max_duration_secs = parsed("DROVER_REMOTE_MAX_DURATION_SECS", v)?;
         }
         if let Some(v) = env("DROVER_CA_CERT_FILE") {
             self.ca_cert_file = v;
@@ -303,6 +402,7 @@ impl Config {
         if let Some(v) = env("DROVER_MAX_ARTIFACT_SIZE") {
             self.max_artifact_size = parsed("DROVER_MAX_ARTIFACT_SIZE", v)?;
         }
+        self.telemetry.apply_env(env)?;
         if let Some(v) = env("DROVER_SECURE_COOKIES") {
             self.secure_cookies = parsed("DROVER_SECURE_COOKIES", v)?;
         }

@@ -279,11 +279,22 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), StartError> {
     Ok((host.to_string(), port))
 }
 
+/// QoS 0 messages (heartbeats) waiting for the worker, at most; more are dropped. QoS 1 ones
+/// are bounded by the broker's in-flight window: they are acknowledged only once handled.
+const INGEST_QOS0_BACKLOG: usize = 4096;
+
 /// Consumes the fleet's uplink traffic through the shared subscription until `stop`; the
 /// same connection carries the engine's commands to devices.
+///
+/// The connection is polled without pause (keep-alive, outgoing commands) while one worker
+/// handles the messages in order. QoS 1 messages are acknowledged by hand once handled: when
+/// the database is slow, the broker stops sending once this replica's in-flight window is
+/// full and holds the devices back (flow control) — nothing waits in memory here, and a
+/// message is acknowledged only when it has been recorded.
 pub async fn run_ingest(
     db: Db,
     engine: Arc<crate::engine::Engine>,
+    telemetry: Arc<crate::telemetry::ingest::Ingest>,
     target: IngestTarget,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -292,8 +303,37 @@ pub async fn run_ingest(
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_start(true);
     opts.set_max_packet_size(Some(2 * 1024 * 1024));
+    opts.set_manual_acks(true);
     let (client, mut eventloop) = AsyncClient::new(opts, 256);
     engine.start(client.clone(), stop.clone());
+    telemetry.start(client.clone(), stop.clone());
+    crate::device_rules::start(db.clone(), client.clone(), stop.clone());
+    // Which connection a message came on: an acknowledgement is sent only on that one (a
+    // packet id means nothing on the next connection).
+    let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Unbounded, but bounded in effect: QoS 1 by the in-flight window, QoS 0 by `backlog`. The
+    // poll loop never waits on the worker, so the worker may wait on the client's queue.
+    let (work, mut queue) = mpsc::unbounded_channel::<(u64, rumqttc::v5::mqttbytes::v5::Publish)>();
+    {
+        let (db, engine, telemetry, client, epoch, backlog) =
+            (db.clone(), engine.clone(), telemetry.clone(), client.clone(), epoch.clone(), backlog.clone());
+        tokio::spawn(async move {
+            while let Some((on, p)) = queue.recv().await {
+                if p.qos == QoS::AtMostOnce {
+                    backlog.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                handle_publish(&db, &engine, &telemetry, &p).await;
+                if p.qos != QoS::AtMostOnce
+                    && on == epoch.load(std::sync::atomic::Ordering::Acquire)
+                    && let Err(e) = client.ack(&p).await
+                {
+                    tracing::warn!("device traffic: cannot acknowledge: {e}");
+                }
+            }
+        });
+    }
+    let mut dropped = 0u64;
     let mut failures = 0u32;
     loop {
         let event = tokio::select! {
@@ -305,6 +345,7 @@ pub async fn run_ingest(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 failures = 0;
                 tracing::info!(broker = %format!("{}:{}", target.host, target.port), "consuming device traffic");
                 if let Err(e) = client.try_subscribe(device::SERVER_UPLINK_SUBSCRIPTION, QoS::AtLeastOnce) {
@@ -321,8 +362,19 @@ pub async fn run_ingest(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let Ok(topic) = std::str::from_utf8(&p.topic) else { continue };
-                handle_uplink(&db, &engine, topic, &p.payload).await;
+                if p.qos == QoS::AtMostOnce
+                    && backlog.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= INGEST_QOS0_BACKLOG
+                {
+                    backlog.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    dropped += 1;
+                    if dropped.is_power_of_two() {
+                        tracing::warn!("device traffic: the worker is behind; {dropped} QoS 0 message(s) dropped");
+                    }
+                    continue;
+                }
+                if work.send((epoch.load(std::sync::atomic::Ordering::Acquire), p)).is_err() {
+                    return;
+                }
             }
             Ok(_) => {}
             Err(e) => {
@@ -336,6 +388,26 @@ pub async fn run_ingest(
             }
         }
     }
+}
+
+/// One message from the shared subscription: telemetry to its writer, the rest recorded.
+async fn handle_publish(
+    db: &Db,
+    engine: &Arc<crate::engine::Engine>,
+    telemetry: &Arc<crate::telemetry::ingest::Ingest>,
+    p: &rumqttc::v5::mqttbytes::v5::Publish,
+) {
+    let Ok(topic) = std::str::from_utf8(&p.topic) else { return };
+    if let Some((device_id, device::Channel::Telemetry)) = device::parse_topic(topic) {
+        // Checked here, queued for the telemetry writer (waits while its queue is full).
+        match device::decode_uplink(device::Channel::Telemetry, &p.payload) {
+            Ok(Uplink::Telemetry(b)) => telemetry.submit(device_id, b).await,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(device_id, topic, "device traffic: telemetry refused: {e}"),
+        }
+        return;
+    }
+    handle_uplink(db, engine, topic, &p.payload).await;
 }
 
 /// Records one device message. Traffic from devices the registry does not know as accepted is
@@ -352,13 +424,21 @@ pub async fn handle_uplink(db: &Db, engine: &Arc<crate::engine::Engine>, topic: 
         }
         Ok(Uplink::Hello(h)) => {
             match crate::presence::record_hello(db, device_id, &h.agent, h.boot_id.as_deref(), now).await {
-                Ok(()) => engine.on_hello(device_id, h.software.as_ref()).await,
+                Ok(()) => {
+                    if let Err(e) = crate::device_rules::on_hello(db, device_id).await {
+                        tracing::warn!(device_id, "device rule set not queued: {e}");
+                    }
+                    engine.on_hello(device_id, h.software.as_ref()).await
+                }
                 Err(e) => Err(e),
             }
         }
         Ok(Uplink::Inventory(i)) => crate::presence::record_inventory(db, device_id, &i.attributes, now).await,
         Ok(Uplink::Heartbeat(_)) => crate::presence::record_heartbeat(db, device_id, now).await,
         Ok(Uplink::UpdateReport(r)) => engine.on_report(device_id, r).await,
+        // Telemetry goes to the writer in `run_ingest`; this arm is for callers without one.
+        Ok(Uplink::Telemetry(_)) => Ok(()),
+        Ok(Uplink::Logs(r)) => crate::telemetry::logs::record_answer(db, device_id, &r).await,
         Err(e) => {
             tracing::warn!(device_id, topic, "device traffic: message refused: {e}");
             return;

@@ -15,6 +15,10 @@
 //!   replica whose update changed the row sends. A `hello` re-sends without a claim: commands
 //!   are idempotent on the device. Every few seconds each replica sweeps for current rows of
 //!   online devices that no one has sent (a replica that stopped right after a creation).
+//! - A current row that was sent but has heard nothing for [`STALE`] (its report lost on the
+//!   way, say) is sent again by the sweep, claimed by moving `sent_at`: the device answers a
+//!   repeated command with where it stands, so no row waits for ever on a device that is
+//!   online.
 //! - Reports: final states stay final (a late report is ignored); the last final report
 //!   sets what the device runs (`software`); the deployment finishes when its last device
 //!   does. Progress reports (the same state, more bytes) are merged in memory and written
@@ -46,6 +50,8 @@ const PROGRESS_FLUSH: Duration = Duration::from_secs(1);
 const MAX_KNOWN: usize = 200_000;
 /// How often each replica looks for current rows nobody sent.
 const SWEEP: Duration = Duration::from_secs(10);
+/// A sent row of an online device silent this long (ms) gets its command again.
+const STALE: i64 = 120_000;
 
 /// Rows with an older unfinished row of the same device wait (`dd` is the candidate row).
 const IS_CURRENT: &str = "NOT EXISTS (SELECT 1 FROM deployment_devices o WHERE o.device_id = dd.device_id \
@@ -326,13 +332,34 @@ impl Engine {
     /// Claims the unsent rows of these devices in one deployment, in one statement; returns
     /// the devices this replica won.
     async fn claim_many(&self, deployment_id: &str, devices: &[String]) -> AppResult<Vec<String>> {
-        let marks: Vec<String> = (3..devices.len() + 3).map(|i| format!("${i}")).collect();
+        self.claim_where(deployment_id, devices, now_ms(), None).await
+    }
+
+    /// Moves `sent_at` to `now` on these devices' unfinished rows of one deployment that were
+    /// unsent (`stale_before` None) or sent and silent since before `stale_before`; returns the
+    /// devices this replica won.
+    async fn claim_where(
+        &self,
+        deployment_id: &str,
+        devices: &[String],
+        now: i64,
+        stale_before: Option<i64>,
+    ) -> AppResult<Vec<String>> {
+        let first = if stale_before.is_some() { 4 } else { 3 };
+        let marks: Vec<String> = (first..devices.len() + first).map(|i| format!("${i}")).collect();
+        let sent = match stale_before {
+            None => "sent_at IS NULL",
+            Some(_) => "sent_at < $3 AND updated_at < $3",
+        };
         let sql = format!(
-            "UPDATE deployment_devices SET sent_at = $1 WHERE deployment_id = $2 AND sent_at IS NULL AND finished = 0 \
+            "UPDATE deployment_devices SET sent_at = $1 WHERE deployment_id = $2 AND {sent} AND finished = 0 \
              AND device_id IN ({}) RETURNING device_id",
             marks.join(", ")
         );
-        let mut q = sqlx::query_as::<_, (String,)>(&sql).bind(now_ms()).bind(deployment_id.to_string());
+        let mut q = sqlx::query_as::<_, (String,)>(&sql).bind(now).bind(deployment_id.to_string());
+        if let Some(t) = stale_before {
+            q = q.bind(t);
+        }
         for d in devices {
             q = q.bind(d.clone());
         }
@@ -360,7 +387,45 @@ impl Engine {
         if !self.connected() {
             return Ok(0);
         }
-        self.send_unsent(None).await
+        let sent = self.send_unsent(None).await?;
+        Ok(sent + self.resend_stale(now_ms()).await?)
+    }
+
+    /// Sends the command again to current rows of online devices sent and silent for
+    /// [`STALE`] as of `now`; each claimed by moving its `sent_at`, so one replica sends.
+    pub async fn resend_stale(&self, now: i64) -> AppResult<usize> {
+        let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT dd.deployment_id, dd.device_id FROM deployment_devices dd JOIN devices d ON d.id = dd.device_id \
+             WHERE dd.finished = 0 AND dd.sent_at < $1 AND dd.updated_at < $1 AND d.online = 1 AND {IS_CURRENT} \
+             LIMIT {BATCH}"
+        ))
+        .bind(now - STALE)
+        .fetch_all(self.db.pool())
+        .await?;
+        let mut by_deployment: HashMap<String, Vec<String>> = HashMap::new();
+        for (dep, device) in rows {
+            by_deployment.entry(dep).or_default().push(device);
+        }
+        let mut sent = 0;
+        for (dep, devices) in by_deployment {
+            let won = self.claim_where(&dep, &devices, now, Some(now - STALE)).await?;
+            if won.is_empty() {
+                continue;
+            }
+            let Some(payload) = self.current_command(&dep).await? else { continue };
+            tracing::info!(
+                deployment = dep,
+                devices = won.len(),
+                "no word from devices for a while: command sent again"
+            );
+            for device in won {
+                if !self.send_wait(&device, payload.clone()).await {
+                    return Ok(sent);
+                }
+                sent += 1;
+            }
+        }
+        Ok(sent)
     }
 
     /// Sends `abort` for a deployment to these devices.

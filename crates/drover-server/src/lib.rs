@@ -5,6 +5,7 @@
 //! Entry points: [`app::router`] builds the HTTP application from an [`app::AppState`];
 //! [`app::serve`] runs it; [`cli`] is the `droverd` command line.
 
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod artifacts;
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod deployments;
+pub mod device_rules;
 pub mod devices;
 pub mod devnet;
 pub mod download;
@@ -27,6 +29,8 @@ pub mod migrations;
 pub mod ops;
 pub mod page;
 pub mod presence;
+pub mod remote;
 pub mod store;
+pub mod telemetry;
 pub mod time;
 pub mod ui;

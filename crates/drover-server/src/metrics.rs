@@ -128,6 +128,12 @@ pub fn render_broker(stats: &drover_broker::Stats, retained: usize) -> String {
         stats.dropped_total.load(Relaxed),
     );
     metric(
+        "drover_mqtt_busy_disconnects_total",
+        "counter",
+        "Devices disconnected (server busy) because the server replicas took none of their messages for the broker's busy wait.",
+        stats.busy_disconnects_total.load(Relaxed),
+    );
+    metric(
         "drover_mqtt_acl_denied_total",
         "counter",
         "Publishes and subscriptions refused as not authorized.",

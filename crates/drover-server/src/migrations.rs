@@ -388,6 +388,26 @@ CREATE INDEX devices_org_seen ON devices (org_id, (COALESCE(last_seen_at, 0)), i
         sqlite: MIGRATION_5,
         postgres: MIGRATION_5,
     },
+    Migration {
+        version: 6,
+        name: "telemetry: metric series, points (partitioned by day on PostgreSQL), 1-minute and 1-hour rollups, events, log requests, job leases",
+        // Values are REAL / DOUBLE PRECISION: the one departure from integers and text
+        // (ARCHITECTURE.md). Points are keyed by (series, ts) so a resent batch changes nothing.
+        sqlite: MIGRATION_6_SQLITE,
+        postgres: MIGRATION_6_POSTGRES,
+    },
+    Migration {
+        version: 7,
+        name: "alerts: rules, per-key state, history, silences, notification channels and deliveries; device rule sets",
+        sqlite: MIGRATION_7,
+        postgres: MIGRATION_7,
+    },
+    Migration {
+        version: 8,
+        name: "remote access: sessions, terminal recordings, the organization's recording setting",
+        sqlite: crate::remote::sessions::MIGRATION_8,
+        postgres: crate::remote::sessions::MIGRATION_8,
+    },
 ];
 
 /// Software updates (v5), the same on both engines.
@@ -460,4 +480,273 @@ CREATE TABLE trust_roots (
     uploaded_by TEXT NOT NULL,
     PRIMARY KEY (org_id, version)
 );
+"#;
+
+/// Telemetry (v6) on SQLite: points and rollups are `WITHOUT ROWID` tables clustered by
+/// series and time.
+const MIGRATION_6_SQLITE: &str = r#"
+CREATE TABLE metric_series (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    UNIQUE (device_id, name)
+);
+CREATE INDEX metric_series_name ON metric_series (name, device_id);
+CREATE TABLE metric_points (
+    series_id INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    value REAL NOT NULL,
+    late INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (series_id, ts)
+) WITHOUT ROWID;
+CREATE TABLE metric_rollup_1m (
+    series_id INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    sum REAL NOT NULL,
+    min REAL NOT NULL,
+    max REAL NOT NULL,
+    PRIMARY KEY (series_id, bucket)
+) WITHOUT ROWID;
+CREATE TABLE metric_rollup_1h (
+    series_id INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    sum REAL NOT NULL,
+    min REAL NOT NULL,
+    max REAL NOT NULL,
+    PRIMARY KEY (series_id, bucket)
+) WITHOUT ROWID;
+CREATE TABLE telemetry_events (
+    device_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    late INTEGER NOT NULL DEFAULT 0,
+    name TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    data TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (device_id, id)
+);
+CREATE INDEX telemetry_events_name_ts ON telemetry_events (name, ts);
+CREATE INDEX telemetry_events_device_ts ON telemetry_events (device_id, ts);
+CREATE TABLE telemetry_devices (
+    device_id TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    dropped INTEGER NOT NULL DEFAULT 0,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE log_requests (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    lines_wanted INTEGER NOT NULL,
+    requested_by TEXT NOT NULL,
+    requested_at INTEGER NOT NULL,
+    answered_at INTEGER,
+    lines TEXT,
+    truncated INTEGER NOT NULL DEFAULT 0,
+    error TEXT
+);
+CREATE INDEX log_requests_requested ON log_requests (requested_at);
+CREATE TABLE job_leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    last_run_at INTEGER
+);
+"#;
+
+/// Telemetry (v6) on PostgreSQL: `metric_points` is range-partitioned by `ts`, one partition
+/// per UTC day (`metric_points_dN`, N = days since 1970), made ahead by the ingest and the
+/// maintenance job and dropped whole by retention.
+const MIGRATION_6_POSTGRES: &str = r#"
+CREATE TABLE metric_series (
+    id BIGSERIAL PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    UNIQUE (device_id, name)
+);
+CREATE INDEX metric_series_name ON metric_series (name, device_id);
+CREATE TABLE metric_points (
+    series_id BIGINT NOT NULL,
+    ts BIGINT NOT NULL,
+    value DOUBLE PRECISION NOT NULL,
+    late BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (series_id, ts)
+) PARTITION BY RANGE (ts);
+CREATE TABLE metric_rollup_1m (
+    series_id BIGINT NOT NULL,
+    bucket BIGINT NOT NULL,
+    count BIGINT NOT NULL,
+    sum DOUBLE PRECISION NOT NULL,
+    min DOUBLE PRECISION NOT NULL,
+    max DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (series_id, bucket)
+);
+CREATE TABLE metric_rollup_1h (
+    series_id BIGINT NOT NULL,
+    bucket BIGINT NOT NULL,
+    count BIGINT NOT NULL,
+    sum DOUBLE PRECISION NOT NULL,
+    min DOUBLE PRECISION NOT NULL,
+    max DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (series_id, bucket)
+);
+CREATE TABLE telemetry_events (
+    device_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    ts BIGINT NOT NULL,
+    received_at BIGINT NOT NULL,
+    late BIGINT NOT NULL DEFAULT 0,
+    name TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    data TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (device_id, id)
+);
+CREATE INDEX telemetry_events_name_ts ON telemetry_events (name, ts);
+CREATE INDEX telemetry_events_device_ts ON telemetry_events (device_id, ts);
+CREATE TABLE telemetry_devices (
+    device_id TEXT PRIMARY KEY,
+    last_seq BIGINT NOT NULL,
+    dropped BIGINT NOT NULL DEFAULT 0,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE log_requests (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    lines_wanted BIGINT NOT NULL,
+    requested_by TEXT NOT NULL,
+    requested_at BIGINT NOT NULL,
+    answered_at BIGINT,
+    lines TEXT,
+    truncated BIGINT NOT NULL DEFAULT 0,
+    error TEXT
+);
+CREATE INDEX log_requests_requested ON log_requests (requested_at);
+CREATE TABLE job_leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    last_run_at BIGINT
+);
+"#;
+
+/// Alerts and device rule sets (v7), the same on both engines.
+const MIGRATION_7: &str = r#"
+CREATE TABLE alert_rules (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL REFERENCES organizations(id),
+    name TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    filter TEXT,
+    group_id TEXT,
+    condition TEXT NOT NULL,
+    pending_s BIGINT NOT NULL DEFAULT 0,
+    flap_window_s BIGINT NOT NULL,
+    flap_changes BIGINT NOT NULL,
+    channels TEXT NOT NULL DEFAULT '[]',
+    enabled BIGINT NOT NULL DEFAULT 1,
+    event_cursor BIGINT NOT NULL DEFAULT 0,
+    created_by TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    UNIQUE (org_id, name)
+);
+CREATE TABLE alerts (
+    rule_id TEXT NOT NULL,
+    alert_key TEXT NOT NULL,
+    org_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    since BIGINT NOT NULL,
+    fired_at BIGINT,
+    resolved_at BIGINT,
+    value DOUBLE PRECISION,
+    message TEXT NOT NULL DEFAULT '',
+    transitions TEXT NOT NULL DEFAULT '[]',
+    flapping BIGINT NOT NULL DEFAULT 0,
+    notified_state TEXT NOT NULL DEFAULT '',
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (rule_id, alert_key)
+);
+CREATE INDEX alerts_org_state ON alerts (org_id, state);
+CREATE TABLE alert_history (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL,
+    rule_id TEXT NOT NULL,
+    rule_name TEXT NOT NULL,
+    alert_key TEXT NOT NULL,
+    at BIGINT NOT NULL,
+    event TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX alert_history_org_at ON alert_history (org_id, at, id);
+CREATE TABLE alert_silences (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL,
+    rule_id TEXT,
+    filter TEXT,
+    starts_at BIGINT NOT NULL,
+    ends_at BIGINT NOT NULL,
+    reason TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX alert_silences_org_end ON alert_silences (org_id, ends_at);
+CREATE TABLE notification_channels (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL REFERENCES organizations(id),
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    secret TEXT NOT NULL DEFAULT '',
+    created_by TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    UNIQUE (org_id, name)
+);
+CREATE TABLE notifications (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL,
+    channel_id TEXT NOT NULL,
+    rule_id TEXT NOT NULL,
+    alert_key TEXT NOT NULL,
+    event TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts BIGINT NOT NULL DEFAULT 0,
+    next_at BIGINT NOT NULL,
+    last_error TEXT,
+    created_at BIGINT NOT NULL,
+    sent_at BIGINT
+);
+CREATE INDEX notifications_due ON notifications (status, next_at);
+CREATE INDEX notifications_org_created ON notifications (org_id, created_at, id);
+CREATE TABLE notification_attempts (
+    notification_id TEXT NOT NULL,
+    attempt BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    ok BIGINT NOT NULL,
+    detail TEXT NOT NULL,
+    PRIMARY KEY (notification_id, attempt)
+);
+CREATE TABLE device_rule_sets (
+    group_id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL REFERENCES organizations(id),
+    version BIGINT NOT NULL,
+    rules TEXT NOT NULL,
+    updated_by TEXT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE device_rule_delivery (
+    device_id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL,
+    digest TEXT NOT NULL DEFAULT '',
+    version BIGINT NOT NULL DEFAULT 0,
+    pending BIGINT NOT NULL DEFAULT 0,
+    sent_at BIGINT
+);
+CREATE INDEX device_rule_delivery_pending ON device_rule_delivery (pending);
 "#;

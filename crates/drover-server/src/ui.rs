@@ -21,8 +21,10 @@ use crate::auth::{LOGIN_CSRF_COOKIE, Principal, SESSION_COOKIE, random_secret};
 use crate::error::AppError;
 use crate::ops;
 
+mod alerts;
 mod fleet;
 mod groups;
+mod remote;
 mod updates;
 
 const HTMX: &str = include_str!("../assets/vendor/htmx-2.0.4.min.js");
@@ -68,7 +70,13 @@ impl Templates {
             ("deployment.html", include_str!("../templates/deployment.html")),
             ("deployment_live.html", include_str!("../templates/deployment_live.html")),
             ("deployment_log.html", include_str!("../templates/deployment_log.html")),
+            ("alerts.html", include_str!("../templates/alerts.html")),
+            ("alerts_rules.html", include_str!("../templates/alerts_rules.html")),
+            ("device_rules.html", include_str!("../templates/device_rules.html")),
         ] {
+            env.add_template(name, src).expect("templates compile");
+        }
+        for (name, src) in remote::TEMPLATES {
             env.add_template(name, src).expect("templates compile");
         }
         Templates { env }
@@ -94,13 +102,15 @@ pub fn routes() -> Router<AppState> {
         .route("/audit", get(audit))
         .merge(fleet::routes())
         .merge(groups::routes())
+        .merge(alerts::routes())
         .merge(updates::routes())
+        .merge(remote::routes())
         .route("/assets/drover.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], CSS) }))
         .route(
             "/assets/vendor/htmx-2.0.4.min.js",
             get(|| async { ([(header::CONTENT_TYPE, "application/javascript"), (header::CACHE_CONTROL, "public, max-age=31536000, immutable")], HTMX) }),
         )
-        .route("/assets/licenses", get(|| async { ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("Third-party software embedded in Drover's web UI\n\nhtmx 2.0.4 (https://htmx.org)\n\n{HTMX_LICENSE}")) }))
+        .route("/assets/licenses", get(|| async { ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("Third-party software embedded in Drover's web UI\n\nhtmx 2.0.4 (https://htmx.org)\n\n{HTMX_LICENSE}\n\n{}", remote::licenses())) }))
 }
 
 /// A signed-in person. Without a valid session the browser is sent to the sign-in page.

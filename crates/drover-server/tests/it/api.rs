@@ -136,6 +136,18 @@ fn body_for(path: &str, method: &Method) -> Option<Value> {
         ("PATCH", "/api/v1/groups/{id}") => Some(json!({"name": "renamed"})),
         ("POST", "/api/v1/groups/{id}/devices") => Some(json!({"devices": ["x"]})),
         ("POST", "/api/v1/deployments") => Some(json!({"artifact": "edge-app@1", "devices": ["x"]})),
+        ("POST", "/api/v1/alert-rules") => Some(json!({
+            "name": "hot",
+            "condition": {"kind": "threshold", "metric": "cpu.percent", "op": ">", "threshold": 90.0, "window_s": 300}
+        })),
+        ("PATCH", "/api/v1/alert-rules/{id}") => Some(json!({"enabled": false})),
+        ("PUT", "/api/v1/device-rule-sets/{group}") => Some(json!({"rules": []})),
+        ("POST", "/api/v1/devices/{id}/logs") => Some(json!({"source": "journal"})),
+        ("POST", "/api/v1/notification-channels") => {
+            Some(json!({"name": "ops", "kind": "webhook", "target": "https://hooks.example.com/drover"}))
+        }
+        ("PUT", "/api/v1/remote-settings") => Some(json!({"recording": true})),
+        ("POST", "/api/v1/silences") => Some(json!({"reason": "maintenance", "duration_s": 3600})),
         _ => None,
     }
 }
@@ -161,15 +173,20 @@ async fn a_viewer_is_refused_on_every_mutating_route_and_the_audit_log_is_unchan
                 continue;
             }
             let id = if path.starts_with("/api/v1/tokens/") { &token_id } else { &admin_id };
-            let concrete = path.replace("{id}", id).replace("{device_id}", id);
-            // Devices, groups, enrollment tokens, artifacts and deployments are an operator's
-            // work; the rest (the trust root among them) an admin's.
+            let concrete = path.replace("{id}", id).replace("{device_id}", id).replace("{group}", id);
+            // Devices (their logs among them), groups, enrollment tokens, artifacts,
+            // deployments, alerting and device rules are an operator's work; the rest (the
+            // trust root and the remote-access settings among them) an admin's.
             let operator_may = [
                 "/api/v1/devices",
                 "/api/v1/enrollment-tokens",
                 "/api/v1/groups",
                 "/api/v1/artifacts",
                 "/api/v1/deployments",
+                "/api/v1/alert-rules",
+                "/api/v1/silences",
+                "/api/v1/notification-channels",
+                "/api/v1/device-rule-sets",
             ]
             .iter()
             .any(|prefix| path.starts_with(prefix));

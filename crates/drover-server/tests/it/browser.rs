@@ -12,7 +12,7 @@ use crate::support::{TempDir, eventually, free_port};
 
 const W3C_ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-struct Browser {
+pub(crate) struct Browser {
     driver: Child,
     base: String,
     session: String,
@@ -24,7 +24,7 @@ fn find_program(candidates: &[&str]) -> Option<String> {
 }
 
 impl Browser {
-    fn start() -> Browser {
+    pub(crate) fn start() -> Browser {
         let install =
             "run the README's test command (scripts/test.sh), which installs Debian's chromium and chromium-driver";
         let chromium = find_program(&["/usr/bin/chromium", "/usr/bin/chromium-browser"])
@@ -62,7 +62,7 @@ impl Browser {
         Browser { driver, base, session, _profile: profile }
     }
 
-    fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+    pub(crate) fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         self.try_cmd(method, path, body).unwrap_or_else(|e| panic!("WebDriver {method} {path} failed: {e}"))
     }
 
@@ -90,11 +90,11 @@ impl Browser {
         })
     }
 
-    fn goto(&self, url: &str) {
+    pub(crate) fn goto(&self, url: &str) {
         self.cmd("POST", "/url", Some(json!({"url": url})));
     }
 
-    fn find(&self, css: &str) -> String {
+    pub(crate) fn find(&self, css: &str) -> String {
         let url = format!("{}/session/{}/element", self.base, self.session);
         eventually(Duration::from_secs(10), &format!("element {css}"), || {
             let mut r = agent().post(&url).send_json(json!({"using": "css selector", "value": css})).ok()?;
@@ -103,16 +103,16 @@ impl Browser {
         })
     }
 
-    fn type_into(&self, css: &str, text: &str) {
+    pub(crate) fn type_into(&self, css: &str, text: &str) {
         self.with_element(css, |el| self.try_cmd("POST", &format!("/element/{el}/clear"), None));
         self.with_element(css, |el| self.try_cmd("POST", &format!("/element/{el}/value"), Some(json!({"text": text}))));
     }
 
-    fn click(&self, css: &str) {
+    pub(crate) fn click(&self, css: &str) {
         self.with_element(css, |el| self.try_cmd("POST", &format!("/element/{el}/click"), None));
     }
 
-    fn text(&self, css: &str) -> String {
+    pub(crate) fn text(&self, css: &str) -> String {
         let v = self.with_element(css, |el| self.try_cmd("GET", &format!("/element/{el}/text"), None));
         v.as_str().unwrap_or_default().to_string()
     }
@@ -121,7 +121,7 @@ impl Browser {
         self.cmd("GET", "/title", None).as_str().unwrap_or_default().to_string()
     }
 
-    fn wait_title(&self, contains: &str) {
+    pub(crate) fn wait_title(&self, contains: &str) {
         eventually(Duration::from_secs(10), &format!("page title with {contains:?}"), || {
             self.title().contains(contains).then_some(())
         });

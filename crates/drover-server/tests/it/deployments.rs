@@ -706,6 +706,18 @@ async fn two_replicas_share_the_work_and_send_each_command_once() {
             assert!(std::time::Instant::now() < deadline, "progress never written: {}", r.body);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+
+        // Reports lost on the way (a broker that gave up on a wedged replica): three minutes
+        // later the rows have heard nothing, and the sweep of either replica sends each
+        // device its command again, once; right after, nothing more.
+        let later = drover_server::time::now_ms() + 180_000;
+        let (a, b) = tokio::join!(e1.resend_stale(later), e2.resend_stale(later));
+        assert_eq!(a.unwrap() + b.unwrap(), ids.len());
+        let mut sent = drain(&mut rx1, Duration::from_millis(300)).await;
+        sent.extend(drain(&mut rx2, Duration::from_millis(300)).await);
+        sent.sort();
+        assert_eq!(sent, expected, "the current command again, once per device");
+        assert_eq!(e1.resend_stale(later + 1_000).await.unwrap() + e2.resend_stale(later + 1_000).await.unwrap(), 0);
         let _ = stop_tx.send(true);
         db2.close().await;
         app.db.close().await;

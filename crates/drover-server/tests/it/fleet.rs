@@ -300,8 +300,8 @@ async fn devices_enroll_over_https_connect_over_mutual_tls_and_are_seen() {
     })
     .await
     .unwrap();
-    // The device and this server's own consumer.
-    assert!(metrics.contains("drover_mqtt_connections 2"), "{metrics}");
+    // The device, this server's consumer of device traffic and its remote-access relay.
+    assert!(metrics.contains("drover_mqtt_connections 3"), "{metrics}");
 
     // The connection dies without DISCONNECT: offline at once (the broker publishes the will).
     a.task.abort();

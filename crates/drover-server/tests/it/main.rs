@@ -4,6 +4,7 @@
 //! PostgreSQL is found through `DROVER_TEST_DATABASE_URL` (the README's test command sets
 //! it); each test gets a schema of its own there.
 
+mod alerts;
 mod api;
 mod artifacts;
 mod browser;
@@ -12,7 +13,9 @@ mod devices;
 mod e2e;
 mod fleet;
 mod groups;
+mod remote;
 mod support;
+mod telemetry;
 mod ui;
 mod ui_updates;
 mod update_agents;

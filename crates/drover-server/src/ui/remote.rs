@@ -1,0 +1,145 @@
+//! The remote-access pages: a device's terminal (xterm.js over the same WebSocket the CLI
+//! uses), its file transfers and sessions, every session of the organization with the
+//! recording switch (admins), and the replay of a recorded terminal session.
+//!
+//! The pages only show what the caller's role allows; the WebSocket and the API check again
+//! (`crate::remote`), so a page is never the only guard.
+
+use axum::Router;
+use axum::extract::{Form, Path, Query, State};
+use axum::http::header;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use drover_proto::api::Role;
+use minijinja::context;
+use serde::Deserialize;
+
+use super::{Flash, UiUser, back, check_csrf, error_page, merge, page_ctx};
+use crate::app::AppState;
+use crate::devices;
+use crate::error::AppResult;
+use crate::remote::sessions::{self, RemoteSettings, SessionListQuery};
+
+const TERMINAL_JS: &str = include_str!("../../assets/terminal.js");
+const XTERM_JS: &str = include_str!("../../assets/vendor/xterm-5.5.0.min.js");
+const XTERM_CSS: &str = include_str!("../../assets/vendor/xterm-5.5.0.css");
+const XTERM_FIT_JS: &str = include_str!("../../assets/vendor/xterm-addon-fit-0.10.0.min.js");
+pub const XTERM_LICENSE: &str = include_str!("../../assets/vendor/xterm-5.5.0.LICENSE");
+pub const XTERM_FIT_LICENSE: &str = include_str!("../../assets/vendor/xterm-addon-fit-0.10.0.LICENSE");
+
+pub const TEMPLATES: &[(&str, &str)] = &[
+    ("device_terminal.html", include_str!("../../templates/device_terminal.html")),
+    ("device_remote.html", include_str!("../../templates/device_remote.html")),
+    ("remote_sessions.html", include_str!("../../templates/remote_sessions.html")),
+    ("remote_sessions_table.html", include_str!("../../templates/remote_sessions_table.html")),
+    ("session_replay.html", include_str!("../../templates/session_replay.html")),
+];
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "public, max-age=31536000, immutable")], body)
+        .into_response()
+}
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/devices/{id}/terminal", get(terminal_page))
+        .route("/devices/{id}/remote", get(device_remote_page))
+        .route("/remote-sessions", get(sessions_page))
+        .route("/remote-sessions/{id}/replay", get(replay_page))
+        .route("/remote-settings", post(settings_submit))
+        .route(
+            "/assets/terminal.js",
+            get(|| async { ([(header::CONTENT_TYPE, "application/javascript")], TERMINAL_JS) }),
+        )
+        .route("/assets/vendor/xterm-5.5.0.min.js", get(|| async { asset("application/javascript", XTERM_JS) }))
+        .route("/assets/vendor/xterm-5.5.0.css", get(|| async { asset("text/css", XTERM_CSS) }))
+        .route(
+            "/assets/vendor/xterm-addon-fit-0.10.0.min.js",
+            get(|| async { asset("application/javascript", XTERM_FIT_JS) }),
+        )
+}
+
+/// The licences of the terminal emulator, for `/assets/licenses`.
+pub fn licenses() -> String {
+    format!(
+        "xterm.js 5.5.0 (https://xtermjs.org)\n\n{XTERM_LICENSE}\n\n@xterm/addon-fit 0.10.0 (https://xtermjs.org)\n\n{XTERM_FIT_LICENSE}"
+    )
+}
+
+async fn terminal_page(
+    State(s): State<AppState>,
+    UiUser(p): UiUser,
+    Path(id): Path<String>,
+    Query(flash): Query<Flash>,
+) -> Response {
+    let r: AppResult<Html<String>> = async {
+        p.require(Role::Operator, "opening a remote session")?;
+        let ctx = page_ctx(&s, &p, "devices", &flash).await?;
+        let device = devices::get_device_detail(&s.db, &p, &id).await?;
+        s.ui.render("device_terminal.html", merge(ctx, context! { d => device }))
+    }
+    .await;
+    r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
+}
+
+async fn device_remote_page(
+    State(s): State<AppState>,
+    UiUser(p): UiUser,
+    Path(id): Path<String>,
+    Query(flash): Query<Flash>,
+) -> Response {
+    let r: AppResult<Html<String>> = async {
+        let ctx = page_ctx(&s, &p, "devices", &flash).await?;
+        let device = devices::get_device_detail(&s.db, &p, &id).await?;
+        let q = SessionListQuery { device: Some(id.clone()), limit: Some(100) };
+        let rows = sessions::list(&s.db, &p, &q).await?;
+        s.ui.render("device_remote.html", merge(ctx, context! { d => device, sessions => rows }))
+    }
+    .await;
+    r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
+}
+
+async fn sessions_page(State(s): State<AppState>, UiUser(p): UiUser, Query(flash): Query<Flash>) -> Response {
+    let r: AppResult<Html<String>> = async {
+        let ctx = page_ctx(&s, &p, "remote", &flash).await?;
+        let rows = sessions::list(&s.db, &p, &SessionListQuery { device: None, limit: Some(200) }).await?;
+        let settings = sessions::settings(&s.db, &p).await?;
+        s.ui.render("remote_sessions.html", merge(ctx, context! { sessions => rows, settings => settings }))
+    }
+    .await;
+    r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
+}
+
+async fn replay_page(
+    State(s): State<AppState>,
+    UiUser(p): UiUser,
+    Path(id): Path<String>,
+    Query(flash): Query<Flash>,
+) -> Response {
+    let r: AppResult<Html<String>> = async {
+        p.require(Role::Operator, "replaying terminal recordings")?;
+        let ctx = page_ctx(&s, &p, "remote", &flash).await?;
+        let session = sessions::get(&s.db, &p, &id).await?;
+        s.ui.render("session_replay.html", merge(ctx, context! { session => session }))
+    }
+    .await;
+    r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
+}
+
+#[derive(Deserialize)]
+struct SettingsForm {
+    csrf: String,
+    /// Present (any value) when the box is ticked.
+    recording: Option<String>,
+}
+
+async fn settings_submit(State(s): State<AppState>, UiUser(p): UiUser, Form(f): Form<SettingsForm>) -> Response {
+    let result = async {
+        check_csrf(&p, &f.csrf)?;
+        let on = f.recording.is_some();
+        sessions::set_settings(&s.db, &p, RemoteSettings { recording: on }).await?;
+        Ok(format!("Recording of terminal sessions is {}.", if on { "on" } else { "off" }))
+    }
+    .await;
+    back("/remote-sessions", result)
+}

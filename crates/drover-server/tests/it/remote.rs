@@ -1,0 +1,818 @@
+//! Remote access with real processes end to end: the real `droverd` binary (embedded broker or
+//! two replicas on one PostgreSQL database and one broker), real `drover-agent` processes with
+//! a PTY, files and TCP connections on the device side, and the real `drover` CLI (`term`,
+//! `cp`, `forward`) or a WebSocket client speaking the operator protocol.
+//!
+//! Bad input tried here: a viewer's token, a browser WebSocket from another site's page (wrong
+//! Origin), a kind of session the device's config switches off, a path outside the device's
+//! allowed folders, an upload cut by kill -9 of the CLI, a download cut by dropping the
+//! WebSocket.
+
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use drover_proto::operator::Control;
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+use crate::e2e::agent as http;
+use crate::support::{TempDir, eventually, free_port};
+
+const DROVERD: &str = env!("CARGO_BIN_EXE_droverd");
+
+/// A binary of this workspace, built now if needed (`cargo build -p PKG --bin BIN`).
+fn workspace_bin(pkg: &str, bin: &str) -> PathBuf {
+    let dir = Path::new(DROVERD).parent().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-p", pkg, "--bin", bin]).current_dir(env!("CARGO_MANIFEST_DIR"));
+    if dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    assert!(cmd.status().expect("cargo runs").success(), "cargo build -p {pkg} failed");
+    dir.join(bin)
+}
+
+/// An admin token made by `droverd token create` against the replica's database.
+fn admin_token(data: &Path, env: &[(&str, &str)]) -> String {
+    let out = Command::new(DROVERD)
+        .arg("--data-dir")
+        .arg(data)
+        .args(["token", "create", "--role", "admin", "--name", "remote admin"])
+        .env_remove("DROVER_DATABASE_URL")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "droverd token create: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().split_whitespace().find(|w| w.starts_with("drv_")).unwrap().to_string()
+}
+
+fn agent_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var_os("DROVER_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_bin("drover-agent", "drover-agent"))
+    })
+    .clone()
+}
+
+fn cli_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin("drover-cli", "drover")).clone()
+}
+
+struct Server {
+    d: crate::fleet::Droverd,
+    token: String,
+    ca: PathBuf,
+    /// The broker devices connect to.
+    mqtt: u16,
+}
+
+/// A fleet CA in files (made by droverd), and Mosquitto configured as docs/mosquitto.md says,
+/// with a server certificate from that CA: the broker every droverd of a test and every device
+/// connect to.
+struct Broker {
+    cert: PathBuf,
+    key: PathBuf,
+    port: u16,
+    child: Child,
+}
+
+impl Broker {
+    fn start(dir: &Path) -> Broker {
+        let made = dir.join("ca-made");
+        crate::fleet::droverd_cli(&made, &["ca", "cert"]);
+        let (cert, key) = (made.join("ca/fleet-ca.crt"), made.join("ca/fleet-ca.key"));
+        let ca_pem = std::fs::read_to_string(&cert).unwrap();
+        let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(&key).unwrap()).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+        let mdir = dir.join("mosquitto");
+        std::fs::create_dir_all(&mdir).unwrap();
+        let skey = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "mosquitto");
+        let scert = params.signed_by(&skey, &issuer).unwrap();
+        std::fs::write(mdir.join("ca.crt"), &ca_pem).unwrap();
+        std::fs::write(mdir.join("server.crt"), scert.pem()).unwrap();
+        std::fs::write(mdir.join("server.key"), skey.serialize_pem()).unwrap();
+        std::fs::write(
+            mdir.join("acl"),
+            "user service:droverd\ntopic readwrite drover/#\n\npattern readwrite drover/v1/d/%u/#\n",
+        )
+        .unwrap();
+        let port = free_port();
+        let d = mdir.display();
+        let conf = format!(
+            "listener {port} 127.0.0.1\nprotocol mqtt\ncafile {d}/ca.crt\ncertfile {d}/server.crt\nkeyfile {d}/server.key\n\
+             require_certificate true\nuse_identity_as_username true\nallow_anonymous false\nacl_file {d}/acl\n\
+             persistence false\nmax_queued_messages 10000\n"
+        );
+        std::fs::write(mdir.join("mosquitto.conf"), conf).unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(mdir.join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (Debian package mosquitto) must be installed");
+        eventually(Duration::from_secs(10), "mosquitto to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Broker { cert, key, port, child }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// A new enrollment token's secret.
+    fn enrollment_secret(&self, name: &str) -> String {
+        self.admin("POST", "/api/v1/enrollment-tokens", Some(json!({"name": name})))["secret"]
+            .as_str()
+            .expect("an enrollment token")
+            .to_string()
+    }
+
+    /// A droverd on the shared CA and broker; `env` adds settings (a database).
+    fn start(dir: &Path, name: &str, broker: &Broker, env: &[(&str, &str)]) -> Server {
+        let data = dir.join(name);
+        let mut all = vec![
+            ("DROVER_CA_CERT_FILE", broker.cert.to_str().unwrap()),
+            ("DROVER_CA_KEY_FILE", broker.key.to_str().unwrap()),
+        ];
+        all.extend_from_slice(env);
+        let url = format!("mqtts://127.0.0.1:{}", broker.port);
+        let d = crate::fleet::Droverd::start(&data, Some(&url), &all);
+        let token = admin_token(&data, &all);
+        Server { d, token, ca: broker.cert.clone(), mqtt: broker.port }
+    }
+
+    fn call(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("{}{path}", self.d.base);
+        let auth = format!("Bearer {token}");
+        let resp = match (method, body) {
+            ("GET", _) => http().get(&url).header("Authorization", &auth).call(),
+            ("POST", Some(b)) => http().post(&url).header("Authorization", &auth).send_json(b),
+            ("PUT", Some(b)) => http().put(&url).header("Authorization", &auth).send_json(b),
+            _ => panic!("{method}"),
+        };
+        let mut resp = resp.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.body_mut().read_json::<Value>().unwrap_or(Value::Null))
+    }
+
+    fn admin(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (s, b) = self.call(method, path, &self.token, body);
+        assert!((200..300).contains(&s), "{method} {path}: {s} {b}");
+        b
+    }
+
+    fn token(&self, role: &str) -> String {
+        let b = self.admin("POST", "/api/v1/tokens", Some(json!({"name": format!("remote {role}"), "role": role})));
+        b["secret"].as_str().unwrap().to_string()
+    }
+
+    fn ws_base(&self) -> String {
+        self.d.base.replace("http://", "ws://")
+    }
+}
+
+/// A device: a real drover-agent with `[remote]` as given.
+struct Agent {
+    dir: PathBuf,
+    child: Child,
+    id: String,
+}
+
+impl Agent {
+    fn start(s: &Server, base: &Path, name: &str, token: &str, remote: &str) -> Agent {
+        let dir = base.join(name);
+        std::fs::create_dir_all(dir.join("files")).unwrap();
+        let data = dir.join("data");
+        let cfg = dir.join("agent.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "server_url = \"https://localhost:{dev}\"\n\
+                 mqtt_url = \"mqtts://localhost:{mqtt}\"\n\
+                 ca_file = {ca:?}\n\
+                 data_dir = {data:?}\n\
+                 enrollment_token = \"{token}\"\n\
+                 keepalive_secs = 10\n\
+                 log_level = \"debug\"\n\
+                 [identity]\n\
+                 serial = \"{name}\"\n\
+                 [remote]\n\
+                 {remote}\n",
+                dev = s.d.dev,
+                mqtt = s.mqtt,
+                ca = s.ca,
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let child = Command::new(agent_bin())
+            .current_dir(&dir)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let json = data.join("device.json");
+        let id = eventually(Duration::from_secs(30), "the agent to enroll", || {
+            let v: Value = serde_json::from_slice(&std::fs::read(&json).ok()?).ok()?;
+            v["device_id"].as_str().map(str::to_string)
+        });
+        eventually(Duration::from_secs(30), "the device to be online", || {
+            s.admin("GET", &format!("/api/v1/devices/{id}"), None)["online"].as_bool().filter(|o| *o)
+        });
+        Agent { dir, child, id }
+    }
+
+    fn files(&self) -> PathBuf {
+        std::fs::canonicalize(self.dir.join("files")).unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn everything_on(files: &Path) -> String {
+    format!(
+        "terminal = true\nfiles = true\nforward = true\nallow_root = true\nfile_paths = [{files:?}]\n\
+         forward_allow = [\"127.0.0.1:*\"]\nmax_file_size = 200000000\n"
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens an operator WebSocket; the handshake's HTTP status and body on refusal.
+async fn ws_open(url: &str, headers: &[(&str, &str)]) -> Result<Ws, (u16, String)> {
+    let mut req = url.into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err((
+            resp.status().as_u16(),
+            String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned(),
+        )),
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+/// The next JSON control frame, skipping bytes.
+async fn next_control(ws: &mut Ws) -> Control {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), ws.next()).await.expect("a frame within 30 s");
+        match m {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(_)) => {}
+            other => panic!("socket ended: {other:?}"),
+        }
+    }
+}
+
+/// Terminal output until it contains `needle`.
+async fn read_until(ws: &mut Ws, seen: &mut String, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.contains(needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Ok(Some(Ok(Message::Text(t)))) => panic!("control frame while waiting for {needle:?}: {t}\noutput: {seen}"),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no {needle:?} in the terminal ({other:?}); output so far: {seen}"),
+        }
+    }
+}
+
+fn sessions(s: &Server, device: &str) -> Vec<Value> {
+    s.admin("GET", &format!("/api/v1/remote-sessions?device={device}"), None).as_array().unwrap().clone()
+}
+
+/// A real PTY through droverd, the broker and the agent: a command and its output, a resize
+/// seen by `stty`, the shell's exit status; the session row and the audit log; a viewer, a
+/// foreign page and a switched-off kind refused; a recorded session replayed.
+#[test]
+fn terminal_through_the_whole_stack_with_refusals_records_and_audit() {
+    let dir = TempDir::new("remote-term");
+    let broker = Broker::start(dir.path());
+    let s = Server::start(dir.path(), "server", &broker, &[]);
+    let enroll = s.enrollment_secret("remote");
+    let files = dir.path().join("dev-a").join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let a = Agent::start(&s, dir.path(), "dev-a", &enroll, &everything_on(&files));
+    let off = Agent::start(&s, dir.path(), "dev-off", &enroll, "terminal = false\nfiles = true\n");
+    let viewer = s.token("viewer");
+    let operator = s.token("operator");
+    // Recording on (admins only; a viewer may not).
+    let (st, _) = s.call("PUT", "/api/v1/remote-settings", &viewer, Some(json!({"recording": true})));
+    assert_eq!(st, 403);
+    s.admin("PUT", "/api/v1/remote-settings", Some(json!({"recording": true})));
+
+    let rt = runtime();
+    rt.block_on(async {
+        let url = format!("{}/api/v1/devices/{}/terminal?cols=80&rows=24", s.ws_base(), a.id);
+        // A viewer is refused before any session exists.
+        let (status, body) = ws_open(&url, &[("authorization", &format!("Bearer {viewer}"))]).await.err().unwrap();
+        assert_eq!(status, 403, "{body}");
+        assert!(body.contains("opening a remote session needs the operator role"), "{body}");
+        // A cookie-authenticated socket from another site's page is refused (cross-site
+        // WebSocket hijacking); the Origin check runs before the session lookup.
+        let (status, body) =
+            ws_open(&url, &[("cookie", "drover_session=whatever"), ("origin", "https://evil.example")])
+                .await
+                .err()
+                .unwrap();
+        assert!(status == 401 || status == 403, "{status} {body}");
+
+        let mut ws = ws_open(&url, &[("authorization", &format!("Bearer {operator}"))]).await.unwrap();
+        let session = match next_control(&mut ws).await {
+            Control::Opened { session } => session,
+            other => panic!("expected opened, got {other:?}; agent log:\n{}", a.log()),
+        };
+        let mut seen = String::new();
+        ws.send(Message::Binary(b"echo hello-$((6*7))\n".to_vec().into())).await.unwrap();
+        read_until(&mut ws, &mut seen, "hello-42").await;
+        ws.send(Message::Text(Control::Resize { cols: 101, rows: 33 }.to_text().into())).await.unwrap();
+        ws.send(Message::Binary(b"stty size\n".to_vec().into())).await.unwrap();
+        read_until(&mut ws, &mut seen, "33 101").await;
+        ws.send(Message::Binary(b"exit 3\n".to_vec().into())).await.unwrap();
+        let mut code = None;
+        while code.is_none() {
+            if let Control::Exit { code: c } = next_control(&mut ws).await {
+                code = Some(c);
+            }
+        }
+        assert_eq!(code, Some(3));
+
+        // The row: who, what, bytes both ways, why it ended; the audit log has both ends.
+        let row = eventually(Duration::from_secs(10), "the session to end", || {
+            sessions(&s, &a.id).into_iter().find(|r| r["id"] == session.as_str() && r["ended_at"].is_string())
+        });
+        assert_eq!(row["kind"], "terminal");
+        assert_eq!(row["actor_name"], "remote operator");
+        assert_eq!(row["end_reason"], "exit 3");
+        assert!(row["bytes_in"].as_i64().unwrap() > 20, "{row}");
+        assert_eq!(row["bytes_out"].as_i64().unwrap(), 37, "the bytes typed: {row}");
+        assert_eq!(row["recorded"], true);
+        let audit = s.admin("GET", "/api/v1/audit?action=remote.&limit=50", None);
+        let entries: Vec<&Value> = audit["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["summary"].as_str().unwrap().contains(&session))
+            .collect();
+        let actions: Vec<&str> = entries.iter().map(|e| e["action"].as_str().unwrap()).collect();
+        assert_eq!(actions, ["remote.close", "remote.open"], "{audit}");
+        let close = entries[0]["summary"].as_str().unwrap();
+        assert!(close.contains("bytes from the device") && close.contains("37 bytes to it"), "{close}");
+        assert_eq!(entries[1]["actor"]["name"], "remote operator");
+
+        // The recording replays what the terminal showed (asciicast v2).
+        let cast = http()
+            .get(&format!("{}/api/v1/remote-sessions/{session}/recording", s.d.base))
+            .header("Authorization", &format!("Bearer {operator}"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        let header: Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
+        assert_eq!((header["version"].as_i64(), header["width"].as_i64()), (Some(2), Some(80)));
+        assert!(cast.contains("hello-42") && cast.contains("\"r\",\"101x33\""), "{cast}");
+        let (st, _) = s.call("GET", &format!("/api/v1/remote-sessions/{session}/recording"), &viewer, None);
+        assert_eq!(st, 403, "recordings show everything: not for viewers");
+
+        // The device switched terminals off: the operator is told so, clearly.
+        let url = format!("{}/api/v1/devices/{}/terminal", s.ws_base(), off.id);
+        let mut ws = ws_open(&url, &[("authorization", &format!("Bearer {operator}"))]).await.unwrap();
+        match next_control(&mut ws).await {
+            Control::Error { code, message } => {
+                assert_eq!(code, "disabled", "{message}");
+                assert!(message.contains("terminal"), "{message}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let row = eventually(Duration::from_secs(10), "the refused session's row", || {
+            sessions(&s, &off.id).into_iter().find(|r| r["ended_at"].is_string())
+        });
+        assert!(row["end_reason"].as_str().unwrap().starts_with("device: disabled"), "{row}");
+    });
+    drop(off);
+    assert!(!a.log().contains("panicked"), "{}", a.log());
+}
+
+fn sha256_file(p: &Path) -> String {
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).unwrap();
+    hex::encode(h.finalize())
+}
+
+fn drover(s: &Server, args: &[&str]) -> std::process::Output {
+    Command::new(cli_bin())
+        .args(args)
+        .env("DROVER_URL", &s.d.base)
+        .env("DROVER_TOKEN", &s.token)
+        .env("DROVER_CONFIG", "/nonexistent/drover-config.json")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// `drover cp` both ways with 100 MB and a hash check, cut transfers leaving nothing at the
+/// target, a path outside the allowed folders refused; `drover term` with its exit status;
+/// `drover forward` carrying 50 concurrent HTTP requests to a server on the device side.
+#[test]
+fn cli_copies_forwards_and_runs_a_terminal() {
+    let dir = TempDir::new("remote-cli");
+    let broker = Broker::start(dir.path());
+    let s = Server::start(dir.path(), "server", &broker, &[]);
+    let enroll = s.enrollment_secret("remote");
+    let files = dir.path().join("dev-c").join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let a = Agent::start(&s, dir.path(), "dev-c", &enroll, &everything_on(&files));
+    let remote_dir = a.files();
+    let local = dir.path().join("local");
+    std::fs::create_dir_all(&local).unwrap();
+
+    // 100 MB of bytes that do not compress, up and back down.
+    let big = local.join("big.bin");
+    {
+        let mut f = std::fs::File::create(&big).unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..100 {
+            for chunk in buf.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&buf).unwrap();
+        }
+    }
+    let want = sha256_file(&big);
+    let target = format!("{}:{}/big.bin", a.id, remote_dir.display());
+    let out = drover(&s, &["cp", big.to_str().unwrap(), &target]);
+    assert!(out.status.success(), "upload: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SHA-256 verified"));
+    assert_eq!(sha256_file(&remote_dir.join("big.bin")), want);
+    let back = local.join("back.bin");
+    let out = drover(&s, &["cp", &target, back.to_str().unwrap()]);
+    assert!(out.status.success(), "download: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(sha256_file(&back), want);
+
+    // An upload cut by kill -9 of the CLI mid-transfer leaves no file at the target (nor a
+    // temporary one, once the device has noticed).
+    let cut_target = format!("{}:{}/cut.bin", a.id, remote_dir.display());
+    let mut child = Command::new(cli_bin())
+        .args(["cp", big.to_str().unwrap(), &cut_target])
+        .env("DROVER_URL", &s.d.base)
+        .env("DROVER_TOKEN", &s.token)
+        .env("DROVER_CONFIG", "/nonexistent/drover-config.json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let temp_seen = eventually(Duration::from_secs(30), "the upload to be under way on the device", || {
+        std::fs::read_dir(&remote_dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name() != "big.bin" && e.metadata().is_ok_and(|m| m.len() > 1 << 20))
+            .map(|e| e.path())
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    eventually(Duration::from_secs(30), "the device to remove the partial upload", || {
+        (!temp_seen.exists()).then_some(())
+    });
+    assert!(!remote_dir.join("cut.bin").exists(), "no file at the target");
+
+    // A path outside [remote] file_paths: refused with the device's reason.
+    let out = drover(&s, &["cp", big.to_str().unwrap(), &format!("{}:/etc/drover-test", a.id)]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("path-not-allowed") && err.contains("file_paths"), "{err}");
+    assert!(!Path::new("/etc/drover-test").exists());
+
+    // `drover term` exits with the shell's status; its output is the shell's.
+    let mut child = Command::new(cli_bin())
+        .args(["term", &a.id])
+        .env("DROVER_URL", &s.d.base)
+        .env("DROVER_TOKEN", &s.token)
+        .env("DROVER_CONFIG", "/nonexistent/drover-config.json")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"echo term-$((40+2)); exit 7\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("term-42"));
+
+    // `drover forward` with 50 concurrent HTTP requests to a server on the device's side.
+    let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let web_port = web.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in web.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let path = String::from_utf8_lossy(&req).split_whitespace().nth(1).unwrap_or("/").to_string();
+                let body = format!("{path} {}", "x".repeat(100_000));
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    let local_port = free_port();
+    let mut fwd = Command::new(cli_bin())
+        .args(["forward", &a.id, &format!("{local_port}:127.0.0.1:{web_port}")])
+        .env("DROVER_URL", &s.d.base)
+        .env("DROVER_TOKEN", &s.token)
+        .env("DROVER_CONFIG", "/nonexistent/drover-config.json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = fwd.stderr.take().unwrap();
+    let mut first = [0u8; 10];
+    stderr.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"forwarding", "the forward is ready");
+    let handles: Vec<_> = (0..50)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut c = std::net::TcpStream::connect(("127.0.0.1", local_port)).unwrap();
+                write!(c, "GET /req-{i} HTTP/1.1\r\nHost: device\r\nConnection: close\r\n\r\n").unwrap();
+                let mut resp = String::new();
+                c.read_to_string(&mut resp).unwrap();
+                resp
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let resp = h.join().unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200 OK"), "request {i}: {}", &resp[..resp.len().min(200)]);
+        assert!(resp.contains(&format!("/req-{i} ")) && resp.ends_with(&"x".repeat(100_000)), "request {i}");
+    }
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+
+    // Every session is in the table with its bytes.
+    let rows = eventually(Duration::from_secs(15), "every session to end", || {
+        let rows = sessions(&s, &a.id);
+        rows.iter().all(|r| r["ended_at"].is_string()).then_some(rows)
+    });
+    let kinds: Vec<&str> = rows.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["forward", "terminal", "files", "files", "files", "files"], "{rows:?}");
+    let upload = &rows[5];
+    assert_eq!(upload["bytes_out"].as_i64(), Some(100 << 20));
+    assert!(upload["end_reason"].as_str().unwrap().starts_with("uploaded 104857600 bytes"), "{upload}");
+    assert_eq!(rows[4]["bytes_in"].as_i64(), Some(100 << 20));
+    assert!(rows[0]["bytes_in"].as_i64().unwrap() > 50 * 100_000, "{}", rows[0]);
+}
+
+/// Two replicas on one PostgreSQL database and one broker: the device's main connection's
+/// messages reach replica A (or either), the operator talks to replica B, whose own broker
+/// connection carries the session.
+#[test]
+fn a_session_through_the_other_replica() {
+    let Some(pg) = crate::support::pg_base_url() else {
+        eprintln!("note: DROVER_TEST_DATABASE_URL is not set; skipping the two-replica test");
+        return;
+    };
+    let dir = TempDir::new("remote-replicas");
+    let rt = runtime();
+    let db = rt.block_on(crate::support::TestDb::postgres(&pg));
+    // One CA and one broker for both replicas.
+    let broker = Broker::start(dir.path());
+    let env = [("DROVER_DATABASE_URL", db.url.as_str())];
+    let a = Server::start(dir.path(), "replica-a", &broker, &env);
+    let b = Server::start(dir.path(), "replica-b", &broker, &env);
+    let enroll = a.enrollment_secret("remote");
+    let files = dir.path().join("dev-r").join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let dev = Agent::start(&a, dir.path(), "dev-r", &enroll, &everything_on(&files));
+    rt.block_on(async {
+        let url = format!("{}/api/v1/devices/{}/terminal", b.ws_base(), dev.id);
+        let mut ws = ws_open(&url, &[("authorization", &format!("Bearer {}", b.token))]).await.unwrap();
+        let Control::Opened { session } = next_control(&mut ws).await else { panic!("expected opened") };
+        let mut seen = String::new();
+        ws.send(Message::Binary(b"echo via-$((1+1))-replicas; exit\n".to_vec().into())).await.unwrap();
+        read_until(&mut ws, &mut seen, "via-2-replicas").await;
+        assert!(matches!(next_control(&mut ws).await, Control::Exit { code: 0 }));
+        // Either replica reads the same row.
+        let row = eventually(Duration::from_secs(10), "the row", || {
+            sessions(&a, &dev.id).into_iter().find(|r| r["id"] == session.as_str() && r["ended_at"].is_string())
+        });
+        assert_eq!(row["end_reason"], "exit 0");
+    });
+    drop(dev);
+    drop(b);
+    drop(a);
+    rt.block_on(db.drop_schema());
+}
+
+/// The benchmark behind `scripts/bench-remote.sh` (release build; ignored in the suite):
+/// keystroke round trips through WebSocket → droverd → broker → agent → PTY running `cat` →
+/// back; port-forward throughput through `drover forward`; file-transfer throughput through
+/// `drover cp`.
+#[test]
+#[ignore]
+fn bench_remote() {
+    let dir = TempDir::new("remote-bench");
+    let broker = Broker::start(dir.path());
+    let s = Server::start(dir.path(), "server", &broker, &[]);
+    let enroll = s.enrollment_secret("bench");
+    let files = dir.path().join("dev-b").join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let a = Agent::start(&s, dir.path(), "dev-b", &enroll, &everything_on(&files));
+    let keys: usize = std::env::var("BENCH_KEYS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let rt = runtime();
+    rt.block_on(async {
+        let url = format!("{}/api/v1/devices/{}/terminal", s.ws_base(), a.id);
+        let mut ws = ws_open(&url, &[("authorization", &format!("Bearer {}", s.token))]).await.unwrap();
+        assert!(matches!(next_control(&mut ws).await, Control::Opened { .. }));
+        let mut seen = String::new();
+        ws.send(Message::Binary(b"stty raw -echo; echo cat-$((1+1)); exec cat\n".to_vec().into())).await.unwrap();
+        read_until(&mut ws, &mut seen, "cat-2").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut times = Vec::with_capacity(keys);
+        for i in 0..keys {
+            let k = b'a' + (i % 26) as u8;
+            let t = Instant::now();
+            ws.send(Message::Binary(vec![k].into())).await.unwrap();
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(b))) if b.contains(&k) => break,
+                    Some(Ok(_)) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+            times.push(t.elapsed());
+        }
+        times.sort();
+        let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)].as_secs_f64() * 1e3;
+        println!(
+            "BENCH keystroke round trip over {keys}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            pct(0.5),
+            pct(0.99),
+            pct(1.0)
+        );
+    });
+
+    // Forward: one connection reading 256 MB from a server on the device's side.
+    let total: usize = 256 << 20;
+    let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let web_port = web.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in web.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let buf = vec![7u8; 1 << 16];
+                let mut left = total;
+                while left > 0 {
+                    let n = left.min(buf.len());
+                    if conn.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+            });
+        }
+    });
+    let local_port = free_port();
+    let mut fwd = Command::new(cli_bin())
+        .args(["forward", &a.id, &format!("{local_port}:127.0.0.1:{web_port}")])
+        .env("DROVER_URL", &s.d.base)
+        .env("DROVER_TOKEN", &s.token)
+        .env("DROVER_CONFIG", "/nonexistent/drover-config.json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 10];
+    fwd.stderr.take().unwrap().read_exact(&mut first).unwrap();
+    let t = Instant::now();
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", local_port)).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = 0;
+    while got < total {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "forward ended after {got} bytes");
+        got += n;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!("BENCH forward: {} MB in {secs:.2} s = {:.1} MB/s", total >> 20, total as f64 / secs / 1e6);
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+
+    // Files: 100 MB up and down.
+    let big = dir.path().join("big.bin");
+    std::fs::write(&big, (0..100u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect::<Vec<u8>>())
+        .unwrap();
+    let target = format!("{}:{}/big.bin", a.id, a.files().display());
+    for (what, args) in [
+        ("upload", vec!["cp".to_string(), big.to_str().unwrap().to_string(), target.clone()]),
+        ("download", vec!["cp".to_string(), target.clone(), dir.path().join("back.bin").to_str().unwrap().to_string()]),
+    ] {
+        let t = Instant::now();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = drover(&s, &args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "BENCH files {what}: 100 MiB in {secs:.2} s = {:.1} MB/s (with hashing)",
+            (100 << 20) as f64 / secs / 1e6
+        );
+    }
+}
+
+/// The terminal in headless Chromium: an operator signs in, opens the device's terminal from
+/// its page, types a command and reads its output in xterm.js.
+#[test]
+fn browser_terminal_in_headless_chromium() {
+    let dir = TempDir::new("remote-browser");
+    let broker = Broker::start(dir.path());
+    let s = Server::start(dir.path(), "server", &broker, &[("DROVER_ADMIN_PASSWORD", "browser admin password")]);
+    let enroll = s.enrollment_secret("remote");
+    let files = dir.path().join("dev-w").join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let a = Agent::start(&s, dir.path(), "dev-w", &enroll, &everything_on(&files));
+    let b = crate::browser::Browser::start();
+    b.goto(&format!("{}/devices/{}", s.d.base, a.id));
+    b.wait_title("Sign in");
+    b.type_into("input[name=username]", "admin");
+    b.type_into("input[name=password]", "browser admin password");
+    b.click("button[type=submit]");
+    b.wait_title("Device");
+    b.click("#terminal-button");
+    b.wait_title("Terminal");
+    eventually(Duration::from_secs(30), "the terminal session to open", || {
+        let state = b.cmd(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": "return document.getElementById('terminal').dataset.state || '';", "args": []})),
+        );
+        match state.as_str() {
+            Some("open") => Some(()),
+            Some("error") => panic!("the terminal failed: {}", b.text("#terminal-status")),
+            _ => None,
+        }
+    });
+    b.click("#terminal");
+    let area = b.find("textarea.xterm-helper-textarea");
+    b.cmd("POST", &format!("/element/{area}/value"), Some(json!({"text": "echo browser-$((6*7))\n"})));
+    let text = eventually(Duration::from_secs(30), "the command's output in the terminal", || {
+        let t =
+            b.cmd("POST", "/execute/sync", Some(json!({"script": "return window.droverTerminalText();", "args": []})));
+        let t = t.as_str().unwrap_or_default().to_string();
+        t.lines().any(|l| l.trim() == "browser-42").then_some(t)
+    });
+    assert!(text.contains("echo browser-$((6*7))"), "{text}");
+    // The session is recorded as the browser user's.
+    let rows = sessions(&s, &a.id);
+    assert_eq!(rows[0]["actor_name"], "admin");
+    assert_eq!(rows[0]["kind"], "terminal");
+}

@@ -1,0 +1,649 @@
+//! Telemetry on the server: storage, rollups, retention and queries on SQLite and
+//! PostgreSQL (through the ingest's write path and the router), and the ingest end to end
+//! through the real broker of a real droverd.
+
+use axum::http::{Method, StatusCode};
+use drover_server::telemetry::maintenance;
+use drover_server::telemetry::store::{Batch, Event, Point};
+use serde_json::{Value, json};
+
+use crate::devices::accepted_devices;
+use crate::each_backend;
+use crate::support::TestApp;
+
+const MIN: i64 = 60_000;
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 86_400_000;
+
+fn batch(device: &str, seq: u64, points: &[(&str, i64, f64)]) -> Batch {
+    Batch {
+        device_id: device.to_string(),
+        seq,
+        points: points.iter().map(|(n, t, v)| Point { name: n.to_string(), t: *t, v: *v }).collect(),
+        events: Vec::new(),
+        dropped: 0,
+    }
+}
+
+async fn count(app: &TestApp, sql: &str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(sql).fetch_one(app.db.pool()).await.unwrap();
+    n
+}
+
+async fn rollup(app: &TestApp, table: &str, device: &str, name: &str, bucket: i64) -> Option<(i64, f64, f64, f64)> {
+    sqlx::query_as(&format!(
+        "SELECT r.count, r.sum, r.min, r.max FROM {table} r JOIN metric_series s ON s.id = r.series_id \
+         WHERE s.device_id = $1 AND s.name = $2 AND r.bucket = $3"
+    ))
+    .bind(device.to_string())
+    .bind(name.to_string())
+    .bind(bucket)
+    .fetch_optional(app.db.pool())
+    .await
+    .unwrap()
+}
+
+/// A time in the middle of an hour, so that the tests' minutes stay in one hour.
+fn base_time() -> i64 {
+    let now = drover_server::time::now_ms();
+    now - now % HOUR - 2 * HOUR + 10 * MIN
+}
+
+#[tokio::test]
+async fn resent_batches_change_nothing_and_events_are_kept_once() {
+    each_backend!(|app| {
+        let d = accepted_devices(&app, "resend", 1).await.remove(0);
+        let t0 = base_time();
+        let now = t0 + 5_000;
+        let mut b = batch(&d, 1, &[("cpu.percent", t0, 10.0), ("cpu.percent", t0 + 1000, 20.0), ("mem.used", t0, 1.5)]);
+        b.events.push(Event {
+            id: "e-1".into(),
+            t: t0,
+            name: "door.open".into(),
+            severity: "warning".into(),
+            data: r#"{"door":2}"#.into(),
+        });
+        b.dropped = 3;
+        let w = app.state.telemetry.write_at(std::slice::from_ref(&b), now).await.unwrap();
+        // 3 points + the drop counter's point.
+        assert_eq!((w.points, w.late, w.events), (4, 0, 1));
+        // The same batch again (its ack was lost), under a new seq and alone: nothing changes.
+        b.seq = 2;
+        let w = app.state.telemetry.write_at(std::slice::from_ref(&b), now + 60_000).await.unwrap();
+        assert_eq!((w.points, w.events), (0, 0));
+        // And twice within one transaction with a new point.
+        let mut b3 = b.clone();
+        b3.seq = 3;
+        b3.points.push(Point { name: "cpu.percent".into(), t: t0 + 2000, v: 30.0 });
+        let w = app.state.telemetry.write_at(&[b.clone(), b3], now + 61_000).await.unwrap();
+        // The new point, and the drop counter at the batch's new newest time.
+        assert_eq!(w.points, 2);
+        assert_eq!(count(&app, "SELECT COUNT(*) FROM metric_points").await, 6);
+        assert_eq!(count(&app, "SELECT COUNT(*) FROM telemetry_events").await, 1);
+        // The rollups counted each point once.
+        let minute = t0 - t0 % MIN;
+        assert_eq!(rollup(&app, "metric_rollup_1m", &d, "cpu.percent", minute).await, Some((3, 60.0, 10.0, 30.0)));
+        assert_eq!(
+            rollup(&app, "metric_rollup_1h", &d, "cpu.percent", t0 - t0 % HOUR).await,
+            Some((3, 60.0, 10.0, 30.0))
+        );
+        let (seq, dropped): (i64, i64) =
+            sqlx::query_as("SELECT last_seq, dropped FROM telemetry_devices WHERE device_id = $1")
+                .bind(d.clone())
+                .fetch_one(app.db.pool())
+                .await
+                .unwrap();
+        assert_eq!((seq, dropped), (3, 3));
+        // The API shows the event with its data, and the drop counter as a metric.
+        let r = app.admin(Method::GET, &format!("/api/v1/devices/{d}/telemetry-events?from={}", t0 - 1000), None).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body[0]["name"], "door.open");
+        assert_eq!(r.body[0]["data"], r#"{"door":2}"#);
+        let r = app.admin(Method::GET, &format!("/api/v1/devices/{d}/metrics"), None).await;
+        let names: Vec<&str> = r.body.as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["cpu.percent", "drover.outbox.dropped", "mem.used"]);
+        assert_eq!(r.body[0]["last_value"], 30.0);
+    });
+}
+
+#[tokio::test]
+async fn late_points_are_stored_in_place_and_correct_their_rollups() {
+    each_backend!(|app| {
+        let d = accepted_devices(&app, "late", 1).await.remove(0);
+        let t0 = base_time();
+        // On time: minute 0 has 10 and 20.
+        let pts: Vec<(&str, i64, f64)> =
+            vec![("temp", t0, 10.0), ("temp", t0 + 30_000, 20.0), ("temp", t0 + MIN, 40.0)];
+        app.state.telemetry.write_at(&[batch(&d, 1, &pts)], t0 + MIN + 1000).await.unwrap();
+        let minute = t0 - t0 % MIN;
+        assert_eq!(rollup(&app, "metric_rollup_1m", &d, "temp", minute).await, Some((2, 30.0, 10.0, 20.0)));
+        // An hour later a point measured inside minute 0 arrives (the device was offline).
+        let w = app.state.telemetry.write_at(&[batch(&d, 2, &[("temp", t0 + 15_000, -5.0)])], t0 + HOUR).await.unwrap();
+        assert_eq!((w.points, w.late), (1, 1));
+        let (late, v): (i64, f64) = sqlx::query_as(
+            "SELECT p.late, p.value FROM metric_points p JOIN metric_series s ON s.id = p.series_id \
+             WHERE s.device_id = $1 AND p.ts = $2",
+        )
+        .bind(d.clone())
+        .bind(t0 + 15_000)
+        .fetch_one(app.db.pool())
+        .await
+        .unwrap();
+        assert_eq!((late, v), (1, -5.0));
+        assert_eq!(rollup(&app, "metric_rollup_1m", &d, "temp", minute).await, Some((3, 25.0, -5.0, 20.0)));
+        assert_eq!(rollup(&app, "metric_rollup_1h", &d, "temp", t0 - t0 % HOUR).await, Some((4, 65.0, -5.0, 40.0)));
+        // The series read from raw points, from 1-minute and from 1-hour rollups agree.
+        let from = t0 - t0 % HOUR;
+        let raw = app
+            .admin(
+                Method::GET,
+                &format!("/api/v1/devices/{d}/metrics/temp?from={from}&to={}&step=30s", from + HOUR),
+                None,
+            )
+            .await;
+        assert_eq!(raw.status, StatusCode::OK, "{}", raw.text);
+        assert_eq!(raw.body["resolution"], "raw");
+        let m = app
+            .admin(
+                Method::GET,
+                &format!("/api/v1/devices/{d}/metrics/temp?from={from}&to={}&step=1m", from + HOUR),
+                None,
+            )
+            .await;
+        assert_eq!(m.body["resolution"], "1m");
+        let first = &m.body["points"][0];
+        assert_eq!(
+            (first["t"].as_i64(), first["count"].as_i64(), first["min"].as_f64()),
+            (Some(minute), Some(3), Some(-5.0))
+        );
+        assert!((first["avg"].as_f64().unwrap() - 25.0 / 3.0).abs() < 1e-9);
+        let h = app
+            .admin(
+                Method::GET,
+                &format!("/api/v1/devices/{d}/metrics/temp?from={from}&to={}&step=1h", from + HOUR),
+                None,
+            )
+            .await;
+        assert_eq!(h.body["resolution"], "1h");
+        assert_eq!(h.body["points"][0]["count"], 4);
+        assert_eq!(h.body["points"][0]["avg"], 65.0 / 4.0);
+        // The alert engine's read leaves the late point out.
+        let vals =
+            drover_server::telemetry::query::device_values(&app.db, &org(&app).await, None, "temp", t0, t0 + MIN)
+                .await
+                .unwrap();
+        assert_eq!(vals[0].points, vec![(t0, 10.0), (t0 + 30_000, 20.0)]);
+    });
+}
+
+async fn org(app: &TestApp) -> String {
+    drover_server::ops::find_org(&app.db, None).await.unwrap()
+}
+
+#[tokio::test]
+async fn retention_drops_old_data_by_the_clock_given() {
+    each_backend!(|app| {
+        let d = accepted_devices(&app, "ret", 1).await.remove(0);
+        let now = drover_server::time::now_ms();
+        let today = now - now % DAY;
+        // Points 10, 3 and 0 days old (default: raw 7 days, 1m 30 days, 1h 400 days).
+        let pts = [("m", today - 10 * DAY + HOUR, 1.0), ("m", today - 3 * DAY + HOUR, 2.0), ("m", today + 1000, 3.0)];
+        app.state.telemetry.write_at(&[batch(&d, 1, &pts)], now).await.unwrap();
+        let cfg = app.state.config.telemetry.clone();
+        let cache = app.state.telemetry.cache.clone();
+        let r = maintenance::run_once(&app.db, &cache, &cfg, now).await.unwrap();
+        let raw: Vec<(i64,)> =
+            sqlx::query_as("SELECT ts FROM metric_points ORDER BY ts").fetch_all(app.db.pool()).await.unwrap();
+        assert_eq!(raw.iter().map(|r| r.0).collect::<Vec<_>>(), vec![today - 3 * DAY + HOUR, today + 1000], "{r:?}");
+        assert_eq!(count(&app, "SELECT COUNT(*) FROM metric_rollup_1m").await, 3);
+        // 40 days on: raw and 1-minute rollups are gone, 1-hour rollups stay.
+        let later = now + 40 * DAY;
+        maintenance::run_once(&app.db, &cache, &cfg, later).await.unwrap();
+        assert_eq!(count(&app, "SELECT COUNT(*) FROM metric_points").await, 0);
+        assert_eq!(count(&app, "SELECT COUNT(*) FROM metric_rollup_1m").await, 0);
+        assert_eq!(count(&app, "SELECT COUNT(*) FROM metric_rollup_1h").await, 3);
+        // New data still goes in after partitions were dropped (PostgreSQL).
+        let w = app.state.telemetry.write_at(&[batch(&d, 2, &[("m", later, 4.0)])], later).await.unwrap();
+        assert_eq!(w.points, 1);
+        if app.db.backend() == drover_server::db::Backend::Postgres {
+            let parts = maintenance::partitions(&app.db).await.unwrap();
+            assert!(parts.iter().all(|p| (p + 1) * DAY > later - 7 * DAY), "{parts:?}");
+            assert!(parts.contains(&(later / DAY + 2)), "partitions are made ahead: {parts:?}");
+        }
+        // One replica at a time: a second holder cannot take the lease before it expires.
+        assert!(maintenance::take_lease(&app.db, "t", "a", now, 1000).await.unwrap());
+        assert!(!maintenance::take_lease(&app.db, "t", "b", now + 500, 1000).await.unwrap());
+        assert!(maintenance::take_lease(&app.db, "t", "a", now + 500, 1000).await.unwrap());
+        assert!(maintenance::take_lease(&app.db, "t", "b", now + 2000, 1000).await.unwrap());
+    });
+}
+
+fn nearest_rank(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[tokio::test]
+async fn fleet_aggregates_match_values_computed_here() {
+    each_backend!(|app| {
+        let ids = accepted_devices(&app, "agg", 20).await;
+        // Half the devices in Berlin, the first 5 in a static group.
+        for (i, d) in ids.iter().enumerate() {
+            let site = if i % 2 == 0 { "berlin" } else { "paris" };
+            let r = app
+                .admin(Method::PUT, &format!("/api/v1/devices/{d}/tags"), Some(json!({"tags": {"site": site}})))
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        }
+        let g = app.admin(Method::POST, "/api/v1/groups", Some(json!({"name": "first-five", "kind": "static"}))).await;
+        let gid = g.body["id"].as_str().unwrap().to_string();
+        let r =
+            app.admin(Method::POST, &format!("/api/v1/groups/{gid}/devices"), Some(json!({"devices": ids[..5]}))).await;
+        assert!(r.status.is_success(), "{}", r.text);
+        let t0 = base_time() - base_time() % (10 * MIN);
+        // Device i: in each of 3 ten-minute buckets, 4 values i*k + j.
+        let mut expected: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); 3];
+        let mut batches = Vec::new();
+        for (i, d) in ids.iter().enumerate() {
+            let mut pts = Vec::new();
+            for (k, exp) in expected.iter_mut().enumerate() {
+                let vals: Vec<f64> = (0..4).map(|j| (i * (k + 1)) as f64 + j as f64 * 0.5).collect();
+                for (j, v) in vals.iter().enumerate() {
+                    pts.push(("cpu.percent", t0 + k as i64 * 10 * MIN + j as i64 * MIN, *v));
+                }
+                let mean = vals.iter().sum::<f64>() / 4.0;
+                exp.push((mean, vals[0], vals[3]));
+            }
+            batches.push(batch(d, 1, &pts));
+        }
+        app.state.telemetry.write_at(&batches, t0 + 30 * MIN).await.unwrap();
+        let viewer = app.token("viewer").await;
+        let check = |body: &Value, subset: &dyn Fn(usize) -> bool| {
+            for (k, exp) in expected.iter().enumerate() {
+                let rows: Vec<&(f64, f64, f64)> =
+                    exp.iter().enumerate().filter(|(i, _)| subset(*i)).map(|(_, e)| e).collect();
+                let mut means: Vec<f64> = rows.iter().map(|r| r.0).collect();
+                means.sort_by(f64::total_cmp);
+                let b = &body["buckets"][k];
+                assert_eq!(b["t"].as_i64(), Some(t0 + k as i64 * 10 * MIN), "{body}");
+                assert_eq!(b["devices"].as_i64(), Some(rows.len() as i64));
+                let avg = means.iter().sum::<f64>() / means.len() as f64;
+                assert!((b["avg"].as_f64().unwrap() - avg).abs() < 1e-9, "bucket {k}: {b} vs {avg}");
+                assert_eq!(b["min"].as_f64().unwrap(), rows.iter().map(|r| r.1).fold(f64::INFINITY, f64::min));
+                assert_eq!(b["max"].as_f64().unwrap(), rows.iter().map(|r| r.2).fold(f64::NEG_INFINITY, f64::max));
+                assert_eq!(b["p50"].as_f64().unwrap(), nearest_rank(&means, 50.0));
+                assert_eq!(b["p95"].as_f64().unwrap(), nearest_rank(&means, 95.0));
+            }
+        };
+        let (from, to) = (t0, t0 + 30 * MIN);
+        for step in ["10m", "600s"] {
+            // 10m reads the 1-minute rollups; 600s is also whole minutes. Same answer.
+            let r = app
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/metrics/fleet?metric=cpu.percent&from={from}&to={to}&step={step}"),
+                    Some(&viewer),
+                    None,
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            assert_eq!(r.body["devices"], 20);
+            check(&r.body, &|_| true);
+        }
+        // Raw points: a step that is not whole minutes.
+        let r = app.call(Method::GET, &format!("/api/v1/metrics/fleet?metric=cpu.percent&from={from}&to={to}&step=300s&filter=tag.site%20%3D%20%22berlin%22"), Some(&viewer), None).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body["devices"], 10);
+        let r = app.call(Method::GET, &format!("/api/v1/metrics/fleet?metric=cpu.percent&from={from}&to={to}&step=10m&filter=tag.site%20%3D%20%22berlin%22"), Some(&viewer), None).await;
+        check(&r.body, &|i| i % 2 == 0);
+        let r = app
+            .call(
+                Method::GET,
+                &format!("/api/v1/metrics/fleet?metric=cpu.percent&from={from}&to={to}&step=10m&group=first-five"),
+                Some(&viewer),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        check(&r.body, &|i| i < 5);
+        // Top 3 by max: the last three devices, highest first.
+        let r = app
+            .call(
+                Method::GET,
+                &format!("/api/v1/metrics/top?metric=cpu.percent&from={from}&to={to}&by=max&n=3"),
+                Some(&viewer),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let top: Vec<&str> = r.body.as_array().unwrap().iter().map(|r| r["device_id"].as_str().unwrap()).collect();
+        assert_eq!(top, [ids[19].as_str(), ids[18].as_str(), ids[17].as_str()]);
+        assert_eq!(r.body[0]["value"], 19.0 * 3.0 + 1.5);
+        // By last: the newest value of each device.
+        let r = app
+            .call(
+                Method::GET,
+                &format!("/api/v1/metrics/top?metric=cpu.percent&from={from}&to={to}&by=last&n=1&group=first-five"),
+                Some(&viewer),
+                None,
+            )
+            .await;
+        assert_eq!(r.body[0]["device_id"], ids[4].as_str());
+        assert_eq!(r.body[0]["value"], 4.0 * 3.0 + 1.5);
+    });
+}
+
+#[tokio::test]
+async fn bad_queries_get_clear_400s_and_roles_are_enforced() {
+    each_backend!(|app| {
+        let d = accepted_devices(&app, "bad", 1).await.remove(0);
+        let viewer = app.token("viewer").await;
+        let cases = [
+            // An empty range.
+            (format!("/api/v1/devices/{d}/metrics/cpu?from=now&to=now-1h"), "empty"),
+            // A step under a second.
+            (format!("/api/v1/devices/{d}/metrics/cpu?step=10ms"), "1s"),
+            // Too many buckets.
+            (format!("/api/v1/devices/{d}/metrics/cpu?from=now-30d&step=1s"), "buckets"),
+            // A time that is no time.
+            (format!("/api/v1/devices/{d}/metrics/cpu?from=yesterday"), "invalid from"),
+            // A metric name outside the alphabet.
+            (format!("/api/v1/devices/{d}/metrics/CPU%25"), "invalid metric"),
+            // A filter that does not parse, and one naming no group.
+            ("/api/v1/metrics/fleet?metric=cpu&filter=tag.site%20%3D%3D".into(), "invalid filter"),
+            ("/api/v1/metrics/fleet?metric=cpu&filter=group%20%3D%20%22nope%22".into(), "no group"),
+            // Group and filter at once; an unknown parameter; n out of range; an unknown ranking.
+            ("/api/v1/metrics/fleet?metric=cpu&group=a&filter=id%20%3D%20%22x%22".into(), "not both"),
+            ("/api/v1/metrics/fleet?metric=cpu&bucket=5m".into(), "unknown field"),
+            ("/api/v1/metrics/top?metric=cpu&n=0".into(), "invalid n"),
+            ("/api/v1/metrics/top?metric=cpu&by=median".into(), "invalid query"),
+        ];
+        for (path, want) in cases {
+            let r = app.call(Method::GET, &path, Some(&viewer), None).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text);
+            let msg = r.body["error"]["message"].as_str().unwrap_or_default();
+            assert!(msg.contains(want), "{path}: {msg:?} should say {want:?}");
+        }
+        let r = app.call(Method::GET, "/api/v1/metrics/fleet?metric=cpu&group=nope", Some(&viewer), None).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+        let r = app.call(Method::GET, "/api/v1/devices/nope/metrics", Some(&viewer), None).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+        // Logs on demand need the operator role; a viewer is refused and nothing is recorded.
+        let op = app.token("operator").await;
+        let before = app.audit_count().await;
+        let r = app
+            .call(Method::POST, &format!("/api/v1/devices/{d}/logs"), Some(&viewer), Some(json!({"source": "journal"})))
+            .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
+        // An operator asking for a source outside the protocol, or an offline device.
+        let r = app
+            .call(Method::POST, &format!("/api/v1/devices/{d}/logs"), Some(&op), Some(json!({"source": "/etc/shadow"})))
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+        let r = app
+            .call(Method::POST, &format!("/api/v1/devices/{d}/logs"), Some(&op), Some(json!({"source": "journal"})))
+            .await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text);
+        assert!(r.text.contains("offline"), "{}", r.text);
+        assert_eq!(app.audit_count().await, before);
+        // Prometheus: a viewer token reads fleet aggregates; no token, no answer.
+        let r = app.call(Method::GET, "/metrics/fleet", None, None).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        let r = app.call(Method::GET, "/metrics/fleet", Some(&viewer), None).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.text.contains("drover_telemetry_points_total"), "{}", r.text);
+    });
+}
+
+// ------------------------------------------------------------------ end to end
+
+mod e2e {
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    use rumqttc::{TlsConfiguration, Transport};
+    use serde_json::{Value, json};
+
+    use crate::e2e::get_json;
+    use crate::fleet::{DeviceKey, Droverd, admin_token, client_tls, droverd_cli, enroll_https, post};
+    use crate::support::{TempDir, eventually};
+
+    /// Points of a device's metric as the API returns them (raw, 1 s buckets).
+    fn points(base: &str, token: &str, id: &str, metric: &str, from: i64, to: i64) -> Vec<(i64, f64)> {
+        let mut out = Vec::new();
+        let mut start = from;
+        while start < to {
+            let end = (start + 3_000_000).min(to);
+            let (s, v) = get_json(
+                &format!("{base}/api/v1/devices/{id}/metrics/{metric}?from={start}&to={end}&step=1s"),
+                Some(token),
+            );
+            assert_eq!(s, 200, "{v}");
+            for p in v["points"].as_array().unwrap() {
+                assert_eq!(p["count"], 1, "one point per second at most: {p}");
+                out.push((p["t"].as_i64().unwrap(), p["avg"].as_f64().unwrap()));
+            }
+            start = end;
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn batches_through_the_real_broker_are_stored_once_and_acked_after_commit() {
+        let dir = TempDir::new("telemetry-e2e");
+        let data = dir.path().join("data");
+        let server = Droverd::start(&data, None, &[]);
+        let token = admin_token(&data);
+        let ca_pem = droverd_cli(&data, &["ca", "cert"]);
+        let base = server.base.clone();
+        let (status, t) = post(&base, "/api/v1/enrollment-tokens", &token, json!({"name": "t", "max_uses": 1}));
+        assert_eq!(status, 201, "{t}");
+        let secret = t["secret"].as_str().unwrap().to_string();
+        let key = DeviceKey::new();
+        let key_pem = key.key.serialize_pem();
+        let (dev, ca) = (server.dev, ca_pem.clone());
+        let (id, cert) =
+            tokio::task::spawn_blocking(move || enroll_https(dev, &ca, &key, "SN-T1", &secret)).await.unwrap();
+
+        let mut opts = MqttOptions::new(id.clone(), "localhost", server.mqtt);
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(client_tls(&ca_pem, &cert, &key_pem))));
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        client.subscribe(format!("drover/v1/d/{id}/down/#"), QoS::AtLeastOnce).await.unwrap();
+        let now = drover_server::time::now_ms();
+        let up = format!("drover/v1/d/{id}/up/telemetry");
+        // Bad input: a batch with a metric name outside the alphabet is refused, never acked.
+        let bad = json!({"v":1,"seq":1,"points":[{"n":"CPU!","t":now,"v":1.0}]});
+        client.publish(&up, QoS::AtLeastOnce, false, bad.to_string()).await.unwrap();
+        // Five good batches of 100 points, then batch 3 again (its ack "lost").
+        let batch = |seq: i64| {
+            let pts: Vec<Value> = (0..100)
+                .map(|i| json!({"n":"load","t": now - 700_000 + (seq * 100 + i) * 1000, "v": (seq * 100 + i) as f64}))
+                .collect();
+            json!({"v":1,"seq":seq + 1,"points":pts,"dropped":7}).to_string()
+        };
+        for seq in 1..=5 {
+            client.publish(&up, QoS::AtLeastOnce, false, batch(seq)).await.unwrap();
+        }
+        client.publish(&up, QoS::AtLeastOnce, false, batch(3)).await.unwrap();
+        let mut acks = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !acks.contains(&6) {
+            assert!(Instant::now() < deadline, "acks so far: {acks:?}");
+            let ev = tokio::time::timeout(Duration::from_secs(30), events.poll()).await.unwrap().unwrap();
+            if let Event::Incoming(Packet::Publish(p)) = ev {
+                assert!(p.topic.ends_with(b"/down/telemetry"), "{:?}", p.topic);
+                let v: Value = serde_json::from_slice(&p.payload).unwrap();
+                acks.push(v["seq"].as_i64().unwrap());
+                // Acked means stored: the points of every batch up to seq are in the API now.
+                let (b, tk, dev_id) = (base.clone(), token.clone(), id.clone());
+                let seq = v["seq"].as_i64().unwrap();
+                let n = tokio::task::spawn_blocking(move || points(&b, &tk, &dev_id, "load", now - 700_000, now).len())
+                    .await
+                    .unwrap();
+                assert!(n as i64 >= (seq - 1) * 100, "ack {seq} with only {n} points stored");
+            }
+        }
+        assert!(!acks.contains(&1), "the refused batch was acked: {acks:?}");
+        // Every stored batch has its own ack: a device reads an ack as covering that batch
+        // only, so an ack for the highest alone would leave the others resent for ever.
+        for seq in 2..=6 {
+            assert!(acks.contains(&seq), "batch {seq} never acknowledged: {acks:?}");
+        }
+        let (b, tk, dev_id) = (base.clone(), token.clone(), id.clone());
+        let pts =
+            tokio::task::spawn_blocking(move || points(&b, &tk, &dev_id, "load", now - 700_000, now)).await.unwrap();
+        assert_eq!(pts.len(), 500);
+        assert!(pts.windows(2).all(|w| w[1].0 - w[0].0 == 1000 && w[1].1 - w[0].1 == 1.0));
+        let (s, m) = get_json(&format!("{base}/api/v1/devices/{id}/metrics"), Some(&token));
+        assert_eq!(s, 200);
+        let dropped = m.as_array().unwrap().iter().find(|x| x["name"] == "drover.outbox.dropped").unwrap();
+        assert_eq!(dropped["last_value"], 7.0);
+        drop(server);
+    }
+
+    /// The `drover-agent` binary of this workspace, built now if needed.
+    fn agent_bin() -> PathBuf {
+        static BIN: OnceLock<PathBuf> = OnceLock::new();
+        BIN.get_or_init(|| {
+            if let Some(p) = std::env::var_os("DROVER_AGENT_BIN") {
+                return PathBuf::from(p);
+            }
+            let dir = Path::new(env!("CARGO_BIN_EXE_droverd")).parent().unwrap();
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "-p", "drover-agent", "--bin", "drover-agent"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .unwrap();
+            assert!(status.success());
+            dir.join("drover-agent")
+        })
+        .clone()
+    }
+
+    struct AgentProc(Child);
+
+    impl Drop for AgentProc {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// A real agent measuring every second, offline for ten real minutes while droverd is
+    /// stopped, then reconnected: every second of the outage arrives, in order, with its own
+    /// timestamp, marked late; nothing is lost or doubled.
+    #[tokio::test]
+    async fn a_device_offline_ten_minutes_loses_no_point() {
+        let outage = Duration::from_secs(
+            std::env::var("DROVER_TEST_OUTAGE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(600),
+        );
+        let dir = TempDir::new("telemetry-offline");
+        let data = dir.path().join("data");
+        let mut server = Droverd::start(&data, None, &[]);
+        let token = admin_token(&data);
+        let ca_pem = droverd_cli(&data, &["ca", "cert"]);
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca_pem).unwrap();
+        let base = server.base.clone();
+        let (status, t) = post(&base, "/api/v1/enrollment-tokens", &token, json!({"name": "t", "max_uses": 1}));
+        assert_eq!(status, 201, "{t}");
+        let secret = t["secret"].as_str().unwrap();
+        let adir = dir.path().join("agent");
+        std::fs::create_dir_all(&adir).unwrap();
+        let adata = adir.join("data");
+        let cfg = adir.join("agent.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "server_url = \"https://localhost:{dev}\"\nmqtt_url = \"mqtts://localhost:{mqtt}\"\nca_file = {ca_file:?}\n\
+                 data_dir = {adata:?}\nenrollment_token = \"{secret}\"\nkeepalive_secs = 10\nlog_level = \"debug\"\n\
+                 [identity]\nserial = \"offline-1\"\n[telemetry]\ninterval_s = 1\n",
+                dev = server.dev,
+                mqtt = server.mqtt,
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(adir.join("agent.log")).unwrap();
+        let _agent = AgentProc(
+            Command::new(agent_bin())
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let json_path = adata.join("device.json");
+        let id = eventually(Duration::from_secs(60), "the agent to enroll", || {
+            let v: Value = serde_json::from_slice(&std::fs::read(&json_path).ok()?).ok()?;
+            v["device_id"].as_str().map(str::to_string)
+        });
+        let metric = "mem.used_percent";
+        let start = drover_server::time::now_ms();
+        let (b, tk, d) = (base.clone(), token.clone(), id.clone());
+        let agent_log = adir.join("agent.log");
+        tokio::task::spawn_blocking(move || {
+            eventually(Duration::from_secs(60), "points stored before the outage", || {
+                let n = points(&b, &tk, &d, metric, start - 60_000, drover_server::time::now_ms() + 1000).len();
+                (n >= 5).then_some(())
+            })
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{}", std::fs::read_to_string(&agent_log).unwrap_or_default()));
+
+        server.stop();
+        let down_at = drover_server::time::now_ms();
+        tokio::time::sleep(outage).await;
+        let up_at = drover_server::time::now_ms();
+        server.restart();
+        let base = server.base.clone();
+
+        // Wait until the newest points are in: the outbox has been sent. After ten minutes of
+        // refused connections the agent's reconnect backoff (full jitter, ceiling 300 s) may
+        // wait up to five minutes before its next attempt, as a device in the field would.
+        let (b, tk, d) = (base.clone(), token.clone(), id.clone());
+        let pts = tokio::task::spawn_blocking(move || {
+            eventually(Duration::from_secs(300 + 180), "the outbox to be delivered", || {
+                let now = drover_server::time::now_ms();
+                let pts = points(&b, &tk, &d, metric, start - 60_000, now + 1000);
+                (pts.last().is_some_and(|p| p.0 > up_at + 5_000)).then_some(pts)
+            })
+        })
+        .await
+        .unwrap();
+        // A point for every second across the outage: no gap longer than two intervals.
+        let span: Vec<i64> = pts.iter().map(|p| p.0).filter(|t| *t >= start).collect();
+        let gaps: Vec<(i64, i64)> = span.windows(2).filter(|w| w[1] - w[0] > 2_100).map(|w| (w[0], w[1])).collect();
+        assert!(gaps.is_empty(), "gaps in the series (ms): {gaps:?}");
+        let during = span.iter().filter(|t| **t > down_at && **t < up_at).count() as u64;
+        let secs = (up_at - down_at) as u64 / 1000;
+        assert!(during + 3 >= secs && during <= secs + 1, "{during} points in a {secs} s outage");
+        // Timestamps are the device's own: strictly increasing, and the outage's are late.
+        assert!(span.windows(2).all(|w| w[1] > w[0]));
+        // In droverd's database, the outage's points are marked late, the others not.
+        use sqlx::Connection as _;
+        sqlx::any::install_default_drivers();
+        let url = format!("sqlite://{}?mode=ro", data.join("drover.db").display());
+        let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+        let (late, on_time): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(CASE WHEN p.late = 1 THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN p.late = 0 THEN 1 ELSE 0 END), 0) FROM metric_points p \
+             JOIN metric_series s ON s.id = p.series_id WHERE s.device_id = $1 AND s.name = $2 AND p.ts > $3 AND p.ts < $4",
+        )
+        .bind(id.clone())
+        .bind(metric)
+        .bind(down_at + 1000)
+        .bind(up_at - 130_000)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert!(late > 0 && on_time == 0, "late {late}, on time {on_time}");
+        drop(server);
+    }
+}
