@@ -74,6 +74,11 @@ impl Client {
         &self.base
     }
 
+    /// The API token, for connections the client does not make itself (remote sessions).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}/api/v1{path}", self.base)
     }

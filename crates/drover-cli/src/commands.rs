@@ -18,6 +18,7 @@ use crate::config;
 use crate::deploy::{self, DeployCommand};
 use crate::fleet::{self, DeviceCommand, EnrollTokenCommand, GroupCommand, PreauthCommand};
 use crate::output::{self, Format};
+use crate::remote;
 
 #[derive(Parser, Debug)]
 #[command(name = "drover", version, about = "Manage a Drover fleet from the command line")]
@@ -69,6 +70,29 @@ enum Command {
     /// Software deployments: create, follow (--wait, --watch), list, devices, logs, abort.
     #[command(subcommand)]
     Deploy(DeployCommand),
+    /// Alerts: rules, current alerts, history, silences, notification channels.
+    #[command(subcommand)]
+    Alert(crate::alerts::AlertCommand),
+    /// Device rule sets of groups (evaluated on the devices themselves).
+    #[command(subcommand)]
+    Rules(crate::alerts::RulesCommand),
+    /// Telemetry: a device's metrics, fleet aggregates, top devices, logs on demand.
+    #[command(subcommand)]
+    Metrics(crate::metrics::MetricsCommand),
+    /// A shell on a device (raw mode, resize); exits with the shell's status.
+    Term {
+        /// The device's id.
+        device: String,
+    },
+    /// Copy a file to or from a device: `drover cp FILE DEVICE:/path` or `drover cp DEVICE:/path FILE`.
+    Cp { src: String, dst: String },
+    /// Forward a local port to HOST:PORT as seen from the device, until Ctrl-C.
+    Forward {
+        /// The device's id.
+        device: String,
+        /// LOCAL_PORT:HOST:PORT, e.g. 8080:127.0.0.1:80.
+        spec: String,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -234,6 +258,12 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode, CliErro
         Command::Preauth(cmd) => return fleet::preauth(&client(&cfg_path)?, out, cmd),
         Command::Artifact(cmd) => return artifact::run(out, cmd, || client(&cfg_path)),
         Command::Deploy(cmd) => return deploy::deploy(&client(&cfg_path)?, out, cmd),
+        Command::Alert(cmd) => return crate::alerts::alert(&client(&cfg_path)?, out, cmd),
+        Command::Rules(cmd) => return crate::alerts::rules(&client(&cfg_path)?, out, cmd),
+        Command::Metrics(cmd) => return crate::metrics::metrics(&client(&cfg_path)?, out, cmd),
+        Command::Term { device } => return remote::term(&client(&cfg_path)?, &device),
+        Command::Cp { src, dst } => return remote::cp(&client(&cfg_path)?, &src, &dst),
+        Command::Forward { device, spec } => return remote::forward(&client(&cfg_path)?, &device, &spec),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,13 +3,16 @@
 //! **Architecture invariant:** talks to the server only through the REST API and the types in
 //! `drover-proto`; it never depends on the server crate.
 
+mod alerts;
 mod artifact;
 pub mod client;
 pub mod commands;
 pub mod config;
 mod deploy;
 mod fleet;
+mod metrics;
 pub mod output;
+mod remote;
 
 use std::process::ExitCode;
 

@@ -1,7 +1,9 @@
 //! The real `drover` binary against a real droverd (run in-process on a free port, SQLite).
 
+mod alerts;
 mod artifact;
 mod deploy;
+mod metrics;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
