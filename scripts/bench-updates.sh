@@ -14,7 +14,9 @@
 #   scripts/bench-updates.sh                        # 1,000 devices, 20 MB
 #   DEVICES=100 SIZE_MB=5 scripts/bench-updates.sh  # smaller
 # Other knobs: SLOTS (downloads at once in the simulator, default 32), TIMEOUT (s, default
-# 1800), HTTP_PORT/MQTT_PORT/DEV_PORT (default 39080/39883/39443), KEEP=1 keeps the directory.
+# 1800), HTTP_PORT/MQTT_PORT/DEV_PORT (default 39080/39883/39443), KEEP=1 keeps the directory,
+# BIN_DIR=DIR runs the droverd, drover-sim and drover found there instead of building them (to
+# compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 devices=${DEVICES:-1000}
@@ -25,10 +27,11 @@ http=127.0.0.1:${HTTP_PORT:-39080}
 mqtt_port=${MQTT_PORT:-39883}
 dev_port=${DEV_PORT:-39443}
 
-cargo build --release --locked --bin droverd --bin drover-sim --bin drover >/dev/null 2>&1
-droverd=target/release/droverd
-sim=target/release/drover-sim
-drover=target/release/drover
+bin=${BIN_DIR:-target/release}
+[ -n "${BIN_DIR:-}" ] || cargo build --release --locked --bin droverd --bin drover-sim --bin drover >/dev/null 2>&1
+droverd=$bin/droverd
+sim=$bin/drover-sim
+drover=$bin/drover
 dir=$(mktemp -d)
 sim_pid=
 cleanup() {
