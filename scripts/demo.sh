@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs Drover for a first look: droverd on http://127.0.0.1:8080 with its data in ./demo-data,
 # and a simulated fleet of 50 devices (drover-sim) that enroll, connect over mutual-TLS MQTT,
-# report their inventory and now and then drop off and come back.
+# report their inventory and health metrics every 10 s, take software updates with the agent's
+# own update engine, and now and then drop off and come back. On the first run it also makes
+# release keys and a trust root (./demo-data/release), uploads two signed versions of a sample
+# artifact to deploy, and adds an alert rule.
 # Sign in as admin with the password printed below. Ctrl-C stops both; run it again to
 # continue where you left off (the same devices come back from ./demo-data/sim), or delete
 # ./demo-data to start over.
@@ -15,8 +18,9 @@ DEVICES="${DEMO_DEVICES:-50}"
 data=demo-data
 sim_dir=$data/sim
 
-cargo build --release --locked --bin droverd --bin drover-sim
+cargo build --release --locked --bin droverd --bin drover-sim --bin drover
 droverd=target/release/droverd
+drover=target/release/drover
 
 server=""
 sim=""
@@ -61,14 +65,51 @@ if [ "$enrolled" -lt "$DEVICES" ]; then
   token_args=(--token "$secret")
 fi
 
+# What a release pipeline does, once: a root key and a release key (kept here, never on the
+# server), the trust root the devices are provisioned with, and two signed versions of a sample
+# artifact for the `demo-sim` device type, uploaded to the server.
+release=$data/release
+api() { # METHOD PATH [curl args...]
+  local m=$1 p=$2
+  shift 2
+  curl -sf -X "$m" -H "Authorization: Bearer $admin" "$@" "http://$LISTEN/api/v1$p"
+}
+if [ ! -f "$release/root.json" ]; then
+  mkdir -p "$release"
+  chmod 700 "$release"
+  "$drover" artifact keygen --force --out "$release/root.key" >/dev/null
+  "$drover" artifact keygen --force --out "$release/release.key" >/dev/null
+  "$drover" artifact root create --root-key "$release/root.key" --release-key "$release/release.key.pub" \
+    --out "$release/root.json.new" >/dev/null
+  mv "$release/root.json.new" "$release/root.json"
+fi
+if ! api GET /trust-root >/dev/null 2>&1; then
+  api PUT /trust-root -H 'content-type: application/json' --data-binary "@$release/root.json" >/dev/null
+fi
+if [ "$(api GET '/artifacts?limit=1' | grep -c '"name"')" = 0 ]; then
+  for version in 1.0.0 1.1.0; do
+    printf 'greeting = "hello from demo-app %s"\n' "$version" >"$release/demo-app.conf"
+    "$drover" artifact build --name demo-app --version "$version" --device-type demo-sim --type file \
+      --payload "$release/demo-app.conf" --arg path=/demo-app.conf --key "$release/release.key" \
+      --out "$release/demo-app-$version.drover" >/dev/null
+    api POST /artifacts -H 'content-type: application/octet-stream' \
+      --data-binary "@$release/demo-app-$version.drover" >/dev/null
+  done
+  api POST /alert-rules -H 'content-type: application/json' -d '{"name": "device running hot",
+    "condition": {"kind": "threshold", "metric": "temp.zone0_celsius", "op": ">", "threshold": 75,
+    "window_s": 300, "aggregate": "avg"}}' >/dev/null || true
+fi
+
 target/release/drover-sim --server "https://localhost:${DEVICE_LISTEN##*:}" --ca "$sim_dir/ca.pem" \
   --mqtt "localhost:${MQTT_LISTEN##*:}" "${token_args[@]}" -n "$DEVICES" --state-dir "$sim_dir" \
-  --prefix demo --churn 0.02 --report 60 &
+  --prefix demo --churn 0.02 --report 60 --telemetry-interval 10 --health \
+  --device-type demo-sim --root-file "$release/root.json" --update-dir "$sim_dir/updates" &
 sim=$!
 
 echo
 echo "Drover: open http://$LISTEN and sign in as admin / $DROVER_ADMIN_PASSWORD"
 echo "        $DEVICES simulated devices are joining: see Devices (2% of them drop off and return each minute)."
+echo "        Their health metrics arrive every 10 s; Updates has demo-app 1.0.0 and 1.1.0 to deploy."
 echo "        Ctrl-C stops the server and the fleet."
 echo
 wait "$server" || true

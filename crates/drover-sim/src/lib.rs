@@ -121,6 +121,11 @@ pub struct Args {
     /// Metrics per device per telemetry round (`sim.m0` … `sim.m{N-1}`, random walks).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=2000))]
     pub metrics: u32,
+    /// Report what the agent's health collector reports (`cpu.percent`, `mem.used_percent`,
+    /// `disk.used_percent.root`, `temp.zone0_celsius`, `net.rx_bytes`, …), each device with its
+    /// own plausible level, instead of `--metrics` random walks.
+    #[arg(long, requires = "telemetry_interval")]
+    pub health: bool,
     /// Each device's outbox: `DIR/{name}/`. Default: `STATE_DIR/telemetry`, or a folder under
     /// the system's temporary directory.
     #[arg(long)]
@@ -469,8 +474,65 @@ impl drover_agent::telemetry::MetricSource for SimMetrics {
     }
 }
 
+/// `--health`: the agent collector's metric names with values a real device might report.
+/// Each device has its own baseline (some run hot, some are nearly full), levels wander, and
+/// the counters only grow.
+struct SimHealth {
+    cpu: f64,
+    mem: f64,
+    disk: f64,
+    temp: f64,
+    rx: f64,
+    tx: f64,
+    uptime: f64,
+    interval: f64,
+}
+
+impl SimHealth {
+    fn new(index: u64, interval: u64, uptime: u64) -> SimHealth {
+        // A fixed spread over the fleet: device 7 is always the same kind of device.
+        let h = (index.wrapping_mul(2_654_435_761) % 1000) as f64 / 1000.0;
+        SimHealth {
+            cpu: 5.0 + 60.0 * h,
+            mem: 25.0 + 50.0 * ((h * 7.0) % 1.0),
+            disk: 20.0 + 75.0 * ((h * 13.0) % 1.0),
+            temp: 40.0 + 40.0 * h,
+            rx: 0.0,
+            tx: 0.0,
+            uptime: uptime as f64,
+            interval: interval as f64,
+        }
+    }
+}
+
+impl drover_agent::telemetry::MetricSource for SimHealth {
+    fn collect(&mut self) -> Vec<(String, f64)> {
+        let step = |v: &mut f64, by: f64, lo: f64, hi: f64| {
+            *v = (*v + (rand::random::<f64>() * 2.0 - 1.0) * by).clamp(lo, hi);
+            (*v * 100.0).round() / 100.0
+        };
+        let cpu = step(&mut self.cpu, 6.0, 0.5, 100.0);
+        let temp = step(&mut self.temp, 1.0, 25.0, 95.0);
+        let mem = step(&mut self.mem, 1.5, 5.0, 99.0);
+        let disk = step(&mut self.disk, 0.05, 1.0, 100.0);
+        self.rx += (2_000.0 + rand::random::<f64>() * 50_000.0) * self.interval;
+        self.tx += (500.0 + rand::random::<f64>() * 10_000.0) * self.interval;
+        self.uptime += self.interval;
+        vec![
+            ("cpu.percent".into(), cpu),
+            ("cpu.load1".into(), (cpu / 25.0 * 100.0).round() / 100.0),
+            ("mem.used_percent".into(), mem),
+            ("disk.used_percent.root".into(), disk),
+            ("temp.zone0_celsius".into(), temp),
+            ("net.rx_bytes".into(), self.rx.floor()),
+            ("net.tx_bytes".into(), self.tx.floor()),
+            ("uptime_s".into(), self.uptime.floor()),
+        ]
+    }
+}
+
 /// The agent's telemetry core for one simulated device, its outbox in `DIR/{name}/`.
-fn telemetry(ctx: &Ctx, name: &str) -> Result<Option<drover_agent::telemetry::TelemetryLink>, String> {
+fn telemetry(ctx: &Ctx, index: u64, name: &str) -> Result<Option<drover_agent::telemetry::TelemetryLink>, String> {
     let (Some(dir), Some(secs)) = (&ctx.telemetry, ctx.args.telemetry_interval) else { return Ok(None) };
     let mut cfg = drover_agent::telemetry::config::TelemetryConfig::defaults(&dir.join(name));
     cfg.interval = Duration::from_secs(secs);
@@ -478,9 +540,15 @@ fn telemetry(ctx: &Ctx, name: &str) -> Result<Option<drover_agent::telemetry::Te
     let mut core = drover_agent::telemetry::CoreConfig::from_config(&cfg);
     core.outbox.fsync = ctx.args.telemetry_fsync;
     core.self_metrics = false;
-    let source = SimMetrics((0..ctx.args.metrics).map(|i| (i * 7 % 100) as f64).collect());
     let bad = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    drover_agent::telemetry::spawn(core, source, None, bad).map(Some).map_err(|e| e.to_string())
+    let link = if ctx.args.health {
+        let source = SimHealth::new(index, secs, inventory::uptime_base(index));
+        drover_agent::telemetry::spawn(core, source, None, bad)
+    } else {
+        let source = SimMetrics((0..ctx.args.metrics).map(|i| (i * 7 % 100) as f64).collect());
+        drover_agent::telemetry::spawn(core, source, None, bad)
+    };
+    link.map(Some).map_err(|e| e.to_string())
 }
 
 /// One simulated device: enroll (or load), then sessions until the simulator stops. A churned
@@ -501,7 +569,7 @@ async fn device(ctx: Arc<Ctx>, index: u64, mut stop: watch::Receiver<bool>) {
         Ok(u) => u,
         Err(e) => return ctx.fleet.enroll_failed(&name, &format!("updates: {e}")),
     };
-    let telemetry = match telemetry(&ctx, &name) {
+    let telemetry = match telemetry(&ctx, index, &name) {
         Ok(t) => t,
         Err(e) => return ctx.fleet.enroll_failed(&name, &format!("telemetry: {e}")),
     };
