@@ -4,6 +4,7 @@
 //! PostgreSQL is found through `DROVER_TEST_DATABASE_URL` (the README's test command sets
 //! it); each test gets a schema of its own there.
 
+mod agent_monitoring;
 mod alerts;
 mod api;
 mod artifacts;
@@ -17,5 +18,6 @@ mod remote;
 mod support;
 mod telemetry;
 mod ui;
+mod ui_metrics;
 mod ui_updates;
 mod update_agents;

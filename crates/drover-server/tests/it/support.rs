@@ -232,3 +232,25 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Op
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// The `drover-agent` binary of this workspace (`DROVER_AGENT_BIN` if set), built now if
+/// needed, in the profile this test binary was built in.
+pub fn agent_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("DROVER_AGENT_BIN") {
+            return PathBuf::from(p);
+        }
+        let dir = Path::new(env!("CARGO_BIN_EXE_droverd")).parent().unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "-p", "drover-agent", "--bin", "drover-agent"]).current_dir(env!("CARGO_MANIFEST_DIR"));
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(status.success(), "cargo build -p drover-agent failed");
+        dir.join("drover-agent")
+    })
+    .clone()
+}

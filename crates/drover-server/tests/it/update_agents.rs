@@ -13,7 +13,6 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use drover_artifact::keys::SigningKey;
@@ -23,32 +22,10 @@ use drover_artifact::write::Builder;
 use serde_json::{Value, json};
 
 use crate::e2e::agent as http;
-use crate::support::{TempDir, eventually};
+use crate::support::{TempDir, agent_bin, eventually};
 
-const DROVERD: &str = env!("CARGO_BIN_EXE_droverd");
 const DEVICE_TYPE: &str = "test-gw";
 const FINAL: [&str; 6] = ["success", "failure", "rolled-back", "already-installed", "incompatible", "aborted"];
-
-/// The `drover-agent` binary of this workspace, built now if needed.
-fn agent_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("DROVER_AGENT_BIN") {
-            return PathBuf::from(p);
-        }
-        let dir = Path::new(DROVERD).parent().unwrap();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "drover-agent", "--bin", "drover-agent"]).current_dir(env!("CARGO_MANIFEST_DIR"));
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("cargo runs");
-        assert!(status.success(), "cargo build -p drover-agent failed");
-        dir.join("drover-agent")
-    })
-    .clone()
-}
 
 fn sha256_hex(b: &[u8]) -> String {
     drover_artifact::sha256_hex(b)
