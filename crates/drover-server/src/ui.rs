@@ -24,6 +24,7 @@ use crate::ops;
 mod alerts;
 mod fleet;
 mod groups;
+mod metrics;
 mod remote;
 mod updates;
 
@@ -76,7 +77,7 @@ impl Templates {
         ] {
             env.add_template(name, src).expect("templates compile");
         }
-        for (name, src) in remote::TEMPLATES {
+        for (name, src) in remote::TEMPLATES.iter().chain(metrics::TEMPLATES) {
             env.add_template(name, src).expect("templates compile");
         }
         Templates { env }
@@ -105,12 +106,13 @@ pub fn routes() -> Router<AppState> {
         .merge(alerts::routes())
         .merge(updates::routes())
         .merge(remote::routes())
+        .merge(metrics::routes())
         .route("/assets/drover.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], CSS) }))
         .route(
             "/assets/vendor/htmx-2.0.4.min.js",
             get(|| async { ([(header::CONTENT_TYPE, "application/javascript"), (header::CACHE_CONTROL, "public, max-age=31536000, immutable")], HTMX) }),
         )
-        .route("/assets/licenses", get(|| async { ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("Third-party software embedded in Drover's web UI\n\nhtmx 2.0.4 (https://htmx.org)\n\n{HTMX_LICENSE}\n\n{}", remote::licenses())) }))
+        .route("/assets/licenses", get(|| async { ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("Third-party software embedded in Drover's web UI\n\nhtmx 2.0.4 (https://htmx.org)\n\n{HTMX_LICENSE}\n\n{}\n\n{}", remote::licenses(), metrics::licenses())) }))
 }
 
 /// A signed-in person. Without a valid session the browser is sent to the sign-in page.
