@@ -394,3 +394,176 @@ fn upload_an_artifact_deploy_it_to_a_group_and_abort_in_headless_chromium() {
     assert!(b.text("#deployments-table").contains("lab rollout") && b.text("#deployments-table").contains("aborted"));
     b.screenshot("deployments");
 }
+
+#[test]
+fn telemetry_charts_of_a_device_and_the_fleet_in_headless_chromium() {
+    use drover_server::telemetry::store::{Batch, Cache, Event, Point};
+
+    let dir = TempDir::new("browser-charts");
+    let password = "browser admin password";
+    let data = dir.path().join("data");
+    let server = Server::start(&data, None, &[("DROVER_ADMIN_PASSWORD", password)]);
+    let api = ApiSession::sign_in(&server.base, "admin", password);
+    api.post("/devices/preauthorize", json!({"identities": [{"serial": "SN-CHART-1"}]}));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
+    let mut resp = agent()
+        .post(&format!("{}/api/v1/enroll", server.base))
+        .send_json(json!({"csr_pem": csr, "identity": {"serial": "SN-CHART-1"}}))
+        .unwrap();
+    let v: Value = resp.body_mut().read_json().unwrap();
+    assert_eq!(v["status"], "accepted", "{v}");
+    let device = v["device_id"].as_str().unwrap().to_string();
+
+    // Telemetry with known values, stored as ingest stores it: one point a minute over the
+    // last 40 minutes with a 10-minute outage (no points 15 to 24 minutes ago), so 30 points,
+    // the highest 87.5; a constant 512 MiB of memory; one event.
+    let now = drover_server::time::now_ms();
+    let minutes: Vec<i64> = (1..=40).filter(|k| !(15..=24).contains(k)).collect();
+    let cpu = |k: i64| if k == 5 { 87.5 } else { 20.0 + (k % 7) as f64 };
+    let mut points: Vec<Point> =
+        minutes.iter().map(|&k| Point { name: "cpu.percent".into(), t: now - k * 60_000, v: cpu(k) }).collect();
+    points.extend(minutes.iter().map(|&k| Point {
+        name: "mem.used_bytes".into(),
+        t: now - k * 60_000,
+        v: 536_870_912.0,
+    }));
+    // And a metric last reported three hours ago: nothing to draw in the last hour.
+    points.push(Point { name: "uptime_s".into(), t: now - 3 * 3_600_000, v: 86_400.0 });
+    let batch = Batch {
+        device_id: device.clone(),
+        seq: 0,
+        points,
+        events: vec![Event {
+            id: "ev-door".into(),
+            t: now - 120_000,
+            name: "door.open".into(),
+            severity: "warning".into(),
+            data: r#"{"door":"north"}"#.into(),
+        }],
+        dropped: 0,
+    };
+    let url = format!("sqlite://{}?mode=rw", data.join("drover.db").display());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let db = drover_server::db::Db::open(&url).await.unwrap();
+        drover_server::telemetry::store::write(&db, &Cache::default(), &[batch], now, 86_400_000).await.unwrap();
+        db.close().await;
+    });
+
+    let b = Browser::start();
+    b.goto(&format!("{}/devices/{device}", server.base));
+    b.wait_title("Sign in");
+    b.type_into("input[name=username]", "admin");
+    b.type_into("input[name=password]", password);
+    b.click("button[type=submit]");
+    b.wait_title("SN-CHART-1");
+    // The device's page lists its metrics with the latest value, in their units.
+    let summary = eventually(Duration::from_secs(10), "the metrics summary", || {
+        let t = b.text("#device-metrics-summary");
+        t.contains("cpu.percent").then_some(t)
+    });
+    assert!(summary.contains("mem.used_bytes") && summary.contains("512 MiB"), "{summary}");
+
+    b.click("#metrics-link");
+    b.wait_title("Metrics serial=SN-CHART-1");
+    let js = |script: &str| b.cmd("POST", "/execute/sync", Some(json!({"script": script, "args": []})));
+    let card = r#"document.querySelector('.chart-card[data-metric="cpu.percent"]')"#;
+    let state = |attr: &str| js(&format!("return {card}.dataset.{attr} || null;"));
+    eventually(Duration::from_secs(20), "the cpu.percent chart drawn", || {
+        (state("state") == json!("ok")).then_some(())
+    });
+    // What uPlot holds: 30 values and one null where the outage is (a gap, not a line across it).
+    let held = js(&format!(
+        "const u = {card}.querySelector('.chart')._uplot; const ys = u.data[1];
+         return {{values: ys.filter(v => v !== null).length, nulls: ys.filter(v => v === null).length,
+                  max: Math.max(...ys.filter(v => v !== null)), series: u.series.length, resolution: {card}.dataset.resolution}};"
+    ));
+    assert_eq!(held, json!({"values": 30, "nulls": 1, "max": 87.5, "series": 2, "resolution": "raw"}), "{held}");
+    assert_eq!(b.text(r#".chart-card[data-metric="cpu.percent"] [data-stat=max]"#), "87.5 %");
+    assert_eq!(b.text(r#".chart-card[data-metric="mem.used_bytes"] [data-stat=max]"#), "512 MiB");
+    assert!(b.text("#telemetry-events").contains("door.open"));
+    let uptime = r#".chart-card[data-metric="uptime_s"]"#;
+    eventually(Duration::from_secs(20), "the empty chart", || {
+        (js(&format!("return document.querySelector('{uptime}').dataset.state || null;")) == json!("empty"))
+            .then_some(())
+    });
+    assert_eq!(b.text(&format!("{uptime} .chart-message")), "No data in this range.");
+    assert!(b.text(".charts-status").contains("refreshes every 30 s"), "{}", b.text(".charts-status"));
+    b.screenshot("metrics-device");
+
+    // Another range asks the server again, now for the 1-minute rollups.
+    b.click(r#".range-picker [data-range="6h"]"#);
+    eventually(Duration::from_secs(20), "the chart loaded again for 6 h", || {
+        (state("resolution") == json!("1m") && state("loads") == json!("2") && state("state") == json!("ok"))
+            .then_some(())
+    });
+    assert_eq!(state("points"), json!("30"));
+    assert_eq!(
+        js(r#"return document.querySelector('.range-picker [aria-pressed="true"]').dataset.range;"#),
+        json!("6h")
+    );
+    assert!(b.cmd("GET", "/url", None).as_str().unwrap().ends_with("range=6h"), "the range is in the address");
+
+    // The fleet dashboard: the aggregate over the one device, and the device on top.
+    b.click("a[href='/ui/metrics']");
+    b.wait_title("Metrics");
+    let fleet = "document.querySelector('.fleet-panel [data-chart=fleet]')";
+    eventually(Duration::from_secs(20), "the fleet chart drawn", || {
+        (js(&format!("return {fleet}.dataset.state || null;")) == json!("ok")).then_some(())
+    });
+    let held = js(&format!(
+        "const u = {fleet}.querySelector('.chart')._uplot; const avg = u.data[1].filter(v => v !== null);
+         const d = document.querySelector('.fleet-panel [data-chart=devices] .chart')._uplot;
+         return {{values: avg.length, max: Math.max(...u.data[3].filter(v => v !== null)),
+                  devices: Math.max(...d.data[1].filter(v => v !== null))}};"
+    ));
+    assert_eq!(held, json!({"values": 30, "max": 87.5, "devices": 1}), "{held}");
+    assert_eq!(b.text(".fleet-panel [data-chart=fleet] [data-stat=max]"), "87.5 %");
+    assert!(b.text(".fleet-devices").contains("1 device reported cpu.percent"), "{}", b.text(".fleet-devices"));
+    let top = eventually(Duration::from_secs(10), "the top devices", || {
+        let t = b.text(".top-devices tbody");
+        t.contains("SN-CHART-1").then_some(t)
+    });
+    assert!(top.starts_with("1 serial=SN-CHART-1"), "{top}");
+    b.find(&format!(".top-devices a[href='/devices/{device}/metrics']"));
+    // Ranked by maximum: the highest value there is.
+    b.click(".top-by option[value=max]");
+    eventually(Duration::from_secs(10), "the ranking by maximum", || {
+        b.text(".top-devices tbody").contains("87.5 %").then_some(())
+    });
+    b.screenshot("metrics-fleet");
+
+    // An answer the API refuses is shown where the chart would be, not swallowed: here a
+    // filter the page did not check (set behind its back), on the next load.
+    js("document.querySelector('.fleet-panel').dataset.filter = 'tag.site ='; return null;");
+    b.click(r#".range-picker [data-range="24h"]"#);
+    let refused = eventually(Duration::from_secs(20), "the API's refusal on the page", || {
+        (js(&format!("return {fleet}.dataset.state || null;")) == json!("error"))
+            .then(|| b.text(".fleet-panel [data-chart=fleet] .chart-message.error"))
+    });
+    assert!(refused.contains("invalid filter") && refused.contains("column"), "{refused}");
+    assert!(b.text(".top-devices tbody").contains("invalid filter"));
+    assert!(b.text(".charts-status").contains("could not be loaded"), "{}", b.text(".charts-status"));
+
+    // A filter that does not parse is refused on the page with the server's message.
+    b.type_into("#metrics-form input[name=filter]", "tag.site =");
+    b.click("#metrics-form button[type=submit]");
+    eventually(Duration::from_secs(10), "the filter's error", || {
+        b.page_source().contains("filter-error").then(|| b.text("#filter-error"))
+    });
+    assert!(b.text("#filter-error").contains("invalid filter"));
+    b.screenshot("metrics-bad-filter");
+
+    // A group's page charts its devices.
+    let group = api.post("/groups", json!({"name": "lab", "kind": "static"}));
+    let group = group["id"].as_str().unwrap().to_string();
+    api.post(&format!("/groups/{group}/devices"), json!({"devices": [device]}));
+    b.goto(&format!("{}/groups/{group}", server.base));
+    b.wait_title("Group lab");
+    eventually(Duration::from_secs(20), "the group's chart drawn", || {
+        (js(&format!("return {fleet}.dataset.state || null;")) == json!("ok")).then_some(())
+    });
+    assert_eq!(js("return document.querySelector('select.metric-choice').value;"), json!("cpu.percent"));
+    assert_eq!(b.text(".fleet-panel [data-chart=fleet] [data-stat=max]"), "87.5 %");
+    b.screenshot("metrics-group");
+}
