@@ -1,6 +1,7 @@
 //! Just enough DER to read what the agent needs from an X.509 certificate (subject CN,
-//! validity, public key), so the binary does not carry a general X.509 parser (design
-//! decision 7: small agent). Certificates are verified by rustls, never by this code.
+//! validity, public key) and to write its PKCS#10 certificate signing request, so the binary
+//! carries neither a general X.509 parser nor a certificate generator (design decision 7:
+//! small agent). Certificates are verified by rustls, never by this code.
 
 /// One TLV: tag, contents, and what follows it.
 fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
@@ -127,6 +128,76 @@ pub fn format_time(t: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
+/// A TLV with DER's definite length.
+fn write_tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let len = body.len();
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+const OID: u8 = 0x06;
+const BIT_STRING: u8 = 0x03;
+/// 1.2.840.10045.2.1 (id-ecPublicKey), 1.2.840.10045.3.1.7 (prime256v1),
+/// 1.2.840.10045.4.3.2 (ecdsa-with-SHA256).
+const OID_EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const OID_ECDSA_SHA256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02];
+
+fn bit_string(bytes: &[u8]) -> Vec<u8> {
+    let mut body = vec![0u8];
+    body.extend_from_slice(bytes);
+    write_tlv(BIT_STRING, &body)
+}
+
+/// The CertificationRequestInfo (RFC 2986) of a P-256 key with subject `CN=common_name`
+/// and no attributes: what the key signs.
+pub fn csr_info(public_key_raw: &[u8], common_name: &str) -> Vec<u8> {
+    let version = write_tlv(0x02, &[0]);
+    let cn = write_tlv(SEQUENCE, &[write_tlv(OID, OID_CN), write_tlv(0x0c, common_name.as_bytes())].concat());
+    let subject = write_tlv(SEQUENCE, &write_tlv(SET, &cn));
+    let algorithm = write_tlv(SEQUENCE, &[write_tlv(OID, OID_EC_PUBLIC_KEY), write_tlv(OID, OID_P256)].concat());
+    let spki = write_tlv(SEQUENCE, &[algorithm, bit_string(public_key_raw)].concat());
+    let attributes = write_tlv(0xa0, &[]);
+    write_tlv(SEQUENCE, &[version, subject, spki, attributes].concat())
+}
+
+/// The CertificationRequest: `info` with its ECDSA-SHA256 signature (DER, as ring makes it).
+pub fn csr(info: &[u8], signature: &[u8]) -> Vec<u8> {
+    let algorithm = write_tlv(SEQUENCE, &write_tlv(OID, OID_ECDSA_SHA256));
+    write_tlv(SEQUENCE, &[info, &algorithm, &bit_string(signature)].concat())
+}
+
+/// PEM text of `der` under `label` (base64 in 64-character lines).
+pub fn pem(label: &str, der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +231,38 @@ mod tests {
         }
         assert!(parse_certificate(b"\x30\x03abc").is_none());
         assert!(parse_certificate(b"").is_none());
+    }
+
+    /// The agent's key and CSR as a CA reads them: rcgen (with x509-parser, as droverd uses it)
+    /// parses the CSR and checks its signature, and finds the key's public key in it; the PEM
+    /// key reads back to the same key. Bad input: a CSR with one signed byte changed.
+    #[test]
+    fn csrs_made_here_are_what_a_ca_accepts() {
+        use rcgen::PublicKeyData as _;
+        use rustls::pki_types::pem::PemObject as _;
+        for _ in 0..20 {
+            let key = crate::tls::DeviceKey::generate().unwrap();
+            let csr_pem = key.csr_pem().unwrap();
+            let params = rcgen::CertificateSigningRequestParams::from_pem(&csr_pem).unwrap();
+            assert_eq!(params.public_key.der_bytes(), key.public_key_raw());
+            let again = crate::tls::DeviceKey::from_pem(&key.to_pem()).unwrap();
+            assert_eq!(again.public_key_raw(), key.public_key_raw());
+            // rcgen reads the key the agent wrote, as droverd's tests and older agents do.
+            let theirs = rcgen::KeyPair::from_pem(&key.to_pem()).unwrap();
+            assert_eq!(theirs.public_key_raw(), key.public_key_raw());
+            let der = rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).unwrap();
+            let mut bad = der.as_ref().to_vec();
+            let at = bad.len() / 3;
+            bad[at] ^= 1;
+            assert!(rcgen::CertificateSigningRequestParams::from_der(&bad.into()).is_err());
+        }
+        // A key rcgen made (what agents enrolled before wrote) loads and signs.
+        let old = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let key = crate::tls::DeviceKey::from_pem(&old.serialize_pem()).unwrap();
+        assert_eq!(key.public_key_raw(), old.public_key_raw());
+        assert!(rcgen::CertificateSigningRequestParams::from_pem(&key.csr_pem().unwrap()).is_ok());
+        assert!(
+            crate::tls::DeviceKey::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").is_err()
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use ring::signature::{EcdsaKeyPair, KeyPair as _};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::{ClientConfig, RootCertStore};
@@ -28,51 +29,63 @@ pub fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// The device's key pair: ECDSA P-256, made on the device, never sent anywhere.
+/// The device's key pair: ECDSA P-256, made on the device, never sent anywhere. Kept as
+/// PKCS#8 (the form written to disk) and used through ring, the process's one crypto library.
 pub struct DeviceKey {
-    key: rcgen::KeyPair,
+    pkcs8: Vec<u8>,
+    pair: EcdsaKeyPair,
 }
 
 impl std::fmt::Debug for DeviceKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceKey").field("public_key", &hex::encode(self.key.public_key_raw())).finish()
+        f.debug_struct("DeviceKey").field("public_key", &hex::encode(self.public_key_raw())).finish()
     }
 }
+
+const ALG: &ring::signature::EcdsaSigningAlgorithm = &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING;
 
 impl DeviceKey {
     /// A fresh ECDSA P-256 key pair.
     pub fn generate() -> Result<DeviceKey, TlsError> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| TlsError::Key(format!("cannot generate a key: {e}")))?;
-        Ok(DeviceKey { key })
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(ALG, &rng).map_err(|_| TlsError::Key("cannot generate a key".into()))?;
+        DeviceKey::from_pkcs8(pkcs8.as_ref().to_vec())
+    }
+
+    fn from_pkcs8(pkcs8: Vec<u8>) -> Result<DeviceKey, TlsError> {
+        let rng = ring::rand::SystemRandom::new();
+        let pair = EcdsaKeyPair::from_pkcs8(ALG, &pkcs8, &rng)
+            .map_err(|e| TlsError::Key(format!("not a usable private key: not an ECDSA P-256 PKCS#8 key ({e})")))?;
+        Ok(DeviceKey { pkcs8, pair })
     }
 
     /// A PKCS#8 PEM key, as [`DeviceKey::to_pem`] writes it.
     pub fn from_pem(pem: &str) -> Result<DeviceKey, TlsError> {
-        let key = rcgen::KeyPair::from_pem(pem).map_err(|e| TlsError::Key(format!("not a usable private key: {e}")))?;
-        Ok(DeviceKey { key })
+        let der = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| TlsError::Key(format!("not a usable private key: {e}")))?;
+        DeviceKey::from_pkcs8(der.secret_pkcs8_der().to_vec())
     }
 
     pub fn to_pem(&self) -> String {
-        self.key.serialize_pem()
+        crate::der::pem("PRIVATE KEY", &self.pkcs8)
     }
 
     /// A PKCS#10 certificate signing request for this key (its subject is ignored by the CA).
     pub fn csr_pem(&self) -> Result<String, TlsError> {
-        let mut params =
-            rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| TlsError::Key(format!("CSR: {e}")))?;
-        params.distinguished_name.push(rcgen::DnType::CommonName, "drover-device");
-        let csr = params.serialize_request(&self.key).map_err(|e| TlsError::Key(format!("CSR: {e}")))?;
-        csr.pem().map_err(|e| TlsError::Key(format!("CSR: {e}")))
+        let info = crate::der::csr_info(self.public_key_raw(), "drover-device");
+        let rng = ring::rand::SystemRandom::new();
+        let sig = self.pair.sign(&rng, &info).map_err(|_| TlsError::Key("CSR: cannot sign".into()))?;
+        Ok(crate::der::pem("CERTIFICATE REQUEST", &crate::der::csr(&info, sig.as_ref())))
     }
 
     /// The raw public key (the subjectPublicKey bits of a certificate for this key).
     pub fn public_key_raw(&self) -> &[u8] {
-        self.key.public_key_raw()
+        self.pair.public_key().as_ref()
     }
 
     pub fn private_key_der(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()))
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.pkcs8.clone()))
     }
 }
 
