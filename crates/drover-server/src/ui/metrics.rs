@@ -211,10 +211,7 @@ async fn fleet_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Quer
             }
             None => metrics.iter().find(|m| *m == "cpu.percent").or_else(|| metrics.first()).cloned(),
         };
-        let by = match q.by.as_deref() {
-            Some(b @ ("avg" | "max" | "last")) => b,
-            _ => "avg",
-        };
+        let by = q.by.as_deref().filter(|b| matches!(*b, "avg" | "max" | "last")).unwrap_or("avg");
         // The range links keep the rest of the query (they work without JavaScript too).
         let mut range_query = String::new();
         for (k, v) in [("metric", &metric), ("filter", &filter), ("split", &split)] {
