@@ -42,6 +42,8 @@ pub struct Hub {
     /// then those waiting for their SUBACK: a session tells the device to start only once
     /// its topic is subscribed, or the device's first messages would be lost.
     subscribing: Mutex<Subscribing>,
+    /// The web UI sessions this replica proxies (`super::web`).
+    pub web: super::web::Registry,
 }
 
 #[derive(Default)]

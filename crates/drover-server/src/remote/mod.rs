@@ -14,6 +14,7 @@ pub mod hub;
 pub mod recording;
 mod relay;
 pub mod sessions;
+pub mod web;
 
 use std::time::Duration;
 
@@ -43,13 +44,15 @@ pub fn api_routes() -> Router<AppState> {
         .route("/remote-sessions", get(list_sessions))
         .route("/remote-sessions/{id}", get(get_session))
         .route("/remote-sessions/{id}/recording", get(get_recording))
+        .route("/devices/{id}/web", axum::routing::post(web::open_api))
+        .route("/remote-sessions/{id}/close", axum::routing::post(web::close_api))
         .route("/remote-settings", get(get_settings).put(put_settings))
 }
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(terminal, files, forward, list_sessions, get_session, get_recording, get_settings, put_settings),
-    components(schemas(RemoteSession, RemoteSettings, SessionKind)),
+    paths(terminal, files, forward, list_sessions, get_session, get_recording, get_settings, put_settings, web::open_api, web::close_api),
+    components(schemas(RemoteSession, RemoteSettings, SessionKind, web::WebOpenRequest, web::WebOpened)),
     tags((name = "remote", description = "Remote access: terminal, file transfer and port forwarding over WebSockets relayed to the device (docs/remote-access.md); the sessions' record and recordings"))
 )]
 pub struct RemoteApiDoc;
@@ -107,7 +110,7 @@ async fn start(
     Ok(ws
         .max_message_size(1024 * 1024)
         .on_upgrade(move |socket| async move {
-            let ending = relay.run(socket, inbox, command).await;
+            let ending = relay.run(relay::Operator::Ws(socket), inbox, command).await;
             if let Err(e) = sessions::close(&db, &p, &opened, ending).await {
                 tracing::error!(session = %opened.id, "cannot record the end of a remote session: {e}");
             }

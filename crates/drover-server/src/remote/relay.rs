@@ -19,6 +19,7 @@ use drover_proto::remote::{
     SessionFlow, StreamFlow,
 };
 use rumqttc::v5::mqttbytes::QoS;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::hub::{Hub, Inbox};
@@ -172,17 +173,41 @@ fn device_error(code: Option<Reason>, message: Option<String>, fallback: &str) -
     End { reason: format!("device: {code}: {message}"), error: Some((code, message)), close_device: None }
 }
 
-async fn ws_send(ws: &mut WebSocket, m: Message) -> Result<(), End> {
+/// The operator's end of a session: a WebSocket (the API, the CLI, the browser's terminal),
+/// or a pair of channels inside droverd speaking the same messages (the web UI proxy,
+/// `super::web`).
+pub enum Operator {
+    Ws(WebSocket),
+    Local { rx: mpsc::UnboundedReceiver<Message>, tx: mpsc::UnboundedSender<Message> },
+}
+
+impl Operator {
+    async fn recv(&mut self) -> Option<Result<Message, axum::Error>> {
+        match self {
+            Operator::Ws(ws) => ws.recv().await,
+            Operator::Local { rx, .. } => rx.recv().await.map(Ok),
+        }
+    }
+
+    async fn send(&mut self, m: Message) -> Result<(), axum::Error> {
+        match self {
+            Operator::Ws(ws) => ws.send(m).await,
+            Operator::Local { tx, .. } => tx.send(m).map_err(axum::Error::new),
+        }
+    }
+}
+
+async fn ws_send(ws: &mut Operator, m: Message) -> Result<(), End> {
     ws.send(m).await.map_err(|_| End::operator("operator disconnected"))
 }
 
-async fn ws_control(ws: &mut WebSocket, c: operator::Control) -> Result<(), End> {
+async fn ws_control(ws: &mut Operator, c: operator::Control) -> Result<(), End> {
     ws_send(ws, Message::Text(c.to_text().into())).await
 }
 
 impl Relay {
     /// Runs the session to its end and returns what the session row records.
-    pub async fn run(mut self, mut ws: WebSocket, mut inbox: Inbox, command: remote::RemoteCommand) -> Ending {
+    pub async fn run(mut self, mut ws: Operator, mut inbox: Inbox, command: remote::RemoteCommand) -> Ending {
         let down = remote::session_topic(&self.session.device_id, &self.session.id, Direction::Down);
         let mut st = State {
             hub: self.hub.clone(),
@@ -228,7 +253,7 @@ impl Relay {
     /// Sends the `open` and waits for the device's `ready` (or its refusal).
     async fn open(
         &self,
-        ws: &mut WebSocket,
+        ws: &mut Operator,
         inbox: &mut Inbox,
         st: &mut State,
         mode: &mut Mode,
@@ -284,7 +309,7 @@ impl Relay {
     }
 
     async fn relay(
-        ws: &mut WebSocket,
+        ws: &mut Operator,
         inbox: &mut Inbox,
         st: &mut State,
         mode: &mut Mode,
@@ -409,7 +434,11 @@ impl Relay {
             }
             MuxKind::Credit => {
                 let Some(&id) = st.by_op.get(&f.stream) else { return Ok(()) };
-                let n = f.credit_bytes();
+                let Some(s) = st.streams.get_mut(&id) else { return Ok(()) };
+                // The device may send these bytes again: this relay's count of the stream's
+                // window grows with them, or a connection would end after its first window.
+                s.flow.on_consumed(f.credit_bytes() as usize);
+                let n = s.flow.take_grant(true).unwrap_or(0);
                 if n > 0 {
                     st.send(Header::new(FrameType::Window, id, n), &[]).await?;
                 }
@@ -418,7 +447,7 @@ impl Relay {
         }
     }
 
-    async fn from_device(ws: &mut WebSocket, st: &mut State, mode: &mut Mode, bytes: &[u8]) -> Result<(), End> {
+    async fn from_device(ws: &mut Operator, st: &mut State, mode: &mut Mode, bytes: &[u8]) -> Result<(), End> {
         let proto = |e: remote::FrameError| End::fail("protocol", e.to_string(), Some(Reason::ProtocolError));
         let frame = remote::decode(bytes).map_err(proto)?;
         let h = frame.header;
@@ -484,7 +513,7 @@ impl Relay {
         st.grant_session().await
     }
 
-    async fn forward_from_device(ws: &mut WebSocket, st: &mut State, h: Header, payload: &[u8]) -> Result<(), End> {
+    async fn forward_from_device(ws: &mut Operator, st: &mut State, h: Header, payload: &[u8]) -> Result<(), End> {
         let proto = |e: remote::FrameError| End::fail("protocol", e.to_string(), Some(Reason::ProtocolError));
         if h.kind == FrameType::Control {
             let c: Control = serde_json::from_slice(payload)

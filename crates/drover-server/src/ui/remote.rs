@@ -8,7 +8,7 @@
 use axum::Router;
 use axum::extract::{Form, Path, Query, State};
 use axum::http::header;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use drover_proto::api::Role;
 use minijinja::context;
@@ -47,6 +47,9 @@ pub fn routes() -> Router<AppState> {
         .route("/remote-sessions", get(sessions_page))
         .route("/remote-sessions/{id}/replay", get(replay_page))
         .route("/remote-settings", post(settings_submit))
+        .route("/devices/{id}/web", post(web_open_submit))
+        .route("/devices/{id}/web/{session}/close", post(web_close_submit))
+        .merge(crate::remote::web::routes())
         .route(
             "/assets/terminal.js",
             get(|| async { ([(header::CONTENT_TYPE, "application/javascript")], TERMINAL_JS) }),
@@ -93,7 +96,22 @@ async fn device_remote_page(
         let device = devices::get_device_detail(&s.db, &p, &id).await?;
         let q = SessionListQuery { device: Some(id.clone()), limit: Some(100) };
         let rows = sessions::list(&s.db, &p, &q).await?;
-        s.ui.render("device_remote.html", merge(ctx, context! { d => device, sessions => rows }))
+        // The capability link only for the one who opened the session; the others may close it.
+        let web_sessions: Vec<_> = s
+            .remote
+            .web
+            .for_device(p.org(), &id)
+            .iter()
+            .map(|w| {
+                let url = (w.actor_id == p.id && p.role >= Role::Operator).then(|| w.url());
+                context! { session => w.session_id.clone(), target => w.target.clone(), actor_name => w.actor_name.clone(),
+                           started_at => w.started_at.clone(), url => url }
+            })
+            .collect();
+        s.ui.render(
+            "device_remote.html",
+            merge(ctx, context! { d => device, sessions => rows, web_sessions => web_sessions }),
+        )
     }
     .await;
     r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
@@ -142,4 +160,50 @@ async fn settings_submit(State(s): State<AppState>, UiUser(p): UiUser, Form(f): 
     }
     .await;
     back("/remote-sessions", result)
+}
+
+#[derive(Deserialize)]
+struct WebOpenForm {
+    csrf: String,
+    host: String,
+    port: u16,
+}
+
+/// "Open web UI": on success the browser goes to the session's capability path; a refusal
+/// (the device's reason) is shown on the device's remote-access page.
+async fn web_open_submit(
+    State(s): State<AppState>,
+    UiUser(p): UiUser,
+    Path(id): Path<String>,
+    Form(f): Form<WebOpenForm>,
+) -> Response {
+    let result = async {
+        check_csrf(&p, &f.csrf)?;
+        crate::remote::web::open(&s, &p, &id, &f.host, f.port).await
+    }
+    .await;
+    match result {
+        Ok(opened) => Redirect::to(&opened.url).into_response(),
+        Err(e) => back(&format!("/devices/{id}/remote"), Err(e)),
+    }
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    csrf: String,
+}
+
+async fn web_close_submit(
+    State(s): State<AppState>,
+    UiUser(p): UiUser,
+    Path((id, session)): Path<(String, String)>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    let result = async {
+        check_csrf(&p, &f.csrf)?;
+        crate::remote::web::close(&s, &p, &session).await?;
+        Ok(format!("Web UI session {session} closed."))
+    }
+    .await;
+    back(&format!("/devices/{id}/remote"), result)
 }

@@ -816,3 +816,243 @@ fn browser_terminal_in_headless_chromium() {
     assert_eq!(rows[0]["actor_name"], "admin");
     assert_eq!(rows[0]["kind"], "terminal");
 }
+
+/// The page a device's web server serves at `/`: root-relative links and a form.
+const DEVICE_INDEX: &str = "<!doctype html><html><head><link rel=\"stylesheet\" href=\"/style.css\"></head>\
+<body><h1 id=\"device-title\">Gateway admin</h1><a id=\"next\" href=\"/next\">next</a>\
+<form action=\"/save\" method=\"post\"><input name=\"x\"></form></body></html>";
+
+/// A web server on the device's side, as a router's admin page would be: `/` the page above
+/// with a cookie, `/old` a redirect to `/new`, `/big` `big`'s bytes, `POST /upload` answers
+/// the SHA-256 of what it got. Every request's head is kept in `heads`.
+async fn device_web(
+    listener: tokio::net::TcpListener,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    big: std::sync::Arc<Vec<u8>>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let (heads, big) = (heads.clone(), big.clone());
+        tokio::spawn(async move {
+            let (mut buf, mut tmp) = (Vec::new(), vec![0u8; 64 * 1024]);
+            let end = loop {
+                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break p + 4;
+                }
+                match sock.read(&mut tmp).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            heads.lock().unwrap().push(head.clone());
+            let mut first = head.lines().next().unwrap_or_default().split_whitespace();
+            let (method, path) = (first.next().unwrap_or_default(), first.next().unwrap_or_default());
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    if k.eq_ignore_ascii_case("content-length") { v.trim().parse().ok() } else { None }
+                })
+                .unwrap_or(0);
+            let (status, ctype, extra, body): (&str, &str, &str, Vec<u8>) = match (method, path) {
+                ("GET", "/") => (
+                    "200 OK",
+                    "text/html; charset=utf-8",
+                    "Set-Cookie: sid=device-session; Path=/; HttpOnly\r\n",
+                    DEVICE_INDEX.as_bytes().to_vec(),
+                ),
+                ("GET", "/old") => ("302 Found", "text/plain", "Location: /new\r\n", b"moved".to_vec()),
+                ("GET", "/big") => ("200 OK", "application/octet-stream", "", big.to_vec()),
+                ("POST", "/upload") => {
+                    let mut body = buf[end..].to_vec();
+                    while body.len() < len {
+                        match sock.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => body.extend_from_slice(&tmp[..n]),
+                        }
+                    }
+                    ("200 OK", "text/plain", "", hex::encode(Sha256::digest(&body)).into_bytes())
+                }
+                _ => ("404 Not Found", "text/plain", "", b"no such page".to_vec()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}\
+                 Strict-Transport-Security: max-age=31536000\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(&body).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+/// A device's local web UI opened through droverd: an operator (API and the device page's
+/// form) gets a capability path whose pages come back sandboxed, with root-relative links,
+/// redirects and cookies kept under it, 5 MB down and 3 MB up intact; the operator's Drover
+/// cookie and token never reach the device. Bad input tried: a viewer opening one, a target
+/// the device's `forward_allow` does not name, a made-up token, the path of a closed session,
+/// a target with nothing listening.
+#[test]
+fn device_web_ui_through_the_capability_path() {
+    let dir = TempDir::new("remote-web");
+    let broker = Broker::start(dir.path());
+    let s = Server::start(dir.path(), "server", &broker, &[]);
+    let enroll = s.enrollment_secret("remote");
+    let rt = runtime();
+    let web = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let web_port = web.local_addr().unwrap().port();
+    let down_port = free_port();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let big: Vec<u8> = (0..5 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    rt.spawn(device_web(web, heads.clone(), std::sync::Arc::new(big.clone())));
+    let remote = format!("forward = true\nforward_allow = [\"127.0.0.1:{web_port}\", \"127.0.0.1:{down_port}\"]\n");
+    let a = Agent::start(&s, dir.path(), "dev-w", &enroll, &remote);
+    let viewer = s.token("viewer");
+    let operator = s.token("operator");
+    let open = |token: &str, port: u16| {
+        let body = json!({"host": "127.0.0.1", "port": port});
+        s.call("POST", &format!("/api/v1/devices/{}/web", a.id), token, Some(body))
+    };
+    let browser: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+
+    // A viewer may not; a target outside the device's forward_allow is refused by the device.
+    let (st, body) = open(&viewer, web_port);
+    assert_eq!(st, 403, "{body}");
+    let (st, body) = open(&operator, 22);
+    assert_eq!(st, 409, "{body}");
+    let msg = body.to_string();
+    assert!(msg.contains("target-not-allowed") && msg.contains("forward_allow"), "{msg}");
+
+    // A signed-in operator (a real Drover session cookie, to see that it stays in the browser).
+    let user = json!({"username": "webop", "role": "operator", "password": "correct horse battery staple"});
+    s.admin("POST", "/api/v1/users", Some(user));
+    let mut login = browser
+        .post(&format!("{}/api/v1/auth/login", s.d.base))
+        .send_json(json!({"username": "webop", "password": "correct horse battery staple"}))
+        .unwrap();
+    assert_eq!(login.status(), 200);
+    let session_cookie = login
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+        .find(|c| c.starts_with("drover_session="))
+        .unwrap();
+    let csrf = login.body_mut().read_json::<Value>().unwrap()["csrf_token"].as_str().unwrap().to_string();
+
+    // "Open web UI" on the device page: a redirect to the capability path.
+    let r = browser
+        .post(&format!("{}/devices/{}/web", s.d.base, a.id))
+        .header("Cookie", &session_cookie)
+        .send_form([("csrf", csrf.as_str()), ("host", "127.0.0.1"), ("port", &web_port.to_string())])
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let path = r.headers().get("location").unwrap().to_str().unwrap().to_string();
+    assert!(path.starts_with("/web/") && path.ends_with('/') && path.len() > 40, "{path}");
+    let prefix = path.trim_end_matches('/').to_string();
+    let url = format!("{}{path}", s.d.base);
+
+    // The page, sandboxed, its links and its cookie under the capability path; the device
+    // got neither the Drover cookie nor a bearer token, only its own cookie.
+    let mut r = browser
+        .get(&url)
+        .header("Cookie", &format!("{session_cookie}; dw_sid=device-session"))
+        .header("Authorization", &format!("Bearer {operator}"))
+        .call()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let header = |r: &ureq::http::Response<ureq::Body>, name: &str| {
+        r.headers().get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
+    };
+    assert_eq!(header(&r, "content-security-policy"), "sandbox allow-scripts allow-forms allow-popups allow-downloads");
+    assert_eq!(header(&r, "strict-transport-security"), "", "the device may not set HSTS on Drover's origin");
+    assert_eq!(header(&r, "set-cookie"), format!("dw_sid=device-session; Path={prefix}/; HttpOnly"));
+    let html = r.body_mut().read_to_string().unwrap();
+    assert!(html.contains(&format!("href=\"{prefix}/next\"")), "{html}");
+    assert!(
+        html.contains(&format!("href=\"{prefix}/style.css\"")) && html.contains(&format!("action=\"{prefix}/save\""))
+    );
+    let head = heads.lock().unwrap().last().unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("get / http/1.1\r\n"), "{head}");
+    assert!(head.contains(&format!("host: 127.0.0.1:{web_port}\r\n")), "{head}");
+    assert!(head.contains("cookie: sid=device-session\r\n"), "{head}");
+    let secret = session_cookie.split_once('=').unwrap().1.to_ascii_lowercase();
+    assert!(
+        !head.contains(&secret) && !head.contains("drover_session"),
+        "the Drover cookie reached the device: {head}"
+    );
+    assert!(!head.contains("authorization") && !head.contains(&operator.to_ascii_lowercase()), "{head}");
+
+    // A redirect stays under the capability path.
+    let r = browser.get(&format!("{url}old")).call().unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(header(&r, "location"), format!("{prefix}/new"));
+
+    // 5 MB down and 3 MB up, byte for byte.
+    let mut r = browser.get(&format!("{url}big")).call().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-length"), (5 << 20).to_string());
+    let got = r.body_mut().with_config().limit(16 << 20).read_to_vec().unwrap();
+    assert_eq!(got.len(), big.len());
+    assert_eq!(hex::encode(Sha256::digest(&got)), hex::encode(Sha256::digest(&big)));
+    let up = &big[..3 << 20];
+    let mut r = browser.post(&format!("{url}upload")).send(up).unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.body_mut().read_to_string().unwrap(), hex::encode(Sha256::digest(up)));
+
+    // A made-up token: 404, and nothing reaches the device.
+    let before = heads.lock().unwrap().len();
+    let r = browser.get(&format!("{}/web/{}/", s.d.base, "A".repeat(43))).call().unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(header(&r, "content-security-policy"), "sandbox");
+    assert_eq!(heads.lock().unwrap().len(), before);
+
+    // Nothing listening at an allowed target: a clear 502 with the device's reason.
+    let (st, down) = open(&operator, down_port);
+    assert_eq!(st, 201, "{down}");
+    let mut r = browser.get(&format!("{}{}", s.d.base, down["url"].as_str().unwrap())).call().unwrap();
+    assert_eq!(r.status(), 502);
+    let page = r.body_mut().read_to_string().unwrap();
+    assert!(page.contains("refused") && page.contains(&format!("127.0.0.1:{down_port}")), "{page}");
+
+    // The device page lists the open sessions, with the link only for the one who opened it.
+    let mut r =
+        browser.get(&format!("{}/devices/{}/remote", s.d.base, a.id)).header("Cookie", &session_cookie).call().unwrap();
+    let page = r.body_mut().read_to_string().unwrap();
+    let token_of = |p: &str| p.trim_start_matches("/web/").trim_end_matches('/').to_string();
+    assert!(page.contains("id=\"web-sessions\"") && page.contains(&token_of(&path)), "{page}");
+    assert!(!page.contains(&token_of(down["url"].as_str().unwrap())), "another's capability path is not shown");
+
+    // Closing: the path is dead at once, the row has the bytes.
+    let session = eventually(Duration::from_secs(10), "the web UI session's row", || {
+        sessions(&s, &a.id).into_iter().find(|r| r["detail"] == format!("web UI to 127.0.0.1:{web_port}"))
+    });
+    let id = session["id"].as_str().unwrap();
+    let (st, _) = s.call("POST", &format!("/api/v1/remote-sessions/{id}/close"), &viewer, Some(json!({})));
+    assert_eq!(st, 403, "a viewer may not close it");
+    let (st, body) = s.call("POST", &format!("/api/v1/remote-sessions/{id}/close"), &operator, Some(json!({})));
+    assert_eq!(st, 204, "{body}");
+    let r = browser.get(&url).call().unwrap();
+    assert_eq!(r.status(), 404, "a closed session's path");
+    let row = sessions(&s, &a.id).into_iter().find(|r| r["id"] == id).unwrap();
+    assert!(row["ended_at"].is_string(), "{row}");
+    assert!(row["bytes_in"].as_i64().unwrap() > 5 << 20, "{row}");
+    assert!(row["bytes_out"].as_i64().unwrap() > 3 << 20, "{row}");
+    assert!(!a.log().contains("panicked"), "{}", a.log());
+}
