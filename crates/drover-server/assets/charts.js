@@ -17,11 +17,14 @@
 "use strict";
 
 (function () {
+  // A device's chart and a fleet aggregate take different steps: the cost of a fleet read is
+  // the rows it reads (devices x stored values), so fleet charts read rollups rather than raw
+  // points, and the 15-minute step over 24 h lets the server read its coarsest fitting rollup.
   const RANGES = {
-    "1h": { span: 3_600_000, step: "30s", stepMs: 30_000, refresh: true },
-    "6h": { span: 6 * 3_600_000, step: "1m", stepMs: 60_000, refresh: true },
-    "24h": { span: 24 * 3_600_000, step: "5m", stepMs: 300_000, refresh: true },
-    "7d": { span: 7 * 86_400_000, step: "1h", stepMs: 3_600_000, refresh: false },
+    "1h": { span: 3_600_000, step: "30s", fleetStep: "1m", refresh: true },
+    "6h": { span: 6 * 3_600_000, step: "1m", fleetStep: "1m", refresh: true },
+    "24h": { span: 24 * 3_600_000, step: "5m", fleetStep: "15m", refresh: true },
+    "7d": { span: 7 * 86_400_000, step: "1h", fleetStep: "1h", refresh: false },
   };
   const REFRESH_MS = 30_000;
   const ACCENT = "#2457c5";
@@ -529,7 +532,7 @@
       card.dataset.state = "loading";
       let s;
       try {
-        s = await getJson(`/api/v1/metrics/fleet?${q}&step=${ctx.step}${scopeQuery(this.root)}`, ctx.signal);
+        s = await getJson(`/api/v1/metrics/fleet?${q}&step=${ctx.fleetStep}${scopeQuery(this.root)}`, ctx.signal);
       } catch (e) {
         if (isAbort(e)) throw e;
         card.dataset.state = "error";
@@ -613,7 +616,7 @@
           values.map((v) => {
             const cond = `tag.${key} = ${quote(v)}`;
             const filter = base ? `(${base}) and ${cond}` : cond;
-            return getJson(`/api/v1/metrics/fleet?${q}&step=${ctx.step}&filter=${enc(filter)}`, ctx.signal);
+            return getJson(`/api/v1/metrics/fleet?${q}&step=${ctx.fleetStep}&filter=${enc(filter)}`, ctx.signal);
           }),
         );
       } catch (e) {
@@ -629,7 +632,7 @@
         const byT = new Map(a.buckets.map((b) => [b.t, b.avg]));
         return times.map((t) => (byT.has(t) ? byT.get(t) : null));
       });
-      const data = gapped(times, cols, ctx.stepMs);
+      const data = gapped(times, cols, answers[0].step);
       const f = (u, v) => fmt(v, unit);
       const series = [timeSeries].concat(
         values.map((v, i) => ({ label: `${key}=${v}`, stroke: PALETTE[i % PALETTE.length], width: 1.5, value: f, spanGaps: false })),
@@ -760,7 +763,7 @@
         }
       }
       const to = Date.now();
-      const ctx = { from: to - r.span, to, step: r.step, stepMs: r.stepMs, signal: this.controller.signal, failed: 0, fatal: null };
+      const ctx = { from: to - r.span, to, step: r.step, fleetStep: r.fleetStep, signal: this.controller.signal, failed: 0, fatal: null };
       ctx.fail = (text) => {
         ctx.fatal = text;
       };

@@ -519,6 +519,8 @@ fn telemetry_charts_of_a_device_and_the_fleet_in_headless_chromium() {
     ));
     assert_eq!(held, json!({"values": 30, "max": 87.5, "devices": 1}), "{held}");
     assert_eq!(b.text(".fleet-panel [data-chart=fleet] [data-stat=max]"), "87.5 %");
+    // Fleet aggregates read rollups, even over the last hour: the 1-minute ones.
+    assert_eq!(js(&format!("return {fleet}.dataset.resolution;")), json!("1m"));
     assert!(b.text(".fleet-devices").contains("1 device reported cpu.percent"), "{}", b.text(".fleet-devices"));
     let top = eventually(Duration::from_secs(10), "the top devices", || {
         let t = b.text(".top-devices tbody");
