@@ -335,6 +335,16 @@ async fn upload(client: &Client, local: &Path, device: &str, path: &str) -> Resu
     }
 }
 
+/// Resolves when the signal arrives; never without a handler.
+async fn on_signal(s: Option<&mut tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Removes the partial file unless the download completed.
 struct PartFile(Option<PathBuf>);
 
@@ -362,14 +372,17 @@ async fn download(client: &Client, device: &str, path: &str, local: &Path) -> Re
     let q = format!("/devices/{}/files?op=download&path={}", segment(device), query_value(path));
     let mut ws = connect(client, &q).await?;
     let mut part = PartFile(Some(part_path.clone()));
-    // Ctrl-C or a kill leaves no partial file behind.
+    // Ctrl-C, a kill or the terminal closing (SIGHUP) leaves no partial file behind.
     let interrupted = {
         let part_path = part_path.clone();
         async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).ok();
+            let mut hangup = signal(SignalKind::hangup()).ok();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                _ = on_signal(term.as_mut()) => {}
+                _ = on_signal(hangup.as_mut()) => {}
             }
             let _ = std::fs::remove_file(&part_path);
         }

@@ -1056,3 +1056,151 @@ fn device_web_ui_through_the_capability_path() {
     assert!(row["bytes_out"].as_i64().unwrap() > 3 << 20, "{row}");
     assert!(!a.log().contains("panicked"), "{}", a.log());
 }
+
+/// Every file in `dir`, hidden ones included.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+/// A `drover cp` download of `src` to `dst` that is cut once its partial file holds more than
+/// 1 MiB, by `cut` (given the CLI's process); returns the CLI's output.
+fn cut_download(s: &Server, src: &str, dst: &Path, cut: impl FnOnce(&Child)) -> std::process::Output {
+    let child = Command::new(cli_bin())
+        .args(["cp", src, dst.to_str().unwrap()])
+        .env("DROVER_URL", &s.d.base)
+        .env("DROVER_TOKEN", &s.token)
+        .env("DROVER_CONFIG", "/nonexistent/drover-config.json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let dir = dst.parent().unwrap();
+    eventually(Duration::from_secs(60), "the download's partial file to grow", || {
+        std::fs::read_dir(dir).unwrap().flatten().find(|e| {
+            e.file_name().to_string_lossy().contains(".drover-part-") && e.metadata().unwrap().len() > 1 << 20
+        })
+    });
+    cut(&child);
+    child.wait_with_output().unwrap()
+}
+
+/// Transfers cut in the middle leave no partial file: a download by `drover cp` stopped by
+/// SIGTERM, by SIGHUP (the terminal closing) and by the device going away leaves nothing at
+/// the local target, hidden partial file included; an upload whose WebSocket is dropped
+/// mid-way leaves no file at the device's target and no temporary file once the session has
+/// ended; a download whose WebSocket is dropped ends the session and leaves the device's file
+/// as it was. Bad input tried: each of those cuts.
+#[test]
+fn transfers_cut_mid_way_leave_no_partial_file() {
+    let dir = TempDir::new("remote-cut");
+    let broker = Broker::start(dir.path());
+    // A short idle limit: a device that vanishes mid-transfer ends the session within seconds.
+    let s = Server::start(dir.path(), "server", &broker, &[("DROVER_REMOTE_IDLE_TIMEOUT_SECS", "5")]);
+    let enroll = s.enrollment_secret("remote");
+    let files = dir.path().join("dev-cut").join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let mut a = Agent::start(&s, dir.path(), "dev-cut", &enroll, &everything_on(&files));
+    let remote_dir = a.files();
+    let local = dir.path().join("local");
+    std::fs::create_dir_all(&local).unwrap();
+    let size = 100usize << 20;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..size / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(remote_dir.join("big.bin"), &data).unwrap();
+    let want = hex::encode(Sha256::digest(&data));
+    let src = format!("{}:{}/big.bin", a.id, remote_dir.display());
+    let dst = local.join("dl.bin");
+
+    // The CLI stopped mid-download by SIGTERM, then by SIGHUP: nothing at the target, no
+    // hidden partial file.
+    for sig in ["-TERM", "-HUP"] {
+        let out = cut_download(&s, &src, &dst, |c| {
+            Command::new("kill").args([sig, &c.id().to_string()]).status().unwrap();
+        });
+        assert!(!out.status.success(), "kill {sig}: the CLI reports the cut");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("nothing was written"), "{out:?}");
+        assert_eq!(names_in(&local), Vec::<String>::new(), "kill {sig}: files left");
+    }
+
+    let rt = runtime();
+    rt.block_on(async {
+        let auth = format!("Bearer {}", s.token);
+        // An upload whose WebSocket is dropped once the device holds more than 1 MiB of it.
+        let q = format!("path={}/up.bin&size={size}&sha256={want}", remote_dir.display());
+        let url = format!("{}/api/v1/devices/{}/files?op=upload&{q}", s.ws_base(), a.id);
+        let mut ws = ws_open(&url, &[("authorization", &auth)]).await.unwrap();
+        assert!(matches!(next_control(&mut ws).await, Control::Opened { .. }));
+        let sender = tokio::spawn(async move {
+            for chunk in data.chunks(32 * 1024) {
+                if ws.send(Message::Binary(chunk.to_vec().into())).await.is_err() {
+                    break;
+                }
+            }
+            ws
+        });
+        let dir2 = remote_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            eventually(Duration::from_secs(60), "the upload to be under way on the device", || {
+                std::fs::read_dir(&dir2)
+                    .unwrap()
+                    .flatten()
+                    .find(|e| e.file_name() != "big.bin" && e.metadata().is_ok_and(|m| m.len() > 1 << 20))
+            })
+        })
+        .await
+        .unwrap();
+        sender.abort();
+        let _ = sender.await;
+        let row = eventually(Duration::from_secs(30), "the cut upload's session to end", || {
+            sessions(&s, &a.id)
+                .into_iter()
+                .find(|r| r["detail"].as_str().unwrap().contains("up.bin") && r["ended_at"].is_string())
+        });
+        assert!(row["end_reason"].as_str().unwrap().contains("operator"), "{row}");
+        eventually(Duration::from_secs(30), "the device to remove its temporary file", || {
+            (names_in(&remote_dir) == ["big.bin"]).then_some(())
+        });
+
+        // A download whose WebSocket is dropped after its first MiB.
+        let url =
+            format!("{}/api/v1/devices/{}/files?op=download&path={}/big.bin", s.ws_base(), a.id, remote_dir.display());
+        let mut ws = ws_open(&url, &[("authorization", &auth)]).await.unwrap();
+        let mut got = 0;
+        while got < 1 << 20 {
+            match tokio::time::timeout(Duration::from_secs(30), ws.next()).await.unwrap() {
+                Some(Ok(Message::Binary(b))) => got += b.len(),
+                Some(Ok(_)) => {}
+                other => panic!("the download ended early: {other:?}"),
+            }
+        }
+        drop(ws);
+        let row = eventually(Duration::from_secs(30), "the cut download's session to end", || {
+            sessions(&s, &a.id)
+                .into_iter()
+                .find(|r| r["detail"].as_str().unwrap().starts_with("download") && r["ended_at"].is_string())
+        });
+        assert!(row["bytes_in"].as_i64().unwrap() < size as i64, "{row}");
+        assert!(row["end_reason"].as_str().unwrap().contains("operator"), "{row}");
+    });
+    assert_eq!(sha256_file(&remote_dir.join("big.bin")), want, "the device's file is as it was");
+
+    // The device goes away mid-download: the session ends at the idle limit, the CLI fails
+    // and leaves nothing.
+    let out = cut_download(&s, &src, &dst, |_| {
+        let _ = a.child.kill();
+    });
+    let _ = a.child.wait();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("idle-timeout"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(names_in(&local), Vec::<String>::new(), "files left after the device went away");
+}
