@@ -110,7 +110,7 @@ async fn start(
     Ok(ws
         .max_message_size(1024 * 1024)
         .on_upgrade(move |socket| async move {
-            let ending = relay.run(relay::Operator::Ws(socket), inbox, command).await;
+            let ending = relay.run(relay::Operator::Ws(Box::new(socket)), inbox, command).await;
             if let Err(e) = sessions::close(&db, &p, &opened, ending).await {
                 tracing::error!(session = %opened.id, "cannot record the end of a remote session: {e}");
             }

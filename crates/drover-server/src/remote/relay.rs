@@ -177,7 +177,7 @@ fn device_error(code: Option<Reason>, message: Option<String>, fallback: &str) -
 /// or a pair of channels inside droverd speaking the same messages (the web UI proxy,
 /// `super::web`).
 pub enum Operator {
-    Ws(WebSocket),
+    Ws(Box<WebSocket>),
     Local { rx: mpsc::UnboundedReceiver<Message>, tx: mpsc::UnboundedSender<Message> },
 }
 

@@ -1027,12 +1027,13 @@ mod tests {
         let want = r#"<a href="/web/T/status">s</a> <img SRC='/web/T/logo.png'> <form action=/web/T/save method=post>
 <link href = "/web/T/a.css"> <a href="//cdn.example/x">cdn</a> <a href="rel/x">r</a> <a href="https://other/">o</a>
 <div style="background:url(/web/T/bg.png)"></div><meta http-equiv="refresh" content="5; url=/web/T/next">
-<a data-href="/no">d</a> <p>href="/web/T/in-text"</p>"#;
+<a data-href="/no">d</a> <p>href="/in-text"</p>"#;
         for size in [1, 2, 3, 7, 13, 64, 4096] {
             assert_eq!(rewrite_in_chunks(html, size), want, "chunks of {size}");
         }
-        // Tried: a pattern cut at the very end of the body.
-        assert_eq!(rewrite_in_chunks("<a href=\"/", 1), "<a href=\"/web/T/");
+        // Tried: patterns cut at the very end of the body (left as they are), a link to the root.
+        assert_eq!(rewrite_in_chunks("<a href=\"/", 1), "<a href=\"/");
+        assert_eq!(rewrite_in_chunks("<a href=\"/\">home</a>", 2), "<a href=\"/web/T/\">home</a>");
         assert_eq!(rewrite_in_chunks("<a href", 3), "<a href");
     }
 
