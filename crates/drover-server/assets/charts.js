@@ -188,6 +188,14 @@
 
   // ------------------------------------------------------------------ one chart
 
+  /** The last row of uPlot data where any series has a value. */
+  function lastIndex(data) {
+    for (let i = data[0].length - 1; i >= 0; i--) {
+      for (let j = 1; j < data.length; j++) if (data[j][i] != null) return i;
+    }
+    return null;
+  }
+
   /**
    * A uPlot chart in `el` that keeps its shape across loads: made again only when the series
    * change, otherwise given new data (keeping the user's zoom while it refreshes).
@@ -228,6 +236,15 @@
         options.scales = Object.assign({}, opts.scales, {
           x: { time: true, range: () => [self.range[0], self.range[1]] },
         });
+        // Away from the cursor the legend shows the latest values rather than dashes.
+        options.hooks = {
+          setLegend: [
+            (u) => {
+              const last = lastIndex(u.data);
+              if (u.legend.idx == null && last != null) u.setLegend({ idx: last });
+            },
+          ],
+        };
         this.u = new uPlot(options, data, this.el);
         this.el._uplot = this.u;
         if (!this.observer && "ResizeObserver" in window) {
@@ -242,6 +259,12 @@
           this.observer.observe(this.el);
         }
       }
+      this.rest();
+    }
+
+    rest() {
+      const last = lastIndex(this.u.data);
+      if (last != null && this.u.cursor.left < 0) this.u.setLegend({ idx: last });
     }
 
     sameSpan(range) {
