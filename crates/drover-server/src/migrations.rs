@@ -408,6 +408,14 @@ CREATE INDEX devices_org_seen ON devices (org_id, (COALESCE(last_seen_at, 0)), i
         sqlite: crate::remote::sessions::MIGRATION_8,
         postgres: crate::remote::sessions::MIGRATION_8,
     },
+    Migration {
+        version: 9,
+        name: "telemetry: 15-minute rollups, filled from the 1-minute rollups already stored",
+        // Steps of whole quarter hours (15m, 30m, 45m) read these instead of fifteen times as
+        // many 1-minute rows (docs/telemetry-server.md).
+        sqlite: crate::telemetry::store::MIGRATION_9_SQLITE,
+        postgres: crate::telemetry::store::MIGRATION_9_POSTGRES,
+    },
 ];
 
 /// Software updates (v5), the same on both engines.

@@ -30,6 +30,8 @@ pub struct Report {
     pub points: u64,
     pub partitions_dropped: u64,
     pub rollup_1m: u64,
+    /// 15-minute rollups go with the 1-minute ones (`retention_1m_days`).
+    pub rollup_15m: u64,
     pub rollup_1h: u64,
     pub events: u64,
     pub log_requests: u64,
@@ -115,6 +117,7 @@ pub async fn run_once(db: &Db, cache: &Cache, config: &TelemetryConfig, now: i64
         }
     }
     r.rollup_1m = delete_by_series(db, "metric_rollup_1m", "bucket", now - days_ms(config.retention_1m_days)).await?;
+    r.rollup_15m = delete_by_series(db, "metric_rollup_15m", "bucket", now - days_ms(config.retention_1m_days)).await?;
     r.rollup_1h = delete_by_series(db, "metric_rollup_1h", "bucket", now - days_ms(config.retention_1h_days)).await?;
     let mut tx = db.begin_write().await?;
     r.events = sqlx::query("DELETE FROM telemetry_events WHERE ts < $1")

@@ -1,6 +1,6 @@
 //! Telemetry on the server: ingest of `up/telemetry` batches, storage in time-series tables
-//! (schema v6), 1-minute and 1-hour rollups, retention, queries, logs on demand and the
-//! Prometheus exposition of fleet aggregates (`docs/telemetry-server.md`).
+//! (schema v6 and v9), 1-minute, 15-minute and 1-hour rollups, retention, queries, logs on
+//! demand and the Prometheus exposition of fleet aggregates (`docs/telemetry-server.md`).
 //!
 //! - [`ingest`] — the ingest loop hands each decoded batch to [`ingest::Ingest::submit`]; a
 //!   bounded queue feeds one writer task, which coalesces the batches that arrived within a
@@ -9,11 +9,12 @@
 //!   the ingest loop stops reading and the broker slows the devices down: nothing is dropped.
 //! - [`store`] — the write path: series ids (cached), multi-row inserts within the engines'
 //!   bind-parameter limits, `ON CONFLICT DO NOTHING` so a resent batch changes nothing; the
-//!   rows really inserted (`RETURNING`) are added into the rollups in the same transaction,
-//!   so a late point corrects the 1-minute and 1-hour buckets it falls in. On PostgreSQL the
-//!   day partitions a batch needs are made before it is written.
-//! - [`maintenance`] — retention (raw points, 1-minute and 1-hour rollups, each for its own
-//!   number of days), PostgreSQL partitions made ahead and dropped whole, old log answers;
+//!   rows really inserted (counted, or named by `RETURNING` when a statement inserted only
+//!   some) are added into the rollups in the same transaction, so a late point corrects the
+//!   1-minute, 15-minute and 1-hour buckets it falls in. On PostgreSQL the day partitions a
+//!   batch needs are made before it is written.
+//! - [`maintenance`] — retention (raw points, 1-minute and 15-minute rollups, 1-hour rollups,
+//!   each for its own number of days), PostgreSQL partitions made ahead and dropped whole, old log answers;
 //!   run by one replica at a time through a lease row in `job_leases`.
 //! - [`query`] — reads for the API, the UI, the CLI and the alert engine.
 //! - [`logs`] — `POST /api/v1/devices/{id}/logs`: `down/logs`, answers stored by whichever
@@ -37,7 +38,7 @@
 //!                                        name, severity, data: String /* JSON */ }>>
 //! ```
 //! Tables (read them directly if that is easier): `metric_series (id, device_id, name)`,
-//! `metric_points (series_id, ts, value, late)`, `metric_rollup_1m` / `metric_rollup_1h`
+//! `metric_points (series_id, ts, value, late)`, `metric_rollup_1m` / `metric_rollup_15m` / `metric_rollup_1h`
 //! `(series_id, bucket, count, sum, min, max)` with `bucket` the bucket's start in Unix ms,
 //! `telemetry_events (device_id, id, ts, received_at, late, name, severity, data)`.
 
@@ -49,8 +50,9 @@ pub mod prometheus;
 pub mod query;
 pub mod store;
 
-/// One minute and one hour, in milliseconds: the rollup bucket sizes.
+/// One minute, a quarter hour and one hour, in milliseconds: the rollup bucket sizes.
 pub const MINUTE_MS: i64 = 60_000;
+pub const QUARTER_MS: i64 = 900_000;
 pub const HOUR_MS: i64 = 3_600_000;
 pub const DAY_MS: i64 = 86_400_000;
 

@@ -2,16 +2,17 @@
 //! over a group or a filter, top devices, and the window reads of the alert engine.
 //!
 //! A read picks its table by the step: steps that are whole hours read the 1-hour rollups,
-//! whole minutes the 1-minute rollups, anything finer the raw points. Buckets start at
+//! whole quarter hours the 15-minute rollups, whole minutes the 1-minute rollups, anything
+//! finer the raw points. Buckets start at
 //! multiples of the step since the Unix epoch.
 
 use drover_proto::filter::Expr;
 use serde::{Deserialize, Serialize};
 
-use crate::db::{Bind, Db, bind_all};
+use crate::db::{Backend, Bind, Db, bind_all};
 use crate::error::{AppError, AppResult};
 
-use super::{HOUR_MS, MINUTE_MS};
+use super::{HOUR_MS, MINUTE_MS, QUARTER_MS};
 
 /// Buckets one answer holds, at most.
 pub const MAX_BUCKETS: i64 = 10_000;
@@ -44,6 +45,8 @@ pub enum Resolution {
     Raw,
     #[serde(rename = "1m")]
     Minute,
+    #[serde(rename = "15m")]
+    Quarter,
     #[serde(rename = "1h")]
     Hour,
 }
@@ -52,10 +55,22 @@ impl Resolution {
     pub fn for_step(step: i64) -> Resolution {
         if step % HOUR_MS == 0 {
             Resolution::Hour
+        } else if step % QUARTER_MS == 0 {
+            Resolution::Quarter
         } else if step % MINUTE_MS == 0 {
             Resolution::Minute
         } else {
             Resolution::Raw
+        }
+    }
+
+    /// The table's bucket size, ms (raw points: none, 1).
+    pub fn bucket_ms(self) -> i64 {
+        match self {
+            Resolution::Raw => 1,
+            Resolution::Minute => MINUTE_MS,
+            Resolution::Quarter => QUARTER_MS,
+            Resolution::Hour => HOUR_MS,
         }
     }
 
@@ -65,6 +80,14 @@ impl Resolution {
             Resolution::Raw => ("metric_points", "p.ts", "COUNT(*)", "SUM(p.value)", "MIN(p.value)", "MAX(p.value)"),
             Resolution::Minute => (
                 "metric_rollup_1m",
+                "p.bucket",
+                "CAST(SUM(p.count) AS BIGINT)",
+                "SUM(p.sum)",
+                "MIN(p.min)",
+                "MAX(p.max)",
+            ),
+            Resolution::Quarter => (
+                "metric_rollup_15m",
                 "p.bucket",
                 "CAST(SUM(p.count) AS BIGINT)",
                 "SUM(p.sum)",
@@ -335,31 +358,6 @@ fn number(sql: &str, first: usize) -> String {
     out
 }
 
-/// Per device and bucket: (device, bucket, count, sum, min, max).
-type DeviceBucket = (String, i64, i64, f64, f64, f64);
-
-async fn device_buckets(
-    db: &Db,
-    org_id: &str,
-    scope: &Scope,
-    metric: &str,
-    r: Range,
-    res: Resolution,
-    exclude_late: bool,
-) -> AppResult<Vec<DeviceBucket>> {
-    let (cond, binds) = scope_condition(db, org_id, scope).await?;
-    let (table, t, c, s, lo, hi) = res.source();
-    let late = if exclude_late && res == Resolution::Raw { " AND p.late = 0" } else { "" };
-    let sql = format!(
-        "SELECT ms.device_id, {t} - ({t} % $1) AS b, {c}, {s}, {lo}, {hi} FROM {table} p \
-         JOIN metric_series ms ON ms.id = p.series_id WHERE ms.name = $2 AND {t} >= $3 AND {t} < $4{late} \
-         AND ms.device_id IN (SELECT d.id FROM devices d WHERE {}) GROUP BY ms.device_id, b ORDER BY b, ms.device_id",
-        number(&cond, 5)
-    );
-    let q = sqlx::query_as::<_, DeviceBucket>(&sql).bind(r.step).bind(metric.to_string()).bind(r.from).bind(r.to);
-    Ok(bind_all(q, &binds).fetch_all(db.pool()).await?)
-}
-
 /// One bucket of a fleet aggregate.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct FleetBucket {
@@ -400,25 +398,63 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// A metric over the devices of a scope, per bucket: device count, avg, min, max, p50, p95.
+///
+/// The database does the work in one pass: each device's mean per bucket (straight from the
+/// rollup row when the step is the table's bucket size), then per bucket the smallest and
+/// largest value and the list of the devices' means as text (`group_concat` /
+/// `string_agg`, each mean in a form that reads back as the same `f64`). One row per bucket
+/// crosses to droverd, which sorts each list for the exact nearest-rank percentiles.
 pub async fn fleet(db: &Db, org_id: &str, scope: &Scope, metric: &str, r: Range) -> AppResult<FleetSeries> {
     check_metric(metric)?;
     let res = Resolution::for_step(r.step);
-    let rows = device_buckets(db, org_id, scope, metric, r, res, false).await?;
-    let mut devices = std::collections::HashSet::new();
-    let mut buckets = Vec::new();
-    let mut i = 0;
-    while i < rows.len() {
-        let b = rows[i].1;
-        let mut means = Vec::new();
-        let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
-        while i < rows.len() && rows[i].1 == b {
-            let (d, _, c, s, mn, mx) = &rows[i];
-            devices.insert(d.as_str());
-            means.push(s / (*c).max(1) as f64);
-            lo = lo.min(*mn);
-            hi = hi.max(*mx);
-            i += 1;
-        }
+    let (cond, binds) = scope_condition(db, org_id, scope).await?;
+    let (table, t) = match res {
+        Resolution::Raw => ("metric_points", "p.ts"),
+        Resolution::Minute => ("metric_rollup_1m", "p.bucket"),
+        Resolution::Quarter => ("metric_rollup_15m", "p.bucket"),
+        Resolution::Hour => ("metric_rollup_1h", "p.bucket"),
+    };
+    // $1 metric, $2 from, $3 to, then the scope's parameters, then the step if it is used.
+    let scope_sql = number(&cond, 4);
+    let step_param = format!("${}", 4 + binds.len());
+    let series = format!(
+        "JOIN metric_series ms ON ms.id = p.series_id WHERE ms.name = $1 AND {t} >= $2 AND {t} < $3 \
+         AND ms.device_id IN (SELECT d.id FROM devices d WHERE {scope_sql})"
+    );
+    let per_device = match res {
+        Resolution::Raw => format!(
+            "SELECT p.ts - (p.ts % {step_param}) AS b, AVG(p.value) AS mean, MIN(p.value) AS lo, \
+             MAX(p.value) AS hi FROM metric_points p {series} GROUP BY p.series_id, b"
+        ),
+        _ if r.step == res.bucket_ms() => format!(
+            "SELECT p.bucket AS b, p.sum / CAST(p.count AS DOUBLE PRECISION) AS mean, p.min AS lo, p.max AS hi \
+             FROM {table} p {series}"
+        ),
+        _ => format!(
+            "SELECT p.bucket - (p.bucket % {step_param}) AS b, SUM(p.sum) / CAST(SUM(p.count) AS DOUBLE PRECISION) \
+             AS mean, MIN(p.min) AS lo, MAX(p.max) AS hi FROM {table} p {series} GROUP BY p.series_id, b"
+        ),
+    };
+    let uses_step = per_device.contains(&step_param);
+    let list = match db.backend() {
+        Backend::Sqlite => "group_concat(printf('%.17g', x.mean))",
+        // PostgreSQL 12 and later print the shortest text that reads back exactly.
+        Backend::Postgres => "string_agg(CAST(x.mean AS TEXT), ',')",
+    };
+    let sql = format!("SELECT x.b, MIN(x.lo), MAX(x.hi), {list} FROM ({per_device}) x GROUP BY x.b ORDER BY x.b");
+    let q = sqlx::query_as::<_, (i64, f64, f64, String)>(&sql).bind(metric.to_string()).bind(r.from).bind(r.to);
+    let mut q = bind_all(q, &binds);
+    if uses_step {
+        q = q.bind(r.step);
+    }
+    let rows = q.fetch_all(db.pool()).await?;
+    let mut buckets = Vec::with_capacity(rows.len());
+    for (b, lo, hi, list) in rows {
+        let mut means = list
+            .split(',')
+            .map(|m| m.trim().parse::<f64>())
+            .collect::<Result<Vec<f64>, _>>()
+            .map_err(|e| AppError::Internal(format!("a device mean the database sent does not read back: {e}")))?;
         means.sort_unstable_by(f64::total_cmp);
         buckets.push(FleetBucket {
             t: b,
@@ -430,13 +466,21 @@ pub async fn fleet(db: &Db, org_id: &str, scope: &Scope, metric: &str, r: Range)
             p95: percentile(&means, 95.0),
         });
     }
+    // Devices with a value anywhere in the range: one index probe per series of the metric.
+    let sql = format!(
+        "SELECT COUNT(*) FROM metric_series ms WHERE ms.name = $1 \
+         AND ms.device_id IN (SELECT d.id FROM devices d WHERE {scope_sql}) \
+         AND EXISTS (SELECT 1 FROM {table} p WHERE p.series_id = ms.id AND {t} >= $2 AND {t} < $3)"
+    );
+    let q = sqlx::query_as::<_, (i64,)>(&sql).bind(metric.to_string()).bind(r.from).bind(r.to);
+    let (devices,) = bind_all(q, &binds).fetch_one(db.pool()).await?;
     Ok(FleetSeries {
         metric: metric.to_string(),
         from: r.from,
         to: r.to,
         step: r.step,
         resolution: res,
-        devices: devices.len() as i64,
+        devices,
         buckets,
     })
 }
@@ -714,6 +758,8 @@ mod tests {
         assert!(range(Some("yesterday"), None, None, now, 1).is_err());
         assert_eq!(Resolution::for_step(7_200_000), Resolution::Hour);
         assert_eq!(Resolution::for_step(120_000), Resolution::Minute);
+        assert_eq!(Resolution::for_step(1_800_000), Resolution::Quarter);
+        assert_eq!(Resolution::for_step(300_000), Resolution::Minute);
         assert_eq!(Resolution::for_step(90_000), Resolution::Raw);
     }
 

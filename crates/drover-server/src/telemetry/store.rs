@@ -1,8 +1,8 @@
 //! The telemetry write path: one call writes the batches of many devices in one transaction.
 //!
 //! Points are keyed by (series, ts), so a batch the device sends again (its ack was lost)
-//! inserts nothing: `ON CONFLICT DO NOTHING … RETURNING` hands back only the rows really
-//! inserted, and only those are added into the 1-minute and 1-hour rollups. A late point is
+//! inserts nothing (`ON CONFLICT DO NOTHING`), and only the rows really inserted are added
+//! into the 1-minute, 15-minute and 1-hour rollups. A late point is
 //! therefore stored in its place and corrects the buckets it falls in, in the same
 //! transaction.
 
@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use crate::db::{Backend, Db};
 
-use super::{DAY_MS, DROPPED_METRIC, HOUR_MS, MINUTE_MS};
+use super::{DAY_MS, DROPPED_METRIC, HOUR_MS, MINUTE_MS, QUARTER_MS};
 
 /// Rows per statement, at most: 2,048 × 6 parameters stays under SQLite's 32,766 and
 /// PostgreSQL's 65,535. Smaller statements are powers of two, so a handful of statement
@@ -19,6 +19,38 @@ use super::{DAY_MS, DROPPED_METRIC, HOUR_MS, MINUTE_MS};
 const MAX_ROWS: usize = 2048;
 /// Series ids remembered, at most (then the cache starts again).
 const MAX_CACHED: usize = 2_000_000;
+
+/// Schema v9 on SQLite: 15-minute rollups, clustered by series and time like the others.
+pub const MIGRATION_9_SQLITE: &str = r#"
+CREATE TABLE metric_rollup_15m (
+    series_id INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    sum REAL NOT NULL,
+    min REAL NOT NULL,
+    max REAL NOT NULL,
+    PRIMARY KEY (series_id, bucket)
+) WITHOUT ROWID;
+INSERT INTO metric_rollup_15m (series_id, bucket, count, sum, min, max)
+    SELECT series_id, bucket - bucket % 900000, SUM(count), SUM(sum), MIN(min), MAX(max)
+    FROM metric_rollup_1m GROUP BY series_id, bucket - bucket % 900000;
+"#;
+
+/// Schema v9 on PostgreSQL.
+pub const MIGRATION_9_POSTGRES: &str = r#"
+CREATE TABLE metric_rollup_15m (
+    series_id BIGINT NOT NULL,
+    bucket BIGINT NOT NULL,
+    count BIGINT NOT NULL,
+    sum DOUBLE PRECISION NOT NULL,
+    min DOUBLE PRECISION NOT NULL,
+    max DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (series_id, bucket)
+);
+INSERT INTO metric_rollup_15m (series_id, bucket, count, sum, min, max)
+    SELECT series_id, bucket - bucket % 900000, SUM(count), SUM(sum), MIN(min), MAX(max)
+    FROM metric_rollup_1m GROUP BY series_id, bucket - bucket % 900000;
+"#;
 
 /// One measurement.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,10 +102,6 @@ pub struct Cache {
 }
 
 impl Cache {
-    fn get(&self, device: &str, name: &str) -> Option<i64> {
-        self.series.lock().unwrap_or_else(|e| e.into_inner()).get(device).and_then(|m| m.get(name)).copied()
-    }
-
     fn put(&self, rows: Vec<(i64, String, String)>) {
         let mut s = self.series.lock().unwrap_or_else(|e| e.into_inner());
         let n = self.cached.fetch_add(rows.len(), std::sync::atomic::Ordering::Relaxed);
@@ -197,13 +225,21 @@ pub async fn write(
     }
     let mut tx = db.begin_write().await?;
 
-    // Series ids: cached, else made (ON CONFLICT: another replica may make them too).
+    // Series ids: cached (one lock for the whole write), else made (ON CONFLICT: another
+    // replica may make them too).
+    let mut ids: Vec<Option<i64>> = Vec::with_capacity(batches.iter().map(|b| b.points.len() + 1).sum());
     let mut missing: Vec<(&str, &str)> = Vec::new();
-    let mut seen: HashSet<(&str, &str)> = HashSet::new();
-    for (b, dp) in batches.iter().zip(&dropped_points) {
-        for p in b.points.iter().chain(dp.iter()) {
-            if cache.get(&b.device_id, &p.name).is_none() && seen.insert((&b.device_id, &p.name)) {
-                missing.push((&b.device_id, &p.name));
+    {
+        let series = cache.series.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen: HashSet<(&str, &str)> = HashSet::new();
+        for (b, dp) in batches.iter().zip(&dropped_points) {
+            let known = series.get(&b.device_id);
+            for p in b.points.iter().chain(dp.iter()) {
+                let id = known.and_then(|m| m.get(&p.name)).copied();
+                if id.is_none() && seen.insert((&b.device_id, &p.name)) {
+                    missing.push((&b.device_id, &p.name));
+                }
+                ids.push(id);
             }
         }
     }
@@ -242,42 +278,64 @@ pub async fn write(
             }
         }
     }
-    let id_of = |device: &str, name: &str| -> Option<i64> {
-        cache.get(device, name).or_else(|| fresh.get(&(device.to_string(), name.to_string())).copied())
-    };
 
     // Points, in key order, without duplicates within this write.
-    let mut rows: Vec<(i64, i64, f64, i64)> = Vec::with_capacity(batches.iter().map(|b| b.points.len() + 1).sum());
+    let mut rows: Vec<(i64, i64, f64, i64)> = Vec::with_capacity(ids.len());
     let late_before = now.saturating_sub(late_after_ms);
+    let mut i = 0;
     for (b, dp) in batches.iter().zip(&dropped_points) {
         for p in b.points.iter().chain(dp.iter()) {
-            let Some(id) = id_of(&b.device_id, &p.name) else { continue };
+            let id = ids[i].or_else(|| fresh.get(&(b.device_id.clone(), p.name.clone())).copied());
+            i += 1;
+            let Some(id) = id else { continue };
             rows.push((id, p.t, p.v, i64::from(p.t < late_before)));
         }
     }
     rows.sort_unstable_by_key(|r| (r.0, r.1));
     rows.dedup_by_key(|r| (r.0, r.1));
 
+    // Each statement inserts without RETURNING first (decoding every inserted row back costs
+    // more than the insert); when it inserted fewer rows than it carried (a batch sent again),
+    // it is rolled back to a savepoint and run again with RETURNING, which names the rows
+    // really inserted — only those go into the rollups.
     let mut inserted: Vec<(i64, i64, f64)> = Vec::with_capacity(rows.len());
     let mut at = 0;
     for n in chunk_sizes(rows.len()) {
-        let sql = format!(
-            "INSERT INTO metric_points (series_id, ts, value, late) VALUES {} \
-             ON CONFLICT (series_id, ts) DO NOTHING RETURNING series_id, ts, value",
+        let chunk = &rows[at..at + n];
+        at += n;
+        let insert = format!(
+            "INSERT INTO metric_points (series_id, ts, value, late) VALUES {} ON CONFLICT (series_id, ts) DO NOTHING",
             values(n, 4, db.backend())
         );
+        sqlx::query("SAVEPOINT telemetry_points").execute(tx.conn()).await?;
+        let mut q = sqlx::query(&insert);
+        for r in chunk {
+            q = q.bind(r.0).bind(r.1).bind(r.2).bind(r.3);
+        }
+        let done = q.execute(tx.conn()).await?.rows_affected();
+        if done == n as u64 || done == 0 {
+            sqlx::query("RELEASE SAVEPOINT telemetry_points").execute(tx.conn()).await?;
+            if done > 0 {
+                inserted.extend(chunk.iter().map(|r| (r.0, r.1, r.2)));
+            }
+            continue;
+        }
+        sqlx::query("ROLLBACK TO SAVEPOINT telemetry_points").execute(tx.conn()).await?;
+        sqlx::query("RELEASE SAVEPOINT telemetry_points").execute(tx.conn()).await?;
+        let sql = format!("{insert} RETURNING series_id, ts, value");
         let mut q = sqlx::query_as::<_, (i64, i64, f64)>(&sql);
-        for r in &rows[at..at + n] {
+        for r in chunk {
             q = q.bind(r.0).bind(r.1).bind(r.2).bind(r.3);
         }
         inserted.extend(q.fetch_all(tx.conn()).await?);
-        at += n;
     }
     written.points = inserted.len() as u64;
     written.late = inserted.iter().filter(|(_, t, _)| *t < late_before).count() as u64;
 
     // Rollups: the inserted rows added into their buckets.
-    for (table, size) in [("metric_rollup_1m", MINUTE_MS), ("metric_rollup_1h", HOUR_MS)] {
+    for (table, size) in
+        [("metric_rollup_1m", MINUTE_MS), ("metric_rollup_15m", QUARTER_MS), ("metric_rollup_1h", HOUR_MS)]
+    {
         let mut buckets: HashMap<(i64, i64), (i64, f64, f64, f64)> = HashMap::new();
         for &(s, t, v) in &inserted {
             let e = buckets.entry((s, t - t.rem_euclid(size))).or_insert((0, 0.0, f64::INFINITY, f64::NEG_INFINITY));

@@ -132,6 +132,8 @@ async fn late_points_are_stored_in_place_and_correct_their_rollups() {
         assert_eq!((late, v), (1, -5.0));
         assert_eq!(rollup(&app, "metric_rollup_1m", &d, "temp", minute).await, Some((3, 25.0, -5.0, 20.0)));
         assert_eq!(rollup(&app, "metric_rollup_1h", &d, "temp", t0 - t0 % HOUR).await, Some((4, 65.0, -5.0, 40.0)));
+        let quarter = t0 - t0 % (15 * MIN);
+        assert_eq!(rollup(&app, "metric_rollup_15m", &d, "temp", quarter).await, Some((4, 65.0, -5.0, 40.0)));
         // The series read from raw points, from 1-minute and from 1-hour rollups agree.
         let from = t0 - t0 % HOUR;
         let raw = app
@@ -223,6 +225,35 @@ fn nearest_rank(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// Fleet statistics per bucket of `step` computed from the batches of the devices `pick`
+/// selects (by index): (t, devices, mean of the devices' means, min, max, p50, p95).
+fn fleet_here(batches: &[Batch], pick: impl Fn(usize) -> bool, step: i64) -> Vec<(i64, i64, f64, f64, f64, f64, f64)> {
+    let mut per_bucket: std::collections::BTreeMap<i64, Vec<(f64, f64, f64)>> = Default::default();
+    for (_, b) in batches.iter().enumerate().filter(|(i, _)| pick(*i)) {
+        let mut per_device: std::collections::BTreeMap<i64, Vec<f64>> = Default::default();
+        for p in &b.points {
+            per_device.entry(p.t - p.t % step).or_default().push(p.v);
+        }
+        for (t, vals) in per_device {
+            let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+            let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            per_bucket.entry(t).or_default().push((mean, lo, hi));
+        }
+    }
+    per_bucket
+        .into_iter()
+        .map(|(t, rows)| {
+            let mut means: Vec<f64> = rows.iter().map(|r| r.0).collect();
+            means.sort_by(f64::total_cmp);
+            let lo = rows.iter().map(|r| r.1).fold(f64::INFINITY, f64::min);
+            let hi = rows.iter().map(|r| r.2).fold(f64::NEG_INFINITY, f64::max);
+            let avg = means.iter().sum::<f64>() / means.len() as f64;
+            (t, means.len() as i64, avg, lo, hi, nearest_rank(&means, 50.0), nearest_rank(&means, 95.0))
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn fleet_aggregates_match_values_computed_here() {
     each_backend!(|app| {
@@ -306,6 +337,30 @@ async fn fleet_aggregates_match_values_computed_here() {
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         check(&r.body, &|i| i < 5);
+        // Steps of quarter hours read the 15-minute rollups (15m: one row per device and
+        // bucket; 30m: two rows), whole hours the 1-hour rollups. The same statistics computed
+        // here from the points, for the Berlin devices.
+        let hour = t0 - t0 % HOUR;
+        for (step, step_ms, resolution) in [("15m", 15 * MIN, "15m"), ("30m", 30 * MIN, "15m"), ("1h", HOUR, "1h")] {
+            let path = format!(
+                "/api/v1/metrics/fleet?metric=cpu.percent&from={hour}&to={}&step={step}&filter=tag.site%20%3D%20%22berlin%22",
+                hour + HOUR
+            );
+            let r = app.call(Method::GET, &path, Some(&viewer), None).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            assert_eq!(r.body["resolution"], resolution, "{step}");
+            assert_eq!(r.body["devices"], 10, "{step}");
+            let want = fleet_here(&batches, |i| i % 2 == 0, step_ms);
+            let got = r.body["buckets"].as_array().unwrap();
+            assert_eq!(got.len(), want.len(), "{step}: {}", r.body);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g["t"].as_i64(), Some(w.0), "{step}");
+                assert_eq!(g["devices"].as_i64(), Some(w.1), "{step}");
+                assert!((g["avg"].as_f64().unwrap() - w.2).abs() < 1e-9, "{step}: {g} vs {w:?}");
+                assert_eq!((g["min"].as_f64(), g["max"].as_f64()), (Some(w.3), Some(w.4)), "{step}");
+                assert_eq!((g["p50"].as_f64(), g["p95"].as_f64()), (Some(w.5), Some(w.6)), "{step}: {g} vs {w:?}");
+            }
+        }
         // Top 3 by max: the last three devices, highest first.
         let r = app
             .call(
@@ -646,4 +701,79 @@ mod e2e {
         assert!(late > 0 && on_time == 0, "late {late}, on time {on_time}");
         drop(server);
     }
+}
+
+// ------------------------------------------------------------------ measurements
+
+/// This process's CPU time (user + system, all threads, the SQLite workers included), seconds.
+fn process_cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // CLK_TCK is 100 on every Linux this runs on.
+    ticks / 100.0
+}
+
+/// The write path's cost per point, shaped like `scripts/bench-telemetry.sh`'s fleet: DEVICES
+/// (1000) devices × METRICS (100) metrics, one batch per device per second, SECS (20) seconds,
+/// written in transactions of the writer's size (50,000 points). A measurement, not a check;
+/// run it by name:
+/// `cargo test --release -p drover-server --test it -- --ignored --nocapture telemetry::ingest_cost`
+#[tokio::test]
+#[ignore = "a measurement, not a check; run it by name"]
+async fn ingest_cost() {
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (devices, metrics, secs) = (env("DEVICES", 1000), env("METRICS", 100), env("SECS", 20));
+    each_backend!(|app| {
+        let names: Vec<String> = (0..metrics).map(|m| format!("bench.m{m:03}")).collect();
+        let t0 = drover_server::time::now_ms() - secs as i64 * 1000;
+        let second = |s: usize| -> Vec<Batch> {
+            (0..devices)
+                .map(|d| Batch {
+                    device_id: format!("bench-{d:05}"),
+                    seq: s as u64 + 1,
+                    points: names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| Point {
+                            name: n.clone(),
+                            t: t0 + s as i64 * 1000 + d as i64 % 1000,
+                            v: (d + i + s) as f64,
+                        })
+                        .collect(),
+                    events: Vec::new(),
+                    dropped: 0,
+                })
+                .collect()
+        };
+        let per_tx = (50_000 / metrics).max(1);
+        // Second 0 makes the series; not measured.
+        for group in second(0).chunks(per_tx) {
+            app.state.telemetry.write_at(group, t0 + 1000).await.unwrap();
+        }
+        let (mut cpu, mut wall, mut stored) = (0.0, 0.0, 0u64);
+        for s in 1..secs {
+            let batches = second(s);
+            let (c0, w0) = (process_cpu_secs(), std::time::Instant::now());
+            for group in batches.chunks(per_tx) {
+                stored += app.state.telemetry.write_at(group, t0 + s as i64 * 1000 + 1000).await.unwrap().points;
+            }
+            cpu += process_cpu_secs() - c0;
+            wall += w0.elapsed().as_secs_f64();
+        }
+        // A second sent again (acks lost) stores nothing.
+        let again = second(secs / 2);
+        let w = app.state.telemetry.write_at(&again[..per_tx.min(again.len())], t0 + secs as i64 * 1000).await.unwrap();
+        assert_eq!(w.points, 0);
+        assert_eq!(stored, (devices * metrics * (secs - 1)) as u64);
+        eprintln!(
+            "{}: {stored} points in {wall:.2} s ({:.0} points/s); CPU {:.3} s per 100,000 points ({:.0} points per CPU second)",
+            app.label,
+            stored as f64 / wall,
+            cpu * 100_000.0 / stored as f64,
+            stored as f64 / cpu
+        );
+    });
 }
