@@ -14,8 +14,8 @@
 //!   1-minute, 15-minute and 1-hour buckets it falls in. On PostgreSQL the day partitions a
 //!   batch needs are made before it is written.
 //! - [`maintenance`] — retention (raw points, 1-minute and 15-minute rollups, 1-hour rollups,
-//!   each for its own number of days), PostgreSQL partitions made ahead and dropped whole, old log answers;
-//!   run by one replica at a time through a lease row in `job_leases`.
+//!   each for its own number of days), PostgreSQL partitions made ahead and dropped whole, old
+//!   log answers; run by one replica at a time through a lease row in `job_leases`.
 //! - [`query`] — reads for the API, the UI, the CLI and the alert engine.
 //! - [`logs`] — `POST /api/v1/devices/{id}/logs`: `down/logs`, answers stored by whichever
 //!   replica receives `up/logs`, polled by the one that asked.
@@ -38,9 +38,9 @@
 //!                                        name, severity, data: String /* JSON */ }>>
 //! ```
 //! Tables (read them directly if that is easier): `metric_series (id, device_id, name)`,
-//! `metric_points (series_id, ts, value, late)`, `metric_rollup_1m` / `metric_rollup_15m` / `metric_rollup_1h`
-//! `(series_id, bucket, count, sum, min, max)` with `bucket` the bucket's start in Unix ms,
-//! `telemetry_events (device_id, id, ts, received_at, late, name, severity, data)`.
+//! `metric_points (series_id, ts, value, late)`, `metric_rollup_1m` / `metric_rollup_15m` /
+//! `metric_rollup_1h` `(series_id, bucket, count, sum, min, max)` with `bucket` the bucket's
+//! start in Unix ms, `telemetry_events (device_id, id, ts, received_at, late, name, severity, data)`.
 
 pub mod api;
 pub mod ingest;
