@@ -315,11 +315,21 @@ pub async fn run_ingest(
     // Unbounded, but bounded in effect: QoS 1 by the in-flight window, QoS 0 by `backlog`. The
     // poll loop never waits on the worker, so the worker may wait on the client's queue.
     let (work, mut queue) = mpsc::unbounded_channel::<(u64, rumqttc::v5::mqttbytes::v5::Publish)>();
-    {
+    // On stop the worker finishes the message in hand and leaves the rest unacknowledged (the
+    // broker gives them to another replica, or the devices send them again), so nothing is
+    // handled after the database closes.
+    let worker = {
         let (db, engine, telemetry, client, epoch, backlog) =
             (db.clone(), engine.clone(), telemetry.clone(), client.clone(), epoch.clone(), backlog.clone());
+        let mut stop = stop.clone();
         tokio::spawn(async move {
-            while let Some((on, p)) = queue.recv().await {
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => None,
+                    next = queue.recv() => next,
+                };
+                let Some((on, p)) = next else { break };
                 if p.qos == QoS::AtMostOnce {
                     backlog.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -331,17 +341,19 @@ pub async fn run_ingest(
                     tracing::warn!("device traffic: cannot acknowledge: {e}");
                 }
             }
-        });
-    }
+        })
+    };
     let mut dropped = 0u64;
     let mut failures = 0u32;
     loop {
         let event = tokio::select! {
-            _ = stop.wait_for(|s| *s) => {
-                let _ = client.try_disconnect();
-                return;
-            }
-            event = eventloop.poll() => event,
+            _ = stop.wait_for(|s| *s) => None,
+            event = eventloop.poll() => Some(event),
+        };
+        let Some(event) = event else {
+            let _ = worker.await;
+            let _ = client.try_disconnect();
+            return;
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
