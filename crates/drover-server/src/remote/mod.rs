@@ -2,7 +2,8 @@
 //! (`/api/v1/devices/{id}/terminal`, `…/files`, `…/forward`), relayed to the device over
 //! per-session MQTT topics (`drover_proto::remote`, `docs/protocol.md`) by this replica's own
 //! broker connection ([`hub`]); the session table and its audit entries ([`sessions`]);
-//! terminal recordings ([`recording`]).
+//! terminal recordings ([`recording`]); a device's local web UI proxied to the browser under a
+//! sandboxed capability path ([`web`]).
 //!
 //! Who may: operators and admins open sessions (viewers are refused), on accepted, online
 //! devices of their organization; the device's own configuration decides which kinds it

@@ -6,7 +6,8 @@
 //! Bad input tried here: a viewer's token, a browser WebSocket from another site's page (wrong
 //! Origin), a kind of session the device's config switches off, a path outside the device's
 //! allowed folders, an upload cut by kill -9 of the CLI, a download cut by dropping the
-//! WebSocket.
+//! WebSocket; for a device's web UI: a viewer opening one, a target outside the device's
+//! `forward_allow`, a made-up or ended capability path, a target with nothing listening.
 
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -1203,4 +1204,58 @@ fn transfers_cut_mid_way_leave_no_partial_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("idle-timeout"), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(names_in(&local), Vec::<String>::new(), "files left after the device went away");
+}
+
+/// The device's web UI in a real browser: "Open web UI" on the device's page (with the form's
+/// CSRF token) lands on the device's page, rendered, in an opaque origin (the sandbox holds:
+/// no cookie access), and the signed-in browser's Drover session cookie does not reach the
+/// device.
+#[test]
+fn device_web_ui_in_headless_chromium() {
+    let dir = TempDir::new("remote-web-browser");
+    let broker = Broker::start(dir.path());
+    let s = Server::start(dir.path(), "server", &broker, &[("DROVER_ADMIN_PASSWORD", "browser admin password")]);
+    let enroll = s.enrollment_secret("remote");
+    let rt = runtime();
+    let web = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let web_port = web.local_addr().unwrap().port();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    rt.spawn(device_web(web, heads.clone(), std::sync::Arc::new(Vec::new())));
+    let a = Agent::start(
+        &s,
+        dir.path(),
+        "dev-wb",
+        &enroll,
+        &format!("forward = true\nforward_allow = [\"127.0.0.1:{web_port}\"]\n"),
+    );
+    let b = crate::browser::Browser::start();
+    b.goto(&format!("{}/devices/{}/remote", s.d.base, a.id));
+    b.wait_title("Sign in");
+    b.type_into("input[name=username]", "admin");
+    b.type_into("input[name=password]", "browser admin password");
+    b.click("button[type=submit]");
+    b.wait_title("Remote access");
+    let script = |js: &str| b.cmd("POST", "/execute/sync", Some(json!({"script": js, "args": []})));
+    // The form opens a new tab; here the same tab, so that the driver follows it.
+    script(&format!(
+        "const f = document.querySelector('#web-ui form'); f.removeAttribute('target'); \
+         f.querySelector('input[name=port]').value = '{web_port}';"
+    ));
+    b.click("#web-ui button[type=submit]");
+    let title = eventually(Duration::from_secs(30), "the device's page", || {
+        let t = script("const h = document.getElementById('device-title'); return h ? h.textContent : '';");
+        t.as_str().filter(|t| !t.is_empty()).map(str::to_string)
+    });
+    assert_eq!(title, "Gateway admin");
+    let seen = script(
+        "let c; try { c = document.cookie; c = 'readable'; } catch (e) { c = 'blocked'; } \
+         return [location.pathname, window.origin, c, document.getElementById('next').getAttribute('href')];",
+    );
+    let path = seen[0].as_str().unwrap();
+    assert!(path.starts_with("/web/"), "{seen}");
+    assert_eq!(seen[1], "null", "an opaque origin: {seen}");
+    assert_eq!(seen[2], "blocked", "no cookie access: {seen}");
+    assert_eq!(seen[3].as_str().unwrap(), format!("{path}next"), "{seen}");
+    let head = heads.lock().unwrap().iter().find(|h| h.starts_with("GET / ")).cloned().unwrap();
+    assert!(!head.to_ascii_lowercase().contains("drover_session"), "{head}");
 }
