@@ -209,13 +209,15 @@ pub async fn open(s: &AppState, p: &Principal, device_id: &str, host: &str, port
             let _ = done_tx.send(true);
         });
     }
+    // A caller that goes away before the device answers (the browser's request dropped)
+    // closes the session rather than leaving it open with no way to reach it.
+    let mut guard = CloseOnDrop(Some(mux.out.clone()));
     match tokio::time::timeout(Duration::from_secs(40), answer).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err((code, message)))) => {
             return Err(AppError::Conflict(format!("the device refused the web UI session ({code}): {message}")));
         }
         _ => {
-            let _ = mux.out.send(Message::Close(None));
             return Err(AppError::Conflict("the session ended before the device answered".into()));
         }
     }
@@ -233,12 +235,24 @@ pub async fn open(s: &AppState, p: &Principal, device_id: &str, host: &str, port
         done,
     });
     let url = w.url();
+    guard.0 = None;
     lock(&s.remote.web.by_key).insert(key.clone(), w);
     if mux.ended().is_some() {
         s.remote.web.remove(&key);
     }
     tracing::info!(session = %opened.id, device = device_id, "remote access: web UI session opened");
     Ok(WebOpened { session: opened.id, url })
+}
+
+/// Closes a session whose opening did not finish.
+struct CloseOnDrop(Option<mpsc::UnboundedSender<Message>>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Some(out) = self.0.take() {
+            let _ = out.send(Message::Close(None));
+        }
+    }
 }
 
 /// Ends a web UI session held by this replica (operators and admins of its organization)

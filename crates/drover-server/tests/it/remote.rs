@@ -1006,10 +1006,13 @@ fn device_web_ui_through_the_capability_path() {
     assert_eq!(header(&r, "location"), format!("{prefix}/new"));
 
     // 5 MB down and 3 MB up, byte for byte.
+    let started = Instant::now();
     let mut r = browser.get(&format!("{url}big")).call().unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-length"), (5 << 20).to_string());
     let got = r.body_mut().with_config().limit(16 << 20).read_to_vec().unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!("web UI proxy: 5 MiB in {secs:.3} s ({:.1} MiB/s)", 5.0 / secs);
     assert_eq!(got.len(), big.len());
     assert_eq!(hex::encode(Sha256::digest(&got)), hex::encode(Sha256::digest(&big)));
     let up = &big[..3 << 20];
