@@ -133,6 +133,11 @@ impl Hub {
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_clean_start(true);
         opts.set_max_packet_size(Some(2 * 1024 * 1024));
+        // Keystrokes are single small frames: without TCP_NODELAY, Nagle holds each one back
+        // until the previous is acknowledged (up to the peer's 40 ms delayed ACK).
+        let mut net = opts.network_options();
+        net.set_tcp_nodelay(true);
+        opts.set_network_options(net);
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         let _ = self.client.set(client.clone());
         let mut failures = 0u32;

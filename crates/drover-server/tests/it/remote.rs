@@ -114,7 +114,7 @@ impl Broker {
         let conf = format!(
             "listener {port} 127.0.0.1\nprotocol mqtt\ncafile {d}/ca.crt\ncertfile {d}/server.crt\nkeyfile {d}/server.key\n\
              require_certificate true\nuse_identity_as_username true\nallow_anonymous false\nacl_file {d}/acl\n\
-             persistence false\nmax_queued_messages 10000\n"
+             persistence false\nmax_queued_messages 10000\nset_tcp_nodelay true\n"
         );
         std::fs::write(mdir.join("mosquitto.conf"), conf).unwrap();
         let child = Command::new("mosquitto")
@@ -734,7 +734,10 @@ fn bench_remote() {
         .spawn()
         .unwrap();
     let mut first = [0u8; 10];
-    fwd.stderr.take().unwrap().read_exact(&mut first).unwrap();
+    let mut stderr = fwd.stderr.take().unwrap();
+    stderr.read_exact(&mut first).unwrap();
+    // Keep reading what the CLI prints: a closed pipe would fail its next line.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     let t = Instant::now();
     let mut c = std::net::TcpStream::connect(("127.0.0.1", local_port)).unwrap();
     let mut buf = vec![0u8; 1 << 16];
