@@ -7,12 +7,14 @@
 #      over WINDOW seconds once the fleet is connected, and droverd's CPU seconds (utime +
 #      stime from /proc/PID/stat) per 100,000 points stored;
 #   2. a fleet aggregation over 10,000 devices x 24 hours: devices, series and rollups seeded
-#      with SQL (1-hour and 1-minute rollups of one metric), then GET /api/v1/metrics/fleet
-#      timed with step=1h (1-hour rollups) and step=15m (1-minute rollups).
+#      with SQL (1-hour, 15-minute and 1-minute rollups of one metric), then
+#      GET /api/v1/metrics/fleet timed with step=1h (1-hour rollups), step=15m (15-minute
+#      rollups) and step=5m (1-minute rollups).
 #
 #   scripts/bench-telemetry.sh                                   # SQLite, 1,000 x 100/s
 #   DATABASE_URL=postgres://postgres@127.0.0.1/bench scripts/bench-telemetry.sh
 # Knobs: DEVICES (1000), METRICS (100), WINDOW (30 s), SEED_DEVICES (10000), SKIP_SEED=1,
+# SKIP_INGEST=1, STEPS ("1h 15m 5m"), RUNS (3),
 # HTTP_PORT/MQTT_PORT/DEV_PORT (default 39080/39883/39443).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +54,7 @@ token=$(curl -sf -X POST -H "Authorization: Bearer $admin" -H 'content-type: app
   sed -n 's/.*"secret":"\(dre_[^"]*\)".*/\1/p')
 stored() { curl -sf -H "Authorization: Bearer $admin" "http://$http/metrics/fleet" | awk '/^drover_telemetry_points_total / {print $2}'; }
 
+if [ -z "${SKIP_INGEST:-}" ]; then
 echo "== ingest: $devices devices x $metrics points/s, $( [ -n "$db_url" ] && echo PostgreSQL || echo SQLite )"
 "$sim" --server "https://localhost:$dev_port" --ca "$dir/ca.pem" --mqtt "localhost:$mqtt_port" \
   --token "$token" -n "$devices" --prefix bench --state-dir "$dir/sim" --connect-rate 500/s \
@@ -71,6 +74,7 @@ awk -v p0="$p0" -v p1="$p1" -v c0="$c0" -v c1="$c1" -v t0="$t0" -v t1="$t1" -v t
 echo "simulator: $(grep -v '^$' "$dir/sim.log" | tail -1)"
 echo "droverd warnings: $(grep -c WARN "$dir/droverd.log" || true)"
 kill -TERM "$simpid"; wait "$simpid" 2>/dev/null || true; simpid=
+fi
 
 [ -n "${SKIP_SEED:-}" ] && exit 0
 echo "== fleet aggregation: $seed_devices devices x 24 h (seeded)"
@@ -101,11 +105,15 @@ $pre INSERT INTO metric_rollup_1h (series_id, bucket, count, sum, min, max)
 $pre INSERT INTO metric_rollup_1m (series_id, bucket, count, sum, min, max)
   SELECT s.id, $start + k * 60000, 1, s.id % 100 + k / 60, s.id % 100 + k / 60, s.id % 100 + k / 60
   FROM metric_series s, $seq_minutes WHERE s.name = 'seed.load';
+INSERT INTO metric_rollup_15m (series_id, bucket, count, sum, min, max)
+  SELECT r.series_id, r.bucket - r.bucket % 900000, SUM(r.count), SUM(r.sum), MIN(r.min), MAX(r.max)
+  FROM metric_rollup_1m r JOIN metric_series s ON s.id = r.series_id WHERE s.name = 'seed.load'
+  GROUP BY r.series_id, r.bucket - r.bucket % 900000;
 COMMIT;
 SQL
 echo "seeded in $(awk -v a="$ts" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}') s"
-for step in 1h 15m; do
-  for i in 1 2 3; do
+for step in ${STEPS:-1h 15m 5m}; do
+  for i in $(seq "${RUNS:-3}"); do
     out=$(curl -sf -o "$dir/fleet.json" -w '%{time_total}' -H "Authorization: Bearer $admin" \
       "http://$http/api/v1/metrics/fleet?metric=seed.load&from=$start&to=$((start + 86400000))&step=$step")
     echo "step=$step run $i: ${out} s, $(grep -o '"devices":[0-9]*' "$dir/fleet.json" | head -1), $(grep -o '"t":' "$dir/fleet.json" | wc -l) buckets"
