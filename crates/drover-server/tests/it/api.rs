@@ -143,6 +143,7 @@ fn body_for(path: &str, method: &Method) -> Option<Value> {
         ("PATCH", "/api/v1/alert-rules/{id}") => Some(json!({"enabled": false})),
         ("PUT", "/api/v1/device-rule-sets/{group}") => Some(json!({"rules": []})),
         ("POST", "/api/v1/devices/{id}/logs") => Some(json!({"source": "journal"})),
+        ("POST", "/api/v1/devices/{id}/web") => Some(json!({"host": "127.0.0.1", "port": 80})),
         ("POST", "/api/v1/notification-channels") => {
             Some(json!({"name": "ops", "kind": "webhook", "target": "https://hooks.example.com/drover"}))
         }
@@ -174,9 +175,10 @@ async fn a_viewer_is_refused_on_every_mutating_route_and_the_audit_log_is_unchan
             }
             let id = if path.starts_with("/api/v1/tokens/") { &token_id } else { &admin_id };
             let concrete = path.replace("{id}", id).replace("{device_id}", id).replace("{group}", id);
-            // Devices (their logs among them), groups, enrollment tokens, artifacts,
-            // deployments, alerting and device rules are an operator's work; the rest (the
-            // trust root and the remote-access settings among them) an admin's.
+            // Devices (their logs and web UIs among them), groups, enrollment tokens,
+            // artifacts, deployments, alerting, device rules and closing remote sessions are an
+            // operator's work; the rest (the trust root and the remote-access settings among
+            // them) an admin's.
             let operator_may = [
                 "/api/v1/devices",
                 "/api/v1/enrollment-tokens",
@@ -187,6 +189,7 @@ async fn a_viewer_is_refused_on_every_mutating_route_and_the_audit_log_is_unchan
                 "/api/v1/silences",
                 "/api/v1/notification-channels",
                 "/api/v1/device-rule-sets",
+                "/api/v1/remote-sessions/",
             ]
             .iter()
             .any(|prefix| path.starts_with(prefix));
