@@ -468,6 +468,11 @@ pub async fn serve(
     if let Some(target) = devices.ingest.clone() {
         tokio::spawn(state.remote.clone().run(target, stopping.clone()));
     }
+    tokio::spawn(state.remote.clone().run_liveness(
+        db.clone(),
+        std::time::Duration::from_secs(state.config.remote_lost_after_secs.max(1)),
+        stopping.clone(),
+    ));
     tokio::spawn(crate::telemetry::maintenance::run(
         db.clone(),
         state.telemetry.cache.clone(),

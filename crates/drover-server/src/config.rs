@@ -72,6 +72,9 @@ max_artifact_size = 4294967296
 # without data either way, and after the maximum duration in any case.
 remote_idle_timeout_secs = 900
 remote_max_duration_secs = 14400
+# A session whose droverd stopped without ending it (a crash, a kill, a power cut) is ended as
+# lost once no droverd has vouched for it for this many seconds.
+remote_lost_after_secs = 120
 
 # Alerts: seconds between evaluations (one replica evaluates at a time).
 alert_interval_secs = 5
@@ -130,6 +133,7 @@ pub struct Config {
     pub alerts: crate::alerts::AlertsConfig,
     pub remote_idle_timeout_secs: u64,
     pub remote_max_duration_secs: u64,
+    pub remote_lost_after_secs: u64,
 }
 
 /// The default largest artifact: 4 GiB.
@@ -165,6 +169,7 @@ struct FileConfig {
     notify_ca_file: Option<String>,
     remote_idle_timeout_secs: Option<u64>,
     remote_max_duration_secs: Option<u64>,
+    remote_lost_after_secs: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +221,7 @@ impl Config {
             alerts: crate::alerts::AlertsConfig::default(),
             remote_idle_timeout_secs: 900,
             remote_max_duration_secs: 4 * 3600,
+            remote_lost_after_secs: 120,
         }
     }
 
@@ -332,6 +338,9 @@ impl Config {
         if let Some(v) = f.remote_max_duration_secs {
             self.remote_max_duration_secs = v;
         }
+        if let Some(v) = f.remote_lost_after_secs {
+            self.remote_lost_after_secs = v;
+        }
     }
 
     fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
@@ -376,6 +385,9 @@ impl Config {
         }
         if let Some(v) = env("DROVER_REMOTE_MAX_DURATION_SECS") {
             self.remote_max_duration_secs = parsed("DROVER_REMOTE_MAX_DURATION_SECS", v)?;
+        }
+        if let Some(v) = env("DROVER_REMOTE_LOST_AFTER_SECS") {
+            self.remote_lost_after_secs = parsed("DROVER_REMOTE_LOST_AFTER_SECS", v)?;
         }
         if let Some(v) = env("DROVER_CA_CERT_FILE") {
             self.ca_cert_file = v;

@@ -416,6 +416,12 @@ CREATE INDEX devices_org_seen ON devices (org_id, (COALESCE(last_seen_at, 0)), i
         sqlite: crate::telemetry::store::MIGRATION_9_SQLITE,
         postgres: crate::telemetry::store::MIGRATION_9_POSTGRES,
     },
+    Migration {
+        version: 10,
+        name: "remote access: when a session was last known alive, to end sessions whose droverd stopped",
+        sqlite: crate::remote::sessions::MIGRATION_10,
+        postgres: crate::remote::sessions::MIGRATION_10,
+    },
 ];
 
 /// Software updates (v5), the same on both engines.

@@ -125,6 +125,43 @@ impl Hub {
         }
     }
 
+    /// The sessions this replica relays, by id (from their `rs/{session}/u` topics).
+    pub fn session_ids(&self) -> Vec<String> {
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.keys().filter_map(|t| t.rsplit('/').nth(1)).map(str::to_string).collect()
+    }
+
+    /// Until `stop`: every quarter of `lost_after`, vouches for the sessions this replica
+    /// relays and ends as lost the open sessions no replica has vouched for in `lost_after`
+    /// (their droverd stopped without ending them).
+    pub async fn run_liveness(
+        self: Arc<Hub>,
+        db: crate::db::Db,
+        lost_after: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let lost_ms = i64::try_from(lost_after.as_millis()).unwrap_or(i64::MAX);
+        let mut tick = tokio::time::interval((lost_after / 4).max(Duration::from_millis(250)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = tick.tick() => {}
+            }
+            let now = crate::time::now_ms();
+            if let Err(e) = super::sessions::keep_alive(&db, &self.session_ids(), now).await {
+                tracing::warn!("remote sessions: cannot record them alive: {e}");
+            }
+            match super::sessions::close_lost(&db, now, lost_ms).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!("remote sessions: {n} ended as lost (their droverd stopped without ending them)")
+                }
+                Err(e) => tracing::warn!("remote sessions: cannot end lost sessions: {e}"),
+            }
+        }
+    }
+
     /// Runs the connection until `stop`: reconnects with backoff, subscribes again to every
     /// open session's topic after a reconnect.
     pub async fn run(self: Arc<Hub>, target: IngestTarget, mut stop: watch::Receiver<bool>) {

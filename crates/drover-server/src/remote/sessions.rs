@@ -49,6 +49,10 @@ CREATE TABLE remote_settings (
 );
 "#;
 
+/// Schema version 10: when a droverd relaying the session last vouched for it, so that a
+/// session whose droverd stopped without ending it can be ended as lost.
+pub const MIGRATION_10: &str = "ALTER TABLE remote_sessions ADD COLUMN alive_at BIGINT;";
+
 /// The largest recording kept for one terminal session; output beyond it is not recorded
 /// (the recording says so) but the session goes on.
 pub const MAX_RECORDING_BYTES: usize = 16 * 1024 * 1024;
@@ -266,6 +270,68 @@ pub async fn close(db: &Db, p: &Principal, s: &Opened, end: Ending) -> AppResult
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Marks the sessions this droverd relays as alive at `now`.
+pub async fn keep_alive(db: &Db, ids: &[String], now: i64) -> AppResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut tx = db.begin_write().await?;
+    for id in ids {
+        sqlx::query("UPDATE remote_sessions SET alive_at = $1 WHERE id = $2 AND ended_at IS NULL")
+            .bind(now)
+            .bind(id.clone())
+            .execute(tx.conn())
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Ends every open session no droverd has vouched for since `now - lost_after_ms` — its
+/// droverd stopped without ending it — as `lost`, at the last moment it was known alive, and
+/// audits each end as droverd's own. Any replica may run it: each row is ended once. Returns
+/// how many were ended.
+pub async fn close_lost(db: &Db, now: i64, lost_after_ms: i64) -> AppResult<usize> {
+    let cutoff = now - lost_after_ms;
+    let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT id, org_id, device_id, COALESCE(alive_at, started_at) FROM remote_sessions \
+         WHERE ended_at IS NULL AND COALESCE(alive_at, started_at) < $1 LIMIT 1000",
+    )
+    .bind(cutoff)
+    .fetch_all(db.pool())
+    .await?;
+    let mut ended = 0;
+    for (id, org, device, last) in rows {
+        let mut tx = db.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE remote_sessions SET ended_at = $1, end_reason = 'lost' \
+             WHERE id = $2 AND ended_at IS NULL AND COALESCE(alive_at, started_at) < $3",
+        )
+        .bind(last)
+        .bind(id.clone())
+        .bind(cutoff)
+        .execute(tx.conn())
+        .await?;
+        if done.rows_affected() == 0 {
+            continue;
+        }
+        let system = Principal::system(Some(&org));
+        let summary = format!(
+            "session {id} on device {device} ended (lost): the droverd relaying it stopped without ending it; \
+             last known alive {}",
+            to_rfc3339(last)
+        );
+        audit::append(
+            tx.conn(),
+            Event { actor: &system, action: "remote.close", target_kind: "device", target_id: &device, summary },
+        )
+        .await?;
+        tx.commit().await?;
+        ended += 1;
+    }
+    Ok(ended)
 }
 
 pub async fn list(db: &Db, p: &Principal, q: &SessionListQuery) -> AppResult<Vec<RemoteSession>> {

@@ -97,6 +97,12 @@ impl Droverd {
             .expect("droverd restarts on its own ports");
     }
 
+    /// Kills droverd at once (SIGKILL): a crash, as far as its state is concerned.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub(crate) fn stop(&mut self) {
         Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
         eventually(Duration::from_secs(15), "droverd to stop", || self.child.try_wait().unwrap());

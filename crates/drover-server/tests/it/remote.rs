@@ -1265,3 +1265,64 @@ fn device_web_ui_in_headless_chromium() {
     let head = heads.lock().unwrap().iter().find(|h| h.starts_with("GET / ")).cloned().unwrap();
     assert!(!head.to_ascii_lowercase().contains("drover_session"), "{head}");
 }
+
+/// A session whose droverd dies without ending it (kill -9) does not stay open for ever: once
+/// no droverd has vouched for it for `remote_lost_after_secs`, the restarted droverd ends it as
+/// `lost`, at the last moment it was known alive, in the audit log as droverd's own act; a
+/// session on a running droverd is vouched for and stays open however long it lasts.
+#[test]
+fn a_session_whose_droverd_dies_is_ended_as_lost_and_audited() {
+    let dir = TempDir::new("remote-lost");
+    let broker = Broker::start(dir.path());
+    let mut s = Server::start(dir.path(), "server", &broker, &[("DROVER_REMOTE_LOST_AFTER_SECS", "2")]);
+    let enroll = s.enrollment_secret("remote");
+    let files = dir.path().join("dev-lost").join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let a = Agent::start(&s, dir.path(), "dev-lost", &enroll, &everything_on(&files));
+    let rt = runtime();
+    let url = format!("{}/api/v1/devices/{}/terminal", s.ws_base(), a.id);
+    let auth = format!("Bearer {}", s.token);
+    let open = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let mut ws = ws_open(&url, &[("authorization", &auth)]).await.unwrap();
+            let Control::Opened { session } = next_control(&mut ws).await else { panic!("expected opened") };
+            (ws, session)
+        })
+    };
+    let (ws, first) = open(&rt);
+    let session = |s: &Server, id: &str| s.admin("GET", &format!("/api/v1/remote-sessions/{id}"), None);
+    assert!(session(&s, &first)["ended_at"].is_null());
+    // Longer than the limit: the running droverd keeps vouching for its session.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(session(&s, &first)["ended_at"].is_null(), "a live session is not lost: {}", session(&s, &first));
+
+    s.d.kill();
+    drop(ws);
+    s.d.restart();
+    let row = eventually(Duration::from_secs(20), "the dead droverd's session ended as lost", || {
+        let row = session(&s, &first);
+        (row["end_reason"] == "lost").then_some(row)
+    });
+    assert!(row["ended_at"].is_string(), "{row}");
+    let audit = s.admin("GET", "/api/v1/audit?action=remote.close", None);
+    let entries: Vec<&Value> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["summary"].as_str().is_some_and(|t| t.contains(&first)))
+        .collect();
+    assert_eq!(entries.len(), 1, "ended once, audited once: {audit}");
+    assert!(entries[0]["summary"].as_str().unwrap().contains("(lost)"), "{}", entries[0]);
+
+    // A session opened on the restarted droverd outlives the limit too, and ends normally.
+    let (mut ws, second) = open(&rt);
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(session(&s, &second)["ended_at"].is_null(), "{}", session(&s, &second));
+    rt.block_on(async { ws.close(None).await.unwrap() });
+    let row = eventually(Duration::from_secs(20), "the second session to end", || {
+        let row = session(&s, &second);
+        row["ended_at"].is_string().then_some(row)
+    });
+    assert_ne!(row["end_reason"], "lost", "{row}");
+    drop(a);
+}
