@@ -51,7 +51,9 @@ CREATE TABLE remote_settings (
 
 /// Schema version 10: when a droverd relaying the session last vouched for it, so that a
 /// session whose droverd stopped without ending it can be ended as lost.
-pub const MIGRATION_10: &str = "ALTER TABLE remote_sessions ADD COLUMN alive_at BIGINT;";
+/// The partial index keeps the sweep for lost sessions to the open ones.
+pub const MIGRATION_10: &str = "ALTER TABLE remote_sessions ADD COLUMN alive_at BIGINT;
+CREATE INDEX remote_sessions_open ON remote_sessions (started_at) WHERE ended_at IS NULL;";
 
 /// The largest recording kept for one terminal session; output beyond it is not recorded
 /// (the recording says so) but the session goes on.
