@@ -23,22 +23,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use crate::e2e::agent as http;
-use crate::support::{TempDir, eventually, free_port};
+use crate::support::{TempDir, agent_bin, eventually, free_port, workspace_bin};
 
 const DROVERD: &str = env!("CARGO_BIN_EXE_droverd");
-
-/// A binary of this workspace, built now if needed (`cargo build -p PKG --bin BIN`).
-fn workspace_bin(pkg: &str, bin: &str) -> PathBuf {
-    let dir = Path::new(DROVERD).parent().unwrap();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", pkg, "--bin", bin]).current_dir(env!("CARGO_MANIFEST_DIR"));
-    if dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    assert!(cmd.status().expect("cargo runs").success(), "cargo build -p {pkg} failed");
-    dir.join(bin)
-}
 
 /// An admin token made by `droverd token create` against the replica's database.
 fn admin_token(data: &Path, env: &[(&str, &str)]) -> String {
@@ -52,16 +39,6 @@ fn admin_token(data: &Path, env: &[(&str, &str)]) -> String {
         .unwrap();
     assert!(out.status.success(), "droverd token create: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().split_whitespace().find(|w| w.starts_with("drv_")).unwrap().to_string()
-}
-
-fn agent_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        std::env::var_os("DROVER_AGENT_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_bin("drover-agent", "drover-agent"))
-    })
-    .clone()
 }
 
 fn cli_bin() -> PathBuf {

@@ -233,24 +233,27 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// The `drover-agent` binary of this workspace (`DROVER_AGENT_BIN` if set), built now if
-/// needed, in the profile this test binary was built in.
+/// A binary of this workspace, built now if needed (`cargo build -p PKG --bin BIN`), in the
+/// profile this test binary was built in.
+pub fn workspace_bin(pkg: &str, bin: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_droverd")).parent().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-p", pkg, "--bin", bin]).current_dir(env!("CARGO_MANIFEST_DIR"));
+    if dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    assert!(cmd.status().expect("cargo runs").success(), "cargo build -p {pkg} failed");
+    dir.join(bin)
+}
+
+/// The `drover-agent` binary of this workspace (`DROVER_AGENT_BIN` if set), built once.
 pub fn agent_bin() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("DROVER_AGENT_BIN") {
-            return PathBuf::from(p);
-        }
-        let dir = Path::new(env!("CARGO_BIN_EXE_droverd")).parent().unwrap();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "-p", "drover-agent", "--bin", "drover-agent"]).current_dir(env!("CARGO_MANIFEST_DIR"));
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("cargo runs");
-        assert!(status.success(), "cargo build -p drover-agent failed");
-        dir.join("drover-agent")
+        std::env::var_os("DROVER_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_bin("drover-agent", "drover-agent"))
     })
     .clone()
 }

@@ -453,9 +453,7 @@ async fn bad_queries_get_clear_400s_and_roles_are_enforced() {
 // ------------------------------------------------------------------ end to end
 
 mod e2e {
-    use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
-    use std::sync::OnceLock;
     use std::time::{Duration, Instant};
 
     use rumqttc::v5::mqttbytes::QoS;
@@ -466,7 +464,7 @@ mod e2e {
 
     use crate::e2e::get_json;
     use crate::fleet::{DeviceKey, Droverd, admin_token, client_tls, droverd_cli, enroll_https, post};
-    use crate::support::{TempDir, eventually};
+    use crate::support::{TempDir, agent_bin, eventually};
 
     /// Points of a device's metric as the API returns them (raw, 1 s buckets).
     fn points(base: &str, token: &str, id: &str, metric: &str, from: i64, to: i64) -> Vec<(i64, f64)> {
@@ -559,26 +557,6 @@ mod e2e {
         let dropped = m.as_array().unwrap().iter().find(|x| x["name"] == "drover.outbox.dropped").unwrap();
         assert_eq!(dropped["last_value"], 7.0);
         drop(server);
-    }
-
-    /// The `drover-agent` binary of this workspace, built now if needed.
-    fn agent_bin() -> PathBuf {
-        static BIN: OnceLock<PathBuf> = OnceLock::new();
-        BIN.get_or_init(|| {
-            if let Some(p) = std::env::var_os("DROVER_AGENT_BIN") {
-                return PathBuf::from(p);
-            }
-            let dir = Path::new(env!("CARGO_BIN_EXE_droverd")).parent().unwrap();
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "drover-agent", "--bin", "drover-agent"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .unwrap();
-            assert!(status.success());
-            dir.join("drover-agent")
-        })
-        .clone()
     }
 
     struct AgentProc(Child);
