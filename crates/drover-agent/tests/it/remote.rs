@@ -327,10 +327,19 @@ async fn terminal_session() {
     s.send_data(1, b"echo size=$(stty size)\r").await;
     s.read_until("size=50 132").await;
 
-    s.send_data(1, b"sleep 30; echo not-$((2+3))\r").await;
-    s.read_until("sleep 30").await;
-    // Wait for the sleep to run (its command line is echoed before it starts).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.send_data(1, b"sleep 29.75; echo not-$((2+3))\r").await;
+    s.read_until("sleep 29.75").await;
+    // Wait for the sleep to run (its command line is echoed before it starts): a process
+    // with exactly that command line.
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"sleep\x0029.75\x00"))
+    {
+        assert!(Instant::now() < deadline, "the sleep did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let t0 = Instant::now();
     s.send_data(1, &[3]).await;
     s.send_data(1, b"echo after-$((1+1))\r").await;
