@@ -422,6 +422,12 @@ CREATE INDEX devices_org_seen ON devices (org_id, (COALESCE(last_seen_at, 0)), i
         sqlite: crate::remote::sessions::MIGRATION_10,
         postgres: crate::remote::sessions::MIGRATION_10,
     },
+    Migration {
+        version: 11,
+        name: "remote access: web UI sessions any replica can serve (their targets, last use and token hashes)",
+        sqlite: crate::remote::links::MIGRATION_11,
+        postgres: crate::remote::links::MIGRATION_11,
+    },
 ];
 
 /// Software updates (v5), the same on both engines.

@@ -42,7 +42,7 @@ pub struct Hub {
     /// then those waiting for their SUBACK: a session tells the device to start only once
     /// its topic is subscribed, or the device's first messages would be lost.
     subscribing: Mutex<Subscribing>,
-    /// The web UI sessions this replica proxies (`super::web`).
+    /// This replica's legs of web UI sessions (`super::web`).
     pub web: super::web::Registry,
 }
 
@@ -133,7 +133,8 @@ impl Hub {
 
     /// Until `stop`: every quarter of `lost_after`, vouches for the sessions this replica
     /// relays and ends as lost the open sessions no replica has vouched for in `lost_after`
-    /// (their droverd stopped without ending them).
+    /// (their droverd stopped without ending them); ends the web UI sessions no replica has
+    /// served for their idle timeout, or past their maximum duration.
     pub async fn run_liveness(
         self: Arc<Hub>,
         db: crate::db::Db,
@@ -158,6 +159,13 @@ impl Hub {
                     tracing::info!("remote sessions: {n} ended as lost (their droverd stopped without ending them)")
                 }
                 Err(e) => tracing::warn!("remote sessions: cannot end lost sessions: {e}"),
+            }
+            match super::links::expire(&db, now).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!("remote sessions: {n} web UI sessions ended (idle or at their maximum duration)")
+                }
+                Err(e) => tracing::warn!("remote sessions: cannot end idle web UI sessions: {e}"),
             }
         }
     }

@@ -12,6 +12,7 @@
 //! cannot open a terminal with a signed-in user's cookie.
 
 pub mod hub;
+pub mod links;
 pub mod recording;
 mod relay;
 pub mod sessions;

@@ -299,7 +299,8 @@ pub async fn close_lost(db: &Db, now: i64, lost_after_ms: i64) -> AppResult<usiz
     let cutoff = now - lost_after_ms;
     let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
         "SELECT id, org_id, device_id, COALESCE(alive_at, started_at) FROM remote_sessions \
-         WHERE ended_at IS NULL AND COALESCE(alive_at, started_at) < $1 LIMIT 1000",
+         WHERE ended_at IS NULL AND COALESCE(alive_at, started_at) < $1 \
+         AND NOT EXISTS (SELECT 1 FROM remote_web w WHERE w.session_id = remote_sessions.id) LIMIT 1000",
     )
     .bind(cutoff)
     .fetch_all(db.pool())

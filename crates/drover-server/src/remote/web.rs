@@ -6,7 +6,9 @@
 //! limits. droverd is its operator: the relay ([`super::relay`]) talks to an in-process client
 //! ([`Mux`]) instead of a WebSocket, and every browser request to the session's capability
 //! path `/web/{token}/…` is an HTTP/1.1 request (hyper's client) on a new stream of the
-//! session, bodies streamed both ways under the streams' credit.
+//! session, bodies streamed both ways under the streams' credit. Any replica serves any
+//! session: the session is a row ([`super::links`]), and each replica that gets a request for
+//! it opens a forward session of its own on the device (a leg) and reuses it after.
 //!
 //! The device's pages are not Drover's: a compromised device must not script Drover with the
 //! operator's cookies. So the capability path alone authenticates (a 256-bit token bound to
@@ -21,7 +23,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -45,6 +47,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch};
 use utoipa::ToSchema;
 
+use super::links::{self, Link};
 use super::relay;
 use super::sessions::{self, SessionKind};
 use crate::app::{ApiJson, ApiPath, AppState};
@@ -72,71 +75,93 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 // ------------------------------------------------------------------ sessions
 
-/// The web UI sessions this replica holds, by the SHA-256 of their token (the token itself
-/// is not kept as a key, so a lookup's timing says nothing useful about it).
+/// How often a replica's leg checks that its session is still open (closed through another
+/// replica, or ended by the sweep), and at most how stale a session's last use may be in the
+/// database.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// This replica's legs: for each web UI session it has served, its own forward session on
+/// the device. A slot is locked while its leg opens, so concurrent requests open one leg.
 #[derive(Default)]
 pub struct Registry {
-    by_key: Mutex<HashMap<String, Arc<WebSession>>>,
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Arc<Leg>>>>>>,
 }
 
-/// One open web UI session.
-pub struct WebSession {
-    pub session_id: String,
-    pub org_id: String,
-    pub device_id: String,
-    /// Who opened it: only they are shown its link.
-    pub actor_id: String,
-    pub actor_name: String,
-    /// `host:port` on the device's side.
-    pub target: String,
-    pub started_at: String,
-    token: String,
-    key: String,
+/// This replica's forward session on the device for one web UI session.
+struct Leg {
+    session_id: String,
     mux: Arc<Mux>,
-    /// True once the session's end is recorded.
+    /// True once the leg has ended and its bytes are on the session's row.
     done: watch::Receiver<bool>,
+    /// This replica's last request through the leg.
+    used: AtomicI64,
+    /// When this replica last recorded a request in the database.
+    touched: AtomicI64,
 }
 
-impl WebSession {
-    /// The capability path: whoever has it reaches the device's web UI until the session ends.
-    pub fn url(&self) -> String {
-        format!("/web/{}/", self.token)
+impl Leg {
+    fn alive(&self) -> bool {
+        self.mux.ended().is_none() && !*self.done.borrow()
     }
 
-    fn prefix(&self) -> String {
-        format!("/web/{}", self.token)
+    /// Ends the leg and waits (a few seconds at most) until its bytes are recorded.
+    async fn close(&self) {
+        let _ = self.mux.out.send(Message::Close(None));
+        let mut done = self.done.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| *d)).await;
+    }
+}
+
+/// Why a leg did not open.
+enum LegError {
+    /// The device's refusal: its code and message.
+    Refused(String, String),
+    /// No answer, or no broker.
+    Unavailable(String),
+}
+
+impl LegError {
+    fn reason(&self) -> String {
+        match self {
+            LegError::Refused(code, message) => format!("device: {code}: {message}"),
+            LegError::Unavailable(why) => why.clone(),
+        }
     }
 }
 
 impl Registry {
-    fn lookup(&self, token: &str) -> Option<Arc<WebSession>> {
-        let key = crate::auth::sha256_hex(token);
-        let mut map = lock(&self.by_key);
-        let w = map.get(&key)?.clone();
-        if w.mux.ended().is_some() {
-            map.remove(&key);
-            return None;
+    fn slot(&self, session_id: &str) -> Arc<tokio::sync::Mutex<Option<Arc<Leg>>>> {
+        lock(&self.slots).entry(session_id.to_string()).or_default().clone()
+    }
+
+    /// This replica's open leg of the session, if it has one.
+    fn current(&self, session_id: &str) -> Option<Arc<Leg>> {
+        let slot = lock(&self.slots).get(session_id)?.clone();
+        let leg = slot.try_lock().ok()?.clone()?;
+        leg.alive().then_some(leg)
+    }
+
+    /// Forgets the session's slot if it still holds `leg` (or nothing).
+    fn forget(&self, session_id: &str, leg: &Arc<Leg>) {
+        let mut slots = lock(&self.slots);
+        let mine = slots
+            .get(session_id)
+            .is_some_and(|slot| slot.try_lock().is_ok_and(|held| held.as_ref().is_none_or(|l| Arc::ptr_eq(l, leg))));
+        if mine {
+            slots.remove(session_id);
         }
-        Some(w)
     }
 
-    fn remove(&self, key: &str) {
-        lock(&self.by_key).remove(key);
-    }
-
-    /// The open web UI sessions on a device of the organization (this replica's).
-    pub fn for_device(&self, org: &str, device: &str) -> Vec<Arc<WebSession>> {
-        let mut v: Vec<_> = lock(&self.by_key)
-            .values()
-            .filter(|w| w.org_id == org && w.device_id == device && w.mux.ended().is_none())
-            .cloned()
-            .collect();
-        v.sort_by(|a, b| a.started_at.cmp(&b.started_at));
-        v
-    }
-
-    fn by_session(&self, org: &str, session: &str) -> Option<Arc<WebSession>> {
-        lock(&self.by_key).values().find(|w| w.org_id == org && w.session_id == session).cloned()
+    /// The session's leg on this replica, opened when it has none (or it ended).
+    async fn leg(&self, s: &AppState, link: &Link) -> Result<Arc<Leg>, LegError> {
+        let slot = self.slot(&link.session_id);
+        let mut held = slot.lock().await;
+        if let Some(leg) = held.as_ref().filter(|l| l.alive()) {
+            return Ok(leg.clone());
+        }
+        let leg = open_leg(s, link).await?;
+        *held = Some(leg.clone());
+        Ok(leg)
     }
 }
 
@@ -156,36 +181,89 @@ pub struct WebOpenRequest {
 pub struct WebOpened {
     /// The remote session's id (`GET /api/v1/remote-sessions/{id}`).
     pub session: String,
-    /// The capability path to open in a browser (`/web/{token}/`): it is the only credential
-    /// the proxied pages need, so treat it as a secret; it stops working when the session ends.
+    /// The capability path to open in a browser (`/web/{token}/`), on any replica: it is the
+    /// only credential the proxied pages need, so treat it as a secret; it stops working when
+    /// the session ends.
     pub url: String,
 }
 
-/// Opens a forward session to `host:port` on the device and, once the device has accepted
-/// it, a capability path for the browser. The device's refusal is the error's message.
+fn url_of(token: &str) -> String {
+    format!("/web/{token}/")
+}
+
+/// Opens a web UI session to `host:port` on the device and, once the device has accepted
+/// this replica's leg of it, a capability path for the browser. The device's refusal is the
+/// error's message.
 pub async fn open(s: &AppState, p: &Principal, device_id: &str, host: &str, port: u16) -> AppResult<WebOpened> {
     p.require(Role::Operator, "opening a remote session")?;
     let host = if host.trim().is_empty() { "127.0.0.1" } else { host.trim() };
     let target = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
     remote::Target::parse(&target).map_err(AppError::BadRequest)?;
     let opened = sessions::open(&s.db, p, device_id, SessionKind::Forward, &format!("web UI to {target}")).await?;
-    let up = remote::session_topic(device_id, &opened.id, Direction::Up);
-    let inbox = match s.remote.subscribe(up).await {
-        Ok(i) => i,
-        Err(e) => {
-            let end = sessions::Ending { reason: e.to_string(), ..Default::default() };
-            sessions::close(&s.db, p, &opened, end).await?;
-            return Err(AppError::Conflict(e.to_string()));
-        }
-    };
     let (idle, max) = super::limits(s);
-    let mut command = RemoteCommand::open_forward(&opened.id, Some(&target));
-    command.idle_timeout_s = Some(u32::try_from(idle.as_secs()).unwrap_or(u32::MAX));
-    command.max_duration_s = Some(u32::try_from(max.as_secs()).unwrap_or(u32::MAX));
+    let token = crate::auth::random_secret(32);
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let created = links::create(&s.db, &opened, &target, ms(idle), ms(max), &crate::auth::sha256_hex(&token)).await;
+    if let Err(e) = created {
+        let end = sessions::Ending { reason: format!("unavailable: {e}"), ..Default::default() };
+        sessions::close(&s.db, p, &opened, end).await?;
+        return Err(e);
+    }
+    let link = links::get_open(&s.db, &opened.org_id, &opened.id)
+        .await?
+        .ok_or_else(|| AppError::Internal(format!("web UI session {} vanished as it opened", opened.id)))?;
+    // This replica's leg now, so that the device's refusal is the caller's answer.
+    if let Err(e) = s.remote.web.leg(s, &link).await {
+        let why = e.reason();
+        links::end(&s.db, p, &link, &why).await?;
+        return Err(AppError::Conflict(match e {
+            LegError::Refused(code, message) => format!("the device refused the web UI session ({code}): {message}"),
+            LegError::Unavailable(why) => format!("the session ended before the device answered: {why}"),
+        }));
+    }
+    tracing::info!(session = %opened.id, device = device_id, "remote access: web UI session opened");
+    Ok(WebOpened { session: opened.id, url: url_of(&token) })
+}
+
+/// A new capability path to an open session, for the operator who opened it (its first
+/// address is known only to the browser it was sent to).
+pub async fn new_address(s: &AppState, p: &Principal, session_id: &str) -> AppResult<WebOpened> {
+    p.require(Role::Operator, "opening a remote session")?;
+    let link = links::get_open(&s.db, p.org(), session_id)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no open web UI session {session_id:?}")))?;
+    if link.actor_id != p.id {
+        return Err(AppError::Forbidden(format!(
+            "web UI session {session_id} was opened by {}: only they may have its address",
+            link.actor_name
+        )));
+    }
+    let token = crate::auth::random_secret(32);
+    links::add_token(&s.db, p, &link, &crate::auth::sha256_hex(&token)).await?;
+    Ok(WebOpened { session: link.session_id, url: url_of(&token) })
+}
+
+/// Opens this replica's leg: a forward session of its own on the device, under an id of its
+/// own (`{session}_{random}`), to the session's target, until the session's end at most.
+async fn open_leg(s: &AppState, link: &Link) -> Result<Arc<Leg>, LegError> {
+    let leg_id = format!("{}_{}", link.session_id, crate::auth::random_secret(6));
+    let up = remote::session_topic(&link.device_id, &leg_id, Direction::Up);
+    let inbox = s.remote.subscribe(up).await.map_err(|e| LegError::Unavailable(format!("unavailable: {e}")))?;
+    let now = crate::time::now_ms();
+    let idle = Duration::from_millis(u64::try_from(link.idle_ms).unwrap_or(1).max(1));
+    let max = Duration::from_millis(u64::try_from(link.ends_at - now).unwrap_or(0).max(1));
+    let mut command = RemoteCommand::open_forward(&leg_id, Some(&link.target));
+    command.idle_timeout_s = Some(u32::try_from(idle.as_secs()).unwrap_or(u32::MAX).max(1));
+    command.max_duration_s = Some(u32::try_from(max.as_secs()).unwrap_or(u32::MAX).max(1));
     let relay = relay::Relay {
         hub: s.remote.clone(),
-        session: opened.clone(),
-        mode: relay::Mode::Forward { target: target.clone() },
+        session: sessions::Opened {
+            id: leg_id,
+            org_id: link.org_id.clone(),
+            device_id: link.device_id.clone(),
+            recording: false,
+        },
+        mode: relay::Mode::Forward { target: link.target.clone() },
         idle_timeout: idle,
         max_duration: max,
     };
@@ -195,56 +273,112 @@ pub async fn open(s: &AppState, p: &Principal, device_id: &str, host: &str, port
         Arc::new(Mux { out: to_relay, conns: Mutex::default(), next: AtomicU32::new(1), ended: Mutex::default() });
     let (answer_tx, answer) = oneshot::channel();
     tokio::spawn(dispatch(mux.clone(), from_relay, answer_tx));
-    let token = crate::auth::random_secret(32);
-    let key = crate::auth::sha256_hex(&token);
     let (done_tx, done) = watch::channel(false);
+    let leg = Arc::new(Leg {
+        session_id: link.session_id.clone(),
+        mux: mux.clone(),
+        done,
+        used: AtomicI64::new(now),
+        touched: AtomicI64::new(now),
+    });
     {
-        let (db, p, opened, hub, key) = (s.db.clone(), p.clone(), opened.clone(), s.remote.clone(), key.clone());
+        let (s, link, leg) = (s.clone(), link.clone(), leg.clone());
         tokio::spawn(async move {
+            let watch = tokio::spawn(watch_session(s.db.clone(), leg.clone(), link.idle_ms));
             let ending = relay.run(relay::Operator::Local { rx: relay_rx, tx: relay_tx }, inbox, command).await;
-            hub.web.remove(&key);
-            if let Err(e) = sessions::close(&db, &p, &opened, ending).await {
-                tracing::error!(session = %opened.id, "cannot record the end of a remote session: {e}");
-            }
+            watch.abort();
+            s.remote.web.forget(&link.session_id, &leg);
+            leg_ended(&s, &link, &leg, ending).await;
             let _ = done_tx.send(true);
         });
     }
     // A caller that goes away before the device answers (the browser's request dropped)
-    // closes the session rather than leaving it open with no way to reach it.
+    // ends the leg rather than leaving it open with nothing to use it.
     let mut guard = CloseOnDrop(Some(mux.out.clone()));
     match tokio::time::timeout(Duration::from_secs(40), answer).await {
         Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err((code, message)))) => {
-            return Err(AppError::Conflict(format!("the device refused the web UI session ({code}): {message}")));
-        }
+        Ok(Ok(Err((code, message)))) => return Err(LegError::Refused(code, message)),
         _ => {
-            return Err(AppError::Conflict("the session ended before the device answered".into()));
+            let why = mux.ended().unwrap_or_else(|| "no answer within 40 s".into());
+            return Err(LegError::Unavailable(format!("unavailable: {why}")));
         }
     }
-    let w = Arc::new(WebSession {
-        session_id: opened.id.clone(),
-        org_id: opened.org_id.clone(),
-        device_id: device_id.to_string(),
-        actor_id: p.id.clone(),
-        actor_name: p.name.clone(),
-        target,
-        started_at: crate::time::to_rfc3339(crate::time::now_ms()),
-        token,
-        key: key.clone(),
-        mux: mux.clone(),
-        done,
-    });
-    let url = w.url();
     guard.0 = None;
-    lock(&s.remote.web.by_key).insert(key.clone(), w);
-    if mux.ended().is_some() {
-        s.remote.web.remove(&key);
-    }
-    tracing::info!(session = %opened.id, device = device_id, "remote access: web UI session opened");
-    Ok(WebOpened { session: opened.id, url })
+    tracing::debug!(session = %link.session_id, device = %link.device_id, "remote access: web UI leg opened");
+    Ok(leg)
 }
 
-/// Closes a session whose opening did not finish.
+/// Until the leg ends: records the session as used while requests are in flight through the
+/// leg (a long download, a WebSocket), and ends the leg once its session has ended elsewhere
+/// (closed through another replica, idle, too long).
+async fn watch_session(db: crate::db::Db, leg: Arc<Leg>, idle_ms: i64) {
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        if !lock(&leg.mux.conns).is_empty() {
+            let now = crate::time::now_ms();
+            leg.used.fetch_max(now, Ordering::Relaxed);
+            record_use(&db, &leg, &leg.session_id, idle_ms, now).await;
+        }
+        if matches!(links::is_open(&db, &leg.session_id).await, Ok(false)) {
+            let _ = leg.mux.out.send(Message::Close(None));
+            return;
+        }
+    }
+}
+
+/// Writes the session's last use, at most every couple of seconds per replica (and at least
+/// a few times per idle timeout), so that every replica's idle check sees it.
+async fn record_use(db: &crate::db::Db, leg: &Leg, session_id: &str, idle_ms: i64, now: i64) {
+    let every = (idle_ms / 4).clamp(1, i64::try_from(WATCH_EVERY.as_millis()).unwrap_or(2000));
+    if now - leg.touched.load(Ordering::Relaxed) < every {
+        return;
+    }
+    leg.touched.store(now, Ordering::Relaxed);
+    if let Err(e) = links::touch(db, session_id, now).await {
+        tracing::warn!(session = %session_id, "web UI proxy: cannot record the session's use: {e}");
+    }
+}
+
+/// Records a leg's end: its bytes on the session's row, and the session's end when the
+/// leg's end is the session's — the device refused or ended it, the session's maximum
+/// duration, or no request through any replica for the idle timeout.
+async fn leg_ended(s: &AppState, link: &Link, leg: &Leg, ending: sessions::Ending) {
+    if let Err(e) = links::add_bytes(&s.db, &link.session_id, ending.bytes_in, ending.bytes_out).await {
+        tracing::error!(session = %link.session_id, "cannot record a web UI session's bytes: {e}");
+    }
+    let used = leg.used.load(Ordering::Relaxed);
+    if used > leg.touched.load(Ordering::Relaxed)
+        && let Err(e) = links::touch(&s.db, &link.session_id, used).await
+    {
+        tracing::warn!(session = %link.session_id, "cannot record a web UI session's last use: {e}");
+    }
+    let reason = ending.reason;
+    // The leg's own limits run on both sides: droverd's relay and the device may each end it.
+    let why = reason.strip_prefix("device: ").unwrap_or(&reason);
+    let reason = if why.starts_with("idle-timeout") {
+        // Idle here; the session only if no replica has had a request for as long.
+        match links::get_open(&s.db, &link.org_id, &link.session_id).await {
+            Ok(Some(now)) => match now.expired(crate::time::now_ms()) {
+                Some(why) => why,
+                None => return,
+            },
+            _ => return,
+        }
+    } else if why.starts_with("max-duration") {
+        link.max_duration_reason()
+    } else if reason.starts_with("device: ") && !why.starts_with("busy") {
+        // A device at its session limit refuses this replica's leg, not the session.
+        reason
+    } else {
+        return;
+    };
+    let system = Principal::system(Some(&link.org_id));
+    if let Err(e) = links::end(&s.db, &system, link, &reason).await {
+        tracing::error!(session = %link.session_id, "cannot record the end of a web UI session: {e}");
+    }
+}
+
+/// Closes a leg whose opening did not finish.
 struct CloseOnDrop(Option<mpsc::UnboundedSender<Message>>);
 
 impl Drop for CloseOnDrop {
@@ -255,25 +389,24 @@ impl Drop for CloseOnDrop {
     }
 }
 
-/// Ends a web UI session held by this replica (operators and admins of its organization)
-/// and waits until its end is recorded.
+/// Ends a web UI session (operators and admins of its organization), through whichever
+/// replica: this replica's leg first, so that its bytes are on the row the end records; the
+/// other replicas' legs close within seconds and add theirs.
 pub async fn close(s: &AppState, p: &Principal, session_id: &str) -> AppResult<()> {
     p.require(Role::Operator, "closing a remote session")?;
-    let w = s
-        .remote
-        .web
-        .by_session(p.org(), session_id)
-        .ok_or_else(|| AppError::NotFound(format!("no open web UI session {session_id:?} on this server")))?;
-    let _ = w.mux.out.send(Message::Close(None));
-    let mut done = w.done.clone();
-    let _ = tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| *d)).await;
-    s.remote.web.remove(&w.key);
+    let link = links::get_open(&s.db, p.org(), session_id)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no open web UI session {session_id:?}")))?;
+    if let Some(leg) = s.remote.web.current(session_id) {
+        leg.close().await;
+    }
+    links::end(&s.db, p, &link, "closed by the operator").await?;
     Ok(())
 }
 
 /// Opens a device's local web UI for the browser: a forward session to `host:port` on the
 /// device (its `[remote] forward_allow` must allow it), answered with the capability path
-/// that proxies it (`/web/{token}/`).
+/// that proxies it (`/web/{token}/`) through any replica.
 #[utoipa::path(post, path = "/api/v1/devices/{id}/web", tag = "remote", params(("id" = String, Path)),
     request_body = WebOpenRequest,
     responses((status = 201, body = WebOpened), (status = 400, body = ErrorBody),
@@ -289,11 +422,11 @@ pub async fn open_api(
     Ok((StatusCode::CREATED, axum::Json(opened)).into_response())
 }
 
-/// Closes a web UI session (operators and admins); the session's row records the end and the
-/// bytes each way.
+/// Closes a web UI session (operators and admins) through any replica; the session's row
+/// records the end and the bytes each way.
 #[utoipa::path(post, path = "/api/v1/remote-sessions/{id}/close", tag = "remote", params(("id" = String, Path)),
     responses((status = 204, description = "Closed"), (status = 403, body = ErrorBody),
-              (status = 404, body = ErrorBody, description = "No open web UI session with this id on this server")))]
+              (status = 404, body = ErrorBody, description = "No open web UI session with this id")))]
 pub async fn close_api(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPath<String>) -> AppResult<StatusCode> {
     close(&s, &p, &id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -526,22 +659,65 @@ async fn proxy(State(s): State<AppState>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let rest = path.strip_prefix("/web/").unwrap_or_default();
     let (token, tail) = match rest.split_once('/') {
-        Some((t, r)) => (t, format!("/{r}")),
-        None => (rest, "/".to_string()),
+        Some((t, r)) => (t.to_string(), format!("/{r}")),
+        None => (rest.to_string(), "/".to_string()),
     };
-    let Some(w) = s.remote.web.lookup(token) else {
-        return proxy_page(
+    let gone = || {
+        proxy_page(
             StatusCode::NOT_FOUND,
             "No such web UI session",
             "This link is not valid, or its session has ended. Open the device's web UI again from its Remote access page.",
             None,
-        );
+        )
     };
+    let unavailable = |e: AppError| {
+        tracing::error!("web UI proxy: cannot read the session: {e}");
+        proxy_page(StatusCode::SERVICE_UNAVAILABLE, "Drover is unavailable", "Try again in a moment.", None)
+    };
+    let link = match links::find(&s.db, &crate::auth::sha256_hex(&token)).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return gone(),
+        Err(e) => return unavailable(e),
+    };
+    let now = crate::time::now_ms();
+    if let Some(why) = link.expired(now) {
+        if let Err(e) = links::end(&s.db, &Principal::system(Some(&link.org_id)), &link, &why).await {
+            return unavailable(e);
+        }
+        return gone();
+    }
+    let leg = match s.remote.web.leg(&s, &link).await {
+        Ok(leg) => leg,
+        Err(e) => {
+            // The device refused (the session is over) or was at its session limit (try again).
+            let status = match &e {
+                LegError::Refused(code, _) if code != "busy" => StatusCode::BAD_GATEWAY,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            return proxy_page(
+                status,
+                "The device did not open the web UI",
+                &format!("{} on device {}: {}", link.target, link.device_id, e.reason()),
+                Some(&link),
+            );
+        }
+    };
+    leg.used.fetch_max(now, Ordering::Relaxed);
+    leg.touched.fetch_max(link.used_at, Ordering::Relaxed);
+    record_use(&s.db, &leg, &link.session_id, link.idle_ms, now).await;
     let up_path = match req.uri().query() {
         Some(q) => format!("{tail}?{q}"),
         None => tail,
     };
-    forward(&w, req, up_path).await
+    let route = Route { prefix: format!("/web/{token}"), link: &link, mux: &leg.mux };
+    forward(&route, req, up_path).await
+}
+
+/// Where one request goes: the capability path it came by, its session, this replica's leg.
+struct Route<'a> {
+    prefix: String,
+    link: &'a Link,
+    mux: &'a Arc<Mux>,
 }
 
 /// A page of droverd's own at the proxy's address (no such session, the device's service
@@ -560,7 +736,7 @@ fn error_template() -> Option<minijinja::Template<'static, 'static>> {
     .ok()
 }
 
-fn proxy_page(status: StatusCode, title: &str, message: &str, w: Option<&WebSession>) -> Response {
+fn proxy_page(status: StatusCode, title: &str, message: &str, w: Option<&Link>) -> Response {
     let ctx = context! {
         status => status.as_u16(), title => title, message => message,
         device => w.map(|w| w.device_id.clone()), target => w.map(|w| w.target.clone()),
@@ -583,7 +759,8 @@ fn wants_upgrade(h: &HeaderMap) -> bool {
             .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
 }
 
-async fn forward(w: &WebSession, mut req: Request, path: String) -> Response {
+async fn forward(r: &Route<'_>, mut req: Request, path: String) -> Response {
+    let w = r.link;
     let upgrade = wants_upgrade(req.headers());
     let browser_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
@@ -605,7 +782,7 @@ async fn forward(w: &WebSession, mut req: Request, path: String) -> Response {
             Some(w),
         )
     };
-    let stream = match w.mux.connect() {
+    let stream = match r.mux.connect() {
         Ok(st) => st,
         Err(why) => return bad_gateway(format!("the session has ended ({why})")),
     };
@@ -651,14 +828,14 @@ async fn forward(w: &WebSession, mut req: Request, path: String) -> Response {
         });
         let mut out = Response::new(Body::empty());
         *out.status_mut() = resp.status();
-        *out.headers_mut() = response_headers(resp.headers(), w, false, true);
+        *out.headers_mut() = response_headers(resp.headers(), r, false, true);
         return out;
     }
     let (mut rparts, rbody) = resp.into_parts();
     let rewrite = rewritable(&rparts.headers);
-    rparts.headers = response_headers(&rparts.headers, w, rewrite, false);
+    rparts.headers = response_headers(&rparts.headers, r, rewrite, false);
     let body = if rewrite {
-        let mut rw = LinkRewriter::new(&w.prefix());
+        let mut rw = LinkRewriter::new(&r.prefix);
         let data = Body::new(rbody).into_data_stream();
         let tail = futures_util::stream::once(async { Ok::<Bytes, axum::Error>(Bytes::new()) });
         let mut ended = false;
@@ -836,9 +1013,9 @@ fn rewritable(h: &HeaderMap) -> bool {
 
 /// The device's response headers as the browser gets them: the sandbox added, headers that
 /// would act on droverd's origin dropped, locations and cookies kept under the capability path.
-fn response_headers(src: &HeaderMap, w: &WebSession, rewriting: bool, upgrade: bool) -> HeaderMap {
+fn response_headers(src: &HeaderMap, r: &Route<'_>, rewriting: bool, upgrade: bool) -> HeaderMap {
     let listed = connection_listed(src);
-    let prefix = w.prefix();
+    let (prefix, w) = (&r.prefix, r.link);
     let mut out = HeaderMap::new();
     for (k, v) in src {
         let n = k.as_str();
@@ -850,7 +1027,7 @@ fn response_headers(src: &HeaderMap, w: &WebSession, rewriting: bool, upgrade: b
             continue;
         }
         if n == "location" || n == "content-location" {
-            if let Some(new) = v.to_str().ok().map(|l| rewrite_location(l, &prefix, &w.target))
+            if let Some(new) = v.to_str().ok().map(|l| rewrite_location(l, prefix, &w.target))
                 && let Ok(v) = HeaderValue::from_str(&new)
             {
                 out.append(k.clone(), v);
@@ -860,7 +1037,7 @@ fn response_headers(src: &HeaderMap, w: &WebSession, rewriting: bool, upgrade: b
         out.append(k.clone(), v.clone());
     }
     for c in src.get_all(header::SET_COOKIE).iter().filter_map(|v| v.to_str().ok()) {
-        if let Some(v) = rewrite_set_cookie(c, &prefix).and_then(|c| HeaderValue::from_str(&c).ok()) {
+        if let Some(v) = rewrite_set_cookie(c, prefix).and_then(|c| HeaderValue::from_str(&c).ok()) {
             out.append(header::SET_COOKIE, v);
         }
     }

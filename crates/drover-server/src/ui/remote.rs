@@ -49,6 +49,7 @@ pub fn routes() -> Router<AppState> {
         .route("/remote-settings", post(settings_submit))
         .route("/devices/{id}/web", post(web_open_submit))
         .route("/devices/{id}/web/{session}/close", post(web_close_submit))
+        .route("/devices/{id}/web/{session}/address", post(web_address_submit))
         .merge(crate::remote::web::routes())
         .route(
             "/assets/terminal.js",
@@ -96,16 +97,14 @@ async fn device_remote_page(
         let device = devices::get_device_detail(&s.db, &p, &id).await?;
         let q = SessionListQuery { device: Some(id.clone()), limit: Some(100) };
         let rows = sessions::list(&s.db, &p, &q).await?;
-        // The capability link only for the one who opened the session; the others may close it.
-        let web_sessions: Vec<_> = s
-            .remote
-            .web
-            .for_device(p.org(), &id)
-            .iter()
+        // A new address only for the one who opened the session; the others may close it.
+        let web_sessions: Vec<_> = crate::remote::links::open_on_device(&s.db, p.org(), &id)
+            .await?
+            .into_iter()
             .map(|w| {
-                let url = (w.actor_id == p.id && p.role >= Role::Operator).then(|| w.url());
-                context! { session => w.session_id.clone(), target => w.target.clone(), actor_name => w.actor_name.clone(),
-                           started_at => w.started_at.clone(), url => url }
+                let mine = w.actor_id == p.id && p.role >= Role::Operator;
+                context! { session => w.session_id, target => w.target, actor_name => w.actor_name,
+                started_at => crate::time::to_rfc3339(w.started_at), mine => mine }
             })
             .collect();
         s.ui.render(
@@ -191,6 +190,25 @@ async fn web_open_submit(
 #[derive(Deserialize)]
 struct CsrfForm {
     csrf: String,
+}
+
+/// "Open" on an open web UI session (its opener only): a new address for it, which the
+/// browser is sent to.
+async fn web_address_submit(
+    State(s): State<AppState>,
+    UiUser(p): UiUser,
+    Path((id, session)): Path<(String, String)>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    let result = async {
+        check_csrf(&p, &f.csrf)?;
+        crate::remote::web::new_address(&s, &p, &session).await
+    }
+    .await;
+    match result {
+        Ok(opened) => Redirect::to(&opened.url).into_response(),
+        Err(e) => back(&format!("/devices/{id}/remote"), Err(e)),
+    }
 }
 
 async fn web_close_submit(

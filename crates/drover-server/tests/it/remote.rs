@@ -605,7 +605,8 @@ fn a_session_through_the_other_replica() {
     let db = rt.block_on(crate::support::TestDb::postgres(&pg));
     // One CA and one broker for both replicas.
     let broker = Broker::start(dir.path());
-    let env = [("DROVER_DATABASE_URL", db.url.as_str())];
+    // Web UI sessions idle out after 3 s without a request through any replica.
+    let env = [("DROVER_DATABASE_URL", db.url.as_str()), ("DROVER_REMOTE_IDLE_TIMEOUT_SECS", "3")];
     let a = Server::start(dir.path(), "replica-a", &broker, &env);
     let b = Server::start(dir.path(), "replica-b", &broker, &env);
     let enroll = a.enrollment_secret("remote");
@@ -626,6 +627,73 @@ fn a_session_through_the_other_replica() {
         });
         assert_eq!(row["end_reason"], "exit 0");
     });
+
+    // A web UI session opened through A: its address works through either replica (each
+    // opens its own leg on the device), is kept alive by requests through B alone, and dies
+    // everywhere at once when closed through B; the row adds up both legs' bytes.
+    let web = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let web_port = web.local_addr().unwrap().port();
+    let big: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    rt.spawn(device_web(web, heads, std::sync::Arc::new(big.clone())));
+    let browser: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let get = |url: &str| {
+        let mut r = browser.get(url).call().unwrap();
+        let body = r.body_mut().with_config().limit(4 << 20).read_to_vec().unwrap();
+        (r.status().as_u16(), body)
+    };
+    let open_web = || {
+        let (st, opened) = a.call(
+            "POST",
+            &format!("/api/v1/devices/{}/web", dev.id),
+            &a.token,
+            Some(json!({"host": "127.0.0.1", "port": web_port})),
+        );
+        assert_eq!(st, 201, "{opened}");
+        (opened["session"].as_str().unwrap().to_string(), opened["url"].as_str().unwrap().to_string())
+    };
+    let (web_id, path) = open_web();
+    let (via_a, via_b) = (format!("{}{path}", a.d.base), format!("{}{path}", b.d.base));
+    for via in [&via_b, &via_a] {
+        let (st, body) = get(&format!("{via}big"));
+        assert_eq!(st, 200, "{via}");
+        assert!(body == big, "{via}: {} bytes, not the device's", body.len());
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        let (st, body) = get(&via_b);
+        assert_eq!(st, 200, "still open after {:?} of use through B alone", started.elapsed());
+        assert!(String::from_utf8_lossy(&body).contains("Gateway admin"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (st, body) = get(&via_a);
+    assert_eq!(st, 200, "A opens a new leg: {}", String::from_utf8_lossy(&body));
+    let (st, body) = b.call("POST", &format!("/api/v1/remote-sessions/{web_id}/close"), &b.token, Some(json!({})));
+    assert_eq!(st, 204, "{body}");
+    assert_eq!(get(&via_a).0, 404, "closed through B, dead through A");
+    assert_eq!(get(&via_b).0, 404);
+    let row = eventually(Duration::from_secs(15), "both legs' bytes on the closed row", || {
+        sessions(&a, &dev.id)
+            .into_iter()
+            .find(|r| r["id"] == web_id.as_str() && r["bytes_in"].as_i64().unwrap_or(0) > 2 << 20)
+    });
+    assert_eq!(row["end_reason"], "closed by the operator", "{row}");
+    assert!(row["ended_at"].is_string(), "{row}");
+
+    // Unused through every replica for the idle timeout: ended, and dead through both.
+    let (idle_id, path) = open_web();
+    assert_eq!(get(&format!("{}{path}", b.d.base)).0, 200);
+    let row = eventually(Duration::from_secs(20), "the idle web UI session to end", || {
+        sessions(&b, &dev.id).into_iter().find(|r| r["id"] == idle_id.as_str() && r["ended_at"].is_string())
+    });
+    assert_eq!(row["end_reason"], "idle-timeout: no request for 3 s", "{row}");
+    assert_eq!(get(&format!("{}{path}", a.d.base)).0, 404);
+    assert_eq!(get(&format!("{}{path}", b.d.base)).0, 404);
     drop(dev);
     drop(b);
     drop(a);
@@ -1015,25 +1083,53 @@ fn device_web_ui_through_the_capability_path() {
     let page = r.body_mut().read_to_string().unwrap();
     assert!(page.contains("refused") && page.contains(&format!("127.0.0.1:{down_port}")), "{page}");
 
-    // The device page lists the open sessions, with the link only for the one who opened it.
-    let mut r =
-        browser.get(&format!("{}/devices/{}/remote", s.d.base, a.id)).header("Cookie", &session_cookie).call().unwrap();
-    let page = r.body_mut().read_to_string().unwrap();
-    let token_of = |p: &str| p.trim_start_matches("/web/").trim_end_matches('/').to_string();
-    assert!(page.contains("id=\"web-sessions\"") && page.contains(&token_of(&path)), "{page}");
-    assert!(!page.contains(&token_of(down["url"].as_str().unwrap())), "another's capability path is not shown");
-
-    // Closing: the path is dead at once, the row has the bytes.
+    // The device page lists the open sessions; the one who opened a session may get a new
+    // address for it (its first one is never stored), the others may not.
     let session = eventually(Duration::from_secs(10), "the web UI session's row", || {
         sessions(&s, &a.id).into_iter().find(|r| r["detail"] == format!("web UI to 127.0.0.1:{web_port}"))
     });
     let id = session["id"].as_str().unwrap();
+    let down_id = down["session"].as_str().unwrap();
+    let mut r =
+        browser.get(&format!("{}/devices/{}/remote", s.d.base, a.id)).header("Cookie", &session_cookie).call().unwrap();
+    let page = r.body_mut().read_to_string().unwrap();
+    let token_of = |p: &str| p.trim_start_matches("/web/").trim_end_matches('/').to_string();
+    assert!(page.contains("id=\"web-sessions\"") && page.contains(down_id), "{page}");
+    assert!(!page.contains(&token_of(&path)), "a capability path is never shown again");
+    assert!(page.contains(&format!("/web/{id}/address")), "{page}");
+    assert!(!page.contains(&format!("/web/{down_id}/address")), "another's session has no address for this user");
+    let address = |session: &str| {
+        browser
+            .post(&format!("{}/devices/{}/web/{session}/address", s.d.base, a.id))
+            .header("Cookie", &session_cookie)
+            .send_form([("csrf", csrf.as_str())])
+            .unwrap()
+    };
+    let r = address(id);
+    assert_eq!(r.status(), 303);
+    let again = r.headers().get("location").unwrap().to_str().unwrap().to_string();
+    assert!(again.starts_with("/web/") && again != path, "{again}");
+    let mut r = browser.get(&format!("{}{again}", s.d.base)).call().unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.body_mut().read_to_string().unwrap().contains("Gateway admin"));
+    let r = address(down_id);
+    assert_eq!(r.status(), 303);
+    assert!(
+        r.headers().get("location").unwrap().to_str().unwrap().starts_with(&format!("/devices/{}/remote", a.id)),
+        "refused: back to the device page"
+    );
+    let audit = s.admin("GET", "/api/v1/audit?action=remote.link", None);
+    assert_eq!(audit["items"].as_array().unwrap().len(), 1, "{audit}");
+
+    // Closing: every address is dead at once, the row has the bytes.
     let (st, _) = s.call("POST", &format!("/api/v1/remote-sessions/{id}/close"), &viewer, Some(json!({})));
     assert_eq!(st, 403, "a viewer may not close it");
     let (st, body) = s.call("POST", &format!("/api/v1/remote-sessions/{id}/close"), &operator, Some(json!({})));
     assert_eq!(st, 204, "{body}");
-    let r = browser.get(&url).call().unwrap();
-    assert_eq!(r.status(), 404, "a closed session's path");
+    for u in [url.clone(), format!("{}{again}", s.d.base)] {
+        let r = browser.get(&u).call().unwrap();
+        assert_eq!(r.status(), 404, "a closed session's path");
+    }
     let row = sessions(&s, &a.id).into_iter().find(|r| r["id"] == id).unwrap();
     assert!(row["ended_at"].is_string(), "{row}");
     assert!(row["bytes_in"].as_i64().unwrap() > 5 << 20, "{row}");
