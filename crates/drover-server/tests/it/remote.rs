@@ -797,6 +797,37 @@ fn bench_remote() {
     let _ = fwd.kill();
     let _ = fwd.wait();
 
+    // The device's web UI through droverd's proxy: 64 MiB from the device's web server.
+    let size: usize = 64 << 20;
+    let http = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let http_port = http.local_addr().unwrap().port();
+    let body = std::sync::Arc::new(vec![7u8; size]);
+    rt.spawn(device_web(http, std::sync::Arc::default(), body));
+    let (st, opened) = s.call(
+        "POST",
+        &format!("/api/v1/devices/{}/web", a.id),
+        &s.token,
+        Some(json!({"host": "127.0.0.1", "port": http_port})),
+    );
+    assert_eq!(st, 201, "{opened}");
+    let url = format!("{}{}big", s.d.base, opened["url"].as_str().unwrap());
+    let browser: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(300))).build().into();
+    let t = Instant::now();
+    let mut r = browser.get(&url).call().unwrap();
+    let mut reader = r.body_mut().with_config().limit(u64::MAX).reader();
+    let mut got = 0;
+    loop {
+        let n = reader.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert_eq!(got, size);
+    let secs = t.elapsed().as_secs_f64();
+    println!("BENCH web UI proxy: {} MiB in {secs:.2} s = {:.1} MB/s", size >> 20, size as f64 / secs / 1e6);
+
     // Files: 100 MB up and down.
     let big = dir.path().join("big.bin");
     std::fs::write(&big, (0..100u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect::<Vec<u8>>())
