@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -90,6 +90,9 @@ struct Conn {
     /// Filters this connection subscribed to (with their share group).
     filters: Vec<(String, Option<Arc<str>>)>,
     will: Option<LastWill>,
+    /// Messages this connection has taken from its queue: a share group's publishers wait
+    /// while it goes up ([`crate::Blocked::wait`]).
+    taken: Arc<AtomicU64>,
 }
 
 impl Conn {
@@ -117,6 +120,7 @@ impl Conn {
             next_pkid: 1,
             filters: Vec::new(),
             will: None,
+            taken: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -307,7 +311,7 @@ impl Conn {
         let kick = Arc::new(Kick::new());
         {
             let mut clients = self.shared.clients.lock().unwrap_or_else(|e| e.into_inner());
-            let entry = ClientEntry { conn: self.conn_id, tx, kick: kick.clone() };
+            let entry = ClientEntry { conn: self.conn_id, tx, kick: kick.clone(), taken: self.taken.clone() };
             if let Some(old) = clients.insert(self.client_id.clone(), entry) {
                 // The same client again (a device whose old connection has not died yet):
                 // the new connection wins, and the old one leaves without its will.
@@ -387,6 +391,7 @@ impl Conn {
                         let _ = self.send(disconnect(reason)).await;
                         return End::Kicked(reason);
                     };
+                    self.taken.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = self.deliver(msg, qos, retain).await {
                         return End::Abnormal(e.to_string());
                     }
@@ -525,8 +530,8 @@ impl Conn {
                 }
                 if undelivered > 0 {
                     if p.qos == QoS::AtLeastOnce {
-                        // No PUBACK for a message the servers did not take: the publisher
-                        // keeps it and sends it again once reconnected.
+                        // No PUBACK for a message the servers did not take: the device
+                        // sends its state again once reconnected.
                         self.shared.stats.busy_disconnects_total.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(
                             "broker: the server replicas took no message for {:?}; disconnecting the publisher (server busy)",

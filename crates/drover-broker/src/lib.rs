@@ -58,10 +58,11 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Retained topics one device may hold.
     pub max_retained_per_device: usize,
-    /// How long a publisher waits for room in a share group whose members' queues are all
-    /// full (the server replicas are behind). Past it, a QoS 1 message is not acknowledged:
-    /// its publisher is disconnected with "server busy" and sends it again after
-    /// reconnecting; a QoS 0 message is dropped (and counted).
+    /// How long a share group whose members' queues are all full may take no message at all
+    /// before a publisher waiting for it gives up (the server replicas are wedged, not just
+    /// behind). Then a QoS 1 message is not acknowledged: its publisher is disconnected with
+    /// "server busy" and sends it again after reconnecting; a QoS 0 message is dropped (and
+    /// counted). Publishers wait as long as the group keeps taking messages.
     pub busy_wait: Duration,
 }
 
@@ -173,18 +174,36 @@ pub(crate) struct Delivery {
 pub(crate) struct Blocked {
     tx: mpsc::Sender<Delivery>,
     delivery: Delivery,
+    /// The member's count of messages taken from its queue.
+    taken: Arc<AtomicU64>,
 }
 
 impl Blocked {
-    /// Waits for room in the member's queue, at most `wait`; false if the message could not
-    /// be delivered (the group stayed full, or its member left).
+    /// Waits for room in the member's queue, in line with the other publishers waiting for
+    /// it, for as long as the member keeps taking messages; false if the member took none for
+    /// `wait` (a wedged server) or left. A server that is merely slower than its fleet's
+    /// burst — a thousand devices reporting at once — holds the devices back without
+    /// disconnecting them.
     pub(crate) async fn wait(self, wait: Duration, stats: &Stats) -> bool {
-        match tokio::time::timeout(wait, self.tx.send(self.delivery)).await {
-            Ok(Ok(())) => {
-                stats.messages_out.fetch_add(1, Ordering::Relaxed);
-                true
+        let Blocked { tx, delivery, taken } = self;
+        let send = tx.send(delivery);
+        tokio::pin!(send);
+        let mut seen = taken.load(Ordering::Relaxed);
+        loop {
+            match tokio::time::timeout(wait, &mut send).await {
+                Ok(Ok(())) => {
+                    stats.messages_out.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                Ok(Err(_)) => return false,
+                Err(_) => {
+                    let now = taken.load(Ordering::Relaxed);
+                    if now == seen {
+                        return false;
+                    }
+                    seen = now;
+                }
             }
-            Ok(Err(_)) | Err(_) => false,
         }
     }
 }
@@ -219,6 +238,8 @@ pub(crate) struct ClientEntry {
     pub conn: u64,
     pub tx: mpsc::Sender<Delivery>,
     pub kick: Arc<Kick>,
+    /// Messages the connection has taken from `tx`'s queue.
+    pub taken: Arc<AtomicU64>,
 }
 
 pub(crate) struct Shared {
@@ -299,6 +320,7 @@ impl Shared {
                     Some(entry) => blocked.push(Blocked {
                         tx: entry.tx.clone(),
                         delivery: Delivery { msg: msg.clone(), qos: *qos, retain: false },
+                        taken: entry.taken.clone(),
                     }),
                     None => {
                         self.stats.dropped_total.fetch_add(1, Ordering::Relaxed);

@@ -527,6 +527,80 @@ async fn a_busy_server_replica_slows_devices_down_and_loses_nothing() {
     d.expect("its last acknowledgement", |p| matches!(p, Packet::PubAck(_)).then_some(())).await;
 }
 
+/// A server replica slower than a burst of its fleet but still reading: eight devices publish
+/// at once into a group with room for one message and one in flight, so most of them wait in
+/// line for several times the busy wait (300 ms) while the replica takes a message every
+/// 60 ms. Nobody is disconnected and every message arrives once: the busy wait counts time
+/// in which the group takes nothing, not time spent in line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_server_replica_that_keeps_reading_disconnects_nobody() {
+    let h = harness_with(|c| {
+        c.max_queued = 1;
+        c.receive_maximum = 1;
+        c.busy_wait = Duration::from_millis(300);
+    })
+    .await;
+    let identity = leaf(&h.ca, "service:drover", vec![], false);
+    let mut r = Client::start(&h, "service:drover", client_tls(&h.ca, Some(&identity)), |o| {
+        o.set_manual_acks(true);
+    });
+    r.connected().await;
+    subscribed(&mut r, "$share/drover/drover/v1/d/+/up/#").await;
+    let mut devices = Vec::new();
+    for n in 0..8 {
+        let mut d = Client::device(&h, &format!("dev-line-{n}"));
+        d.connected().await;
+        devices.push(d);
+    }
+    let publishers: Vec<_> = devices
+        .iter()
+        .enumerate()
+        .map(|(n, d)| {
+            let client = d.client.clone();
+            tokio::spawn(async move {
+                for i in 0..5 {
+                    let topic = format!("drover/v1/d/dev-line-{n}/up/heartbeat");
+                    client.publish(topic, QoS::AtLeastOnce, false, format!("{n}-{i}")).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let started = tokio::time::Instant::now();
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < 40 {
+        let p = r
+            .expect("a heartbeat", |p| match p {
+                Packet::Publish(p) => Some(p.clone()),
+                _ => None,
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        got.insert(String::from_utf8(p.payload.to_vec()).unwrap());
+        r.client.ack(&p).await.unwrap();
+    }
+    assert!(started.elapsed() > Duration::from_millis(2000), "the line took several busy waits to drain");
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let stats = h.broker.stats();
+    assert_eq!(stats.busy_disconnects_total.load(std::sync::atomic::Ordering::Relaxed), 0, "nobody disconnected");
+    assert_eq!(stats.dropped_total.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let expected: std::collections::BTreeSet<String> =
+        (0..8).flat_map(|n| (0..5).map(move |i| format!("{n}-{i}"))).collect();
+    assert_eq!(got, expected, "every message once");
+    for d in &mut devices {
+        let mut acks = 0;
+        while acks < 5 {
+            let ev = tokio::time::timeout(WAIT, d.events.recv()).await.expect("timed out").expect("event loop ended");
+            match ev {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acks += 1,
+                Ok(_) => {}
+                Err(e) => panic!("a device was cut off: {e}"),
+            }
+        }
+    }
+}
+
 /// A server replica wedged for longer than the broker's busy wait: the device's QoS 1 message
 /// is not acknowledged (it would be lost); the device is disconnected with "server busy",
 /// reconnects and sends it again, and once the replica reads again every message arrives.
