@@ -481,9 +481,10 @@ pub async fn serve(
         stopping.clone(),
     ));
     let telemetry = state.telemetry.clone();
-    let ingest = devices
-        .ingest
-        .map(|target| tokio::spawn(crate::devnet::run_ingest(db.clone(), engine, telemetry, target, stopping)));
+    let traffic = state.metrics.device_traffic.clone();
+    let ingest = devices.ingest.map(|target| {
+        tokio::spawn(crate::devnet::run_ingest(db.clone(), engine, telemetry, target, traffic, stopping))
+    });
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     on_listening(addr);
     tracing::info!(%addr, backend = db.backend().name(), "droverd listening");

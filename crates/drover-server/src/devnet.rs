@@ -283,6 +283,9 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), StartError> {
 /// are bounded by the broker's in-flight window: they are acknowledged only once handled.
 const INGEST_QOS0_BACKLOG: usize = 4096;
 
+/// A device message whose recording and acknowledgement take this long is logged.
+const SLOW_MESSAGE: Duration = Duration::from_millis(500);
+
 /// Consumes the fleet's uplink traffic through the shared subscription until `stop`; the
 /// same connection carries the engine's commands to devices.
 ///
@@ -296,6 +299,7 @@ pub async fn run_ingest(
     engine: Arc<crate::engine::Engine>,
     telemetry: Arc<crate::telemetry::ingest::Ingest>,
     target: IngestTarget,
+    stats: Arc<crate::metrics::DeviceTraffic>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut opts = MqttOptions::new(target.client_id.clone(), target.host.clone(), target.port);
@@ -314,7 +318,7 @@ pub async fn run_ingest(
     let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Unbounded, but bounded in effect: QoS 1 by the in-flight window, QoS 0 by `backlog`. The
     // poll loop never waits on the worker, so the worker may wait on the client's queue.
-    let (work, mut queue) = mpsc::unbounded_channel::<(u64, rumqttc::v5::mqttbytes::v5::Publish)>();
+    let (work, mut queue) = mpsc::unbounded_channel::<(u64, rumqttc::v5::mqttbytes::v5::Publish, std::time::Instant)>();
     // On stop the worker finishes the message in hand and leaves the rest unacknowledged (the
     // broker gives them to another replica, or the devices send them again), so nothing is
     // handled after the database closes.
@@ -329,16 +333,31 @@ pub async fn run_ingest(
                     _ = stop.wait_for(|s| *s) => None,
                     next = queue.recv() => next,
                 };
-                let Some((on, p)) = next else { break };
+                let Some((on, p, arrived)) = next else { break };
                 if p.qos == QoS::AtMostOnce {
                     backlog.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 }
+                let started = std::time::Instant::now();
                 handle_publish(&db, &engine, &telemetry, &p).await;
+                let handled = started.elapsed();
                 if p.qos != QoS::AtMostOnce
                     && on == epoch.load(std::sync::atomic::Ordering::Acquire)
                     && let Err(e) = client.ack(&p).await
                 {
                     tracing::warn!("device traffic: cannot acknowledge: {e}");
+                }
+                let took = started.elapsed();
+                let channel = std::str::from_utf8(&p.topic)
+                    .ok()
+                    .and_then(device::parse_topic)
+                    .map_or("other", |(_, c)| c.suffix());
+                stats.observe(channel, started - arrived, took);
+                if took >= SLOW_MESSAGE {
+                    tracing::warn!(
+                        channel,
+                        "device traffic: one message took {took:?} to record ({handled:?}) and acknowledge; \
+                         the broker holds the devices back meanwhile"
+                    );
                 }
             }
         })
@@ -384,7 +403,8 @@ pub async fn run_ingest(
                     }
                     continue;
                 }
-                if work.send((epoch.load(std::sync::atomic::Ordering::Acquire), p)).is_err() {
+                let on = epoch.load(std::sync::atomic::Ordering::Acquire);
+                if work.send((on, p, std::time::Instant::now())).is_err() {
                     return;
                 }
             }
