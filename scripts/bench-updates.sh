@@ -6,7 +6,9 @@
 # verification against the trust root, install into its own folder, report. Measures
 #   1. the time from the deployment's creation until every device reports success;
 #   2. droverd's CPU over that time, and the bytes it served (drover_artifact_bytes_served_total);
-#   3. served throughput per droverd CPU second (the issue's "Gbit/s per core").
+#   3. served throughput per droverd CPU second (the issue's "Gbit/s per core");
+#   4. devices the embedded broker disconnected as "server busy", and the device-traffic
+#      worker's time per message by channel (and the wait before it).
 # The simulator (TLS decryption, SHA-256 and signature checks, writing 20 GB) shares the same
 # two cores with droverd, so the wall-clock rollout time is bounded by this machine, not by
 # the server's bookkeeping: compare droverd's CPU with the simulator's.
@@ -114,4 +116,13 @@ awk -v a="$t0" -v b="$t1" -v c=$((c1 - c0)) -v s=$((s1 - s0)) -v t="$tck" -v n="
   printf "all %d devices final in %.1f s; droverd CPU %.1f s (%.0f%% of one core), drover-sim CPU %.1f s\n", n, wall, cpu, 100 * cpu / wall, s / t
   printf "bytes served %d (%.2f x the artifact per device); %.0f MB/s wall\n", bytes, bytes / size / n, bytes / wall / 1e6
   printf "served per droverd CPU second: %.0f MB = %.2f Gbit/s per core\n", bytes / cpu / 1e6, bytes * 8 / cpu / 1e9 }'
+echo "broker: $(metric drover_mqtt_busy_disconnects_total) devices disconnected as server busy, $(metric drover_mqtt_dropped_total) messages dropped"
+# The device-traffic worker: messages recorded by channel, mean time to record, mean wait before.
+curl -sf "http://$http/metrics" | awk '
+  /^drover_device_message(_wait)?_seconds_(sum|count)/ {
+    split($1, a, "{"); name = a[1]; label = (a[2] == "" ? "all" : a[2]); sub(/}$/, "", label)
+    key = (name ~ /wait/ ? "waited" : "recorded") " " label
+    if (name ~ /_sum$/) sum[key] = $2; else count[key] = $2
+  }
+  END { for (k in count) if (count[k] > 0) printf "worker: %s: %d messages, mean %.1f ms\n", k, count[k], 1000 * sum[k] / count[k] }' | sort
 [ "$status" = succeeded ] || { echo "failed devices:"; api GET "/deployments/$deployment/devices?state=failure" | head -c 2000; exit 1; }

@@ -283,6 +283,9 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), StartError> {
 /// are bounded by the broker's in-flight window: they are acknowledged only once handled.
 const INGEST_QOS0_BACKLOG: usize = 4096;
 
+/// At most this many heartbeats are recorded in one transaction.
+const MAX_HEARTBEAT_BATCH: usize = 1000;
+
 /// A device message whose recording and acknowledgement take this long is logged.
 const SLOW_MESSAGE: Duration = Duration::from_millis(500);
 
@@ -327,16 +330,43 @@ pub async fn run_ingest(
             (db.clone(), engine.clone(), telemetry.clone(), client.clone(), epoch.clone(), backlog.clone());
         let mut stop = stop.clone();
         tokio::spawn(async move {
+            // Heartbeats waiting to be recorded together (device, when, arrived): a fleet's
+            // heartbeats come in bursts, one commit each would hold everything behind them.
+            let mut beats: Vec<(String, i64, std::time::Instant)> = Vec::new();
             loop {
-                let next = tokio::select! {
-                    biased;
-                    _ = stop.wait_for(|s| *s) => None,
-                    next = queue.recv() => next,
+                let next = if beats.is_empty() {
+                    tokio::select! {
+                        biased;
+                        _ = stop.wait_for(|s| *s) => None,
+                        next = queue.recv() => next,
+                    }
+                } else {
+                    match queue.try_recv() {
+                        Ok(m) => Some(m),
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            record_beats(&db, &stats, &mut beats).await;
+                            continue;
+                        }
+                        Err(mpsc::error::TryRecvError::Disconnected) => None,
+                    }
                 };
                 let Some((on, p, arrived)) = next else { break };
                 if p.qos == QoS::AtMostOnce {
                     backlog.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 }
+                let topic = std::str::from_utf8(&p.topic).ok().and_then(device::parse_topic);
+                if p.qos == QoS::AtMostOnce
+                    && let Some((device_id, device::Channel::Heartbeat)) = topic
+                    && device::decode_uplink(device::Channel::Heartbeat, &p.payload).is_ok()
+                {
+                    beats.push((device_id.to_string(), crate::time::now_ms(), arrived));
+                    if beats.len() >= MAX_HEARTBEAT_BATCH {
+                        record_beats(&db, &stats, &mut beats).await;
+                    }
+                    continue;
+                }
+                // In order: a device's heartbeats before its next message.
+                record_beats(&db, &stats, &mut beats).await;
                 let started = std::time::Instant::now();
                 handle_publish(&db, &engine, &telemetry, &p).await;
                 let handled = started.elapsed();
@@ -347,10 +377,7 @@ pub async fn run_ingest(
                     tracing::warn!("device traffic: cannot acknowledge: {e}");
                 }
                 let took = started.elapsed();
-                let channel = std::str::from_utf8(&p.topic)
-                    .ok()
-                    .and_then(device::parse_topic)
-                    .map_or("other", |(_, c)| c.suffix());
+                let channel = topic.map_or("other", |(_, c)| c.suffix());
                 stats.observe(channel, started - arrived, took);
                 if took >= SLOW_MESSAGE {
                     tracing::warn!(
@@ -360,6 +387,7 @@ pub async fn run_ingest(
                     );
                 }
             }
+            record_beats(&db, &stats, &mut beats).await;
         })
     };
     let mut dropped = 0u64;
@@ -423,6 +451,31 @@ pub async fn run_ingest(
 }
 
 /// One message from the shared subscription: telemetry to its writer, the rest recorded.
+/// Records the heartbeats waiting in `beats` in one transaction, and empties it.
+async fn record_beats(
+    db: &Db,
+    stats: &crate::metrics::DeviceTraffic,
+    beats: &mut Vec<(String, i64, std::time::Instant)>,
+) {
+    if beats.is_empty() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let batch: Vec<(String, i64)> = beats.iter().map(|(d, at, _)| (d.clone(), *at)).collect();
+    if let Err(e) = crate::presence::record_heartbeats(db, &batch).await {
+        tracing::warn!("device traffic: cannot record {} heartbeats: {e}", batch.len());
+    }
+    let took = started.elapsed();
+    // Each heartbeat's share of the batch's time.
+    let each = took / u32::try_from(beats.len()).unwrap_or(u32::MAX);
+    for (_, _, arrived) in beats.drain(..) {
+        stats.observe(device::Channel::Heartbeat.suffix(), started.saturating_duration_since(arrived), each);
+    }
+    if took >= SLOW_MESSAGE {
+        tracing::warn!("device traffic: {} heartbeats took {took:?} to record", batch.len());
+    }
+}
+
 async fn handle_publish(
     db: &Db,
     engine: &Arc<crate::engine::Engine>,

@@ -212,17 +212,32 @@ pub async fn record_inventory(db: &Db, device_id: &str, attrs: &BTreeMap<String,
 /// The device is alive. One `UPDATE` when it is known online; a device thought offline is
 /// marked online (as by [`record_status`], with its `connected` event).
 pub async fn record_heartbeat(db: &Db, device_id: &str, at_ms: i64) -> AppResult<()> {
+    record_heartbeats(db, &[(device_id.to_string(), at_ms)]).await
+}
+
+/// Records many devices' heartbeats (device, when) in one transaction: a fleet's heartbeats
+/// arrive in bursts, and one commit each would hold the device-traffic worker for seconds.
+pub async fn record_heartbeats(db: &Db, beats: &[(String, i64)]) -> AppResult<()> {
+    if beats.is_empty() {
+        return Ok(());
+    }
+    let mut missed = Vec::new();
     let mut tx = db.begin_write().await?;
-    let done = sqlx::query(&format!(
-        "UPDATE devices SET {BUMP_LAST_SEEN} WHERE id = $2 AND status = 'accepted' AND online = 1"
-    ))
-    .bind(at_ms)
-    .bind(device_id.to_string())
-    .execute(tx.conn())
-    .await?
-    .rows_affected();
+    for (device_id, at_ms) in beats {
+        let done = sqlx::query(&format!(
+            "UPDATE devices SET {BUMP_LAST_SEEN} WHERE id = $2 AND status = 'accepted' AND online = 1"
+        ))
+        .bind(*at_ms)
+        .bind(device_id.clone())
+        .execute(tx.conn())
+        .await?
+        .rows_affected();
+        if done == 0 {
+            missed.push((device_id, *at_ms));
+        }
+    }
     tx.commit().await?;
-    if done == 0 {
+    for (device_id, at_ms) in missed {
         // Offline, or not accepted (then record_status ignores it too).
         record_status(db, device_id, true, at_ms).await?;
     }
