@@ -15,7 +15,8 @@
 #
 #   scripts/bench-updates.sh                        # 1,000 devices, 20 MB
 #   DEVICES=100 SIZE_MB=5 scripts/bench-updates.sh  # smaller
-# Other knobs: SLOTS (downloads at once in the simulator, default 32), TIMEOUT (s, default
+# Other knobs: SIM_LOG (the simulated agents' log level, default error; warn shows why a
+# device reconnected), SLOTS (downloads at once in the simulator, default 32), TIMEOUT (s, default
 # 1800), HTTP_PORT/MQTT_PORT/DEV_PORT (default 39080/39883/39443), KEEP=1 keeps the directory,
 # BIN_DIR=DIR runs the droverd, drover-sim and drover found there instead of building them (to
 # compare two builds).
@@ -77,7 +78,7 @@ artifact=$(api POST /artifacts -H 'content-type: application/octet-stream' --dat
 [ -n "$artifact" ] || { echo "upload failed"; exit 1; }
 
 echo "rollout: $devices simulated devices, artifact $artifact_size bytes, $slots downloads at once in the simulator"
-"$sim" --server "https://localhost:$dev_port" --ca "$dir/ca.pem" --mqtt "localhost:$mqtt_port" \
+DROVER_LOG=${SIM_LOG:-error} "$sim" --server "https://localhost:$dev_port" --ca "$dir/ca.pem" --mqtt "localhost:$mqtt_port" \
   --token "$token" -n "$devices" --prefix bench --state-dir "$dir/sim" --connect-rate 500/s \
   --device-type bench-sim --root-file "$dir/root.json" --update-dir "$dir/updates" --update-slots "$slots" \
   --report 30 >"$dir/sim.log" 2>&1 &

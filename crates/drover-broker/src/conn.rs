@@ -353,8 +353,11 @@ impl Conn {
             loop {
                 match self.parse() {
                     Ok(Some(packet)) => {
+                        let handled = self.handle(packet).await;
+                        // After it: a publish may have waited in line for a long while, its
+                        // client answered meanwhile (`wait_answering_pings`).
                         deadline = Instant::now() + grace;
-                        match self.handle(packet).await {
+                        match handled {
                             Ok(None) => {}
                             Ok(Some(end)) => return end,
                             Err(e) => return End::Abnormal(e.to_string()),
@@ -524,7 +527,7 @@ impl Conn {
             } else {
                 let mut undelivered = 0;
                 for b in self.shared.route(msg) {
-                    if !b.wait(self.shared.config.busy_wait, &self.shared.stats).await {
+                    if !self.wait_answering_pings(b).await {
                         undelivered += 1;
                     }
                 }
@@ -658,6 +661,80 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Waits for a delivery blocked on a full share group ([`crate::Blocked::wait`]) while
+    /// answering the client's PINGREQs. They arrive behind its publishes, and a client whose
+    /// ping goes unanswered for a keep-alive drops its connection: a device in line behind a
+    /// busy server would reconnect (and its messages wait in line again) instead of waiting.
+    /// Other packets stay buffered, in order, for the session loop.
+    async fn wait_answering_pings(&mut self, b: crate::Blocked) -> bool {
+        let shared = self.shared.clone();
+        let wait = b.wait(shared.config.busy_wait, &shared.stats);
+        tokio::pin!(wait);
+        let mut reading = true;
+        loop {
+            let read = tokio::select! {
+                delivered = &mut wait => return delivered,
+                read = self.io.read_buf(&mut self.rbuf), if reading => read,
+            };
+            match read {
+                // The session loop sees the end (or the error) once the wait is over.
+                Ok(0) | Err(_) => reading = false,
+                Ok(_) => {
+                    for _ in 0..take_pingreqs(&mut self.rbuf) {
+                        if self.send(Packet::PingResp(PingResp)).await.is_err() {
+                            reading = false;
+                        }
+                    }
+                    // A client that keeps sending while it waits is held back by TCP.
+                    if self.rbuf.len() > MAX_BUFFERED_WHILE_BLOCKED {
+                        reading = false;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Bytes a connection waiting for a full share group reads ahead, looking for PINGREQs.
+const MAX_BUFFERED_WHILE_BLOCKED: usize = 256 * 1024;
+
+/// Removes the complete PINGREQ packets from `buf` (anywhere among the buffered packets,
+/// keeping the others in order) and returns how many there were. Stops at the first
+/// incomplete or malformed header: the session's parser deals with it.
+fn take_pingreqs(buf: &mut BytesMut) -> usize {
+    const PINGREQ: u8 = 0xC0;
+    let mut kept = BytesMut::new();
+    let (mut i, mut pings) = (0, 0);
+    while i < buf.len() {
+        let (mut len, mut shift, mut j, mut complete) = (0usize, 0, i + 1, false);
+        while j < buf.len() && j < i + 5 {
+            len |= usize::from(buf[j] & 0x7f) << shift;
+            shift += 7;
+            j += 1;
+            if buf[j - 1] & 0x80 == 0 {
+                complete = true;
+                break;
+            }
+        }
+        let end = j.saturating_add(len);
+        if !complete || end > buf.len() {
+            break;
+        }
+        if buf[i] == PINGREQ && len == 0 {
+            pings += 1;
+        } else {
+            kept.extend_from_slice(&buf[i..end]);
+        }
+        i = end;
+    }
+    if pings > 0 {
+        kept.extend_from_slice(&buf[i..]);
+        *buf = kept;
+    }
+    pings
+}
+
 fn disconnect(reason: DisconnectReasonCode) -> Packet {
     // Always with a reason string: the codec mis-sizes a DISCONNECT with no properties.
     let why = match reason {
@@ -701,5 +778,30 @@ fn no_properties() -> ConnAckProperties {
         server_reference: None,
         authentication_method: None,
         authentication_data: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::take_pingreqs;
+    use bytes::BytesMut;
+
+    #[test]
+    fn pingreqs_are_taken_from_among_buffered_packets_in_order() {
+        // PUBACK(pkid 1), PINGREQ, a PUBLISH with a 3-byte body, PINGREQ, half a PINGREQ.
+        let mut buf = BytesMut::from(&[0x40, 0x02, 0x00, 0x01, 0xC0, 0x00, 0x30, 0x03, 1, 2, 3, 0xC0, 0x00, 0xC0][..]);
+        assert_eq!(take_pingreqs(&mut buf), 2);
+        assert_eq!(&buf[..], &[0x40, 0x02, 0x00, 0x01, 0x30, 0x03, 1, 2, 3, 0xC0]);
+        // An incomplete packet first: nothing is taken behind it.
+        let mut buf = BytesMut::from(&[0x30, 0x05, 1, 2, 0xC0, 0x00][..]);
+        assert_eq!(take_pingreqs(&mut buf), 0);
+        assert_eq!(buf.len(), 6);
+        // A two-byte remaining length.
+        let mut body = vec![0x30, 0x80, 0x01];
+        body.extend(std::iter::repeat_n(7u8, 128));
+        body.extend([0xC0, 0x00]);
+        let mut buf = BytesMut::from(&body[..]);
+        assert_eq!(take_pingreqs(&mut buf), 1);
+        assert_eq!(buf.len(), 131);
     }
 }

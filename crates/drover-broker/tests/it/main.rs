@@ -601,6 +601,71 @@ async fn a_slow_server_replica_that_keeps_reading_disconnects_nobody() {
     }
 }
 
+/// A device whose publish waits in line behind a slow server for longer than its keep-alive
+/// (5 s) stays connected: the broker answers its PINGREQs while it waits (they arrive behind
+/// its publish), so the device does not give up on the connection and join the line again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_waiting_in_line_longer_than_its_keep_alive_stays_connected() {
+    let h = harness_with(|c| {
+        c.max_queued = 1;
+        c.receive_maximum = 1;
+        c.busy_wait = Duration::from_secs(3);
+    })
+    .await;
+    let identity = leaf(&h.ca, "service:drover", vec![], false);
+    let mut r = Client::start(&h, "service:drover", client_tls(&h.ca, Some(&identity)), |o| {
+        o.set_manual_acks(true);
+    });
+    r.connected().await;
+    subscribed(&mut r, "$share/drover/drover/v1/d/+/up/#").await;
+    // Twenty other devices' messages in line first.
+    let mut others = Vec::new();
+    for n in 0..20 {
+        let mut d = Client::device(&h, &format!("dev-ahead-{n}"));
+        d.connected().await;
+        let topic = format!("drover/v1/d/dev-ahead-{n}/up/heartbeat");
+        d.client.publish(topic, QoS::AtLeastOnce, false, format!("ahead-{n}")).await.unwrap();
+        others.push(d);
+    }
+    let identity = leaf(&h.ca, "dev-ka", vec![], false);
+    let mut d = Client::start(&h, "dev-ka", client_tls(&h.ca, Some(&identity)), |o| {
+        o.set_keep_alive(Duration::from_secs(5));
+    });
+    d.connected().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.client.publish("drover/v1/d/dev-ka/up/heartbeat", QoS::AtLeastOnce, false, "last").await.unwrap();
+    // The replica takes one message every 0.7 s: dev-ka's waits about 14 s.
+    let started = tokio::time::Instant::now();
+    let mut got = Vec::new();
+    while !got.iter().any(|m| m == "last") {
+        let p = r
+            .expect("a heartbeat", |p| match p {
+                Packet::Publish(p) => Some(p.clone()),
+                _ => None,
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+        r.client.ack(&p).await.unwrap();
+    }
+    assert!(started.elapsed() > Duration::from_secs(11), "{:?}", started.elapsed());
+    assert_eq!(got.len(), 21, "every message once: {got:?}");
+    let mut pongs = 0;
+    loop {
+        let ev = tokio::time::timeout(WAIT, d.events.recv()).await.expect("timed out").expect("event loop ended");
+        match ev {
+            Ok(Event::Incoming(Packet::PubAck(_))) => break,
+            Ok(Event::Incoming(Packet::PingResp(_))) => pongs += 1,
+            Ok(_) => {}
+            Err(e) => panic!("the device dropped its connection while in line: {e}"),
+        }
+    }
+    assert!(pongs >= 1, "its pings were answered while it waited");
+    let stats = h.broker.stats();
+    assert_eq!(stats.busy_disconnects_total.load(std::sync::atomic::Ordering::Relaxed), 0);
+    drop(others);
+}
+
 /// A server replica wedged for longer than the broker's busy wait: the device's QoS 1 message
 /// is not acknowledged (it would be lost); the device is disconnected with "server busy",
 /// reconnects and sends it again, and once the replica reads again every message arrives.

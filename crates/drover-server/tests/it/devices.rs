@@ -251,6 +251,20 @@ async fn presence_is_recorded_for_accepted_devices_only() {
                 .await
                 .unwrap();
         assert_eq!((online, last_seen, connected), (1, Some(5_000), Some(5_000)));
+        // A burst recorded in one transaction: an unknown device in it changes nothing, and a
+        // device marked offline is online again from its first heartbeat of the batch.
+        presence::record_status(db, &id, false, 5_500).await.unwrap();
+        let beats = [(id.clone(), 5_600), ("no-such-device".to_string(), 5_600), (id.clone(), 5_700)];
+        presence::record_heartbeats(db, &beats).await.unwrap();
+        let kinds: Vec<String> = events(db.clone(), id.clone()).await.into_iter().map(|e| e.0).collect();
+        assert_eq!(kinds, ["connected", "disconnected", "connected", "disconnected", "connected"]);
+        let (online, last_seen): (i64, Option<i64>) =
+            sqlx::query_as("SELECT online, last_seen_at FROM devices WHERE id = $1")
+                .bind(id.clone())
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        assert_eq!((online, last_seen), (1, Some(5_700)));
 
         presence::record_hello(db, &id, "drover-agent/0.1.0", Some("boot-a"), 6_000).await.unwrap();
         presence::record_hello(db, &id, "drover-agent/0.1.0", Some("boot-a"), 6_500).await.unwrap();
