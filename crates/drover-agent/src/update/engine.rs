@@ -37,6 +37,9 @@ pub struct Engine {
     policy: Policy,
     reboot: RebootMode,
     slots: Option<Arc<Semaphore>>,
+    /// The slot this device's job holds, from its first blocking step until the job ends or
+    /// waits (with `slots` only).
+    held: std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
     progress_every: Duration,
 }
 
@@ -125,6 +128,7 @@ impl Engine {
             policy,
             reboot: RebootMode::Command,
             slots: None,
+            held: std::sync::Mutex::new(None),
             progress_every: Duration::from_secs(3),
         }
     }
@@ -135,7 +139,11 @@ impl Engine {
         self
     }
 
-    /// Blocking steps wait for a permit of `slots` (the simulator bounds its threads so).
+    /// A job's blocking steps run within one of `slots` (the simulator bounds its threads
+    /// so). The job takes a slot at its first blocking step and keeps it until it ends or
+    /// waits (a busy hook, a download backoff): a device that has downloaded goes on to
+    /// install and commit instead of queueing again behind every device still waiting to
+    /// download, so devices finish one after another, as a real fleet's do.
     pub fn with_slots(mut self, slots: Arc<Semaphore>) -> Self {
         self.slots = Some(slots);
         self
@@ -228,11 +236,23 @@ impl Engine {
             None => shared.set_resend(st.last.clone()),
         }
         let mut connected = shared.connected_rx();
+        // A command that came while a new job waited for a slot, and stopped it.
+        let mut next: Option<UpdateCommand> = None;
         loop {
             let Some(job) = st.job.clone() else {
-                let Some(cmd) = commands.recv().await else { return };
+                let cmd = match next.take() {
+                    Some(c) => c,
+                    None => match commands.recv().await {
+                        Some(c) => c,
+                        None => return,
+                    },
+                };
                 match machine::on_command(&cmd, None, None, st.last.as_ref(), &installed, now_ms()) {
                     Decision::Start(job) => {
+                        if let Err(cmd) = self.slot_before_start(&job, &mut commands, &st, &installed, &shared).await {
+                            next = Some(cmd);
+                            continue;
+                        }
                         let l = Arc::new(UpdateLog::open(&self.dir, &job.deployment));
                         l.line(&format!(
                             "deployment {}: install {} {} (artifact {}, {} bytes)",
@@ -270,6 +290,7 @@ impl Engine {
                 st.job = None;
                 st.last = Some(report.clone());
                 self.save(&st).await;
+                self.release_slot();
                 shared.set_resend(Some(report.clone()));
                 shared.send(report);
                 log = None;
@@ -281,6 +302,7 @@ impl Engine {
             if let Some(nb) = job.not_before_ms {
                 let wait = nb - now_ms();
                 if wait > 0 {
+                    self.release_slot();
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_millis(wait as u64)) => {
                             let mut j = job.clone();
@@ -362,20 +384,61 @@ impl Engine {
         r
     }
 
-    /// Runs a step's `f` on the blocking pool, within a slot if slots are set.
+    /// With slots, a new job waits for one before it starts, so a device waiting its turn
+    /// stays `pending` rather than reporting a download that is not running. Commands are
+    /// answered meanwhile (a repeated install: still pending); `Err` with an abort, which the
+    /// caller handles as for a job that never started.
+    async fn slot_before_start(
+        &self,
+        job: &Job,
+        commands: &mut mpsc::Receiver<UpdateCommand>,
+        st: &Persisted,
+        installed: &Installed,
+        shared: &Shared,
+    ) -> Result<(), UpdateCommand> {
+        let Some(slots) = &self.slots else { return Ok(()) };
+        let acquire = slots.clone().acquire_owned();
+        tokio::pin!(acquire);
+        loop {
+            tokio::select! {
+                permit = &mut acquire => {
+                    *self.held.lock().unwrap_or_else(|e| e.into_inner()) = permit.ok();
+                    return Ok(());
+                }
+                Some(cmd) = commands.recv() => {
+                    let waiting = UpdateReport::new(&job.deployment, UpdateState::Pending);
+                    match machine::on_command(&cmd, Some(job), Some(waiting), st.last.as_ref(), installed, now_ms()) {
+                        Decision::Abort => return Err(cmd),
+                        Decision::Reply(r) | Decision::Finish(r) => shared.send(r),
+                        Decision::Start(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives back the job's slot, if it holds one.
+    fn release_slot(&self) {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// Runs a step's `f` on the blocking pool, within the job's slot if slots are set.
     async fn blocking(&self, f: impl FnOnce() -> StepResult + Send + 'static) -> StepResult {
         self.run_blocking(true, f).await
     }
 
-    /// Runs `f` on the blocking pool; `slotted`: within a slot, if slots are set (steps are,
-    /// state writes are not). One closure type for everything: each distinct type would add a
+    /// Runs `f` on the blocking pool; `slotted`: within the job's slot, if slots are set
+    /// (steps are, state writes are not). One closure type for everything: each distinct type would add a
     /// copy of tokio's task code to the agent.
     async fn run_blocking(&self, slotted: bool, f: impl FnOnce() -> StepResult + Send + 'static) -> StepResult {
         let f: Box<dyn FnOnce() -> StepResult + Send> = Box::new(f);
-        let _permit = match &self.slots {
-            Some(s) if slotted => s.clone().acquire_owned().await.ok(),
-            _ => None,
-        };
+        if let Some(s) = &self.slots
+            && slotted
+            && self.held.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+        {
+            let permit = s.clone().acquire_owned().await.ok();
+            *self.held.lock().unwrap_or_else(|e| e.into_inner()) = permit;
+        }
         match tokio::task::spawn_blocking(f).await {
             Ok(v) => v,
             Err(e) => std::panic::resume_unwind(e.into_panic()),

@@ -388,7 +388,8 @@ fn a_simulated_fleet_takes_file_and_app_updates() {
     std::fs::write(&root_file, create_root(root, &[&root_key]).unwrap().to_json()).unwrap();
     let state = dir.path().join("state");
     let n = 8;
-    let mut cmd = server.sim(&ca, &["--token", &token, "-n", &n.to_string(), "--report", "0"]);
+    // One update slot for the whole fleet: the devices take their turns.
+    let mut cmd = server.sim(&ca, &["--token", &token, "-n", &n.to_string(), "--report", "0", "--update-slots", "1"]);
     cmd.arg("--state-dir").arg(&state).args(["--device-type", "sim-box", "--root-file"]).arg(&root_file);
     let (mut sim, lines) = spawn_lines(cmd);
     wait_line(&lines, Duration::from_secs(90), |l| l.starts_with(&format!("all {n} devices connected")));
@@ -422,11 +423,21 @@ fn a_simulated_fleet_takes_file_and_app_updates() {
         let (status, dep) = post_bytes(&server, "/api/v1/deployments", &admin, "application/json", &body);
         assert_eq!(status, 201, "{dep}");
         let dep_id = dep["id"].as_str().unwrap();
+        // Devices past their download at once, at most: a device keeps the slot from its
+        // first step to its final report, while the others wait `pending`. (Two: the next
+        // device's first report may reach the server before the last one's final report.)
+        let mut most_in_flight = 0;
         let done = eventually(Duration::from_secs(90), "the deployment to finish", || {
             let d = server.get(&format!("/api/v1/deployments/{dep_id}"), &admin);
+            let in_flight: u64 = ["downloading", "installing", "rebooting", "verifying"]
+                .iter()
+                .map(|s| d["counts"][s].as_u64().unwrap_or(0))
+                .sum();
+            most_in_flight = most_in_flight.max(in_flight);
             (d["status"] != "active").then_some(d)
         });
         assert_eq!(done["status"], "succeeded", "{done}");
+        assert!(most_in_flight <= 2, "{most_in_flight} devices were updating at once with one update slot");
         for i in 0..n {
             let path = state.join("updates").join(format!("sim-{i:05}")).join(check);
             let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
