@@ -414,23 +414,45 @@ pub async fn abort(db: &Db, engine: &Arc<Engine>, p: &Principal, id: &str) -> Ap
     Ok(after)
 }
 
+/// The states of a row not yet final, as an SQL list: `'pending', 'downloading', …`.
+fn in_flight_states() -> &'static str {
+    static LIST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| {
+        UpdateState::ALL
+            .iter()
+            .filter(|s| !s.is_final())
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
+}
+
 /// Ends the deployment when none of its devices is unfinished: `succeeded`, `failed` (any
 /// device failed, rolled back or was incompatible), or kept `aborted`; sets `finished_at`.
 /// The caller holds the deployment's row (or SQLite's writer lock).
 pub(crate) async fn finish_if_done(conn: &mut sqlx::AnyConnection, id: &str, now: i64) -> Result<bool, sqlx::Error> {
+    // Runs for every device's final report: one row still in flight ends the check, found
+    // through the (deployment, state) index — not a count of the deployment's rows, which
+    // would make a rollout's bookkeeping grow with the square of its devices.
+    let open: Option<String> = sqlx::query_scalar(&format!(
+        "SELECT device_id FROM deployment_devices WHERE deployment_id = $1 AND state IN ({}) LIMIT 1",
+        in_flight_states()
+    ))
+    .bind(id.to_string())
+    .fetch_optional(&mut *conn)
+    .await?;
+    if open.is_some() {
+        return Ok(false);
+    }
     // `succeeded` only when every device runs the artifact: a failure, a rollback, an
     // incompatible device or one that ended `aborted` (decommissioned mid-way) fails it.
-    let (unfinished, failed): (i64, i64) = sqlx::query_as(
-        "SELECT COUNT(CASE WHEN finished = 0 THEN 1 END), \
-         COUNT(CASE WHEN state NOT IN ('success', 'already-installed') THEN 1 END) \
-         FROM deployment_devices WHERE deployment_id = $1",
+    let failed: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM deployment_devices WHERE deployment_id = $1 \
+         AND state NOT IN ('success', 'already-installed')",
     )
     .bind(id.to_string())
     .fetch_one(&mut *conn)
     .await?;
-    if unfinished > 0 {
-        return Ok(false);
-    }
     let done = sqlx::query(
         "UPDATE deployments SET finished_at = $1, \
          status = CASE WHEN status = 'aborted' THEN 'aborted' WHEN $2 > 0 THEN 'failed' ELSE 'succeeded' END \
