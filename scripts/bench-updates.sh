@@ -15,6 +15,10 @@
 #
 #   scripts/bench-updates.sh                        # 1,000 devices, 20 MB
 #   DEVICES=100 SIZE_MB=5 scripts/bench-updates.sh  # smaller
+# The simulator runs at `nice` SIM_NICE (default 10): on a machine this small its 1,000 devices'
+# work (32 threads decrypting, hashing and writing) would otherwise take droverd's CPU time, and
+# its device traffic would wait behind a server the load generator starves — devices in the
+# field bring their own CPUs. SIM_NICE=0 measures both on equal terms.
 # Other knobs: SIM_LOG (the simulated agents' log level, default error; warn shows why a
 # device reconnected), SLOTS (downloads at once in the simulator, default 32), TIMEOUT (s, default
 # 1800), HTTP_PORT/MQTT_PORT/DEV_PORT (default 39080/39883/39443), KEEP=1 keeps the directory,
@@ -77,18 +81,27 @@ artifact=$(api POST /artifacts -H 'content-type: application/octet-stream' --dat
   sed -n 's/^{"id":"\([0-9a-f]*\)".*/\1/p')
 [ -n "$artifact" ] || { echo "upload failed"; exit 1; }
 
-echo "rollout: $devices simulated devices, artifact $artifact_size bytes, $slots downloads at once in the simulator"
-DROVER_LOG=${SIM_LOG:-error} "$sim" --server "https://localhost:$dev_port" --ca "$dir/ca.pem" --mqtt "localhost:$mqtt_port" \
+echo "rollout: $devices simulated devices, artifact $artifact_size bytes, $slots downloads at once in the simulator (nice ${SIM_NICE:-10})"
+DROVER_LOG=${SIM_LOG:-error} nice -n "${SIM_NICE:-10}" "$sim" --server "https://localhost:$dev_port" --ca "$dir/ca.pem" --mqtt "localhost:$mqtt_port" \
   --token "$token" -n "$devices" --prefix bench --state-dir "$dir/sim" --connect-rate 500/s \
   --device-type bench-sim --root-file "$dir/root.json" --update-dir "$dir/updates" --update-slots "$slots" \
   --report 30 >"$dir/sim.log" 2>&1 &
 sim_pid=$!
 deadline=$((SECONDS + timeout))
-until grep -q "^all $devices devices connected in" "$dir/sim.log"; do
+until grep -qs "^all $devices devices connected in" "$dir/sim.log"; do
   [ $SECONDS -lt $deadline ] || { echo "not all connected:"; tail -n 5 "$dir/sim.log"; exit 1; }
   kill -0 "$sim_pid" 2>/dev/null || { echo "drover-sim exited:"; tail -n 20 "$dir/sim.log"; exit 1; }
   sleep 0.2
 done
+# The clock starts once droverd has recorded every device's hello and inventory: the rollout,
+# not the fleet's arrival, is measured.
+recorded() { curl -sf "http://$http/metrics" | awk -v c="channel=\"up/$1\"" 'index($0, "drover_device_message_seconds_count{" c "}") == 1 {print $2}'; }
+t_conn=$SECONDS
+until [ "$(recorded hello)" = "$devices" ] && [ "$(recorded inventory)" = "$devices" ]; do
+  [ $SECONDS -lt $deadline ] || { echo "droverd did not record every device: hello $(recorded hello), inventory $(recorded inventory)"; exit 1; }
+  sleep 0.5
+done
+echo "droverd recorded all $devices hellos and inventories $((SECONDS - t_conn)) s after the last connection"
 
 bytes0=$(metric drover_artifact_bytes_served_total); bytes0=${bytes0:-0}
 t0=$(now); c0=$(cpu_ticks "$server"); s0=$(cpu_ticks "$sim_pid")
