@@ -10,8 +10,8 @@
 //! With `--device-type` each device also runs the agent's update engine
 //! ([`drover_agent::update::Engine`]): real downloads over HTTPS with its certificate, real
 //! verification against `--root-file`, real `file` / `app` installs into its own folder under
-//! `--update-dir`. An engine is a task, not a thread: only the downloads and installs running
-//! at a moment take a thread from tokio's blocking pool, at most `--update-slots` of them.
+//! `--update-dir`. An engine is a task, not a thread: only the steps running at a moment take a
+//! thread from tokio's blocking pool, for at most `--update-slots` devices updating at once.
 
 pub mod inventory;
 pub mod state;
@@ -110,7 +110,8 @@ pub struct Args {
     /// `STATE_DIR/updates`, or a folder under the system's temporary directory.
     #[arg(long)]
     pub update_dir: Option<PathBuf>,
-    /// Downloads and installs running at once across the fleet (each takes a thread while it
+    /// Devices updating at once across the fleet: a device keeps its slot from the start of
+    /// a job to its final report, the others wait `pending` (a step takes a thread while it
     /// runs; idle devices take none).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=512))]
     pub update_slots: u32,
