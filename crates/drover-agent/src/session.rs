@@ -392,6 +392,7 @@ impl State<'_> {
             agent: self.cfg.agent.clone(),
             boot_id: self.cfg.boot_id.clone(),
             software: self.cfg.updates.as_ref().and_then(|l| l.shared.software()),
+            capabilities: None,
         };
         self.publish(Channel::Hello, serde_json::to_vec(&hello).unwrap_or_default());
         let current = inv_rx.borrow_and_update().clone();

@@ -414,6 +414,14 @@ pub struct EnrollResponse {
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct Device {
     pub id: String,
+    /// What people call the device: its operator-set `name`, else the `hostname` from its
+    /// inventory, else its identity's `serial`, else its id. Shown wherever a device is, and
+    /// accepted by the CLI wherever a device id is.
+    #[serde(default)]
+    pub display_name: String,
+    /// The name an operator gave it (`PATCH /api/v1/devices/{id}`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub status: DeviceStatus,
     pub identity: BTreeMap<String, String>,
     /// Operator-set labels (`PUT`/`PATCH /api/v1/devices/{id}/tags`).
@@ -437,6 +445,19 @@ pub struct Device {
     /// update report).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub software: Option<crate::update::Software>,
+    /// What the device said it can do in its last hello (see `device::CAPABILITIES`);
+    /// absent when it never said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<String>>,
+}
+
+/// `PATCH /api/v1/devices/{id}`: `name` set to a string renames the device, `null` clears the
+/// operator's name (the display name falls back to the hostname or serial).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct DevicePatch {
+    pub name: Option<String>,
 }
 
 /// Static or dynamic: members added by hand, or every device matching a filter.
@@ -521,7 +542,8 @@ pub struct DeviceListQuery {
     /// The filter language, e.g. `tag.region = "eu" and attr.arch = "aarch64" and online`
     /// (see docs/filters.md).
     pub filter: Option<String>,
-    /// Substring of the device id or of its identity (serial, MAC…), case-insensitive.
+    /// Substring of the device's display name, id or identity (serial, MAC…),
+    /// case-insensitive.
     pub q: Option<String>,
     pub online: Option<bool>,
     /// Devices running this artifact: its id, `NAME` or `NAME@VERSION`.

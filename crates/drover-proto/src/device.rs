@@ -184,7 +184,32 @@ pub struct Hello {
     /// What Drover last installed on the device (after a commit or a rollback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub software: Option<crate::update::Software>,
+    /// What this device can do, from [`CAPABILITIES`] (unknown names are ignored). Absent:
+    /// the device does not say, and the server assumes it takes updates and nothing else is
+    /// promised. Present: exactly these; a deployment to a device without `update` ends
+    /// `incompatible` at once, and the console offers no terminal, files or forwarding a
+    /// device does not list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<String>>,
 }
+
+/// Takes `down/update` and reports on `up/update`.
+pub const CAP_UPDATE: &str = "update";
+/// Sends `up/telemetry` batches.
+pub const CAP_TELEMETRY: &str = "telemetry";
+/// Applies device rule sets (`down/rules`).
+pub const CAP_RULES: &str = "rules";
+/// Answers logs on demand (`down/logs`).
+pub const CAP_LOGS: &str = "logs";
+/// Remote access: a terminal session.
+pub const CAP_TERMINAL: &str = "terminal";
+/// Remote access: file transfer.
+pub const CAP_FILES: &str = "files";
+/// Remote access: TCP port forwarding (and so a device's web UI).
+pub const CAP_FORWARD: &str = "forward";
+/// Every capability a device may name in its hello.
+pub const CAPABILITIES: &[&str] =
+    &[CAP_UPDATE, CAP_TELEMETRY, CAP_RULES, CAP_LOGS, CAP_TERMINAL, CAP_FILES, CAP_FORWARD];
 
 /// On `up/inventory`: the complete set of attributes (not a delta), flat `key = value`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

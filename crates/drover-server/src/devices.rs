@@ -103,6 +103,9 @@ const DEVICE_COLUMNS: &str = "d.id, d.status, d.identity, d.cert_not_after, d.en
 
 fn to_device(r: DeviceRow, tags: BTreeMap<String, String>) -> AppResult<Device> {
     Ok(Device {
+        display_name: r.0.clone(),
+        name: None,
+        capabilities: None,
         id: r.0,
         status: DeviceStatus::parse(&r.1)
             .ok_or_else(|| AppError::Internal(format!("unknown device status {:?}", r.1)))?,
