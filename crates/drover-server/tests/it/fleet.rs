@@ -347,8 +347,8 @@ async fn devices_enroll_over_https_connect_over_mutual_tls_and_are_seen() {
     tokio::task::block_in_place(|| server.stop());
 }
 
-/// Mosquitto configured as docs/mosquitto.md says: mutual TLS with the fleet CA, the
-/// certificate's name as the username, each device confined to its own prefix.
+/// Mosquitto configured exactly as docs/mosquitto.md says (read from it): mutual TLS with the
+/// fleet CA, the certificate's name as the username, each device confined to its own prefix.
 struct Mosquitto {
     child: Child,
 }
@@ -362,20 +362,10 @@ impl Mosquitto {
         std::fs::write(dir.join("ca.crt"), ca_pem).unwrap();
         std::fs::write(dir.join("server.crt"), cert.pem()).unwrap();
         std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
-        std::fs::write(
-            dir.join("acl"),
-            "user service:droverd\ntopic readwrite drover/#\n\npattern readwrite drover/v1/d/%u/#\n",
-        )
-        .unwrap();
-        let d = dir.display();
-        let conf = format!(
-            "listener {port} 127.0.0.1\nprotocol mqtt\ncafile {d}/ca.crt\ncertfile {d}/server.crt\nkeyfile {d}/server.key\n\
-             require_certificate true\nuse_identity_as_username true\nallow_anonymous false\nacl_file {d}/acl\npersistence false\n"
-        );
-        std::fs::write(dir.join("mosquitto.conf"), conf).unwrap();
+        let conf = crate::support::mosquitto_config(dir, port);
         let child = Command::new("mosquitto")
             .arg("-c")
-            .arg(dir.join("mosquitto.conf"))
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -81,22 +81,11 @@ impl Broker {
         std::fs::write(mdir.join("ca.crt"), &ca_pem).unwrap();
         std::fs::write(mdir.join("server.crt"), scert.pem()).unwrap();
         std::fs::write(mdir.join("server.key"), skey.serialize_pem()).unwrap();
-        std::fs::write(
-            mdir.join("acl"),
-            "user service:droverd\ntopic readwrite drover/#\n\npattern readwrite drover/v1/d/%u/#\n",
-        )
-        .unwrap();
         let port = free_port();
-        let d = mdir.display();
-        let conf = format!(
-            "listener {port} 127.0.0.1\nprotocol mqtt\ncafile {d}/ca.crt\ncertfile {d}/server.crt\nkeyfile {d}/server.key\n\
-             require_certificate true\nuse_identity_as_username true\nallow_anonymous false\nacl_file {d}/acl\n\
-             persistence false\nmax_queued_messages 10000\nset_tcp_nodelay true\n"
-        );
-        std::fs::write(mdir.join("mosquitto.conf"), conf).unwrap();
+        let conf = crate::support::mosquitto_config(&mdir, port);
         let child = Command::new("mosquitto")
             .arg("-c")
-            .arg(mdir.join("mosquitto.conf"))
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

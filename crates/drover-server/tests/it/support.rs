@@ -282,3 +282,38 @@ pub fn hello(agent: &str, boot_id: &str) -> drover_proto::device::Hello {
         capabilities: None,
     }
 }
+
+/// Mosquitto's configuration and ACL exactly as `docs/mosquitto.md` gives them — its `conf`
+/// blocks in order (the listener, then the tuning ones) and its ACL block — with the paths
+/// pointed at `dir` (which holds `ca.crt`, `server.crt`, `server.key`), the listener on
+/// 127.0.0.1:`port`, and no persistence. Writes `dir/mosquitto.conf` and `dir/drover.acl`
+/// and returns the configuration file's path. A doc that drifts from what works fails the
+/// tests that run it.
+pub fn mosquitto_config(dir: &Path, port: u16) -> PathBuf {
+    let doc = include_str!("../../../../docs/mosquitto.md");
+    let mut blocks: Vec<(String, String)> = Vec::new();
+    let mut heading = String::new();
+    let mut lines = doc.lines();
+    while let Some(line) = lines.next() {
+        if let Some(h) = line.strip_prefix("## ") {
+            heading = h.to_string();
+        } else if line.trim() == "```conf" {
+            let body: Vec<&str> = lines.by_ref().take_while(|l| l.trim() != "```").collect();
+            blocks.push((heading.clone(), body.join("\n")));
+        }
+    }
+    let acl: Vec<&str> = blocks.iter().filter(|(h, _)| h.starts_with("ACL")).map(|(_, b)| b.as_str()).collect();
+    let conf: Vec<&str> = blocks.iter().filter(|(h, _)| !h.starts_with("ACL")).map(|(_, b)| b.as_str()).collect();
+    assert_eq!(acl.len(), 1, "docs/mosquitto.md has one ACL block");
+    assert!(conf.len() >= 2, "docs/mosquitto.md has the listener's conf block and the tuning ones");
+    let d = dir.display().to_string();
+    let conf = conf
+        .join("\n")
+        .replace("/etc/mosquitto/drover.acl", &format!("{d}/drover.acl"))
+        .replace("/etc/mosquitto/certs", &d)
+        .replace("listener 8883", &format!("listener {port} 127.0.0.1"));
+    assert!(conf.contains(&format!("listener {port} 127.0.0.1")), "the doc's listener is on 8883: {conf}");
+    std::fs::write(dir.join("drover.acl"), acl[0]).unwrap();
+    std::fs::write(dir.join("mosquitto.conf"), format!("{conf}\npersistence false\n")).unwrap();
+    dir.join("mosquitto.conf")
+}
