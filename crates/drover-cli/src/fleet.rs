@@ -446,8 +446,11 @@ pub(crate) fn preauth(client: &Client, out: Format, cmd: PreauthCommand) -> Resu
     match cmd {
         PreauthCommand::Add { identity } => {
             let identity = key_values("identity attribute", &identity)?;
-            let p: Preauthorized =
-                client.send("POST", "/devices/preauthorize", &Preauthorize { identities: vec![identity] })?;
+            let p: Preauthorized = client.send(
+                "POST",
+                "/devices/preauthorize",
+                &Preauthorize { identities: vec![identity], ..Default::default() },
+            )?;
             print_preauthorized(out, &p);
         }
         PreauthCommand::Import { file } => {

@@ -726,8 +726,72 @@ pub struct CreatedEnrollmentToken {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[derive(Default)]
 pub struct Preauthorize {
     pub identities: Vec<BTreeMap<String, String>>,
+    /// How many enrollments each pre-authorization admits (default 1: the device itself;
+    /// more for hardware re-imaged in place), 1 to 1,000,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+    /// Days until the pre-authorizations lapse unused (default: never), 1 to 3650.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_days: Option<u32>,
+}
+
+/// Where a pre-authorization stands.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub enum PreauthorizationState {
+    /// A device with this identity is accepted when it asks.
+    Active,
+    /// Every use taken (or consumed when its device was decommissioned).
+    Used,
+    Expired,
+    Revoked,
+}
+
+impl PreauthorizationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PreauthorizationState::Active => "active",
+            PreauthorizationState::Used => "used",
+            PreauthorizationState::Expired => "expired",
+            PreauthorizationState::Revoked => "revoked",
+        }
+    }
+}
+
+/// An identity an operator vouched for (`GET /api/v1/preauthorizations`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Preauthorization {
+    pub id: String,
+    pub identity: BTreeMap<String, String>,
+    pub state: PreauthorizationState,
+    pub max_uses: u32,
+    pub uses: u32,
+    pub created_by: String,
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+/// Query of `GET /api/v1/preauthorizations` (newest first).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct PreauthorizationQuery {
+    /// Page size, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+    /// Only those in this state.
+    pub state: Option<PreauthorizationState>,
+    /// Substring of the identity (serial, MAC…), case-insensitive.
+    pub q: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -35,6 +35,8 @@ pub fn routes() -> Router<AppState> {
         .route("/devices", get(list_devices))
         .route("/devices/preauthorize", post(preauthorize))
         .route("/devices/preauthorize/bulk", post(preauthorize_bulk))
+        .route("/preauthorizations", get(list_preauthorizations))
+        .route("/preauthorizations/{id}", axum::routing::delete(revoke_preauthorization))
         .route("/devices/{id}", get(get_device).patch(patch_device))
         .route("/devices/{id}/tags", axum::routing::put(replace_device_tags).patch(patch_device_tags))
         .route("/groups", get(list_groups).post(create_group))
@@ -93,7 +95,7 @@ impl utoipa::Modify for SecurityAddon {
         list_users, create_user, get_user, update_user, delete_user, set_password,
         list_tokens, create_token, get_token, revoke_token, list_audit, verify_audit,
         enroll, list_devices, get_device, patch_device, accept_device, reject_device, decommission_device, preauthorize,
-        preauthorize_bulk, replace_device_tags, patch_device_tags,
+        preauthorize_bulk, list_preauthorizations, revoke_preauthorization, replace_device_tags, patch_device_tags,
         list_groups, create_group, preview_group, get_group, update_group, delete_group,
         list_group_devices, add_group_devices, remove_group_device,
         list_enrollment_tokens, create_enrollment_token, revoke_enrollment_token,
@@ -394,6 +396,27 @@ async fn patch_device_tags(
     ApiJson(req): ApiJson<PatchTags>,
 ) -> AppResult<Json<Device>> {
     Ok(Json(crate::devices::patch_tags(&s.db, &p, &id, req).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/preauthorizations", tag = "devices", params(PreauthorizationQuery),
+    responses((status = 200, body = Page<Preauthorization>, description = "Newest first"), (status = 400, body = ErrorBody)))]
+async fn list_preauthorizations(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiQuery(q): ApiQuery<PreauthorizationQuery>,
+) -> AppResult<Json<Page<Preauthorization>>> {
+    Ok(Json(crate::preauth::list(&s.db, &p, &q).await?))
+}
+
+/// No device is accepted on its strength any more; devices it admitted stay as they are.
+#[utoipa::path(delete, path = "/api/v1/preauthorizations/{id}", tag = "devices", params(("id" = String, Path)),
+    responses((status = 200, body = Preauthorization, description = "Revoked"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn revoke_preauthorization(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+) -> AppResult<Json<Preauthorization>> {
+    Ok(Json(crate::preauth::revoke(&s.db, &p, &id).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/devices/preauthorize/bulk", tag = "devices",

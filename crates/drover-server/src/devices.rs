@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 
 use drover_proto::api::{
-    BulkPreauthorized, CreateEnrollmentToken, CreatedEnrollmentToken, Device, DeviceDetail, DeviceEvent,
-    DeviceListQuery, DevicePatch, DeviceStatus, EnrollRequest, EnrollResponse, EnrollmentToken, GroupKind, GroupRef,
-    Page, PatchTags, Preauthorize, Preauthorized, PrincipalKind, ReplaceTags, Role,
+    CreateEnrollmentToken, CreatedEnrollmentToken, Device, DeviceDetail, DeviceEvent, DeviceListQuery, DevicePatch,
+    DeviceStatus, EnrollRequest, EnrollResponse, EnrollmentToken, GroupKind, GroupRef, Page, PatchTags, PrincipalKind,
+    ReplaceTags, Role,
 };
 use drover_proto::validate;
 
@@ -37,7 +37,7 @@ pub fn check_identity(identity: &BTreeMap<String, String>) -> AppResult<()> {
     Ok(())
 }
 
-fn identity_json(identity: &BTreeMap<String, String>) -> String {
+pub(crate) fn identity_json(identity: &BTreeMap<String, String>) -> String {
     // A BTreeMap serializes in key order: one identity, one text, one hash.
     serde_json::to_string(identity).unwrap_or_default()
 }
@@ -46,7 +46,7 @@ fn tags_json(tags: &BTreeMap<String, String>) -> String {
     serde_json::to_string(tags).unwrap_or_else(|_| "{}".into())
 }
 
-fn parse_map(text: &str) -> BTreeMap<String, String> {
+pub(crate) fn parse_map(text: &str) -> BTreeMap<String, String> {
     serde_json::from_str(text).unwrap_or_default()
 }
 
@@ -335,34 +335,59 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
             }
             (org, Some(format!("token:{name}")), parse_map(&tags), Some((tid, parse_list(&groups))))
         }
-        None => {
-            let pre: Option<(String,)> =
-                sqlx::query_as("SELECT org_id FROM preauthorizations WHERE identity_hash = $1")
-                    .bind(identity_hash.clone())
-                    .fetch_optional(tx.conn())
-                    .await?;
-            match pre {
-                Some((org,)) => (org, Some("preauthorized".to_string()), BTreeMap::new(), None),
-                None => (find_org(db, None).await?, None, BTreeMap::new(), None),
-            }
-        }
+        None => match crate::preauth::take(tx.conn(), &identity_hash, now_ms()).await? {
+            // Taken only if the device is let in below: an error rolls the use back.
+            Some((org, _)) => (org, Some("preauthorized".to_string()), BTreeMap::new(), None),
+            None => (find_org(db, None).await?, None, BTreeMap::new(), None),
+        },
     };
 
-    // One live device per identity: a replacement needs the old one decommissioned first.
-    let dup: Option<(String,)> = sqlx::query_as(
-        "SELECT id FROM devices WHERE org_id = $1 AND identity_hash = $2 AND status <> 'decommissioned'",
+    // One live device per identity: a replacement needs the old one decommissioned first. A
+    // rejected claim blocks nobody, and a claim still pending without proof gives way to a
+    // device that brings one (a token or a pre-authorization): anyone can claim a serial, so
+    // a squatter must not lock the real device out. The answer names no other device.
+    let id = new_id();
+    let dups: Vec<(String, String)> = sqlx::query_as(
+        "SELECT id, status FROM devices WHERE org_id = $1 AND identity_hash = $2 AND status IN ('pending', 'accepted')",
     )
     .bind(org_id.clone())
     .bind(identity_hash.clone())
-    .fetch_optional(tx.conn())
+    .fetch_all(tx.conn())
     .await?;
-    if let Some((other,)) = dup {
-        return Err(AppError::Conflict(format!(
-            "a device with this identity is enrolled already ({other}) with another key: decommission it to enroll a replacement"
-        )));
+    for (other, status) in dups {
+        if status == "pending" && via.is_some() {
+            sqlx::query("UPDATE devices SET status = 'rejected', updated_at = $1 WHERE id = $2")
+                .bind(now_ms())
+                .bind(other.clone())
+                .execute(tx.conn())
+                .await?;
+            let principal = device_principal(&id, &org_id, source);
+            audit::append(
+                tx.conn(),
+                Event {
+                    actor: &principal,
+                    action: "device.reject",
+                    target_kind: "device",
+                    target_id: &other,
+                    summary: format!(
+                        "pending claim of {identity} superseded by device {id}, which enrolled with proof ({})",
+                        via.as_deref().unwrap_or_default()
+                    ),
+                },
+            )
+            .await?;
+            continue;
+        }
+        return Err(AppError::Conflict(match status.as_str() {
+            "pending" => "a device with this identity is waiting for an operator already: wait for the decision, \
+                          or enroll with an enrollment token"
+                .into(),
+            _ => "a device with this identity is enrolled already with another key: an operator must decommission \
+                  it to enroll a replacement"
+                .into(),
+        }));
     }
 
-    let id = new_id();
     let (status, cert) = match via {
         Some(_) => {
             let issued = ca.issue_device(&req.csr_pem, &id).map_err(|e| AppError::BadRequest(e.to_string()))?;
@@ -725,6 +750,7 @@ pub async fn decide(db: &Db, ca: &FleetCa, p: &Principal, id: &str, to: DeviceSt
         return Err(AppError::Conflict(format!("a {} device cannot become {}", device.status.as_str(), to.as_str())));
     }
     let now = now_ms();
+    let mut consumed = false;
     let action = match to {
         DeviceStatus::Accepted => {
             let (csr,): (String,) = sqlx::query_as("SELECT csr_pem FROM devices WHERE id = $1")
@@ -763,197 +789,30 @@ pub async fn decide(db: &Db, ca: &FleetCa, p: &Principal, id: &str, to: DeviceSt
             .execute(tx.conn())
             .await?;
             crate::deployments::end_for_device(tx.conn(), id, now).await?;
+            // Its pre-authorization is spent: the identity (a stolen device's, say) is not
+            // accepted again with a new key unless an operator vouches for it anew.
+            let (hash,): (String,) = sqlx::query_as("SELECT identity_hash FROM devices WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_one(tx.conn())
+                .await?;
+            consumed = crate::preauth::consume(tx.conn(), &hash).await?;
             "device.decommission"
         }
         DeviceStatus::Pending => return Err(AppError::BadRequest("a device cannot be made pending".into())),
     };
     let identity = identity_json(&device.identity);
-    let summary = format!("device {identity}: {} → {}", device.status.as_str(), to.as_str());
+    let mut summary = format!("device {identity}: {} → {}", device.status.as_str(), to.as_str());
+    if consumed {
+        summary.push_str("; its pre-authorization is used up");
+    }
     audit::append(tx.conn(), Event { actor: p, action, target_kind: "device", target_id: id, summary }).await?;
     let after = fetch_device(tx.conn(), p.org(), id).await?;
     tx.commit().await?;
     Ok(after)
 }
 
-pub async fn preauthorize(db: &Db, p: &Principal, req: Preauthorize) -> AppResult<Preauthorized> {
-    p.require(Role::Operator, "pre-authorizing devices")?;
-    if req.identities.is_empty() || req.identities.len() > 10_000 {
-        return Err(AppError::BadRequest("give 1 to 10000 identities".into()));
-    }
-    for (i, identity) in req.identities.iter().enumerate() {
-        check_identity(identity)
-            .map_err(|e| AppError::BadRequest(format!("identity {}: {}", i + 1, e.public_message())))?;
-    }
-    let mut tx = db.begin_write().await?;
-    let (mut added, mut already) = (0u32, 0u32);
-    for identity in &req.identities {
-        let text = identity_json(identity);
-        let hash = auth::sha256_hex(&text);
-        let exists: Option<(String,)> = sqlx::query_as("SELECT org_id FROM preauthorizations WHERE identity_hash = $1")
-            .bind(hash.clone())
-            .fetch_optional(tx.conn())
-            .await?;
-        match exists {
-            Some((org,)) if org == p.org() => already += 1,
-            Some(_) => {
-                return Err(AppError::Conflict(format!("identity {text} is pre-authorized by another organization")));
-            }
-            None => {
-                sqlx::query(
-                    "INSERT INTO preauthorizations (id, org_id, identity, identity_hash, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(new_id())
-                .bind(p.org().to_string())
-                .bind(text)
-                .bind(hash)
-                .bind(p.name.clone())
-                .bind(now_ms())
-                .execute(tx.conn())
-                .await?;
-                added += 1;
-            }
-        }
-    }
-    if added > 0 {
-        let summary = format!("{added} device identities pre-authorized");
-        audit::append(
-            tx.conn(),
-            Event { actor: p, action: "device.preauthorize", target_kind: "device", target_id: "-", summary },
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(Preauthorized { added, already })
-}
-
-/// Splits one CSV line into fields (RFC 4180 quoting: `"a, b"` and `""` for a quote).
-fn csv_fields(line: &str) -> Result<Vec<String>, String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = line.chars().peekable();
-    let mut quoted = false;
-    let mut was_quoted = false;
-    while let Some(c) = chars.next() {
-        match (quoted, c) {
-            (true, '"') if chars.peek() == Some(&'"') => {
-                cur.push('"');
-                chars.next();
-            }
-            (true, '"') => quoted = false,
-            (true, c) => cur.push(c),
-            (false, '"') if cur.trim().is_empty() && !was_quoted => {
-                cur.clear();
-                quoted = true;
-                was_quoted = true;
-            }
-            (false, '"') => return Err("a quote inside an unquoted field".into()),
-            (false, ',') => {
-                out.push(if was_quoted {
-                    std::mem::take(&mut cur)
-                } else {
-                    std::mem::take(&mut cur).trim().to_string()
-                });
-                was_quoted = false;
-            }
-            (false, c) if was_quoted && !c.is_whitespace() => return Err("text after a closing quote".into()),
-            (false, c) => cur.push(c),
-        }
-    }
-    if quoted {
-        return Err("an unclosed quote".into());
-    }
-    out.push(if was_quoted { cur } else { cur.trim().to_string() });
-    Ok(out)
-}
-
-/// Most rows in one CSV import.
-pub const MAX_CSV_ROWS: usize = 10_000;
-
-/// `POST /api/v1/devices/preauthorize/bulk`: a CSV file whose header names identity
-/// attributes, one device per line. All or nothing: any bad line refuses the whole file,
-/// and the error names the line. An empty cell leaves that attribute out.
-pub async fn preauthorize_csv(db: &Db, p: &Principal, csv: &str) -> AppResult<BulkPreauthorized> {
-    p.require(Role::Operator, "pre-authorizing devices")?;
-    let bad = |n: usize, m: String| AppError::BadRequest(format!("line {n}: {m}"));
-    let mut lines = csv.lines().enumerate().map(|(i, l)| (i + 1, l.trim_end_matches('\r')));
-    let header = loop {
-        match lines.next() {
-            None => {
-                return Err(AppError::BadRequest(
-                    "the CSV is empty: give a header line of identity attribute names".into(),
-                ));
-            }
-            Some((_, l)) if l.trim().is_empty() => continue,
-            Some((n, l)) => break (n, csv_fields(l.trim_start_matches('\u{feff}')).map_err(|e| bad(n, e))?),
-        }
-    };
-    let (hn, names) = header;
-    for (i, name) in names.iter().enumerate() {
-        let one: BTreeMap<String, String> = [(name.clone(), "x".to_string())].into();
-        drover_proto::device::check_inventory(&one).map_err(|e| bad(hn, format!("column {}: {e}", i + 1)))?;
-        if names[..i].contains(name) {
-            return Err(bad(hn, format!("column {name:?} appears twice")));
-        }
-    }
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    let mut rows: Vec<(String, String)> = Vec::new();
-    for (n, line) in lines {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let fields = csv_fields(line).map_err(|e| bad(n, e))?;
-        if fields.len() != names.len() {
-            return Err(bad(n, format!("{} fields, the header has {}", fields.len(), names.len())));
-        }
-        let identity: BTreeMap<String, String> =
-            names.iter().cloned().zip(fields).filter(|(_, v)| !v.is_empty()).collect();
-        check_identity(&identity).map_err(|e| bad(n, e.public_message()))?;
-        let text = identity_json(&identity);
-        if let Some(first) = seen.get(&text) {
-            return Err(bad(n, format!("duplicate identity (the same as line {first})")));
-        }
-        seen.insert(text.clone(), n);
-        rows.push((text, n.to_string()));
-        if rows.len() > MAX_CSV_ROWS {
-            return Err(bad(n, format!("more than {MAX_CSV_ROWS} devices in one file")));
-        }
-    }
-    if rows.is_empty() {
-        return Err(AppError::BadRequest("the CSV has a header but no devices".into()));
-    }
-    let mut tx = db.begin_write().await?;
-    let now = now_ms();
-    for (text, n) in &rows {
-        let hash = auth::sha256_hex(text);
-        let exists: Option<(String,)> = sqlx::query_as("SELECT org_id FROM preauthorizations WHERE identity_hash = $1")
-            .bind(hash.clone())
-            .fetch_optional(tx.conn())
-            .await?;
-        if exists.is_some() {
-            return Err(AppError::BadRequest(format!("line {n}: identity {text} is pre-authorized already")));
-        }
-        sqlx::query(
-            "INSERT INTO preauthorizations (id, org_id, identity, identity_hash, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(new_id())
-        .bind(p.org().to_string())
-        .bind(text.clone())
-        .bind(hash)
-        .bind(p.name.clone())
-        .bind(now)
-        .execute(tx.conn())
-        .await?;
-    }
-    let created = u32::try_from(rows.len()).unwrap_or(u32::MAX);
-    let summary = format!("{created} device identities pre-authorized from a CSV file (columns {})", names.join(", "));
-    audit::append(
-        tx.conn(),
-        Event { actor: p, action: "device.preauthorize", target_kind: "device", target_id: "-", summary },
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(BulkPreauthorized { created })
-}
+/// Pre-authorizations live in their own room; these are their old addresses.
+pub use crate::preauth::{MAX_CSV_ROWS, preauthorize, preauthorize_csv};
 
 type TokenRow = (String, String, String, Option<i64>, i64, String, String, i64, Option<i64>, Option<i64>, String);
 const TOKEN_COLUMNS: &str =
@@ -1108,19 +967,4 @@ pub async fn revoke_enrollment_token(db: &Db, p: &Principal, id: &str) -> AppRes
         .await?;
     tx.commit().await?;
     Ok(to_token(row, &names))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::csv_fields;
-
-    #[test]
-    fn csv_quoting() {
-        assert_eq!(csv_fields("a, b ,c").unwrap(), ["a", "b", "c"]);
-        assert_eq!(csv_fields(r#""x, y","say ""hi""",,z"#).unwrap(), ["x, y", r#"say "hi""#, "", "z"]);
-        // Tried: an unclosed quote, a quote mid-field, text after a closing quote.
-        assert!(csv_fields(r#""open"#).is_err());
-        assert!(csv_fields(r#"ab"c"#).is_err());
-        assert!(csv_fields(r#""a"b"#).is_err());
-    }
 }

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod migrations;
 pub mod ops;
 pub mod page;
+pub mod preauth;
 pub mod presence;
 pub mod remote;
 pub mod store;

@@ -434,7 +434,27 @@ CREATE INDEX devices_org_seen ON devices (org_id, (COALESCE(last_seen_at, 0)), i
         sqlite: MIGRATION_12_SQLITE,
         postgres: MIGRATION_12_POSTGRES,
     },
+    Migration {
+        version: 13,
+        name: "pre-authorizations: uses, expiry, revocation (those of enrolled devices count as used)",
+        sqlite: MIGRATION_13,
+        postgres: MIGRATION_13,
+    },
 ];
+
+/// Pre-authorizations (v13), the same on both engines. Each admitted any number of devices
+/// before; now once by default: one whose device enrolled is used, so that a decommissioned
+/// (stolen) device's identity is not accepted again with a new key.
+const MIGRATION_13: &str = r#"
+ALTER TABLE preauthorizations ADD COLUMN max_uses BIGINT NOT NULL DEFAULT 1;
+ALTER TABLE preauthorizations ADD COLUMN uses BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE preauthorizations ADD COLUMN expires_at BIGINT;
+ALTER TABLE preauthorizations ADD COLUMN revoked_at BIGINT;
+UPDATE preauthorizations SET uses = 1 WHERE EXISTS (SELECT 1 FROM devices d
+    WHERE d.org_id = preauthorizations.org_id AND d.identity_hash = preauthorizations.identity_hash
+    AND d.enrolled_via = 'preauthorized');
+CREATE INDEX preauthorizations_org_created ON preauthorizations (org_id, created_at, id);
+"#;
 
 /// Display names (v12): kept in a column so that every listing can show, search and sort by
 /// them; `devices::refresh_display_name` keeps it up to date.

@@ -454,7 +454,8 @@ async fn preauthorize(State(s): State<AppState>, UiUser(p): UiUser, headers: Hea
                 Err(AppError::BadRequest("type an identity, or choose a CSV file".into()))
             }
             None => {
-                let req = Preauthorize { identities: vec![key_value_lines("identity", &identity)?] };
+                let req =
+                    Preauthorize { identities: vec![key_value_lines("identity", &identity)?], ..Default::default() };
                 devices::preauthorize(&s.db, &p, req)
                     .await
                     .map(|r| format!("{} device identities pre-authorized, {} already were.", r.added, r.already))

@@ -130,6 +130,7 @@ fn body_for(path: &str, method: &Method) -> Option<Value> {
         ("POST", "/api/v1/auth/login") => Some(json!({"username": "admin", "password": ADMIN_PASSWORD})),
         ("POST", "/api/v1/devices/preauthorize") => Some(json!({"identities": [{"serial": "SN-1"}]})),
         ("POST", "/api/v1/enrollment-tokens") => Some(json!({"name": "factory", "max_uses": 10})),
+        ("PATCH", "/api/v1/devices/{id}") => Some(json!({"name": "renamed"})),
         ("PUT", "/api/v1/devices/{id}/tags") => Some(json!({"tags": {"region": "eu"}})),
         ("PATCH", "/api/v1/devices/{id}/tags") => Some(json!({"set": {"region": "eu"}})),
         ("POST", "/api/v1/groups") => Some(json!({"name": "fleet", "kind": "static"})),
@@ -182,6 +183,7 @@ async fn a_viewer_is_refused_on_every_mutating_route_and_the_audit_log_is_unchan
             let operator_may = [
                 "/api/v1/devices",
                 "/api/v1/enrollment-tokens",
+                "/api/v1/preauthorizations",
                 "/api/v1/groups",
                 "/api/v1/artifacts",
                 "/api/v1/deployments",

@@ -167,10 +167,12 @@ async fn enrollment_by_preauthorization_and_by_acceptance() {
 async fn duplicate_identities_and_malformed_requests_are_refused_clearly() {
     each_backend!(|app| {
         let csr = device_csr();
-        assert_eq!(enroll(&app, &csr, json!({"serial": "SN-D"}), None).await.status, StatusCode::ACCEPTED);
+        let first = enroll(&app, &csr, json!({"serial": "SN-D"}), None).await;
+        assert_eq!(first.status, StatusCode::ACCEPTED);
         let r = enroll(&app, &device_csr(), json!({"serial": "SN-D"}), None).await;
         assert_eq!(r.status, StatusCode::CONFLICT);
-        assert!(r.text.contains("enrolled already") && r.text.contains("decommission"), "{}", r.text);
+        assert!(r.text.contains("waiting for an operator"), "{}", r.text);
+        assert!(!r.text.contains(first.body["device_id"].as_str().unwrap()), "names no other device: {}", r.text);
         let r = enroll(&app, &csr, json!({"serial": "SN-OTHER"}), None).await;
         assert_eq!(r.status, StatusCode::CONFLICT);
 
@@ -621,8 +623,12 @@ async fn csv_preauthorization_is_all_or_nothing() {
         let r = enroll(&app, &device_csr(), json!({"serial": "B,3", "mac": "m3"}), None).await;
         assert_eq!(r.body["status"], "accepted", "{}", r.text);
 
-        let r = post(operator.clone(), "text/csv", "serial\nC1\nB2\n").await;
-        assert_eq!(r.body["error"]["message"], "line 3: identity {\"serial\":\"B2\"} is pre-authorized already");
+        // B1 is pre-authorized and unused still (B2's was used: vouching for it again renews it).
+        let r = post(operator.clone(), "text/csv", "serial,mac\nC1,\nB1,m1\n").await;
+        assert_eq!(
+            r.body["error"]["message"],
+            "line 3: identity {\"mac\":\"m1\",\"serial\":\"B1\"} is pre-authorized already"
+        );
         let r = enroll(&app, &device_csr(), json!({"serial": "C1"}), None).await;
         assert_eq!(r.status, StatusCode::ACCEPTED, "C1 was not added: {}", r.text);
         let r = post(operator.clone(), "application/json", "serial\nD1\n").await;
@@ -801,5 +807,153 @@ async fn devices_have_display_names_that_operators_can_set() {
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         assert!(r.body.get("name").is_none());
         assert_eq!(r.body["display_name"], "kiosk-2");
+    });
+}
+
+/// Bad input tried: a squatter claiming a real device's serial without a token (before the
+/// real device, and again after being rejected), and an unauthenticated flood of claims of
+/// the same serial.
+#[tokio::test]
+async fn a_claim_without_proof_cannot_block_the_real_device() {
+    each_backend!(|app| {
+        let operator = app.token("operator").await;
+        let created = app.admin(Method::POST, "/api/v1/enrollment-tokens", Some(json!({"name": "line 3"}))).await;
+        let secret = created.body["secret"].as_str().unwrap().to_string();
+        // The squatter claims SN-REAL first, without a token: it waits.
+        let squat = enroll(&app, &device_csr(), json!({"serial": "SN-REAL"}), None).await;
+        assert_eq!(squat.status, StatusCode::ACCEPTED);
+        let squatter = squat.body["device_id"].as_str().unwrap().to_string();
+        // The real device, with a valid token, wins; the squatter's claim is rejected.
+        let real = enroll(&app, &device_csr(), json!({"serial": "SN-REAL"}), Some(&secret)).await;
+        assert_eq!(real.status, StatusCode::OK, "{}", real.text);
+        assert_eq!(real.body["status"], "accepted");
+        let d = app.admin(Method::GET, &format!("/api/v1/devices/{squatter}"), None).await;
+        assert_eq!(d.body["status"], "rejected");
+        let audit = app.admin(Method::GET, &format!("/api/v1/audit?target_id={squatter}"), None).await;
+        assert!(audit.text.contains("superseded by device"), "{}", audit.text);
+        // Now the real device is enrolled: a new claim gets a conflict naming nobody.
+        let again = enroll(&app, &device_csr(), json!({"serial": "SN-REAL"}), None).await;
+        assert_eq!(again.status, StatusCode::CONFLICT);
+        assert!(!again.text.contains(real.body["device_id"].as_str().unwrap()), "{}", again.text);
+
+        // A rejected claim blocks nobody either: an operator rejects a squatter, and the real
+        // device (pre-authorized this time) comes in.
+        let squat = enroll(&app, &device_csr(), json!({"serial": "SN-REAL-2"}), None).await;
+        let squatter = squat.body["device_id"].as_str().unwrap().to_string();
+        app.call(Method::POST, &format!("/api/v1/devices/{squatter}/reject"), Some(&operator), None).await;
+        let r = app
+            .call(
+                Method::POST,
+                "/api/v1/devices/preauthorize",
+                Some(&operator),
+                Some(json!({"identities": [{"serial": "SN-REAL-2"}]})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let real = enroll(&app, &device_csr(), json!({"serial": "SN-REAL-2"}), None).await;
+        assert_eq!(real.status, StatusCode::OK, "{}", real.text);
+    });
+}
+
+/// Pre-authorizations are listed, used once (or as many times as said), lapse, can be
+/// revoked, and are used up when their device is decommissioned — so a stolen device's
+/// identity with a new key is not accepted again. Bad input tried: 0 and too many uses, a
+/// lifetime of 0 days, a viewer revoking, an unknown id.
+#[tokio::test]
+async fn preauthorizations_are_listed_used_once_revoked_and_spent_by_decommissioning() {
+    each_backend!(|app| {
+        let operator = app.token("operator").await;
+        let viewer = app.token("viewer").await;
+        let pre = |body: Value| {
+            let (app, operator) = (&app, operator.clone());
+            async move { app.call(Method::POST, "/api/v1/devices/preauthorize", Some(&operator), Some(body)).await }
+        };
+        for bad in [json!({"max_uses": 0}), json!({"max_uses": 1_000_001}), json!({"expires_in_days": 0})] {
+            let mut body = json!({"identities": [{"serial": "SN-X"}]});
+            body.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+            assert_eq!(pre(body.clone()).await.status, StatusCode::BAD_REQUEST, "{body}");
+        }
+        assert_eq!(pre(json!({"identities": [{"serial": "SN-ONCE"}]})).await.status, StatusCode::OK);
+        assert_eq!(pre(json!({"identities": [{"serial": "SN-TWICE"}], "max_uses": 2})).await.status, StatusCode::OK);
+        assert_eq!(pre(json!({"identities": [{"serial": "SN-GONE"}]})).await.status, StatusCode::OK);
+        let list = app.call(Method::GET, "/api/v1/preauthorizations", Some(&viewer), None).await;
+        assert_eq!(list.status, StatusCode::OK, "{}", list.text);
+        let items = list.body["items"].as_array().unwrap();
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0]["identity"], json!({"serial": "SN-GONE"}), "newest first");
+        assert!(items.iter().all(|i| i["state"] == "active" && i["uses"] == 0));
+        let id_of = |serial: &str| -> String {
+            items.iter().find(|i| i["identity"]["serial"] == serial).unwrap()["id"].as_str().unwrap().to_string()
+        };
+        let (gone, twice) = (id_of("SN-GONE"), id_of("SN-TWICE"));
+
+        // Once: the device comes in; the same identity with another key does not, as the
+        // device is still there (one live device per identity), and after it is
+        // decommissioned its pre-authorization is spent.
+        let r = enroll(&app, &device_csr(), json!({"serial": "SN-ONCE"}), None).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let once_dev = r.body["device_id"].as_str().unwrap().to_string();
+        app.call(Method::POST, &format!("/api/v1/devices/{once_dev}/decommission"), Some(&operator), None).await;
+        let r = enroll(&app, &device_csr(), json!({"serial": "SN-ONCE"}), None).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "the thief's new key waits for an operator: {}", r.text);
+        let audit = app.admin(Method::GET, &format!("/api/v1/audit?target_id={once_dev}"), None).await;
+        assert!(audit.text.contains("pre-authorization is used up"), "{}", audit.text);
+
+        // Twice: two enrollments (the second after the first was decommissioned), not three.
+        for round in 0..2 {
+            let r = enroll(&app, &device_csr(), json!({"serial": "SN-TWICE"}), None).await;
+            assert_eq!(r.status, StatusCode::OK, "round {round}: {}", r.text);
+            let id = r.body["device_id"].as_str().unwrap().to_string();
+            if round == 0 {
+                let l = app.admin(Method::GET, "/api/v1/preauthorizations?state=active&q=twice", None).await;
+                assert_eq!(l.body["items"][0]["uses"], 1, "{}", l.text);
+                // Re-imaged in place: decommissioned, but one use is left.
+                let p = app.admin(Method::GET, "/api/v1/preauthorizations", None).await;
+                assert!(p.text.contains("SN-TWICE"));
+                let row = sqlx::query_as::<_, (i64,)>("SELECT uses FROM preauthorizations WHERE id = $1")
+                    .bind(twice.clone())
+                    .fetch_one(app.db.pool())
+                    .await
+                    .unwrap();
+                assert_eq!(row.0, 1);
+                sqlx::query("UPDATE devices SET status = 'decommissioned' WHERE id = $1")
+                    .bind(id)
+                    .execute(app.db.pool())
+                    .await
+                    .unwrap();
+            }
+        }
+        let used = app.admin(Method::GET, "/api/v1/preauthorizations?state=used", None).await;
+        let serials: Vec<&str> =
+            used.body["items"].as_array().unwrap().iter().map(|i| i["identity"]["serial"].as_str().unwrap()).collect();
+        assert_eq!(serials, ["SN-TWICE", "SN-ONCE"], "{}", used.text);
+
+        // Revoked: nobody comes in on it; a viewer may not revoke; unknown ids are 404.
+        let r = app.call(Method::DELETE, &format!("/api/v1/preauthorizations/{gone}"), Some(&viewer), None).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        let r = app.call(Method::DELETE, "/api/v1/preauthorizations/nope", Some(&operator), None).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        let r = app.call(Method::DELETE, &format!("/api/v1/preauthorizations/{gone}"), Some(&operator), None).await;
+        assert_eq!((r.status, r.body["state"].clone()), (StatusCode::OK, json!("revoked")), "{}", r.text);
+        let r = enroll(&app, &device_csr(), json!({"serial": "SN-GONE"}), None).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        let audit = app.admin(Method::GET, "/api/v1/audit?action=device.preauthorize.revoke", None).await;
+        assert_eq!(audit.body["items"].as_array().unwrap().len(), 1, "{}", audit.text);
+
+        // Expired: set in the past, it admits nobody; vouching for it again renews it.
+        assert_eq!(
+            pre(json!({"identities": [{"serial": "SN-OLD"}], "expires_in_days": 1})).await.status,
+            StatusCode::OK
+        );
+        sqlx::query("UPDATE preauthorizations SET expires_at = 1 WHERE identity LIKE '%SN-OLD%'")
+            .execute(app.db.pool())
+            .await
+            .unwrap();
+        let l = app.admin(Method::GET, "/api/v1/preauthorizations?state=expired", None).await;
+        assert_eq!(l.body["items"].as_array().unwrap().len(), 1, "{}", l.text);
+        let csr = device_csr();
+        assert_eq!(enroll(&app, &csr, json!({"serial": "SN-OLD"}), None).await.status, StatusCode::ACCEPTED);
+        let r = pre(json!({"identities": [{"serial": "SN-ONCE"}]})).await;
+        assert_eq!(r.body, json!({"added": 1, "already": 0}), "a used one is renewed: {}", r.text);
     });
 }
