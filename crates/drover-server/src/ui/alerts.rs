@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use minijinja::context;
 use serde::Deserialize;
 
-use super::{CsrfForm, Flash, UiUser, back, check_csrf, error_page, merge, page_ctx};
+use super::{CsrfForm, Flash, UiUser, back, check_csrf, device_names, error_page, merge, page_ctx};
 use crate::alerts::rules;
 use crate::alerts::types::{
     AbsenceMode, Aggregate, AlertListQuery, CmpOp, Condition, CreateAlertRule, CreateChannel, CreateSilence,
@@ -47,11 +47,13 @@ async fn alerts_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Que
         let history = rules::history(&s.db, &p, &HistoryQuery { limit: Some(50), ..Default::default() }).await?;
         let silences = rules::list_silences(&s.db, &p).await?;
         let rule_list = rules::list_rules(&s.db, &p).await?;
+        let ids = current.iter().filter_map(|a| a.device_id.as_deref());
+        let names = device_names(&s, &p, ids.chain(history.items.iter().filter_map(|e| e.device_id.as_deref()))).await?;
         s.ui.render(
             "alerts.html",
             merge(
                 ctx,
-                context! { alerts => current, history => history.items, silences => silences, rules => rule_list },
+                context! { alerts => current, history => history.items, silences => silences, rules => rule_list, names => names },
             ),
         )
     }
@@ -106,9 +108,10 @@ async fn rules_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Quer
         let rule_list = rules::list_rules(&s.db, &p).await?;
         let channels = rules::list_channels(&s.db, &p).await?;
         let deliveries = rules::deliveries(&s.db, &p, &Default::default()).await?;
+        let names = device_names(&s, &p, deliveries.iter().filter_map(|d| d.device_id.as_deref())).await?;
         s.ui.render(
             "alerts_rules.html",
-            merge(ctx, context! { rules => rule_list, channels => channels, deliveries => deliveries }),
+            merge(ctx, context! { rules => rule_list, channels => channels, deliveries => deliveries, names => names }),
         )
     }
     .await;

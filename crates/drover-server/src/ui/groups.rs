@@ -145,7 +145,7 @@ async fn group_delete(
 #[derive(Deserialize)]
 struct AddDevicesForm {
     csrf: String,
-    /// Device ids, separated by spaces, commas or lines.
+    /// Device names or ids, one a line, or separated by spaces or commas.
     devices: String,
 }
 
@@ -158,16 +158,10 @@ async fn group_add(
     if let Err(e) = check_csrf(&p, &f.csrf) {
         return error_page(&s, e);
     }
-    let devices: Vec<String> = f
-        .devices
-        .split(|c: char| c.is_whitespace() || c == ',')
-        .filter(|d| !d.is_empty())
-        .map(str::to_string)
-        .collect();
-    let r = if devices.is_empty() {
-        Err(AppError::BadRequest("give the ids of the devices to add".into()))
-    } else {
-        groups::add_devices(&s.db, &p, &id, AddGroupDevices { devices }).await
+    let r = match super::resolve_devices(&s, &p, &f.devices).await {
+        Ok(devices) if devices.is_empty() => Err(AppError::BadRequest("give the names or ids of the devices to add".into())),
+        Ok(devices) => groups::add_devices(&s.db, &p, &id, AddGroupDevices { devices }).await,
+        Err(e) => Err(e),
     };
     back(
         &format!("/groups/{}", urlencode(&id)),

@@ -21,7 +21,7 @@ use drover_proto::deploy::{
 use minijinja::context;
 use serde::{Deserialize, Serialize};
 
-use super::{CsrfForm, Flash, UiUser, back, check_csrf, error_page, merge, page_ctx, urlencode};
+use super::{CsrfForm, Flash, UiUser, back, check_csrf, device_names, error_page, merge, page_ctx, urlencode};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{AppError, AppResult};
@@ -200,7 +200,7 @@ fn pct(n: u64, total: u64) -> String {
 
 /// A deployment with its progress worked out for the bar and the counts.
 #[derive(Serialize)]
-struct DeploymentView {
+pub(super) struct DeploymentView {
     #[serde(flatten)]
     d: Deployment,
     /// Devices in a final state, and of those: done well, failed, aborted.
@@ -217,7 +217,7 @@ struct DeploymentView {
     ended: bool,
 }
 
-fn deployment_view(d: Deployment) -> DeploymentView {
+pub(super) fn deployment_view(d: Deployment) -> DeploymentView {
     let (mut done, mut failed, mut aborted) = (0, 0, 0);
     let mut states = Vec::new();
     for s in UpdateState::ALL {
@@ -271,6 +271,9 @@ struct DeviceRowView {
 
 fn device_row(dd: DeploymentDevice) -> DeviceRowView {
     let (transfer, percent) = match (dd.bytes, dd.total) {
+        // Once final there is no download in progress: what came down, if anything did, and no bar.
+        (Some(b), _) if dd.state.is_final() => ((b > 0).then(|| format!("{} downloaded", size(b))), None),
+        _ if dd.state.is_final() => (None, None),
         (Some(b), Some(t)) if t > 0 => (Some(format!("{} of {}", size(b), size(t))), Some(b.min(t) * 100 / t)),
         (Some(b), _) => (Some(size(b)), None),
         _ => (None, None),
@@ -385,6 +388,12 @@ async fn new_deployment_page(
     render_new(&s, &p, &form, None).await
 }
 
+/// The new-deployment form for devices chosen in the device list.
+pub(super) async fn new_deployment_for(s: &AppState, p: &Principal, ids: &[String]) -> Response {
+    let form = NewDeploymentForm { target: "devices".into(), devices: ids.join("\n"), ..Default::default() };
+    render_new(s, p, &form, None).await
+}
+
 async fn render_new(s: &AppState, p: &Principal, form: &NewDeploymentForm, error: Option<AppError>) -> Response {
     let status = error.as_ref().map(AppError::status).unwrap_or(StatusCode::OK);
     let flash = Flash { notice: None, error: error.map(|e| e.public_message()) };
@@ -458,10 +467,12 @@ async fn live_ctx(s: &AppState, p: &Principal, id: &str, q: &DeploymentUi) -> Ap
         format!("/deployments/{}?cursor={}{by_state}", urlencode(id), urlencode(&c))
     });
     let view = deployment_view(d);
+    let names = device_names(s, p, devices.items.iter().map(|d| d.device_id.as_str())).await?;
     let poll_url = (!view.ended).then(|| format!("/deployments/{}/live?{}", urlencode(id), q.query_string()));
     Ok(context! {
         dep => view,
         devices => devices.items.into_iter().map(device_row).collect::<Vec<_>>(),
+        names => names,
         next_url => next_url,
         poll_url => poll_url,
         state => state,
@@ -533,7 +544,8 @@ async fn device_log_page(
         let ctx = page_ctx(&s, &p, "deployments", &flash).await?;
         let d = deployments::get(&s.db, &p, &id).await?;
         let log = deployments::device_log(&s.db, &p, &id, &device_id).await?;
-        s.ui.render("deployment_log.html", merge(ctx, context! { dep => d, log => log }))
+        let names = device_names(&s, &p, [log.device_id.as_str()]).await?;
+        s.ui.render("deployment_log.html", merge(ctx, context! { dep => d, log => log, names => names }))
     }
     .await;
     r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
@@ -560,6 +572,26 @@ mod tests {
             total,
             counts: counts.iter().copied().collect::<BTreeMap<_, _>>(),
         }
+    }
+
+    #[test]
+    fn a_finished_device_shows_no_download_in_progress() {
+        let dd = |state, bytes, total| DeploymentDevice {
+            device_id: "d".into(),
+            state,
+            bytes,
+            total,
+            message: None,
+            has_log: false,
+            updated_at: "2026-01-01T00:00:00Z".into(),
+        };
+        let r = device_row(dd(UpdateState::Downloading, Some(100), Some(509)));
+        assert_eq!((r.transfer.as_deref(), r.percent), (Some("100 B of 509 B"), Some(19)));
+        // Done with nothing counted (the report that ended it carried no progress): nothing shown.
+        let r = device_row(dd(UpdateState::Success, Some(0), Some(509)));
+        assert_eq!((r.transfer, r.percent), (None, None));
+        let r = device_row(dd(UpdateState::Failure, Some(509), Some(509)));
+        assert_eq!((r.transfer.as_deref(), r.percent), (Some("509 B downloaded"), None));
     }
 
     #[test]
