@@ -145,7 +145,8 @@ async fn table_ctx(s: &AppState, p: &Principal, q: &DevicesUi) -> AppResult<Valu
         devices => page.items,
         next_url => next_url,
         poll_url => poll_url,
-        bulk => pending_view && p.role >= Role::Operator,
+        bulk => p.role >= Role::Operator,
+        pending_view => pending_view,
     })
 }
 
@@ -204,6 +205,8 @@ async fn devices_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Qu
             q => some(&q.q), sort => some(&q.sort).unwrap_or("-created_at"),
             artifact => some(&q.artifact), commit => some(&q.commit),
         };
+        let gq = GroupListQuery { limit: Some(500), kind: Some(GroupKind::Static), ..Default::default() };
+        let static_groups = crate::groups::list(&s.db, &p, &gq).await?.items;
         let invalid = !errors.is_empty() || general.is_some();
         let extra = context! {
             counts => status_counts(&s, &p).await?,
@@ -215,6 +218,8 @@ async fn devices_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Qu
             error => general.or(flash.error.clone()),
             pending_view => pending_view,
             here => here,
+            matching => q.query_string(),
+            static_groups => static_groups,
             ..table
         };
         Ok((s.ui.render("devices.html", context! { ..extra, ..ctx })?, invalid))

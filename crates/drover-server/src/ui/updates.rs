@@ -319,7 +319,7 @@ async fn deployments_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q)
 }
 
 /// What the new-deployment form was given, to show it again after a mistake.
-#[derive(Deserialize, Serialize, Default, Debug)]
+#[derive(Deserialize, Serialize, Default, Debug, Clone)]
 struct NewDeploymentForm {
     #[serde(default, skip_serializing)]
     csrf: String,
@@ -396,13 +396,40 @@ pub(super) async fn new_deployment_for(s: &AppState, p: &Principal, ids: &[Strin
 
 async fn render_new(s: &AppState, p: &Principal, form: &NewDeploymentForm, error: Option<AppError>) -> Response {
     let status = error.as_ref().map(AppError::status).unwrap_or(StatusCode::OK);
-    let flash = Flash { notice: None, error: error.map(|e| e.public_message()) };
+    // A mistake in what was typed shows under its field; anything else above the form.
+    let mut errors = std::collections::BTreeMap::new();
+    let mut general = None;
+    if let Some(e) = error {
+        let msg = e.public_message();
+        let field = match &e {
+            AppError::BadRequest(_) | AppError::NotFound(_) | AppError::Conflict(_) => {
+                if form.artifact.trim().is_empty() || msg.contains("artifact") {
+                    Some("artifact")
+                } else {
+                    match form.target.as_str() {
+                        "group" => Some("group"),
+                        "filter" => Some("filter"),
+                        "devices" => Some("devices"),
+                        _ => Some("target"),
+                    }
+                }
+            }
+            _ => None,
+        };
+        match field {
+            Some(f) => {
+                errors.insert(f, msg);
+            }
+            None => general = Some(msg),
+        }
+    }
+    let flash = Flash { notice: None, error: general };
     let r: AppResult<Html<String>> = async {
         let ctx = page_ctx(s, p, "deployments", &flash).await?;
         let artifacts =
             artifacts::list(&s.db, p, &ArtifactListQuery { limit: Some(200), ..Default::default() }).await?;
         let groups = groups::list(&s.db, p, &GroupListQuery { limit: Some(500), ..Default::default() }).await?;
-        let extra = context! { artifacts => artifacts.items, groups => groups.items, f => form };
+        let extra = context! { artifacts => artifacts.items, groups => groups.items, f => form, errors => errors };
         s.ui.render("deployment_new.html", merge(ctx, extra))
     }
     .await;
@@ -416,8 +443,19 @@ async fn deployment_create(State(s): State<AppState>, UiUser(p): UiUser, Form(f)
     if let Err(e) = check_csrf(&p, &f.csrf) {
         return error_page(&s, e);
     }
-    let created = match f.request() {
-        Ok(req) => deployments::create(&s.db, &s.engine, &p, req).await,
+    // Devices may be given by name: the form keeps what was typed, the request takes ids.
+    let ids = match f.target.as_str() {
+        "devices" => super::resolve_devices(&s, &p, &f.devices).await.map(|ids| Some(ids.join("\n"))),
+        _ => Ok(None),
+    };
+    let created = match ids {
+        Ok(ids) => {
+            let typed = NewDeploymentForm { devices: ids.unwrap_or_else(|| f.devices.clone()), csrf: String::new(), ..f.clone() };
+            match typed.request() {
+                Ok(req) => deployments::create(&s.db, &s.engine, &p, req).await,
+                Err(e) => Err(e),
+            }
+        }
         Err(e) => Err(e),
     };
     match created {
