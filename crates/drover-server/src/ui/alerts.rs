@@ -41,6 +41,19 @@ struct FlashQuery {
 
 async fn alerts_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Query<FlashQuery>) -> Response {
     let flash = Flash { notice: q.notice, error: q.error };
+    render_alerts(&s, &p, flash, None, Default::default()).await
+}
+
+/// The alerts page; after a failed silence, with its form as typed and the error under the field.
+async fn render_alerts(
+    s: &AppState,
+    p: &crate::auth::Principal,
+    flash: Flash,
+    form: Option<&SilenceForm>,
+    errors: std::collections::BTreeMap<&'static str, String>,
+) -> Response {
+    let (s, p) = (s.clone(), p);
+    let status = if errors.is_empty() { axum::http::StatusCode::OK } else { axum::http::StatusCode::BAD_REQUEST };
     let r: AppResult<Html<String>> = async {
         let ctx = page_ctx(&s, &p, "alerts", &flash).await?;
         let current = rules::list_alerts(&s.db, &p, &AlertListQuery::default()).await?;
@@ -53,16 +66,23 @@ async fn alerts_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Que
             "alerts.html",
             merge(
                 ctx,
-                context! { alerts => current, history => history.items, silences => silences, rules => rule_list, names => names },
+                context! {
+                    alerts => current, history => history.items, silences => silences, rules => rule_list,
+                    names => names, sf => form, errors => errors,
+                },
             ),
         )
     }
     .await;
-    r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
+    match r {
+        Ok(html) => (status, html).into_response(),
+        Err(e) => error_page(&s, e),
+    }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, serde::Serialize)]
 struct SilenceForm {
+    #[serde(skip_serializing)]
     csrf: String,
     rule: Option<String>,
     filter: Option<String>,
@@ -74,19 +94,33 @@ async fn silence_create(State(s): State<AppState>, UiUser(p): UiUser, Form(f): F
     if let Err(e) = check_csrf(&p, &f.csrf) {
         return error_page(&s, e);
     }
+    let again = |field: &'static str, msg: String| {
+        let f = &f;
+        let s = &s;
+        let p = &p;
+        async move { render_alerts(s, p, Flash::default(), Some(f), [(field, msg)].into_iter().collect()).await }
+    };
     let hours: f64 = match f.hours.as_deref().unwrap_or("1").trim().parse() {
         Ok(h) if h > 0.0 && h <= 8760.0 => h,
-        _ => return back("/alerts", Err(AppError::BadRequest("give the duration in hours (up to a year)".into()))),
+        _ => return again("hours", "give the duration in hours (up to a year)".into()).await,
     };
     let req = CreateSilence {
-        rule: f.rule.filter(|r| !r.is_empty()),
-        filter: f.filter.filter(|r| !r.trim().is_empty()),
+        rule: f.rule.clone().filter(|r| !r.is_empty()),
+        filter: f.filter.clone().filter(|r| !r.trim().is_empty()),
         starts_at: None,
         ends_at: None,
         duration_s: Some((hours * 3600.0) as u64),
-        reason: f.reason,
+        reason: f.reason.clone(),
     };
-    back("/alerts", rules::create_silence(&s.db, &p, req).await.map(|_| "Silence created.".to_string()))
+    match rules::create_silence(&s.db, &p, req).await {
+        Ok(_) => back("/alerts", Ok("Silence created.".to_string())),
+        Err(e @ AppError::BadRequest(_)) => {
+            let msg = e.public_message();
+            let field = if msg.contains("filter") { "filter" } else if msg.contains("reason") { "reason" } else { "rule" };
+            again(field, msg).await
+        }
+        Err(e) => back("/alerts", Err(e)),
+    }
 }
 
 async fn silence_expire(

@@ -249,6 +249,7 @@ fn sign_in_and_use_the_ui_in_headless_chromium() {
     });
     b.click("#tab-accepted");
     b.wait_title("Devices");
+    b.screenshot("devices");
     b.click(&format!("a[href='/devices/{device_id}']"));
     b.wait_title("SN-BROWSER-1");
     assert_eq!(b.text("#device-status"), "accepted");

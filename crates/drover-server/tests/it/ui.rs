@@ -603,7 +603,11 @@ async fn group_pages_static_dynamic_and_the_live_preview() {
             &[("csrf", &csrf), ("name", "bad"), ("kind", "dynamic"), ("filter", "(")],
         )
         .await;
-        assert!(location(&r).starts_with("/groups?error="), "{}", location(&r));
+        // The form again, as typed, the reason under the filter.
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+        assert!(r.text.contains(r#"<span class="field-error" id="filter-error">invalid filter"#), "{}", r.text);
+        assert!(r.text.contains(r#"value="(""#) && r.text.contains(r#"value="bad""#));
+        assert!(r.text.contains(r#"value="dynamic" checked"#));
 
         // A static group: members added and removed by hand.
         let r = post_form(
