@@ -334,7 +334,9 @@ impl Conn {
                 topic_alias_max: Some(0),
                 wildcard_subscription_available: Some(1),
                 subscription_identifiers_available: Some(0),
-                shared_subscription_available: Some(1),
+                // Shared subscriptions are for services (droverd's replicas); a device may
+                // subscribe only to its own topics, so it is told there are none.
+                shared_subscription_available: Some(u8::from(matches!(self.identity, Identity::Service(_)))),
                 server_keep_alive: imposed,
                 ..no_properties()
             }),

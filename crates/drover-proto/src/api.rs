@@ -536,7 +536,8 @@ pub struct DeviceListQuery {
     pub limit: Option<u32>,
     pub cursor: Option<String>,
     /// `created_at` (default `-created_at`, newest first), `updated_at`, `last_seen_at`
-    /// (never-seen devices count as oldest), `id`; prefix `-` for descending.
+    /// (never-seen devices count as oldest), `id`, `name` (the display name); prefix `-` for
+    /// descending.
     pub sort: Option<String>,
     pub status: Option<DeviceStatus>,
     /// The filter language, e.g. `tag.region = "eu" and attr.arch = "aarch64" and online`

@@ -183,6 +183,9 @@ pub struct DeploymentListQuery {
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct DeploymentDevice {
     pub device_id: String,
+    /// The device's display name (its name, hostname, serial or id).
+    #[serde(default)]
+    pub display_name: String,
     pub state: UpdateState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,

@@ -184,6 +184,20 @@ impl TelemetryBatch {
 pub struct TelemetryAck {
     pub v: u32,
     pub seq: u64,
+    /// Points of this batch the server did not store because their `t` lay too far in the
+    /// future (the device's clock is ahead or unset); absent when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused_future: u64,
+    /// Points of this batch the server did not store because they were older than it keeps
+    /// raw points (often a clock at 1970 before time sync); absent when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused_old: u64,
+}
+
+impl TelemetryAck {
+    pub fn new(seq: u64) -> TelemetryAck {
+        TelemetryAck { v: crate::device::PROTOCOL_VERSION, seq, refused_future: 0, refused_old: 0 }
+    }
 }
 
 /// A comparison in a metric rule.
@@ -458,7 +472,7 @@ mod tests {
         assert_eq!(serde_json::to_string(&b).unwrap(), BATCH);
 
         let a: TelemetryAck = serde_json::from_str(ACK).unwrap();
-        assert_eq!(a, TelemetryAck { v: 1, seq: 42 });
+        assert_eq!(a, TelemetryAck::new(42));
         assert_eq!(serde_json::to_string(&a).unwrap(), ACK);
 
         let rs: RuleSet = serde_json::from_str(RULES).unwrap();

@@ -31,11 +31,11 @@ pub fn routes() -> Router<AppState> {
         .route("/tokens/{id}", get(get_token).delete(revoke_token))
         .route("/audit", get(list_audit))
         .route("/audit/verify", get(verify_audit))
-        .route("/enroll", post(enroll))
+        .route("/enroll", post(enroll_on_api))
         .route("/devices", get(list_devices))
         .route("/devices/preauthorize", post(preauthorize))
         .route("/devices/preauthorize/bulk", post(preauthorize_bulk))
-        .route("/devices/{id}", get(get_device))
+        .route("/devices/{id}", get(get_device).patch(patch_device))
         .route("/devices/{id}/tags", axum::routing::put(replace_device_tags).patch(patch_device_tags))
         .route("/groups", get(list_groups).post(create_group))
         .route("/groups/preview", get(preview_group))
@@ -92,7 +92,7 @@ impl utoipa::Modify for SecurityAddon {
         login, logout, me, change_password, get_organization, update_organization,
         list_users, create_user, get_user, update_user, delete_user, set_password,
         list_tokens, create_token, get_token, revoke_token, list_audit, verify_audit,
-        enroll, list_devices, get_device, accept_device, reject_device, decommission_device, preauthorize,
+        enroll, list_devices, get_device, patch_device, accept_device, reject_device, decommission_device, preauthorize,
         preauthorize_bulk, replace_device_tags, patch_device_tags,
         list_groups, create_group, preview_group, get_group, update_group, delete_group,
         list_group_devices, add_group_devices, remove_group_device,
@@ -300,12 +300,14 @@ async fn verify_audit(State(s): State<AppState>, p: Principal) -> AppResult<Json
     Ok(Json(audit::verify(&s.db).await.map_err(AppError::from)?))
 }
 
+/// Served on the HTTPS device endpoint (`device_listen`, port 8443), not on the operator API,
+/// which answers 403 unless `insecure_enroll_over_http` is on (development only).
 #[utoipa::path(post, path = "/api/v1/enroll", tag = "devices", request_body = EnrollRequest, security(),
     responses((status = 200, body = EnrollResponse, description = "Accepted: the certificate is in the answer"),
               (status = 202, body = EnrollResponse, description = "Pending an operator: ask again with the same CSR"),
               (status = 400, body = ErrorBody, description = "Malformed CSR or identity"),
               (status = 401, body = ErrorBody, description = "Unknown, revoked or expired enrollment token"),
-              (status = 403, body = ErrorBody, description = "Rejected or decommissioned device, or a used-up token"),
+              (status = 403, body = ErrorBody, description = "Rejected or decommissioned device, a used-up token, or sent to the operator API instead of the device endpoint"),
               (status = 409, body = ErrorBody, description = "The identity is enrolled already with another key")))]
 pub(crate) async fn enroll(
     State(s): State<AppState>,
@@ -313,6 +315,28 @@ pub(crate) async fn enroll(
     ApiJson(req): ApiJson<EnrollRequest>,
 ) -> AppResult<Response> {
     let source = crate::app::source_of(&parts);
+    let resp = crate::devices::enroll(&s.db, &s.ca, req, &source).await?;
+    let status = if resp.status == DeviceStatus::Pending { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok((status, Json(resp)).into_response())
+}
+
+/// `POST /api/v1/enroll` on the operator API: devices enroll on the HTTPS device endpoint,
+/// where their token is not sent in clear text; here only with the development switch.
+async fn enroll_on_api(State(s): State<AppState>, req: axum::extract::Request) -> AppResult<Response> {
+    if !s.config.insecure_enroll_over_http {
+        return Err(AppError::Forbidden(format!(
+            "enroll on the device endpoint, https://SERVER:{}/api/v1/enroll (device_listen), not on the \
+             operator API: here an enrollment token would travel in clear text",
+            s.config.device_listen.rsplit(':').next().filter(|p| !p.is_empty()).unwrap_or("8443")
+        )));
+    }
+    let (parts, body) = req.into_parts();
+    let source = crate::app::source_of(&parts);
+    let ApiJson(req) = <ApiJson<EnrollRequest> as axum::extract::FromRequest<()>>::from_request(
+        axum::extract::Request::from_parts(parts, body),
+        &(),
+    )
+    .await?;
     let resp = crate::devices::enroll(&s.db, &s.ca, req, &source).await?;
     let status = if resp.status == DeviceStatus::Pending { StatusCode::ACCEPTED } else { StatusCode::OK };
     Ok((status, Json(resp)).into_response())
@@ -336,6 +360,18 @@ async fn get_device(
     ApiPath(id): ApiPath<String>,
 ) -> AppResult<Json<DeviceDetail>> {
     Ok(Json(crate::devices::get_device_detail(&s.db, &p, &id).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "Device id")), request_body = DevicePatch,
+    responses((status = 200, body = Device, description = "The device with its new name (or, cleared, its hostname or serial as display name)"),
+              (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn patch_device(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<DevicePatch>,
+) -> AppResult<Json<Device>> {
+    Ok(Json(crate::devices::patch_device(&s.db, &p, &id, req).await?))
 }
 
 #[utoipa::path(put, path = "/api/v1/devices/{id}/tags", tag = "devices", params(("id" = String, Path, description = "Device id")), request_body = ReplaceTags,

@@ -124,6 +124,17 @@ pub fn main() -> ExitCode {
         }
         _ => {}
     }
+    let serving = matches!(args.command, None | Some(Command::Serve));
+    // A read-only command works on an existing server's data: run from the wrong directory,
+    // it must not make a new data directory (a new CA, a new admin) and print *that*.
+    let read_only = matches!(args.command, Some(Command::Ca { .. } | Command::Audit { .. }));
+    if read_only && !args.data_dir.is_dir() {
+        return fail(&format!(
+            "no data directory at {}: give the server's --data-dir (or DROVER_DATA_DIR); \
+             only `droverd serve` (or `token create`) makes a new one",
+            args.data_dir.display()
+        ));
+    }
     if let Err(e) = app::prepare_data_dir(&args.data_dir) {
         return fail(&e.to_string());
     }
@@ -142,7 +153,19 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string()),
     };
-    init_logging(&config.log, args.command.is_none() || matches!(args.command, Some(Command::Serve)));
+    if read_only
+        && let Some(path) = config
+            .effective_database_url()
+            .strip_prefix("sqlite://")
+            .map(|p| p.split('?').next().unwrap_or_default().to_string())
+        && !std::path::Path::new(&path).exists()
+    {
+        return fail(&format!(
+            "no database at {path}: this is not a server's data directory (give its --data-dir); \
+             only `droverd serve` (or `token create`) makes a new one"
+        ));
+    }
+    init_logging(&config.log, serving);
     // The one crypto provider (design decision 10), for the TLS that takes the process's
     // (object_store's S3 client); droverd's own TLS configurations name ring themselves.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -163,7 +186,17 @@ fn init_logging(filter: &str, serving: bool) {
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // One-off commands print their result; only warnings and errors go to the log.
     let filter = if serving { filter } else { tracing_subscriber::EnvFilter::new("warn") };
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour_on_stderr())
+        .try_init();
+}
+
+/// Colours only for a person at a terminal: not in a log file, and never with `NO_COLOR`.
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 async fn run(args: Args, config: Config) -> ExitCode {

@@ -55,6 +55,11 @@ mqtt_ca_file = ""
 # from the fleet CA for the names below. Empty: off.
 device_listen = "0.0.0.0:8443"
 
+# Development only: also take enrollment on the plain-HTTP API above (http_listen), where a
+# device's enrollment token travels in clear text. Off: devices enroll only on the HTTPS
+# device endpoint (device_listen), and the API answers them with where to go.
+insecure_enroll_over_http = false
+
 # Names and addresses devices use to reach this server: the device-facing certificate is
 # valid for these (and for this machine's hostname).
 public_names = ["localhost", "127.0.0.1"]
@@ -126,6 +131,7 @@ pub struct Config {
     pub mqtt_client_key_file: String,
     pub mqtt_ca_file: String,
     pub device_listen: String,
+    pub insecure_enroll_over_http: bool,
     pub public_names: Vec<String>,
     pub artifact_store: String,
     pub max_artifact_size: u64,
@@ -156,6 +162,7 @@ struct FileConfig {
     mqtt_client_key_file: Option<String>,
     mqtt_ca_file: Option<String>,
     device_listen: Option<String>,
+    insecure_enroll_over_http: Option<bool>,
     public_names: Option<Vec<String>>,
     artifact_store: Option<String>,
     max_artifact_size: Option<u64>,
@@ -214,6 +221,7 @@ impl Config {
             mqtt_client_key_file: String::new(),
             mqtt_ca_file: String::new(),
             device_listen: "0.0.0.0:8443".into(),
+            insecure_enroll_over_http: false,
             public_names: vec!["localhost".into(), "127.0.0.1".into()],
             artifact_store: String::new(),
             max_artifact_size: DEFAULT_MAX_ARTIFACT_SIZE,
@@ -309,6 +317,9 @@ impl Config {
         }
         if let Some(v) = f.public_names {
             self.public_names = v;
+        }
+        if let Some(v) = f.insecure_enroll_over_http {
+            self.insecure_enroll_over_http = v;
         }
         if let Some(v) = f.max_artifact_size {
             self.max_artifact_size = v;
@@ -417,6 +428,9 @@ impl Config {
         self.telemetry.apply_env(env)?;
         if let Some(v) = env("DROVER_SECURE_COOKIES") {
             self.secure_cookies = parsed("DROVER_SECURE_COOKIES", v)?;
+        }
+        if let Some(v) = env("DROVER_INSECURE_ENROLL_OVER_HTTP") {
+            self.insecure_enroll_over_http = parsed("DROVER_INSECURE_ENROLL_OVER_HTTP", v)?;
         }
         Ok(())
     }

@@ -121,10 +121,11 @@ pub async fn list(db: &Db, p: &Principal, q: &DeploymentListQuery) -> AppResult<
     Ok(Page { items, next_cursor })
 }
 
-type DeviceRow = (String, String, Option<i64>, Option<i64>, Option<String>, i64, i64);
+type DeviceRow = (String, String, Option<i64>, Option<i64>, Option<String>, i64, i64, Option<String>);
 
 fn to_device_row(r: DeviceRow) -> DeploymentDevice {
     DeploymentDevice {
+        display_name: r.7.filter(|n| !n.is_empty()).unwrap_or_else(|| r.0.clone()),
         device_id: r.0,
         state: UpdateState::parse(&r.1).unwrap_or(UpdateState::Pending),
         bytes: r.2.and_then(|b| u64::try_from(b).ok()),
@@ -157,7 +158,8 @@ pub async fn devices(db: &Db, p: &Principal, id: &str, q: &DeploymentDeviceQuery
     }
     page.apply(&mut f, None);
     let sql = format!(
-        "SELECT device_id, state, bytes, total, message, CASE WHEN log IS NULL THEN 0 ELSE 1 END, updated_at \
+        "SELECT device_id, state, bytes, total, message, CASE WHEN log IS NULL THEN 0 ELSE 1 END, updated_at, \
+         (SELECT d.display_name FROM devices d WHERE d.id = deployment_devices.device_id) \
          FROM deployment_devices{}{}",
         f.sql(),
         page.order_limit(None)

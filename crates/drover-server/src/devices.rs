@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use drover_proto::api::{
     BulkPreauthorized, CreateEnrollmentToken, CreatedEnrollmentToken, Device, DeviceDetail, DeviceEvent,
-    DeviceListQuery, DeviceStatus, EnrollRequest, EnrollResponse, EnrollmentToken, GroupKind, GroupRef, Page,
-    PatchTags, Preauthorize, Preauthorized, PrincipalKind, ReplaceTags, Role,
+    DeviceListQuery, DevicePatch, DeviceStatus, EnrollRequest, EnrollResponse, EnrollmentToken, GroupKind, GroupRef,
+    Page, PatchTags, Preauthorize, Preauthorized, PrincipalKind, ReplaceTags, Role,
 };
 use drover_proto::validate;
 
@@ -97,15 +97,79 @@ type DeviceRow = (
     Option<String>,
     Option<String>,
     Option<String>,
+    Option<String>,
+    String,
+    Option<String>,
 );
 const DEVICE_COLUMNS: &str = "d.id, d.status, d.identity, d.cert_not_after, d.enrolled_via, d.created_at, \
-                              d.updated_at, d.online, d.last_seen_at, d.agent, d.sw_artifact, d.sw_name, d.sw_version";
+                              d.updated_at, d.online, d.last_seen_at, d.agent, d.sw_artifact, d.sw_name, d.sw_version, \
+                              d.name, d.display_name, d.capabilities";
+
+/// Longest operator-set device name, in characters.
+pub const MAX_DEVICE_NAME: usize = 64;
+
+/// What a device is called: its operator-set name, else its inventory's hostname, else its
+/// identity's serial, else its id.
+pub fn display_name(
+    name: Option<&str>,
+    hostname: Option<&str>,
+    identity: &BTreeMap<String, String>,
+    id: &str,
+) -> String {
+    [name, hostname, identity.get("serial").map(String::as_str)]
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .find(|s| !s.is_empty())
+        .unwrap_or(id)
+        .to_string()
+}
+
+/// Recomputes a device's stored display name after its name, inventory or identity changed.
+pub(crate) async fn refresh_display_name(conn: &mut sqlx::AnyConnection, id: &str) -> Result<(), sqlx::Error> {
+    let row: Option<(Option<String>, String)> = sqlx::query_as("SELECT name, identity FROM devices WHERE id = $1")
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some((name, identity)) = row else { return Ok(()) };
+    let hostname: Option<(String,)> =
+        sqlx::query_as("SELECT value FROM device_attributes WHERE device_id = $1 AND key = 'hostname'")
+            .bind(id.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+    let shown = display_name(name.as_deref(), hostname.as_ref().map(|h| h.0.as_str()), &parse_map(&identity), id);
+    sqlx::query("UPDATE devices SET display_name = $1 WHERE id = $2 AND display_name <> $1")
+        .bind(shown)
+        .bind(id.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// An operator's name for a device: 1 to 64 characters, no control characters, no leading or
+/// trailing space, and not shaped like a device id (so a name never hides another device).
+pub fn check_device_name(name: &str) -> AppResult<()> {
+    let n = name.chars().count();
+    if n == 0 || n > MAX_DEVICE_NAME {
+        return Err(AppError::BadRequest(format!("name: 1 to {MAX_DEVICE_NAME} characters")));
+    }
+    if name.trim() != name {
+        return Err(AppError::BadRequest("name: no leading or trailing spaces".into()));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(AppError::BadRequest("name: no control characters".into()));
+    }
+    if uuid::Uuid::parse_str(name).is_ok() {
+        return Err(AppError::BadRequest("name: a device id cannot be a name".into()));
+    }
+    Ok(())
+}
 
 fn to_device(r: DeviceRow, tags: BTreeMap<String, String>) -> AppResult<Device> {
     Ok(Device {
-        display_name: r.0.clone(),
-        name: None,
-        capabilities: None,
+        display_name: if r.14.is_empty() { r.0.clone() } else { r.14 },
+        name: r.13,
+        capabilities: r.15.as_deref().map(parse_list),
         id: r.0,
         status: DeviceStatus::parse(&r.1)
             .ok_or_else(|| AppError::Internal(format!("unknown device status {:?}", r.1)))?,
@@ -310,7 +374,8 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
     let now = now_ms();
     sqlx::query(
         "INSERT INTO devices (id, org_id, status, identity, identity_hash, key_fingerprint, csr_pem, cert_pem, cert_serial, \
-         cert_not_after, enrolled_via, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)",
+         cert_not_after, enrolled_via, created_at, updated_at, display_name) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13)",
     )
     .bind(id.clone())
     .bind(org_id.clone())
@@ -324,6 +389,7 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
     .bind(cert.as_ref().map(|c| (c.not_after.unix_timestamp_nanos() / 1_000_000) as i64))
     .bind(via.clone())
     .bind(now)
+    .bind(display_name(None, None, &req.identity, &id))
     .execute(tx.conn())
     .await?;
     write_tags(tx.conn(), &id, &BTreeMap::new(), &tags).await?;
@@ -363,6 +429,7 @@ const DEVICE_SORTS: &[SortField] = &[
     // Never-seen devices sort as the oldest; the v4 index has the same expression.
     SortField { name: "last_seen_at", column: "COALESCE(d.last_seen_at, 0)", int: true },
     SortField { name: "id", column: "d.id", int: false },
+    SortField { name: "name", column: "d.display_name", int: false },
 ];
 
 /// A listing of an organization's devices, with the query's conditions and `extra` (a
@@ -388,8 +455,9 @@ pub(crate) async fn list_where(
         }
         let pat = format!("%{}%", like_escape(&text.to_lowercase()));
         f.and(
-            "(LOWER(d.id) LIKE ? ESCAPE '\\' OR LOWER(d.identity) LIKE ? ESCAPE '\\')",
-            [Bind::Text(pat.clone()), Bind::Text(pat)],
+            "(LOWER(d.display_name) LIKE ? ESCAPE '\\' OR LOWER(d.id) LIKE ? ESCAPE '\\' \
+             OR LOWER(d.identity) LIKE ? ESCAPE '\\')",
+            [Bind::Text(pat.clone()), Bind::Text(pat.clone()), Bind::Text(pat)],
         );
     }
     if let Some(text) = q.filter.as_deref().filter(|s| !s.trim().is_empty()) {
@@ -413,6 +481,7 @@ pub(crate) async fn list_where(
     let rows: Vec<DeviceRow> = bind_all(sqlx::query_as(&sql), &f.binds).fetch_all(&mut *conn).await?;
     let (rows, next_cursor) = page.finish(rows, |r| match by {
         "id" => (CursorValue::Text(r.0.clone()), None),
+        "name" => (CursorValue::Text(r.14.clone()), Some(r.0.clone())),
         "updated_at" => (CursorValue::Int(r.6), Some(r.0.clone())),
         "last_seen_at" => (CursorValue::Int(r.8.unwrap_or(0)), Some(r.0.clone())),
         _ => (CursorValue::Int(r.5), Some(r.0.clone())),
@@ -605,6 +674,38 @@ pub async fn patch_tags(db: &Db, p: &Principal, id: &str, req: PatchTags) -> App
         t
     })
     .await
+}
+
+/// `PATCH /api/v1/devices/{id}`: an operator names a device, or clears its name (`null`).
+pub async fn patch_device(db: &Db, p: &Principal, id: &str, req: DevicePatch) -> AppResult<Device> {
+    p.require(Role::Operator, "renaming devices")?;
+    if let Some(n) = &req.name {
+        check_device_name(n)?;
+    }
+    let mut tx = db.begin_write().await?;
+    let before = fetch_device(tx.conn(), p.org(), id).await?;
+    if before.name != req.name {
+        sqlx::query("UPDATE devices SET name = $1, updated_at = $2 WHERE id = $3")
+            .bind(req.name.clone())
+            .bind(now_ms())
+            .bind(id.to_string())
+            .execute(tx.conn())
+            .await?;
+        refresh_display_name(tx.conn(), id).await?;
+        let summary = match (&before.name, &req.name) {
+            (_, Some(n)) => format!("named {n:?} (was {:?})", before.display_name),
+            (Some(old), None) => format!("name {old:?} cleared"),
+            (None, None) => unreachable!("names differ"),
+        };
+        audit::append(
+            tx.conn(),
+            Event { actor: p, action: "device.rename", target_kind: "device", target_id: id, summary },
+        )
+        .await?;
+    }
+    let after = fetch_device(tx.conn(), p.org(), id).await?;
+    tx.commit().await?;
+    Ok(after)
 }
 
 /// An operator's decision about a device: accept, reject or decommission.

@@ -507,17 +507,15 @@ pub async fn handle_uplink(db: &Db, engine: &Arc<crate::engine::Engine>, topic: 
         Ok(Uplink::Status(s)) => {
             crate::presence::record_status(db, device_id, s.state == OnlineState::Online, now).await
         }
-        Ok(Uplink::Hello(h)) => {
-            match crate::presence::record_hello(db, device_id, &h.agent, h.boot_id.as_deref(), now).await {
-                Ok(()) => {
-                    if let Err(e) = crate::device_rules::on_hello(db, device_id).await {
-                        tracing::warn!(device_id, "device rule set not queued: {e}");
-                    }
-                    engine.on_hello(device_id, h.software.as_ref()).await
+        Ok(Uplink::Hello(h)) => match crate::presence::record_hello(db, device_id, &h, now).await {
+            Ok(()) => {
+                if let Err(e) = crate::device_rules::on_hello(db, device_id).await {
+                    tracing::warn!(device_id, "device rule set not queued: {e}");
                 }
-                Err(e) => Err(e),
+                engine.on_hello(device_id, h.software.as_ref()).await
             }
-        }
+            Err(e) => Err(e),
+        },
         Ok(Uplink::Inventory(i)) => crate::presence::record_inventory(db, device_id, &i.attributes, now).await,
         Ok(Uplink::Heartbeat(_)) => crate::presence::record_heartbeat(db, device_id, now).await,
         Ok(Uplink::UpdateReport(r)) => engine.on_report(device_id, r).await,

@@ -19,6 +19,8 @@
 //!   way, say) is sent again by the sweep, claimed by moving `sent_at`: the device answers a
 //!   repeated command with where it stands, so no row waits for ever on a device that is
 //!   online.
+//! - A device whose hello lists its capabilities without `update` never gets a command: its
+//!   unfinished rows end `incompatible` at once (at creation, at its hello, in the sweep).
 //! - Reports: final states stay final (a late report is ignored); the last final report
 //!   sets what the device runs (`software`); the deployment finishes when its last device
 //!   does. Progress reports (the same state, more bytes) are merged in memory and written
@@ -54,6 +56,12 @@ const SWEEP: Duration = Duration::from_secs(10);
 const STALE: i64 = 120_000;
 
 /// Rows with an older unfinished row of the same device wait (`dd` is the candidate row).
+/// Devices whose hello listed what they can do, without `update` (`devices.capabilities` is
+/// the JSON list of known capability names).
+const NO_UPDATES: &str = "d.capabilities IS NOT NULL AND d.capabilities NOT LIKE '%\"update\"%'";
+/// Why such a device's row ended `incompatible`.
+pub const NO_UPDATES_MESSAGE: &str =
+    "the device does not take updates: its hello lists no `update` capability (is [update] off in its agent's config?)";
 const IS_CURRENT: &str = "NOT EXISTS (SELECT 1 FROM deployment_devices o WHERE o.device_id = dd.device_id \
                           AND o.finished = 0 AND (o.created_at < dd.created_at OR \
                           (o.created_at = dd.created_at AND o.deployment_id < dd.deployment_id)))";
@@ -272,8 +280,32 @@ impl Engine {
         });
     }
 
+    /// Ends `incompatible` the unfinished rows (of one deployment, or of all) of devices whose
+    /// hello listed capabilities without `update`: such a device would never answer.
+    async fn end_incapable(&self, deployment_id: Option<&str>, device_id: Option<&str>) -> AppResult<usize> {
+        let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT dd.deployment_id, dd.device_id FROM deployment_devices dd JOIN devices d ON d.id = dd.device_id \
+             WHERE dd.finished = 0 AND {NO_UPDATES} AND ($1 = '' OR dd.deployment_id = $1) AND ($2 = '' OR dd.device_id = $2) \
+             LIMIT {BATCH}"
+        ))
+        .bind(deployment_id.unwrap_or_default().to_string())
+        .bind(device_id.unwrap_or_default().to_string())
+        .fetch_all(self.db.pool())
+        .await?;
+        let mut ended = 0;
+        for (dep, device) in rows {
+            let mut r = UpdateReport::new(dep, UpdateState::Incompatible);
+            r.message = Some(NO_UPDATES_MESSAGE.to_string());
+            if self.write_report(&device, &r).await? == Written::Current {
+                ended += 1;
+            }
+        }
+        Ok(ended)
+    }
+
     /// Claims and sends current, unsent rows of online devices: of one deployment, or of all.
     async fn send_unsent(&self, deployment_id: Option<&str>) -> AppResult<usize> {
+        self.end_incapable(deployment_id, None).await?;
         let mut sent = 0;
         let mut payloads: HashMap<String, Option<Vec<u8>>> = HashMap::new();
         loop {
@@ -466,6 +498,9 @@ impl Engine {
         .fetch_optional(self.db.pool())
         .await?;
         let Some((dep, _sent_at, online)) = row else { return Ok(()) };
+        if self.end_incapable(None, Some(device_id)).await? > 0 {
+            return Ok(());
+        }
         if resend {
             let mut tx = self.db.begin_write().await?;
             sqlx::query("UPDATE deployment_devices SET sent_at = $1 WHERE deployment_id = $2 AND device_id = $3")
@@ -521,7 +556,13 @@ impl Engine {
                 return Ok(());
             }
         }
-        self.progress.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        // Progress still waiting for the next flush belongs to this row too: a state change
+        // (say, downloading → installing) without byte counts keeps the last ones reported.
+        let mut r = r;
+        if let Some(p) = self.progress.lock().unwrap_or_else(|e| e.into_inner()).remove(&key) {
+            r.bytes = r.bytes.or(p.bytes);
+            r.total = r.total.or(p.total);
+        }
         let outcome = self.write_report(device_id, &r).await?;
         {
             let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());

@@ -428,7 +428,37 @@ CREATE INDEX devices_org_seen ON devices (org_id, (COALESCE(last_seen_at, 0)), i
         sqlite: crate::remote::links::MIGRATION_11,
         postgres: crate::remote::links::MIGRATION_11,
     },
+    Migration {
+        version: 12,
+        name: "devices: operator-set names, display names (name, hostname, serial or id), capabilities from the hello",
+        sqlite: MIGRATION_12_SQLITE,
+        postgres: MIGRATION_12_POSTGRES,
+    },
 ];
+
+/// Display names (v12): kept in a column so that every listing can show, search and sort by
+/// them; `devices::refresh_display_name` keeps it up to date.
+const MIGRATION_12_SQLITE: &str = r#"
+ALTER TABLE devices ADD COLUMN name TEXT;
+ALTER TABLE devices ADD COLUMN display_name TEXT NOT NULL DEFAULT '';
+ALTER TABLE devices ADD COLUMN capabilities TEXT;
+UPDATE devices SET display_name = COALESCE(
+    (SELECT NULLIF(a.value, '') FROM device_attributes a WHERE a.device_id = devices.id AND a.key = 'hostname'),
+    NULLIF(json_extract(identity, '$.serial'), ''),
+    id);
+CREATE INDEX devices_org_display_name ON devices (org_id, display_name, id);
+"#;
+
+const MIGRATION_12_POSTGRES: &str = r#"
+ALTER TABLE devices ADD COLUMN name TEXT;
+ALTER TABLE devices ADD COLUMN display_name TEXT NOT NULL DEFAULT '';
+ALTER TABLE devices ADD COLUMN capabilities TEXT;
+UPDATE devices SET display_name = COALESCE(
+    (SELECT NULLIF(a.value, '') FROM device_attributes a WHERE a.device_id = devices.id AND a.key = 'hostname'),
+    NULLIF(identity::json->>'serial', ''),
+    id);
+CREATE INDEX devices_org_display_name ON devices (org_id, display_name, id);
+"#;
 
 /// Software updates (v5), the same on both engines.
 const MIGRATION_5: &str = r#"

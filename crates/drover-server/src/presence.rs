@@ -103,9 +103,16 @@ pub async fn record_status(db: &Db, device_id: &str, online: bool, at_ms: i64) -
 
 /// The agent said who it is: its name/version and the id of the current boot. A boot id
 /// different from the last one stored means the device rebooted.
-pub async fn record_hello(db: &Db, device_id: &str, agent: &str, boot_id: Option<&str>, at_ms: i64) -> AppResult<()> {
-    let agent: String = agent.chars().take(256).collect();
-    let boot_id: Option<String> = boot_id.map(|b| b.chars().take(128).collect());
+pub async fn record_hello(db: &Db, device_id: &str, hello: &drover_proto::device::Hello, at_ms: i64) -> AppResult<()> {
+    let agent: String = hello.agent.chars().take(256).collect();
+    let boot_id: Option<String> = hello.boot_id.as_deref().map(|b| b.chars().take(128).collect());
+    // Known names only, each once, in the contract's order: what the console and the update
+    // engine go by.
+    let capabilities: Option<String> = hello.capabilities.as_ref().map(|caps| {
+        let known: Vec<&str> =
+            drover_proto::device::CAPABILITIES.iter().copied().filter(|c| caps.iter().any(|x| x == c)).collect();
+        serde_json::to_string(&known).unwrap_or_else(|_| "[]".into())
+    });
     let mut tx = db.begin_write().await?;
     let row: Option<(String, Option<String>, Option<String>)> =
         sqlx::query_as("SELECT status, boot_id, agent FROM devices WHERE id = $1")
@@ -117,12 +124,13 @@ pub async fn record_hello(db: &Db, device_id: &str, agent: &str, boot_id: Option
         return Ok(());
     }
     sqlx::query(&format!(
-        "UPDATE devices SET agent = $2, boot_id = COALESCE($3, boot_id), {BUMP_LAST_SEEN} WHERE id = $4"
+        "UPDATE devices SET agent = $2, boot_id = COALESCE($3, boot_id), capabilities = $5, {BUMP_LAST_SEEN} WHERE id = $4"
     ))
     .bind(at_ms)
     .bind(agent.clone())
     .bind(boot_id.clone())
     .bind(device_id.to_string())
+    .bind(capabilities)
     .execute(tx.conn())
     .await?;
     if let (Some(old), Some(new)) = (&old_boot, &boot_id)
@@ -204,6 +212,9 @@ pub async fn record_inventory(db: &Db, device_id: &str, attrs: &BTreeMap<String,
         .await?;
     if !(added.is_empty() && changed.is_empty() && removed.is_empty()) {
         add_event(tx.conn(), device_id, at_ms, EVENT_INVENTORY, &summarize(&added, &changed, &removed)).await?;
+    }
+    if [&added, &changed, &removed].iter().any(|keys| keys.contains(&"hostname")) {
+        crate::devices::refresh_display_name(tx.conn(), device_id).await?;
     }
     tx.commit().await?;
     Ok(())

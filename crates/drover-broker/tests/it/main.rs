@@ -464,6 +464,21 @@ async fn shared_subscriptions_split_traffic_between_replicas() {
     assert!(n1 > 0 && n2 > 0, "both replicas take a share: {n1} and {n2}");
 }
 
+/// A device may not use shared subscriptions (its ACL allows only its own topics), so its
+/// CONNACK says none are available; a service is told they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_services_are_offered_shared_subscriptions() {
+    let h = harness().await;
+    let shared = |p: &Packet| match p {
+        Packet::ConnAck(a) => Some(a.properties.as_ref().and_then(|p| p.shared_subscription_available)),
+        _ => None,
+    };
+    let mut d = Client::device(&h, "dev-share");
+    assert_eq!(d.expect("CONNACK", shared).await, Some(0));
+    let mut r = Client::service(&h, "replica-share");
+    assert_eq!(r.expect("CONNACK", shared).await, Some(1));
+}
+
 /// A server replica that stops reading (busy writing to its database) slows the devices down
 /// instead of losing their messages: with a queue of 4 and an in-flight window of 2, a device
 /// publishes 60 messages while the replica acknowledges nothing; once it does, all 60 arrive,

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use drover_proto::device::{Channel, PROTOCOL_VERSION};
+use drover_proto::device::Channel;
 use drover_proto::telemetry::{TelemetryAck, TelemetryBatch};
 use tokio::sync::{mpsc, watch};
 
@@ -35,6 +35,9 @@ pub struct Stats {
     pub events: AtomicU64,
     pub transactions: AtomicU64,
     pub write_errors: AtomicU64,
+    /// Points left out: stamped too far in the future, or older than the raw retention.
+    pub refused_future: AtomicU64,
+    pub refused_old: AtomicU64,
 }
 
 /// See the module documentation.
@@ -54,12 +57,20 @@ impl std::fmt::Debug for Ingest {
     }
 }
 
-/// Converts a checked wire batch.
-pub fn from_wire(device_id: &str, b: TelemetryBatch) -> Batch {
+/// Converts a checked wire batch, leaving out the points whose time is outside `window`
+/// (counted in the batch).
+pub fn from_wire(device_id: &str, b: TelemetryBatch, window: std::ops::RangeInclusive<i64>) -> Batch {
+    let before = b.points.len();
+    let refused_future = b.points.iter().filter(|p| p.t > *window.end()).count() as u64;
+    let points: Vec<Point> =
+        b.points.into_iter().filter(|p| window.contains(&p.t)).map(|p| Point { name: p.n, t: p.t, v: p.v }).collect();
+    let refused_old = (before - points.len()) as u64 - refused_future;
     Batch {
         device_id: device_id.to_string(),
         seq: b.seq,
-        points: b.points.into_iter().map(|p| Point { name: p.n, t: p.t, v: p.v }).collect(),
+        refused_future,
+        refused_old,
+        points,
         events: b
             .events
             .into_iter()
@@ -76,10 +87,13 @@ pub fn from_wire(device_id: &str, b: TelemetryBatch) -> Batch {
 }
 
 /// The `down/telemetry` message acknowledging `seq`.
-pub fn ack(device_id: &str, seq: u64) -> Outgoing {
+pub fn ack(b: &Batch) -> Outgoing {
+    let mut a = TelemetryAck::new(b.seq);
+    a.refused_future = b.refused_future;
+    a.refused_old = b.refused_old;
     Outgoing {
-        topic: drover_proto::device::topic(device_id, Channel::TelemetryAck),
-        payload: serde_json::to_vec(&TelemetryAck { v: PROTOCOL_VERSION, seq }).unwrap_or_default(),
+        topic: drover_proto::device::topic(&b.device_id, Channel::TelemetryAck),
+        payload: serde_json::to_vec(&a).unwrap_or_default(),
     }
 }
 
@@ -143,7 +157,17 @@ impl Ingest {
     /// Queues a device's batch (checked by `decode_uplink`); waits while the queue is full.
     /// Without a started writer the batch is written at once and not acknowledged.
     pub async fn submit(&self, device_id: &str, batch: TelemetryBatch) {
-        let b = from_wire(device_id, batch);
+        let b = from_wire(device_id, batch, self.config.window(crate::time::now_ms()));
+        if b.refused_future + b.refused_old > 0 {
+            self.stats.refused_future.fetch_add(b.refused_future, Ordering::Relaxed);
+            self.stats.refused_old.fetch_add(b.refused_old, Ordering::Relaxed);
+            tracing::debug!(
+                device_id,
+                future = b.refused_future,
+                too_old = b.refused_old,
+                "telemetry points outside the stored time window left out (is the device's clock set?)"
+            );
+        }
         match self.queue.get() {
             Some(q) => {
                 if q.send(b).await.is_err() {
@@ -209,7 +233,7 @@ impl Ingest {
                     // only (docs/protocol.md), so acking only the highest of a transaction
                     // would leave the others to be resent for ever.
                     for b in &group {
-                        if let Err(e) = acks.try_send(ack(&b.device_id, b.seq)) {
+                        if let Err(e) = acks.try_send(ack(b)) {
                             tracing::debug!(
                                 device_id = b.device_id,
                                 "telemetry ack not sent (the device will resend): {e}"

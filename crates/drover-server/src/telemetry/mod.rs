@@ -76,6 +76,10 @@ pub struct TelemetryConfig {
     pub prometheus_tags: Vec<String>,
     /// Metric names exposed on `/metrics/fleet`.
     pub prometheus_metrics: Vec<String>,
+    /// A point stamped more than this many seconds after the server's time is not stored
+    /// (the device's clock is ahead, or unset and garbage); nor is one older than the raw
+    /// retention. Both are counted and named in the batch's acknowledgement.
+    pub max_future_secs: u64,
 }
 
 impl Default for TelemetryConfig {
@@ -88,6 +92,7 @@ impl Default for TelemetryConfig {
             retention_events_days: 30,
             prometheus_tags: Vec::new(),
             prometheus_metrics: vec!["cpu.percent".into(), "mem.used_percent".into()],
+            max_future_secs: 300,
         }
     }
 }
@@ -95,6 +100,13 @@ impl Default for TelemetryConfig {
 impl TelemetryConfig {
     pub fn late_after_ms(&self) -> i64 {
         i64::try_from(self.late_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
+    /// The timestamps stored at `now` (Unix ms): from the raw retention's start to
+    /// `max_future_secs` ahead.
+    pub fn window(&self, now: i64) -> std::ops::RangeInclusive<i64> {
+        let ahead = i64::try_from(self.max_future_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        now.saturating_sub(days_ms(self.retention_raw_days))..=now.saturating_add(ahead)
     }
 }
 
@@ -113,6 +125,7 @@ pub struct TelemetryFile {
     retention_events_days: Option<u64>,
     prometheus_tags: Option<Vec<String>>,
     prometheus_metrics: Option<Vec<String>>,
+    max_future_secs: Option<u64>,
 }
 
 /// Telemetry flags of `droverd` (they override the file and the environment).
@@ -150,6 +163,7 @@ impl TelemetryConfig {
             (f.retention_1m_days, &mut self.retention_1m_days),
             (f.retention_1h_days, &mut self.retention_1h_days),
             (f.retention_events_days, &mut self.retention_events_days),
+            (f.max_future_secs, &mut self.max_future_secs),
         ];
         for (v, field) in nums {
             if let Some(v) = v {
@@ -171,6 +185,7 @@ impl TelemetryConfig {
             ("DROVER_RETENTION_1M_DAYS", &mut self.retention_1m_days),
             ("DROVER_RETENTION_1H_DAYS", &mut self.retention_1h_days),
             ("DROVER_RETENTION_EVENTS_DAYS", &mut self.retention_events_days),
+            ("DROVER_TELEMETRY_MAX_FUTURE_SECS", &mut self.max_future_secs),
         ];
         for (name, field) in nums {
             if let Some(v) = env(name) {

@@ -137,6 +137,17 @@ pub async fn render(s: &AppState, p: &Principal, now: i64) -> AppResult<String> 
     let _ = writeln!(out, "drover_telemetry_late_points_total {}", st.late_points.load(Ordering::Relaxed));
     out.push_str("# HELP drover_telemetry_batches_total Batches this replica wrote.\n# TYPE drover_telemetry_batches_total counter\n");
     let _ = writeln!(out, "drover_telemetry_batches_total {}", st.batches.load(Ordering::Relaxed));
+    out.push_str("# HELP drover_telemetry_refused_points_total Points not stored because their time was outside the stored window.\n# TYPE drover_telemetry_refused_points_total counter\n");
+    let _ = writeln!(
+        out,
+        "drover_telemetry_refused_points_total{{reason=\"future\"}} {}",
+        st.refused_future.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "drover_telemetry_refused_points_total{{reason=\"too_old\"}} {}",
+        st.refused_old.load(Ordering::Relaxed)
+    );
     out.push_str("# HELP drover_telemetry_write_errors_total Failed telemetry transactions.\n# TYPE drover_telemetry_write_errors_total counter\n");
     let _ = writeln!(out, "drover_telemetry_write_errors_total {}", st.write_errors.load(Ordering::Relaxed));
     Ok(out)

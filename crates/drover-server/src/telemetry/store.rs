@@ -81,6 +81,9 @@ pub struct Batch {
     pub events: Vec<Event>,
     /// The outbox's total drop count.
     pub dropped: u64,
+    /// Points left out because their time lay outside the stored window (future, too old).
+    pub refused_future: u64,
+    pub refused_old: u64,
 }
 
 /// What one write did.

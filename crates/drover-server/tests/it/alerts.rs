@@ -32,6 +32,8 @@ async fn points(app: &TestApp, device: &str, name: &str, pts: &[(i64, f64)], arr
         points: pts.iter().map(|(t, v)| Point { name: name.into(), t: *t, v: *v }).collect(),
         events: vec![],
         dropped: 0,
+        refused_future: 0,
+        refused_old: 0,
     };
     drover_server::telemetry::store::write(&app.db, &Cache::default(), &[batch], arrived, LATE_AFTER_MS).await.unwrap();
 }
@@ -43,6 +45,8 @@ async fn event(app: &TestApp, device: &str, id: &str, name: &str, t: i64, arrive
         points: vec![],
         events: vec![Event { id: id.into(), t, name: name.into(), severity: "critical".into(), data: "{}".into() }],
         dropped: 0,
+        refused_future: 0,
+        refused_old: 0,
     };
     drover_server::telemetry::store::write(&app.db, &Cache::default(), &[batch], arrived, LATE_AFTER_MS).await.unwrap();
 }
@@ -749,6 +753,8 @@ async fn device_rule_sets_are_pushed_on_change_and_on_hello() {
                 data,
             }],
             dropped: 0,
+            refused_future: 0,
+            refused_old: 0,
         };
         drover_server::telemetry::store::write(&app.db, &Cache::default(), &[batch], t, LATE_AFTER_MS).await.unwrap();
         let v = app.call(Method::GET, &format!("/api/v1/devices/{}/rules", ids[0]), Some(&viewer), None).await;

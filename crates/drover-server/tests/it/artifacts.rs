@@ -151,6 +151,7 @@ async fn uploads_are_verified_while_they_stream_and_bad_ones_leave_nothing() {
             db: app.db.clone(),
             state: drover_server::app::AppState::new(app.db.clone(), small, app.state.ca.clone()),
             app: axum::Router::new(),
+            device_app: axum::Router::new(),
             admin_token: app.admin_token.clone(),
             label: app.label,
         };

@@ -12,6 +12,10 @@ use crate::support::{TempDir, eventually, free_port};
 
 const W3C_ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
+/// These tests enroll their devices on the API's address (the device endpoint's port is
+/// random): the development switch for that, the pages are what they test.
+const ENROLL_OVER_HTTP: (&str, &str) = ("DROVER_INSECURE_ENROLL_OVER_HTTP", "true");
+
 pub(crate) struct Browser {
     driver: Child,
     base: String,
@@ -165,7 +169,11 @@ impl Drop for Browser {
 #[test]
 fn sign_in_and_use_the_ui_in_headless_chromium() {
     let dir = TempDir::new("browser");
-    let server = Server::start(&dir.path().join("data"), None, &[("DROVER_ADMIN_PASSWORD", "browser admin password")]);
+    let server = Server::start(
+        &dir.path().join("data"),
+        None,
+        &[("DROVER_ADMIN_PASSWORD", "browser admin password"), ENROLL_OVER_HTTP],
+    );
     let b = Browser::start();
 
     b.goto(&format!("{}/tokens", server.base));
@@ -311,7 +319,8 @@ impl ApiSession {
 fn upload_an_artifact_deploy_it_to_a_group_and_abort_in_headless_chromium() {
     let dir = TempDir::new("browser-updates");
     let password = "browser admin password";
-    let server = Server::start(&dir.path().join("data"), None, &[("DROVER_ADMIN_PASSWORD", password)]);
+    let server =
+        Server::start(&dir.path().join("data"), None, &[("DROVER_ADMIN_PASSWORD", password), ENROLL_OVER_HTTP]);
     let api = ApiSession::sign_in(&server.base, "admin", password);
 
     // A signed artifact on disk, as a release pipeline leaves it.
@@ -421,7 +430,7 @@ fn telemetry_charts_of_a_device_and_the_fleet_in_headless_chromium() {
     let dir = TempDir::new("browser-charts");
     let password = "browser admin password";
     let data = dir.path().join("data");
-    let server = Server::start(&data, None, &[("DROVER_ADMIN_PASSWORD", password)]);
+    let server = Server::start(&data, None, &[("DROVER_ADMIN_PASSWORD", password), ENROLL_OVER_HTTP]);
     let api = ApiSession::sign_in(&server.base, "admin", password);
     api.post("/devices/preauthorize", json!({"identities": [{"serial": "SN-CHART-1"}]}));
     let key = rcgen::KeyPair::generate().unwrap();
@@ -461,6 +470,8 @@ fn telemetry_charts_of_a_device_and_the_fleet_in_headless_chromium() {
             data: r#"{"door":"north"}"#.into(),
         }],
         dropped: 0,
+        refused_future: 0,
+        refused_old: 0,
     };
     let url = format!("sqlite://{}?mode=rw", data.join("drover.db").display());
     tokio::runtime::Runtime::new().unwrap().block_on(async {

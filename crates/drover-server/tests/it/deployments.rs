@@ -477,7 +477,10 @@ async fn end_to_end(db_url: Option<String>) {
         .await
         .unwrap()
     };
-    let ca = droverd_cli(&data, &["ca", "cert"]);
+    let ca = match &db_url {
+        None => droverd_cli(&data, &["ca", "cert"]),
+        Some(u) => droverd_cli(&data, &["--database-url", u, "ca", "cert"]),
+    };
     let (b2, t2) = (base.clone(), token.clone());
     let (status, t) =
         tokio::task::spawn_blocking(move || post(&b2, "/api/v1/enrollment-tokens", &t2, json!({"name": "factory"})))
@@ -723,4 +726,69 @@ async fn two_replicas_share_the_work_and_send_each_command_once() {
         app.db.close().await;
         tdb.drop_schema().await;
     }
+}
+
+/// What a device says it can do decides what it is sent: a device whose hello lists no
+/// `update` ends `incompatible` at once, with the reason, instead of staying pending for ever;
+/// one that never said (older firmware) is sent the install as before. And a state change
+/// keeps the download progress reported just before it (still waiting for the next flush).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_without_updates_end_incompatible_and_state_changes_keep_the_last_progress() {
+    each_backend!(|app| {
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1000);
+        app.state.engine.start_with(tx, stop.clone());
+        let operator = app.token("operator").await;
+        let art = uploaded(&app, &operator, "edge-app", "7.0.0", None).await;
+        let mut ids = Vec::new();
+        for (serial, caps) in [
+            ("SN-CAP-UPD", Some(vec!["terminal", "bogus", "update"])),
+            ("SN-CAP-NONE", Some(vec!["telemetry"])),
+            ("SN-CAP-OLD", None),
+        ] {
+            let (id, _, _) = accepted_device(&app, serial).await;
+            drover_server::presence::record_status(&app.db, &id, true, 1_000).await.unwrap();
+            let mut h = crate::support::hello("acme-fw/1.0", "boot-1");
+            h.capabilities = caps.map(|c| c.into_iter().map(String::from).collect());
+            drover_server::presence::record_hello(&app.db, &id, &h, 1_000).await.unwrap();
+            ids.push(id);
+        }
+        let (upd, none, old) = (ids[0].clone(), ids[1].clone(), ids[2].clone());
+        // Known names only, in the contract's order.
+        let d = app.admin(Method::GET, &format!("/api/v1/devices/{upd}"), None).await;
+        assert_eq!(d.body["capabilities"], json!(["update", "terminal"]), "{}", d.text);
+        let d = app.admin(Method::GET, &format!("/api/v1/devices/{old}"), None).await;
+        assert!(d.body.get("capabilities").is_none(), "{}", d.text);
+
+        let r = create(&app, &operator, json!({"artifact": art, "devices": ids})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let dep = r.body["id"].as_str().unwrap().to_string();
+        let mut sent = drain(&mut rx, Duration::from_millis(500)).await;
+        sent.sort();
+        let mut expected =
+            vec![(upd.clone(), dep.clone(), "install".into()), (old.clone(), dep.clone(), "install".into())];
+        expected.sort();
+        assert_eq!(sent, expected, "no install for the device that does not take updates");
+        let row = app.admin(Method::GET, &format!("/api/v1/deployments/{dep}/devices?state=incompatible"), None).await;
+        let items = row.body["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1, "{}", row.text);
+        assert_eq!(items[0]["device_id"], json!(none));
+        assert!(items[0]["message"].as_str().unwrap().contains("does not take updates"), "{}", row.text);
+
+        // Progress, then at once a state change without byte counts.
+        let e = app.state.engine.clone();
+        let mut p = report(&dep, UpdateState::Downloading);
+        e.on_report(&upd, p.clone()).await.unwrap();
+        for b in [100u64, 900, 1000] {
+            (p.bytes, p.total) = (Some(b), Some(1000));
+            e.on_report(&upd, p.clone()).await.unwrap();
+        }
+        e.on_report(&upd, report(&dep, UpdateState::Installing)).await.unwrap();
+        let r = app.admin(Method::GET, &format!("/api/v1/deployments/{dep}/devices?state=installing"), None).await;
+        assert_eq!(
+            (r.body["items"][0]["bytes"].clone(), r.body["items"][0]["total"].clone()),
+            (json!(1000), json!(1000))
+        );
+        let _ = stop_tx.send(true);
+    });
 }

@@ -5,7 +5,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::each_backend;
-use crate::support::TestApp;
+use crate::support::{TestApp, hello};
 
 /// A device's key and CSR, made the way an agent makes them.
 pub(crate) fn device_csr() -> String {
@@ -266,9 +266,9 @@ async fn presence_is_recorded_for_accepted_devices_only() {
                 .unwrap();
         assert_eq!((online, last_seen), (1, Some(5_700)));
 
-        presence::record_hello(db, &id, "drover-agent/0.1.0", Some("boot-a"), 6_000).await.unwrap();
-        presence::record_hello(db, &id, "drover-agent/0.1.0", Some("boot-a"), 6_500).await.unwrap();
-        presence::record_hello(db, &id, "drover-agent/0.2.0", Some("boot-b"), 7_000).await.unwrap();
+        presence::record_hello(db, &id, &hello("drover-agent/0.1.0", "boot-a"), 6_000).await.unwrap();
+        presence::record_hello(db, &id, &hello("drover-agent/0.1.0", "boot-a"), 6_500).await.unwrap();
+        presence::record_hello(db, &id, &hello("drover-agent/0.2.0", "boot-b"), 7_000).await.unwrap();
         let ev = events(db.clone(), id.clone()).await;
         assert_eq!(ev.iter().filter(|e| e.0 == "rebooted").count(), 1, "{ev:?}");
         assert!(ev.last().unwrap().1.contains("0.2.0"));
@@ -303,7 +303,7 @@ async fn presence_is_recorded_for_accepted_devices_only() {
         assert!(!presence::device_may_connect(db, &id).await.unwrap());
         let before = events(db.clone(), id.clone()).await.len();
         presence::record_status(db, &id, false, 10_000).await.unwrap();
-        presence::record_hello(db, &id, "x", Some("boot-c"), 10_000).await.unwrap();
+        presence::record_hello(db, &id, &hello("x", "boot-c"), 10_000).await.unwrap();
         presence::record_inventory(db, &id, &inv(&[("arch", "x86_64")]), 10_000).await.unwrap();
         presence::record_heartbeat(db, &id, 11_000).await.unwrap();
         assert_eq!(events(db.clone(), id.clone()).await.len(), before);
@@ -693,5 +693,113 @@ async fn enrollment_token_groups_are_joined_at_enrollment() {
         assert_eq!(d.body["tags"], json!({"site": "berlin"}));
         let tokens = app.call(Method::GET, "/api/v1/enrollment-tokens", Some(&operator), None).await;
         assert_eq!(tokens.body[0]["groups"], json!(["ops", "berlin"]));
+    });
+}
+
+/// Bad input tried: an enrollment (a valid token and CSR) sent to the plain-HTTP operator API
+/// instead of the HTTPS device endpoint.
+#[tokio::test]
+async fn enrollment_is_served_only_on_the_device_endpoint() {
+    each_backend!(|app| {
+        let created =
+            app.admin(Method::POST, "/api/v1/enrollment-tokens", Some(json!({"name": "factory", "max_uses": 5}))).await;
+        let secret = created.body["secret"].as_str().unwrap().to_string();
+        let body = json!({"csr_pem": device_csr(), "identity": {"serial": "SN-PLAIN"}, "token": secret});
+        let req = || {
+            axum::http::Request::builder()
+                .method(Method::POST)
+                .uri("/api/v1/enroll")
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body.to_string()))
+                .unwrap()
+        };
+        let r = app.send_api(req()).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
+        assert!(r.text.contains("device endpoint") && r.text.contains(":8443/api/v1/enroll"), "{}", r.text);
+        let devices = app.admin(Method::GET, "/api/v1/devices", None).await;
+        assert_eq!(devices.body["items"].as_array().unwrap().len(), 0, "nothing was enrolled");
+        let tokens = app.admin(Method::GET, "/api/v1/enrollment-tokens", None).await;
+        assert!(tokens.text.contains("\"uses\":0"), "the token was not used: {}", tokens.text);
+
+        // The development switch takes it on the API too.
+        let mut config = app.state.config.clone();
+        config.insecure_enroll_over_http = true;
+        let state = drover_server::app::AppState::new(app.db.clone(), config, app.state.ca.clone());
+        let dev = drover_server::app::router(state);
+        let resp = tower::ServiceExt::oneshot(dev, req()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        // And the device endpoint takes it as always.
+        let r = enroll(&app, &device_csr(), json!({"serial": "SN-TLS"}), Some(&secret)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    });
+}
+
+/// A device is called by its operator-set name, else its inventory's hostname, else its
+/// serial, else its id — in the API, its search and its sort. Bad input tried: an empty name,
+/// one with a control character, one with surrounding spaces, a 65-character one, one shaped
+/// like a device id, an unknown field, and a viewer renaming.
+#[tokio::test]
+async fn devices_have_display_names_that_operators_can_set() {
+    each_backend!(|app| {
+        let operator = app.token("operator").await;
+        let viewer = app.token("viewer").await;
+        let created = app.admin(Method::POST, "/api/v1/enrollment-tokens", Some(json!({"name": "names"}))).await;
+        let secret = created.body["secret"].as_str().unwrap().to_string();
+        let r = enroll(&app, &device_csr(), json!({"serial": "SN-NAME-1", "mac": "aa:bb"}), Some(&secret)).await;
+        let id = r.body["device_id"].as_str().unwrap().to_string();
+        let r = enroll(&app, &device_csr(), json!({"mac": "cc:dd"}), Some(&secret)).await;
+        let no_serial = r.body["device_id"].as_str().unwrap().to_string();
+        let get = |id: String| {
+            let app = &app;
+            async move { app.admin(Method::GET, &format!("/api/v1/devices/{id}"), None).await.body }
+        };
+        assert_eq!(get(id.clone()).await["display_name"], "SN-NAME-1");
+        assert_eq!(get(no_serial.clone()).await["display_name"], json!(no_serial), "no serial: the id");
+
+        // The hostname from its inventory wins over the serial, and follows the inventory.
+        drover_server::presence::record_status(&app.db, &id, true, 1_000).await.unwrap();
+        let inv = |h: &str| [("hostname".to_string(), h.to_string())].into_iter().collect();
+        drover_server::presence::record_inventory(&app.db, &id, &inv("kiosk-lobby"), 2_000).await.unwrap();
+        assert_eq!(get(id.clone()).await["display_name"], "kiosk-lobby");
+
+        // An operator's name wins over both; it is audited; clearing it falls back.
+        let patch = |token: String, body: serde_json::Value| {
+            let (app, id) = (&app, id.clone());
+            async move { app.call(Method::PATCH, &format!("/api/v1/devices/{id}"), Some(&token), Some(body)).await }
+        };
+        let r = patch(viewer.clone(), json!({"name": "front door"})).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        for bad in [json!(""), json!("a\u{7}b"), json!(" padded"), json!("x".repeat(65)), json!(id.clone())] {
+            let r = patch(operator.clone(), json!({ "name": bad })).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.text);
+        }
+        let r = patch(operator.clone(), json!({"name": "x", "tags": {}})).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+        let r = patch(operator.clone(), json!({"name": "front door"})).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(
+            (r.body["name"].clone(), r.body["display_name"].clone()),
+            (json!("front door"), json!("front door"))
+        );
+        drover_server::presence::record_inventory(&app.db, &id, &inv("kiosk-2"), 3_000).await.unwrap();
+        assert_eq!(get(id.clone()).await["display_name"], "front door", "the inventory does not override a name");
+        let audit = app.admin(Method::GET, &format!("/api/v1/audit?target_id={id}&action=device.rename"), None).await;
+        assert!(audit.text.contains("named \\\"front door\\\" (was \\\"kiosk-lobby\\\")"), "{}", audit.text);
+
+        // Search and sort by the display name.
+        let r = app.admin(Method::GET, "/api/v1/devices?q=FRONT", None).await;
+        let found: Vec<&str> = r.body["items"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+        assert_eq!(found, [id.as_str()], "{}", r.text);
+        let r = app.admin(Method::GET, "/api/v1/devices?sort=name&limit=1", None).await;
+        let first = std::cmp::min(no_serial.clone(), "front door".to_string());
+        assert_eq!(r.body["items"][0]["display_name"], json!(first), "{}", r.text);
+        let next = r.body["next_cursor"].as_str().unwrap().to_string();
+        let r2 = app.admin(Method::GET, &format!("/api/v1/devices?sort=name&limit=1&cursor={next}"), None).await;
+        assert_ne!(r2.body["items"][0]["id"], r.body["items"][0]["id"], "the cursor moves on");
+
+        let r = patch(operator.clone(), json!({"name": null})).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert!(r.body.get("name").is_none());
+        assert_eq!(r.body["display_name"], "kiosk-2");
     });
 }

@@ -324,6 +324,26 @@ fn an_external_fleet_ca_is_used_instead_of_making_one() {
     let data = dir.path().join("data");
     let cert = own.join("fleet-ca.crt");
     let key = own.join("fleet-ca.key");
+    // A read-only command on a data directory that does not exist is refused, and makes none.
+    let err = run_fail(
+        droverd(&data, None).env("DROVER_CA_CERT_FILE", &cert).env("DROVER_CA_KEY_FILE", &key).args(["ca", "cert"]),
+    );
+    assert!(err.contains("no data directory at") && err.contains("--data-dir"), "{err}");
+    assert!(!data.exists());
+    let err = run_fail(droverd(&data, None).args(["audit", "verify"]));
+    assert!(err.contains("no data directory at"), "{err}");
+    std::fs::create_dir_all(&data).unwrap();
+    let err = run_fail(droverd(&data, None).args(["ca", "cert"]));
+    assert!(err.contains("no database at"), "{err}");
+    assert!(!data.join("ca").exists() && !data.join("drover.db").exists(), "nothing is made");
+    let out = droverd(&data, None)
+        .env("DROVER_CA_CERT_FILE", &cert)
+        .env("DROVER_CA_KEY_FILE", &key)
+        .env("DROVER_ADMIN_PASSWORD", "an admin password")
+        .args(["token", "create", "--role", "admin", "--name", "setup"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = droverd(&data, None)
         .env("DROVER_CA_CERT_FILE", &cert)
         .env("DROVER_CA_KEY_FILE", &key)

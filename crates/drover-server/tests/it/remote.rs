@@ -67,7 +67,7 @@ struct Broker {
 impl Broker {
     fn start(dir: &Path) -> Broker {
         let made = dir.join("ca-made");
-        crate::fleet::droverd_cli(&made, &["ca", "cert"]);
+        drover_server::ca::FleetCa::load_or_create(&made.join("ca"), "default").unwrap();
         let (cert, key) = (made.join("ca/fleet-ca.crt"), made.join("ca/fleet-ca.key"));
         let ca_pem = std::fs::read_to_string(&cert).unwrap();
         let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(&key).unwrap()).unwrap();

@@ -106,6 +106,7 @@ pub struct TestApp {
     pub db: Db,
     pub state: AppState,
     pub app: Router,
+    pub device_app: Router,
     pub admin_token: String,
     pub label: &'static str,
 }
@@ -134,11 +135,24 @@ impl TestApp {
         let ca = drover_server::app::open_ca(&config, &db).await.unwrap();
         let state = AppState::new(db.clone(), config, std::sync::Arc::new(ca));
         let app = router(state.clone());
-        TestApp { db, state, app, admin_token, label: tdb.label }
+        let device_app = drover_server::devnet::device_router(state.clone());
+        TestApp { db, state, app, device_app, admin_token, label: tdb.label }
     }
 
+    /// A request as droverd's listeners take it: enrollment on the device endpoint (as a
+    /// device sends it), everything else on the operator API.
     pub async fn send(&self, req: Request<Body>) -> Resp {
-        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let app = if req.uri().path() == "/api/v1/enroll" { &self.device_app } else { &self.app };
+        self.send_to(app, req).await
+    }
+
+    /// A request to the operator API, whatever its path.
+    pub async fn send_api(&self, req: Request<Body>) -> Resp {
+        self.send_to(&self.app, req).await
+    }
+
+    async fn send_to(&self, app: &Router, req: Request<Body>) -> Resp {
+        let resp = app.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = axum::body::to_bytes(resp.into_body(), 64 * 1024 * 1024).await.unwrap();
@@ -256,4 +270,15 @@ pub fn agent_bin() -> PathBuf {
             .unwrap_or_else(|| workspace_bin("drover-agent", "drover-agent"))
     })
     .clone()
+}
+
+/// A device's hello as an agent without capabilities sends it.
+pub fn hello(agent: &str, boot_id: &str) -> drover_proto::device::Hello {
+    drover_proto::device::Hello {
+        v: drover_proto::device::PROTOCOL_VERSION,
+        agent: agent.to_string(),
+        boot_id: Some(boot_id.to_string()),
+        software: None,
+        capabilities: None,
+    }
 }

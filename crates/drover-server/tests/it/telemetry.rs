@@ -22,6 +22,8 @@ fn batch(device: &str, seq: u64, points: &[(&str, i64, f64)]) -> Batch {
         points: points.iter().map(|(n, t, v)| Point { name: n.to_string(), t: *t, v: *v }).collect(),
         events: Vec::new(),
         dropped: 0,
+        refused_future: 0,
+        refused_old: 0,
     }
 }
 
@@ -556,6 +558,51 @@ mod e2e {
         assert_eq!(s, 200);
         let dropped = m.as_array().unwrap().iter().find(|x| x["name"] == "drover.outbox.dropped").unwrap();
         assert_eq!(dropped["last_value"], 7.0);
+
+        // Bad input: points stamped a day ahead (a clock set wrong), at 1970 (a clock never
+        // set) and eight days back (before the raw retention) are left out; the batch is
+        // stored and acknowledged — naming what was left out — so the device does not resend
+        // it for ever.
+        let day = 86_400_000;
+        let skewed = json!({"v":1,"seq":7,"points":[
+            {"n":"clock","t":now,"v":1.0},
+            {"n":"clock","t":now + day,"v":2.0},
+            {"n":"clock","t":1000,"v":3.0},
+            {"n":"clock","t":now - 8 * day,"v":4.0},
+        ]});
+        client.publish(&up, QoS::AtLeastOnce, false, skewed.to_string()).await.unwrap();
+        let ack = loop {
+            assert!(Instant::now() < deadline + Duration::from_secs(30), "no ack for the skewed batch");
+            let ev = tokio::time::timeout(Duration::from_secs(30), events.poll()).await.unwrap().unwrap();
+            if let Event::Incoming(Packet::Publish(p)) = ev {
+                let v: Value = serde_json::from_slice(&p.payload).unwrap();
+                if v["seq"] == 7 {
+                    break v;
+                }
+            }
+        };
+        assert_eq!(ack, json!({"v":1,"seq":7,"refused_future":1,"refused_old":2}));
+        let url = format!("{base}/api/v1/devices/{id}/metrics/clock?from=0&to={}&step=30d", now + 2 * day);
+        let tk = token.clone();
+        let (s, v) = tokio::task::spawn_blocking(move || get_json(&url, Some(&tk))).await.unwrap();
+        assert_eq!(s, 200, "{v}");
+        let stored: Vec<(i64, f64)> = v["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["count"].as_i64().unwrap(), p["max"].as_f64().unwrap()))
+            .collect();
+        assert_eq!(stored, vec![(1, 1.0)], "only the point inside the window is stored: {v}");
+        let metrics = crate::e2e::agent()
+            .get(&format!("{base}/metrics/fleet"))
+            .header("authorization", &format!("Bearer {token}"))
+            .call()
+            .unwrap()
+            .into_body()
+            .read_to_string()
+            .unwrap();
+        assert!(metrics.contains("drover_telemetry_refused_points_total{reason=\"future\"} 1"), "{metrics}");
+        assert!(metrics.contains("drover_telemetry_refused_points_total{reason=\"too_old\"} 2"), "{metrics}");
         drop(server);
     }
 
@@ -723,6 +770,8 @@ async fn ingest_cost() {
                         .collect(),
                     events: Vec::new(),
                     dropped: 0,
+                    refused_future: 0,
+                    refused_old: 0,
                 })
                 .collect()
         };

@@ -6,7 +6,7 @@ use axum::http::{Method, Request, StatusCode, header};
 use serde_json::json;
 
 use crate::each_backend;
-use crate::support::{ADMIN_PASSWORD, Resp, TestApp};
+use crate::support::{ADMIN_PASSWORD, Resp, TestApp, hello};
 
 fn form(pairs: &[(&str, &str)]) -> String {
     pairs
@@ -330,7 +330,7 @@ async fn device_pages_pending_accept_tags_decommission() {
         assert_eq!(device_status(&app, &a).await, "accepted");
 
         // The device page: identity, presence, agent, certificate, inventory, events.
-        drover_server::presence::record_hello(&app.db, &a, "drover-agent/0.1.0", Some("boot-1"), 1_700_000_000_000)
+        drover_server::presence::record_hello(&app.db, &a, &hello("drover-agent/0.1.0", "boot-1"), 1_700_000_000_000)
             .await
             .unwrap();
         drover_server::presence::record_status(&app.db, &a, true, 1_700_000_000_000).await.unwrap();

@@ -34,6 +34,8 @@ async fn telemetry(app: &TestApp, device: &str, points: &[(&str, i64, f64)], eve
             })
             .collect(),
         dropped: 0,
+        refused_future: 0,
+        refused_old: 0,
     };
     let now = drover_server::time::now_ms();
     drover_server::telemetry::store::write(&app.db, &Cache::default(), &[batch], now, 120_000).await.unwrap();
