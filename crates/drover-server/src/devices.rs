@@ -1152,7 +1152,7 @@ pub async fn ids_named(db: &Db, org: &str, name: &str) -> AppResult<Vec<String>>
 }
 
 /// The SQL for a device's display name (see `Device::display_name`).
-const DISPLAY_NAME: &str = "id";
+const DISPLAY_NAME: &str = "display_name";
 
 #[cfg(test)]
 mod tests {

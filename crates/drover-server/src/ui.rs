@@ -235,7 +235,7 @@ async fn resolve_devices(s: &AppState, p: &Principal, text: &str) -> Result<Vec<
             Ok(id) => out.push(id),
             Err(why) => {
                 let words: Vec<&str> = line.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty()).collect();
-                if words.len() < 2 {
+                if words.len() < 2 && words.first() == Some(&line) {
                     unknown.push(why);
                     continue;
                 }

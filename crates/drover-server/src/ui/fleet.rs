@@ -446,6 +446,8 @@ struct DeviceActionForm {
     return_to: Option<String>,
     /// The tag form: `key=value` lines.
     tags: Option<String>,
+    /// The rename form: the operator's name, empty to clear it.
+    name: Option<String>,
 }
 
 async fn device_action(
@@ -470,12 +472,23 @@ async fn device_action(
             .await;
             return back_to(&page, r.map(|_| "Tags saved.".to_string()));
         }
+        "name" => {
+            let name = f.name.as_deref().map(str::trim).filter(|n| !n.is_empty()).map(str::to_string);
+            let r = devices::patch_device(&s.db, &p, &id, drover_proto::api::DevicePatch { name }).await;
+            return back_to(
+                &page,
+                r.map(|d| match d.name {
+                    Some(_) => format!("Device renamed {}.", d.display_name),
+                    None => format!("Name cleared: the device shows as {}.", d.display_name),
+                }),
+            );
+        }
         "accept" => (DeviceStatus::Accepted, "accepted: its certificate is issued"),
         "reject" => (DeviceStatus::Rejected, "rejected"),
         _ => return error_page(&s, AppError::NotFound("no such action".into())),
     };
     let r = devices::decide(&s.db, &s.ca, &p, &id, to).await;
-    back_to(&page, r.map(|d| format!("Device {} {done}.", label(&d.identity))))
+    back_to(&page, r.map(|d| format!("Device {} {done}.", d.display_name)))
 }
 
 /// Like `back`, onto a page whose address may carry a query already (an earlier message is
@@ -493,11 +506,6 @@ fn back_to(page: &str, result: Result<String, AppError>) -> Response {
         return resp;
     }
     Redirect::to(&format!("{path}?{}&{flash}", keep.join("&"))).into_response()
-}
-
-/// How people recognise a device: its identity.
-fn label(identity: &BTreeMap<String, String>) -> String {
-    identity.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
 }
 
 // ---------------------------------------------------------------- enrollment

@@ -690,6 +690,35 @@ async fn names_overview_bulk_actions_and_the_audit_filters() {
         assert!(!list.text.contains("SN-N2"));
         let page = get(&app, &format!("/devices/{a}"), &session).await;
         assert!(page.text.contains("<title>Device gw berlin 1 · Drover</title>"), "{}", page.text);
+        // The rename form does what the PATCH route does, audited; empty clears the name.
+        assert!(page.text.contains(r#"id="rename-form""#) && page.text.contains(r#"name="name" value="gw berlin 1""#));
+        let r = post_form(&app, &format!("/devices/{b}/name"), &session, &[("csrf", &csrf), ("name", " edge 2 ")]).await;
+        assert_eq!(location(&r), format!("/devices/{b}?notice=Device%20renamed%20edge%202."));
+        let d = app.admin(Method::GET, &format!("/api/v1/devices/{b}"), None).await;
+        assert_eq!((d.body["name"].as_str(), d.body["display_name"].as_str()), (Some("edge 2"), Some("edge 2")));
+        let r = post_form(&app, &format!("/devices/{b}/name"), &session, &[("csrf", "wrong"), ("name", "sneaky")]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "no CSRF token");
+        let r = post_form(&app, &format!("/devices/{b}/name"), &session, &[("csrf", &csrf), ("name", "")]).await;
+        assert!(location(&r).contains("notice=Name%20cleared"), "{}", location(&r));
+        let d = app.admin(Method::GET, &format!("/api/v1/devices/{b}"), None).await;
+        assert_eq!(d.body["display_name"], "SN-N2");
+        let audit = app.admin(Method::GET, &format!("/api/v1/audit?action=device.rename&target_id={b}"), None).await;
+        assert_eq!(audit.body["items"].as_array().unwrap().len(), 2);
+
+        // Remote access only as far as the device offers it (absent: it never said, all offered).
+        assert!(page.text.contains(r#"id="terminal-button""#) && !page.text.contains(r#"id="no-remote""#));
+        let mut h = crate::support::hello("drover-agent/0.2.0", "boot-1");
+        h.capabilities = Some(vec!["update".into(), "telemetry".into()]);
+        drover_server::presence::record_hello(&app.db, &a, &h, drover_server::time::now_ms()).await.unwrap();
+        let page = get(&app, &format!("/devices/{a}"), &session).await;
+        assert!(!page.text.contains(r#"id="terminal-button""#) && !page.text.contains(r#"id="remote-button""#));
+        assert!(page.text.contains("This device does not offer remote access."), "{}", page.text);
+        h.capabilities = Some(vec!["files".into()]);
+        drover_server::presence::record_hello(&app.db, &a, &h, drover_server::time::now_ms()).await.unwrap();
+        let page = get(&app, &format!("/devices/{a}"), &session).await;
+        assert!(!page.text.contains(r#"id="terminal-button""#) && page.text.contains(r#"id="remote-button""#));
+        let remote = get(&app, &format!("/devices/{a}/remote"), &session).await;
+        assert!(remote.text.contains(r#"id="remote-upload""#) && !remote.text.contains(r#"id="web-ui""#));
 
         // The overview: presence counts linking to the filtered list, and readable recent changes.
         drover_server::presence::record_status(&app.db, &b, true, drover_server::time::now_ms()).await.unwrap();
@@ -735,11 +764,43 @@ async fn names_overview_bulk_actions_and_the_audit_filters() {
         let members = get(&app, &format!("/groups/{gid}"), &session).await;
         assert!(members.text.contains(">gw berlin 1</a>") && members.text.contains(">SN-N2</a>"), "{}", members.text);
 
-        // Bulk: deploy opens the new-deployment form with the devices.
+        // Bulk: deploy opens the new-deployment form with the devices; the form takes names.
+        let key = drover_artifact::SigningKey::generate().unwrap();
+        let file = crate::artifacts::build_artifact("edge-app", "1.0.0", &[7u8; 100], &[&key], None);
+        let up = app
+            .send(
+                Request::post("/api/v1/artifacts")
+                    .header(header::COOKIE, &session)
+                    .header("x-csrf-token", &csrf)
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .body(Body::from(file))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(up.status, StatusCode::CREATED, "{}", up.text);
+        let artifact = up.body["id"].as_str().unwrap().to_string();
         let r = post_form(&app, "/devices/bulk", &session, &[("csrf", &csrf), ("action", "deploy"), ("id", &a), ("id", &c)]).await;
         assert_eq!(r.status, StatusCode::OK);
         assert!(r.text.contains(&format!("{a}\n{c}</textarea>")), "{}", r.text);
         assert!(r.text.contains(r#"value="devices" checked"#));
+        let r = post_form(
+            &app,
+            "/deployments",
+            &session,
+            &[("csrf", &csrf), ("artifact", &artifact), ("target", "devices"), ("devices", "gw berlin 1\nnobody")],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(r.text.contains(r#"id="devices-error">no device is named &quot;nobody&quot;"#), "{}", r.text);
+        assert!(r.text.contains("gw berlin 1\nnobody</textarea>"), "what was typed is kept");
+        let r = post_form(
+            &app,
+            "/deployments",
+            &session,
+            &[("csrf", &csrf), ("artifact", &artifact), ("target", "devices"), ("devices", "gw berlin 1")],
+        )
+        .await;
+        assert!(location(&r).contains("created%20for%201%20device"), "{} {}", location(&r), r.text);
 
         // Bulk: decommission asks first, then does it.
         let r = post_form(&app, "/devices/bulk", &session, &[("csrf", &csrf), ("action", "decommission"), ("id", &c)]).await;
