@@ -195,7 +195,30 @@
     return `${Math.round(s / 86_400)} days ago`;
   }
 
-  const localTime = (ms) => new Date(ms).toLocaleString();
+  // One time format across the console: UTC, with its zone (the server renders the same).
+  const pad = (n) => String(n).padStart(2, "0");
+  function utc(ms, seconds = true) {
+    const d = new Date(ms);
+    const day = `${d.getUTCFullYear()}-${pad(d.getUTCMonth() + 1)}-${pad(d.getUTCDate())}`;
+    const time = `${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())}${seconds ? `:${pad(d.getUTCSeconds())}` : ""}`;
+    return `${day} ${time} UTC`;
+  }
+  const localTime = (ms) => utc(ms);
+
+  /** The time axis in UTC: hours and minutes, with the day when the range spans days. */
+  function timeAxis() {
+    return {
+      values: (u, splits) => {
+        const days = u.scales.x.max - u.scales.x.min > 86_400;
+        const labels = splits.map((t) => {
+          const d = new Date(t * 1000);
+          const hm = `${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())}`;
+          return days ? `${pad(d.getUTCMonth() + 1)}-${pad(d.getUTCDate())} ${hm}` : hm;
+        });
+        return labels.map((l, i) => (i > 0 && l === labels[i - 1] ? "" : l));
+      },
+    };
+  }
 
   // ------------------------------------------------------------------ gaps
 
@@ -270,6 +293,8 @@
             height: this.height(),
             cursor: { drag: { x: true, y: false } },
             legend: { live: true },
+            // Ticks fall on whole UTC hours and days, as the labels read.
+            tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),
           },
           opts,
         );
@@ -465,7 +490,7 @@
       );
       const f = (u, v) => fmt(v, card.unit);
       const series = [timeSeries, { label: spread ? "avg" : card.metric, stroke: ACCENT, width: 2, value: f }];
-      const opts = { series, axes: [{}, valueAxis(card.unit)], scales: { y: { range: yRange(card.unit) } } };
+      const opts = { series, axes: [timeAxis(), valueAxis(card.unit)], scales: { y: { range: yRange(card.unit) } } };
       if (spread) {
         series.push({ label: "min", stroke: EDGE, width: 1, value: f }, { label: "max", stroke: EDGE, width: 1, value: f });
         opts.bands = [{ series: [3, 2], fill: BAND }];
@@ -639,7 +664,7 @@
             { label: "p95", stroke: "#b54708", width: 1.5, dash: [6, 4], value: f },
           ],
           bands: [{ series: [3, 2], fill: BAND }],
-          axes: [{}, valueAxis(unit)],
+          axes: [timeAxis(), valueAxis(unit)],
           scales: { y: { range: yRange(unit) } },
         },
         data.slice(0, 6),
@@ -650,7 +675,7 @@
         "devices",
         {
           series: [timeSeries, { label: "devices", stroke: "#475467", fill: "rgba(71, 84, 103, 0.10)", width: 1.5, value: count, paths: uPlot.paths.stepped({ align: 1 }) }],
-          axes: [{}, valueAxis("", (v) => (Number.isInteger(v) ? String(v) : ""))],
+          axes: [timeAxis(), valueAxis("", (v) => (Number.isInteger(v) ? String(v) : ""))],
           scales: { y: { range: yRange("devices") } },
         },
         [data[0], data[6]],
@@ -717,7 +742,7 @@
       );
       this.split.draw(
         `split:${values.join("\u0000")}`,
-        { series, axes: [{}, valueAxis(unit)], scales: { y: { range: yRange(unit) } } },
+        { series, axes: [timeAxis(), valueAxis(unit)], scales: { y: { range: yRange(unit) } } },
         data,
         [ctx.from / 1000, ctx.to / 1000],
       );
@@ -851,7 +876,7 @@
       this.lastLoad = Date.now();
       const crashed = results.find((x) => x.status === "rejected" && !isAbort(x.reason));
       if (crashed) console.error(crashed.reason);
-      const when = new Date().toLocaleTimeString();
+      const when = utc(Date.now());
       const again = r.refresh ? " · refreshes every 30 s" : "";
       if (ctx.fatal) this.say(ctx.fatal, "error");
       else if (crashed) this.say(`Updated ${when}, but drawing failed: ${crashed.reason}`, "error");

@@ -45,6 +45,7 @@ const SORTS: &[(&str, &str)] = &[
     ("updated_at", "least recently changed"),
     ("-last_seen_at", "recently seen"),
     ("last_seen_at", "longest unseen"),
+    ("name", "name"),
     ("id", "id"),
 ];
 
