@@ -234,7 +234,8 @@ async fn resolve_devices(s: &AppState, p: &Principal, text: &str) -> Result<Vec<
         match one(line.to_string()).await? {
             Ok(id) => out.push(id),
             Err(why) => {
-                let words: Vec<&str> = line.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty()).collect();
+                let words: Vec<&str> =
+                    line.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty()).collect();
                 if words.len() < 2 && words.first() == Some(&line) {
                     unknown.push(why);
                     continue;
@@ -298,7 +299,8 @@ fn readable_summary(summary: &str, name: Option<&str>) -> String {
     while let Some(start) = rest.find('{') {
         out.push_str(&rest[..start]);
         let tail = &rest[start..];
-        let mut de = serde_json::Deserializer::from_str(tail).into_iter::<std::collections::BTreeMap<String, serde_json::Value>>();
+        let mut de = serde_json::Deserializer::from_str(tail)
+            .into_iter::<std::collections::BTreeMap<String, serde_json::Value>>();
         match de.next() {
             Some(Ok(map)) => {
                 let used = de.byte_offset();
@@ -838,8 +840,7 @@ async fn audit(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Query<Aud
                 Err(e) => return error_page(&s, e),
             },
             Some("user") => {
-                let users =
-                    ops::list_users(&s.db, &p, &UserListQuery { limit: Some(500), ..Default::default() }).await;
+                let users = ops::list_users(&s.db, &p, &UserListQuery { limit: Some(500), ..Default::default() }).await;
                 Ok(users.ok().and_then(|u| u.items.into_iter().find(|u| u.username == t)).map(|u| u.id))
             }
             Some(_) => Ok(None),
@@ -894,9 +895,24 @@ async fn audit(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Query<Aud
             url
         });
         let actions = [
-            "device.", "deployment.", "artifact.", "group.", "remote.", "alert.", "user.", "token.", "session.",
-            "organization.", "device.accept", "device.reject", "device.decommission", "device.tags",
-            "deployment.create", "deployment.abort", "session.login", "session.logout",
+            "device.",
+            "deployment.",
+            "artifact.",
+            "group.",
+            "remote.",
+            "alert.",
+            "user.",
+            "token.",
+            "session.",
+            "organization.",
+            "device.accept",
+            "device.reject",
+            "device.decommission",
+            "device.tags",
+            "deployment.create",
+            "deployment.abort",
+            "session.login",
+            "session.logout",
         ];
         let qv = context! {
             action => q.action, actor => q.actor, target_kind => q.target_kind, target => q.target,

@@ -52,16 +52,15 @@ async fn render_alerts(
     form: Option<&SilenceForm>,
     errors: std::collections::BTreeMap<&'static str, String>,
 ) -> Response {
-    let (s, p) = (s.clone(), p);
     let status = if errors.is_empty() { axum::http::StatusCode::OK } else { axum::http::StatusCode::BAD_REQUEST };
     let r: AppResult<Html<String>> = async {
-        let ctx = page_ctx(&s, &p, "alerts", &flash).await?;
-        let current = rules::list_alerts(&s.db, &p, &AlertListQuery::default()).await?;
-        let history = rules::history(&s.db, &p, &HistoryQuery { limit: Some(50), ..Default::default() }).await?;
-        let silences = rules::list_silences(&s.db, &p).await?;
-        let rule_list = rules::list_rules(&s.db, &p).await?;
+        let ctx = page_ctx(s, p, "alerts", &flash).await?;
+        let current = rules::list_alerts(&s.db, p, &AlertListQuery::default()).await?;
+        let history = rules::history(&s.db, p, &HistoryQuery { limit: Some(50), ..Default::default() }).await?;
+        let silences = rules::list_silences(&s.db, p).await?;
+        let rule_list = rules::list_rules(&s.db, p).await?;
         let ids = current.iter().filter_map(|a| a.device_id.as_deref());
-        let names = device_names(&s, &p, ids.chain(history.items.iter().filter_map(|e| e.device_id.as_deref()))).await?;
+        let names = device_names(s, p, ids.chain(history.items.iter().filter_map(|e| e.device_id.as_deref()))).await?;
         s.ui.render(
             "alerts.html",
             merge(
@@ -76,7 +75,7 @@ async fn render_alerts(
     .await;
     match r {
         Ok(html) => (status, html).into_response(),
-        Err(e) => error_page(&s, e),
+        Err(e) => error_page(s, e),
     }
 }
 
@@ -116,7 +115,13 @@ async fn silence_create(State(s): State<AppState>, UiUser(p): UiUser, Form(f): F
         Ok(_) => back("/alerts", Ok("Silence created.".to_string())),
         Err(e @ AppError::BadRequest(_)) => {
             let msg = e.public_message();
-            let field = if msg.contains("filter") { "filter" } else if msg.contains("reason") { "reason" } else { "rule" };
+            let field = if msg.contains("filter") {
+                "filter"
+            } else if msg.contains("reason") {
+                "reason"
+            } else {
+                "rule"
+            };
             again(field, msg).await
         }
         Err(e) => back("/alerts", Err(e)),

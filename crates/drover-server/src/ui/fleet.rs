@@ -339,7 +339,12 @@ async fn devices_bulk(
                 Ok(a) => {
                     return back_to(
                         here,
-                        Ok(format!("{} device{} added to the group, {} were members already.", a.added, plural(a.added as usize), a.already)),
+                        Ok(format!(
+                            "{} device{} added to the group, {} were members already.",
+                            a.added,
+                            plural(a.added as usize),
+                            a.already
+                        )),
                     );
                 }
                 Err(e) => return back_to(here, Err(e)),

@@ -197,7 +197,9 @@ async fn group_add(
         return error_page(&s, e);
     }
     let r = match super::resolve_devices(&s, &p, &f.devices).await {
-        Ok(devices) if devices.is_empty() => Err(AppError::BadRequest("give the names or ids of the devices to add".into())),
+        Ok(devices) if devices.is_empty() => {
+            Err(AppError::BadRequest("give the names or ids of the devices to add".into()))
+        }
         Ok(devices) => groups::add_devices(&s.db, &p, &id, AddGroupDevices { devices }).await,
         Err(e) => Err(e),
     };

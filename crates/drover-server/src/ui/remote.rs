@@ -80,7 +80,10 @@ async fn terminal_page(
         p.require(Role::Operator, "opening a remote session")?;
         let ctx = page_ctx(&s, &p, "devices", &flash).await?;
         let device = devices::get_device_detail(&s.db, &p, &id).await?;
-        s.ui.render("device_terminal.html", merge(ctx, context! { offers => super::remote_offers(&device.device), d => device }))
+        s.ui.render(
+            "device_terminal.html",
+            merge(ctx, context! { offers => super::remote_offers(&device.device), d => device }),
+        )
     }
     .await;
     r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
@@ -122,7 +125,10 @@ async fn sessions_page(State(s): State<AppState>, UiUser(p): UiUser, Query(flash
         let rows = sessions::list(&s.db, &p, &SessionListQuery { device: None, limit: Some(200) }).await?;
         let settings = sessions::settings(&s.db, &p).await?;
         let names = device_names(&s, &p, rows.iter().map(|r| r.device_id.as_str())).await?;
-        s.ui.render("remote_sessions.html", merge(ctx, context! { sessions => rows, settings => settings, names => names }))
+        s.ui.render(
+            "remote_sessions.html",
+            merge(ctx, context! { sessions => rows, settings => settings, names => names }),
+        )
     }
     .await;
     r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))

@@ -450,7 +450,11 @@ async fn deployment_create(State(s): State<AppState>, UiUser(p): UiUser, Form(f)
     };
     let created = match ids {
         Ok(ids) => {
-            let typed = NewDeploymentForm { devices: ids.unwrap_or_else(|| f.devices.clone()), csrf: String::new(), ..f.clone() };
+            let typed = NewDeploymentForm {
+                devices: ids.unwrap_or_else(|| f.devices.clone()),
+                csrf: String::new(),
+                ..f.clone()
+            };
             match typed.request() {
                 Ok(req) => deployments::create(&s.db, &s.engine, &p, req).await,
                 Err(e) => Err(e),
@@ -616,6 +620,7 @@ mod tests {
     fn a_finished_device_shows_no_download_in_progress() {
         let dd = |state, bytes, total| DeploymentDevice {
             device_id: "d".into(),
+            display_name: "gw-1".into(),
             state,
             bytes,
             total,

@@ -460,7 +460,11 @@ fn telemetry_charts_of_a_device_and_the_fleet_in_headless_chromium() {
         v: 536_870_912.0,
     }));
     // A counter (bytes since boot, 60 000 more each minute: 1000 B/s) and one of the agent's own.
-    points.extend(minutes.iter().map(|&k| Point { name: "net.rx_bytes".into(), t: now - k * 60_000, v: ((40 - k) * 60_000) as f64 }));
+    points.extend(minutes.iter().map(|&k| Point {
+        name: "net.rx_bytes".into(),
+        t: now - k * 60_000,
+        v: ((40 - k) * 60_000) as f64,
+    }));
     points.extend(minutes.iter().map(|&k| Point { name: "agent.outbox.pending".into(), t: now - k * 60_000, v: 0.0 }));
     // And a metric last reported three hours ago: nothing to draw in the last hour.
     points.push(Point { name: "uptime_s".into(), t: now - 3 * 3_600_000, v: 86_400.0 });
@@ -532,11 +536,14 @@ fn telemetry_charts_of_a_device_and_the_fleet_in_headless_chromium() {
     eventually(Duration::from_secs(20), "the counter drawn", || {
         (js(&format!("return {rx}.dataset.state || null;")) == json!("ok")).then_some(())
     });
-    let rates = js(&format!("return [...new Set({rx}.querySelector('.chart')._uplot.data[1].filter(v => v !== null))];"));
+    let rates =
+        js(&format!("return [...new Set({rx}.querySelector('.chart')._uplot.data[1].filter(v => v !== null))];"));
     assert_eq!(rates, json!([1000]), "{rates}");
     assert_eq!(b.text(r#".chart-card[data-metric="net.rx_bytes"] .chart-unit"#), "bytes per second");
     // A flat series gets an axis with distinct ticks around its value; times read in UTC.
-    let ticks = js(r#"return document.querySelector('.chart-card[data-metric="mem.used_bytes"] .chart')._uplot.axes[1]._values.filter(v => v);"#);
+    let ticks = js(
+        r#"return document.querySelector('.chart-card[data-metric="mem.used_bytes"] .chart')._uplot.axes[1]._values.filter(v => v);"#,
+    );
     let ticks: Vec<String> = serde_json::from_value(ticks).unwrap();
     let distinct: std::collections::BTreeSet<&String> = ticks.iter().collect();
     assert!(ticks.len() >= 3 && distinct.len() == ticks.len() && ticks.contains(&"512 MiB".to_string()), "{ticks:?}");

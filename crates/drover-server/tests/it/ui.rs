@@ -284,7 +284,10 @@ async fn device_pages_pending_accept_tags_decommission() {
         assert_eq!(list.status, StatusCode::OK, "{}", list.text);
         // Devices by their display name (here the serial), the id small beside it.
         assert!(list.text.contains(">SN-UI-A</a>") && list.text.contains(">SN-UI-B</a>"), "{}", list.text);
-        assert!(list.text.contains(&format!(r#"title="{a}">SN-UI-A</a> <span class="muted mono device-id">{}</span>"#, &a[..8])));
+        assert!(
+            list.text
+                .contains(&format!(r#"title="{a}">SN-UI-A</a> <span class="muted mono device-id">{}</span>"#, &a[..8]))
+        );
         assert!(!list.text.contains("serial=SN-UI-A"), "no identity strings");
         assert!(list.text.contains(r#"id="tab-pending">pending <span class="count">2</span>"#), "{}", list.text);
         assert!(list.text.contains(r#"Pending <span class="badge">2</span>"#));
@@ -692,11 +695,13 @@ async fn names_overview_bulk_actions_and_the_audit_filters() {
         assert!(page.text.contains("<title>Device gw berlin 1 · Drover</title>"), "{}", page.text);
         // The rename form does what the PATCH route does, audited; empty clears the name.
         assert!(page.text.contains(r#"id="rename-form""#) && page.text.contains(r#"name="name" value="gw berlin 1""#));
-        let r = post_form(&app, &format!("/devices/{b}/name"), &session, &[("csrf", &csrf), ("name", " edge 2 ")]).await;
+        let r =
+            post_form(&app, &format!("/devices/{b}/name"), &session, &[("csrf", &csrf), ("name", " edge 2 ")]).await;
         assert_eq!(location(&r), format!("/devices/{b}?notice=Device%20renamed%20edge%202."));
         let d = app.admin(Method::GET, &format!("/api/v1/devices/{b}"), None).await;
         assert_eq!((d.body["name"].as_str(), d.body["display_name"].as_str()), (Some("edge 2"), Some("edge 2")));
-        let r = post_form(&app, &format!("/devices/{b}/name"), &session, &[("csrf", "wrong"), ("name", "sneaky")]).await;
+        let r =
+            post_form(&app, &format!("/devices/{b}/name"), &session, &[("csrf", "wrong"), ("name", "sneaky")]).await;
         assert_eq!(r.status, StatusCode::FORBIDDEN, "no CSRF token");
         let r = post_form(&app, &format!("/devices/{b}/name"), &session, &[("csrf", &csrf), ("name", "")]).await;
         assert!(location(&r).contains("notice=Name%20cleared"), "{}", location(&r));
@@ -724,7 +729,9 @@ async fn names_overview_bulk_actions_and_the_audit_filters() {
         drover_server::presence::record_status(&app.db, &b, true, drover_server::time::now_ms()).await.unwrap();
         let overview = get(&app, "/", &session).await;
         assert!(
-            overview.text.contains(r#"href="/devices?status=accepted&amp;online=true" id="card-online"><span class="n online">1</span>"#),
+            overview.text.contains(
+                r#"href="/devices?status=accepted&amp;online=true" id="card-online"><span class="n online">1</span>"#
+            ),
             "{}",
             overview.text
         );
@@ -740,7 +747,14 @@ async fn names_overview_bulk_actions_and_the_audit_filters() {
             &app,
             "/devices/bulk",
             &session,
-            &[("csrf", &csrf), ("action", "tags"), ("all", "1"), ("matching", "q=SN-N"), ("tags", "site=lab"), ("return_to", "/devices?q=SN-N")],
+            &[
+                ("csrf", &csrf),
+                ("action", "tags"),
+                ("all", "1"),
+                ("matching", "q=SN-N"),
+                ("tags", "site=lab"),
+                ("return_to", "/devices?q=SN-N"),
+            ],
         )
         .await;
         assert_eq!(location(&r), "/devices?q=SN-N&notice=Tags%20added%20to%203%20devices.");
@@ -755,11 +769,29 @@ async fn names_overview_bulk_actions_and_the_audit_filters() {
         // Bulk: to a static group, ticked devices; the group's page takes names too.
         let g = app.admin(Method::POST, "/api/v1/groups", Some(json!({"name": "lab", "kind": "static"}))).await;
         let gid = g.body["id"].as_str().unwrap().to_string();
-        let r = post_form(&app, "/devices/bulk", &session, &[("csrf", &csrf), ("action", "group"), ("group", &gid), ("id", &b)]).await;
+        let r = post_form(
+            &app,
+            "/devices/bulk",
+            &session,
+            &[("csrf", &csrf), ("action", "group"), ("group", &gid), ("id", &b)],
+        )
+        .await;
         assert!(location(&r).contains("notice=1%20device%20added"), "{}", location(&r));
-        let r = post_form(&app, &format!("/groups/{gid}/devices"), &session, &[("csrf", &csrf), ("devices", "gw berlin 1\n")]).await;
+        let r = post_form(
+            &app,
+            &format!("/groups/{gid}/devices"),
+            &session,
+            &[("csrf", &csrf), ("devices", "gw berlin 1\n")],
+        )
+        .await;
         assert!(location(&r).contains("notice=1%20devices%20added"), "{}", location(&r));
-        let r = post_form(&app, &format!("/groups/{gid}/devices"), &session, &[("csrf", &csrf), ("devices", "nobody here")]).await;
+        let r = post_form(
+            &app,
+            &format!("/groups/{gid}/devices"),
+            &session,
+            &[("csrf", &csrf), ("devices", "nobody here")],
+        )
+        .await;
         assert!(location(&r).contains("error=no%20device%20is%20named"), "{}", location(&r));
         let members = get(&app, &format!("/groups/{gid}"), &session).await;
         assert!(members.text.contains(">gw berlin 1</a>") && members.text.contains(">SN-N2</a>"), "{}", members.text);
@@ -779,7 +811,13 @@ async fn names_overview_bulk_actions_and_the_audit_filters() {
             .await;
         assert_eq!(up.status, StatusCode::CREATED, "{}", up.text);
         let artifact = up.body["id"].as_str().unwrap().to_string();
-        let r = post_form(&app, "/devices/bulk", &session, &[("csrf", &csrf), ("action", "deploy"), ("id", &a), ("id", &c)]).await;
+        let r = post_form(
+            &app,
+            "/devices/bulk",
+            &session,
+            &[("csrf", &csrf), ("action", "deploy"), ("id", &a), ("id", &c)],
+        )
+        .await;
         assert_eq!(r.status, StatusCode::OK);
         assert!(r.text.contains(&format!("{a}\n{c}</textarea>")), "{}", r.text);
         assert!(r.text.contains(r#"value="devices" checked"#));
@@ -803,7 +841,8 @@ async fn names_overview_bulk_actions_and_the_audit_filters() {
         assert!(location(&r).contains("created%20for%201%20device"), "{} {}", location(&r), r.text);
 
         // Bulk: decommission asks first, then does it.
-        let r = post_form(&app, "/devices/bulk", &session, &[("csrf", &csrf), ("action", "decommission"), ("id", &c)]).await;
+        let r = post_form(&app, "/devices/bulk", &session, &[("csrf", &csrf), ("action", "decommission"), ("id", &c)])
+            .await;
         assert_eq!(r.status, StatusCode::OK);
         assert!(r.text.contains("cannot be undone") && r.text.contains(">SN-N3</a>"), "{}", r.text);
         assert_eq!(device_status(&app, &c).await, "accepted");
@@ -823,7 +862,12 @@ async fn names_overview_bulk_actions_and_the_audit_filters() {
         let t = extract(&r.text, r#"id="audit-table">"#, "</table>").unwrap();
         assert!(t.contains("device.tags") && t.contains("device.enroll") && !t.contains("SN-N2"), "{t}");
         assert!(t.contains(&format!(r#"href="/devices/{a}""#)));
-        let r = get(&app, &format!("/audit?target_kind=group&target=lab&since=2020-01-01T00:00&until={}", "2999-01-01"), &session).await;
+        let r = get(
+            &app,
+            &format!("/audit?target_kind=group&target=lab&since=2020-01-01T00:00&until={}", "2999-01-01"),
+            &session,
+        )
+        .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         assert!(r.text.contains(&format!(r#"href="/groups/{gid}""#)) && r.text.contains("group.create"), "{}", r.text);
         // A bad bound: the page, the error under the field, what was typed kept.
