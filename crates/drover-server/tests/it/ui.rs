@@ -839,6 +839,24 @@ async fn names_overview_bulk_actions_and_the_audit_filters() {
         )
         .await;
         assert!(location(&r).contains("created%20for%201%20device"), "{} {}", location(&r), r.text);
+        let dep = location(&r).trim_start_matches("/deployments/").split('?').next().unwrap().to_string();
+        // The overview shows it running, then the device's failure, each linking to the page.
+        let overview = get(&app, "/", &session).await;
+        let active = extract(&overview.text, r#"<section id="active-deployments">"#, "</section>").unwrap();
+        assert!(active.contains(&format!(r#"href="/deployments/{dep}""#)) && active.contains("0/1"), "{active}");
+        let mut failed =
+            drover_proto::update::UpdateReport::new(dep.clone(), drover_proto::update::UpdateState::Failure);
+        failed.message = Some("disk full".into());
+        (failed.bytes, failed.total) = (Some(0), Some(100));
+        app.state.engine.on_report(&a, failed).await.unwrap();
+        let overview = get(&app, "/", &session).await;
+        let failures = extract(&overview.text, r#"<section id="recent-failures">"#, "</section>").unwrap();
+        assert!(failures.contains(">gw berlin 1</a>") && failures.contains("disk full"), "{failures}");
+        assert!(failures.contains(&format!(r#"href="/deployments/{dep}?state=failure""#)), "{failures}");
+        // The deployment's device table: the device's name, no download shown once it ended.
+        let page = get(&app, &format!("/deployments/{dep}"), &session).await;
+        let row = extract(&page.text, &format!(r#"<tr id="dd-{a}">"#), "</tr>").unwrap();
+        assert!(row.contains(">gw berlin 1</a>") && !row.contains(" of ") && !row.contains("<progress"), "{row}");
 
         // Bulk: decommission asks first, then does it.
         let r = post_form(&app, "/devices/bulk", &session, &[("csrf", &csrf), ("action", "decommission"), ("id", &c)])
