@@ -142,23 +142,55 @@ async fn silence_expire(
 
 async fn rules_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Query<FlashQuery>) -> Response {
     let flash = Flash { notice: q.notice, error: q.error };
-    let r: AppResult<Html<String>> = async {
-        let ctx = page_ctx(&s, &p, "alerts", &flash).await?;
-        let rule_list = rules::list_rules(&s.db, &p).await?;
-        let channels = rules::list_channels(&s.db, &p).await?;
-        let deliveries = rules::deliveries(&s.db, &p, &Default::default()).await?;
-        let names = device_names(&s, &p, deliveries.iter().filter_map(|d| d.device_id.as_deref())).await?;
-        s.ui.render(
-            "alerts_rules.html",
-            merge(ctx, context! { rules => rule_list, channels => channels, deliveries => deliveries, names => names }),
-        )
-    }
-    .await;
-    r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
+    render_rules(&s, &p, flash, None, None).await
 }
 
-#[derive(Deserialize)]
+/// The fields of the rule form a message names, the first it names.
+const RULE_FIELDS: &[&str] =
+    &["filter", "metric", "threshold", "window", "aggregate", "minutes", "event", "percent", "channel", "name"];
+
+/// The rules page; after a failed create, with the form as typed and the error under the field
+/// it is about (or above the form).
+async fn render_rules(
+    s: &AppState,
+    p: &crate::auth::Principal,
+    mut flash: Flash,
+    form: Option<&RuleForm>,
+    error: Option<AppError>,
+) -> Response {
+    let status = error.as_ref().map(AppError::status).unwrap_or(axum::http::StatusCode::OK);
+    let mut errors = std::collections::BTreeMap::new();
+    if let Some(e) = error {
+        let msg = e.public_message();
+        match RULE_FIELDS.iter().find(|f| msg.contains(*f)) {
+            Some(&f) if matches!(e, AppError::BadRequest(_) | AppError::Conflict(_)) => {
+                errors.insert(if f == "window" { "window_min" } else { f }, msg);
+            }
+            _ => flash.error = Some(msg),
+        }
+    }
+    let r: AppResult<Html<String>> = async {
+        let ctx = page_ctx(s, p, "alerts", &flash).await?;
+        let rule_list = rules::list_rules(&s.db, p).await?;
+        let channels = rules::list_channels(&s.db, p).await?;
+        let deliveries = rules::deliveries(&s.db, p, &Default::default()).await?;
+        let names = device_names(s, p, deliveries.iter().filter_map(|d| d.device_id.as_deref())).await?;
+        let extra = context! {
+            rules => rule_list, channels => channels, deliveries => deliveries, names => names, rf => form,
+            errors => errors,
+        };
+        s.ui.render("alerts_rules.html", merge(ctx, extra))
+    }
+    .await;
+    match r {
+        Ok(html) => (status, html).into_response(),
+        Err(e) => error_page(s, e),
+    }
+}
+
+#[derive(Deserialize, serde::Serialize)]
 struct RuleForm {
+    #[serde(skip_serializing)]
     csrf: String,
     name: String,
     kind: String,
@@ -226,7 +258,7 @@ async fn rule_create(State(s): State<AppState>, UiUser(p): UiUser, Form(f): Form
     }
     let condition = match condition_of(&f) {
         Ok(c) => c,
-        Err(e) => return back("/alerts/rules", Err(e)),
+        Err(e) => return render_rules(&s, &p, Flash::default(), Some(&f), Some(e)).await,
     };
     let req = CreateAlertRule {
         name: f.name.trim().to_string(),
@@ -240,7 +272,11 @@ async fn rule_create(State(s): State<AppState>, UiUser(p): UiUser, Form(f): Form
         channels: f.channel.clone().filter(|c| !c.is_empty()).into_iter().collect(),
         enabled: true,
     };
-    back("/alerts/rules", rules::create_rule(&s.db, &p, req).await.map(|r| format!("Rule {} created.", r.name)))
+    match rules::create_rule(&s.db, &p, req).await {
+        Ok(r) => back("/alerts/rules", Ok(format!("Rule {} created.", r.name))),
+        Err(e @ AppError::Forbidden(_)) => back("/alerts/rules", Err(e)),
+        Err(e) => render_rules(&s, &p, Flash::default(), Some(&f), Some(e)).await,
+    }
 }
 
 async fn set_enabled(s: AppState, p: crate::auth::Principal, id: String, csrf: String, on: bool) -> Response {

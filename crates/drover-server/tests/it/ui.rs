@@ -893,6 +893,43 @@ async fn names_overview_bulk_actions_and_the_audit_filters() {
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
         assert!(r.text.contains(r#"id="since-error">"#) && r.text.contains(r#"value="last week""#), "{}", r.text);
         assert!(r.text.contains(r#"name="action" value="device.""#));
+        // The alert forms too: the page again with what was typed, the error under its field.
+        let r = post_form(
+            &app,
+            "/alerts/rules",
+            &session,
+            &[
+                ("csrf", &csrf),
+                ("name", "hot"),
+                ("kind", "threshold"),
+                ("metric", "cpu.percent"),
+                ("op", ">="),
+                ("threshold", "90"),
+                ("window_min", "5"),
+                ("aggregate", "avg"),
+                ("filter", "tag.site ="),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+        assert!(r.text.contains(r#"id="rule-filter-error">"#), "{}", r.text);
+        assert!(
+            r.text.contains(r#"name="name" required maxlength="100" value="hot""#)
+                && r.text.contains("<option selected>&gt;=</option>")
+        );
+        let r = post_form(
+            &app,
+            "/alerts/silences",
+            &session,
+            &[("csrf", &csrf), ("hours", "forever"), ("reason", "maintenance")],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(
+            r.text.contains(r#"id="silence-hours-error">"#) && r.text.contains(r#"value="maintenance""#),
+            "{}",
+            r.text
+        );
         let r = get(&app, "/audit?target=nobody", &session).await;
         assert!(r.text.contains(r#"id="target-error">choose the kind of target first"#), "{}", r.text);
     });
