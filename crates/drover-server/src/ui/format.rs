@@ -81,8 +81,9 @@ fn date(v: Value) -> Value {
 }
 
 /// `{{ device(id, name) }}`: a link to the device's page showing its name, the id in the
-/// tooltip and small beside it (unless the name is the id). `name` may be undefined (a device
-/// no longer there): the id shows.
+/// tooltip and its end small beside it (ids are UUIDv7, whose start is the time they were
+/// made: devices enrolled together share it), unless the name is the id. `name` may be
+/// undefined (a device no longer there): the id shows.
 fn device(id: Value, name: Option<Value>) -> Value {
     let id = id.as_str().map(str::to_string).unwrap_or_else(|| id.to_string());
     let name = name.and_then(|n| n.as_str().map(str::to_string)).filter(|n| !n.is_empty());
@@ -91,11 +92,17 @@ fn device(id: Value, name: Option<Value>) -> Value {
         Some(n) if n != id => format!(
             r#"<a href="/devices/{id_e}" class="device-name" title="{id_e}">{}</a> <span class="muted mono device-id">{}</span>"#,
             HtmlEscape(&n),
-            HtmlEscape(id.get(..8).unwrap_or(&id))
+            HtmlEscape(&id_tail(&id))
         ),
         _ => format!(r#"<a href="/devices/{id_e}" class="device-name mono" title="{id_e}">{id_e}</a>"#),
     };
     Value::from_safe_string(html)
+}
+
+/// The last 8 characters of an id, after an ellipsis: `…3f2799c0`.
+fn id_tail(id: &str) -> String {
+    let n = id.chars().count();
+    if n <= 8 { id.to_string() } else { format!("…{}", id.chars().skip(n - 8).collect::<String>()) }
 }
 
 pub fn register(env: &mut Environment<'static>) {
@@ -127,7 +134,7 @@ mod tests {
         let html = device(Value::from("0123456789abcdef"), Some(Value::from("gw-<7>"))).to_string();
         assert!(html.contains(">gw-&lt;7&gt;</a>"), "{html}");
         assert!(html.contains(r#"title="0123456789abcdef""#), "{html}");
-        assert!(html.contains(">01234567</span>"), "{html}");
+        assert!(html.contains(">…89abcdef</span>"), "{html}");
         let bare = device(Value::from("0123456789abcdef"), None).to_string();
         assert!(bare.contains(">0123456789abcdef</a>") && !bare.contains("span"), "{bare}");
     }

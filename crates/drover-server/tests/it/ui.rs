@@ -284,10 +284,10 @@ async fn device_pages_pending_accept_tags_decommission() {
         assert_eq!(list.status, StatusCode::OK, "{}", list.text);
         // Devices by their display name (here the serial), the id small beside it.
         assert!(list.text.contains(">SN-UI-A</a>") && list.text.contains(">SN-UI-B</a>"), "{}", list.text);
-        assert!(
-            list.text
-                .contains(&format!(r#"title="{a}">SN-UI-A</a> <span class="muted mono device-id">{}</span>"#, &a[..8]))
-        );
+        assert!(list.text.contains(&format!(
+            r#"title="{a}">SN-UI-A</a> <span class="muted mono device-id">…{}</span>"#,
+            &a[a.len() - 8..]
+        )));
         assert!(!list.text.contains("serial=SN-UI-A"), "no identity strings");
         assert!(list.text.contains(r#"id="tab-pending">pending <span class="count">2</span>"#), "{}", list.text);
         assert!(list.text.contains(r#"Pending <span class="badge">2</span>"#));
