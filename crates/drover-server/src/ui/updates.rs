@@ -509,12 +509,10 @@ async fn live_ctx(s: &AppState, p: &Principal, id: &str, q: &DeploymentUi) -> Ap
         format!("/deployments/{}?cursor={}{by_state}", urlencode(id), urlencode(&c))
     });
     let view = deployment_view(d);
-    let names = device_names(s, p, devices.items.iter().map(|d| d.device_id.as_str())).await?;
     let poll_url = (!view.ended).then(|| format!("/deployments/{}/live?{}", urlencode(id), q.query_string()));
     Ok(context! {
         dep => view,
         devices => devices.items.into_iter().map(device_row).collect::<Vec<_>>(),
-        names => names,
         next_url => next_url,
         poll_url => poll_url,
         state => state,
