@@ -262,7 +262,7 @@ async fn resolve_devices(s: &AppState, p: &Principal, text: &str) -> Result<Vec<
 struct AuditView {
     #[serde(flatten)]
     e: drover_proto::api::AuditEntry,
-    /// The target's name, when it is a device the organization still has.
+    /// The target's name, when it is a device, user or group the organization still has.
     target_name: Option<String>,
     /// The page of what the entry changed.
     target_url: Option<String>,
@@ -340,12 +340,31 @@ async fn audit_views(
 ) -> Result<Vec<AuditView>, AppError> {
     let names =
         device_names(s, p, entries.iter().filter(|e| e.target_kind == "device").map(|e| e.target_id.as_str())).await?;
+    // Users and groups by name too (what the caller may not list stays an id).
+    let mut others: std::collections::BTreeMap<(&str, String), String> = Default::default();
+    if entries.iter().any(|e| e.target_kind == "user") {
+        let q = UserListQuery { limit: Some(500), ..Default::default() };
+        for u in ops::list_users(&s.db, p, &q).await.map(|pg| pg.items).unwrap_or_default() {
+            others.insert(("user", u.id), u.username);
+        }
+    }
+    if entries.iter().any(|e| e.target_kind == "group") {
+        let q = drover_proto::api::GroupListQuery { limit: Some(500), ..Default::default() };
+        for g in crate::groups::list(&s.db, p, &q).await.map(|pg| pg.items).unwrap_or_default() {
+            others.insert(("group", g.id), g.name);
+        }
+    }
     Ok(entries
         .into_iter()
         .map(|e| {
-            let target_name = (e.target_kind == "device").then(|| names.get(&e.target_id).cloned()).flatten();
+            let target_name = match e.target_kind.as_str() {
+                "device" => names.get(&e.target_id).cloned(),
+                k @ ("user" | "group") => others.get(&(k, e.target_id.clone())).cloned(),
+                _ => None,
+            };
+            let device_name = target_name.as_deref().filter(|_| e.target_kind == "device");
             AuditView {
-                text: readable_summary(&e.summary, target_name.as_deref()),
+                text: readable_summary(&e.summary, device_name),
                 target_url: target_url(&e.target_kind, &e.target_id),
                 target_name,
                 e,

@@ -887,7 +887,12 @@ async fn names_overview_bulk_actions_and_the_audit_filters() {
         )
         .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-        assert!(r.text.contains(&format!(r#"href="/groups/{gid}""#)) && r.text.contains("group.create"), "{}", r.text);
+        assert!(
+            r.text.contains(&format!(r#"href="/groups/{gid}" title="{gid}">lab</a>"#))
+                && r.text.contains("group.create"),
+            "{}",
+            r.text
+        );
         // A bad bound: the page, the error under the field, what was typed kept.
         let r = get(&app, "/audit?since=last%20week&action=device.", &session).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
