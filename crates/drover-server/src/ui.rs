@@ -33,6 +33,7 @@ const HTMX: &str = include_str!("../assets/vendor/htmx-2.0.4.min.js");
 const HTMX_LICENSE: &str = include_str!("../assets/vendor/htmx-2.0.4.LICENSE");
 const CSS: &str = include_str!("../assets/drover.css");
 const FAVICON: &str = include_str!("../assets/favicon.svg");
+const NAV_JS: &str = include_str!("../assets/nav.js");
 
 pub struct Templates {
     env: Environment<'static>,
@@ -114,6 +115,7 @@ pub fn routes() -> Router<AppState> {
         .route("/assets/drover.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], CSS) }))
         .route("/assets/favicon.svg", get(|| async { ([(header::CONTENT_TYPE, "image/svg+xml"), (header::CACHE_CONTROL, "public, max-age=86400")], FAVICON) }))
         .route("/favicon.ico", get(|| async { Redirect::permanent("/assets/favicon.svg") }))
+        .route("/assets/nav.js", get(|| async { ([(header::CONTENT_TYPE, "application/javascript"), (header::CACHE_CONTROL, "no-cache")], NAV_JS) }))
         .route(
             "/assets/vendor/htmx-2.0.4.min.js",
             get(|| async { ([(header::CONTENT_TYPE, "application/javascript"), (header::CACHE_CONTROL, "public, max-age=31536000, immutable")], HTMX) }),

@@ -206,7 +206,12 @@ fn sign_in_and_use_the_ui_in_headless_chromium() {
     assert!(icon.as_str().unwrap().ends_with("/assets/favicon.svg"), "{icon}");
     let favicon = agent().get(&format!("{}/assets/favicon.svg", server.base)).call().unwrap();
     assert_eq!(favicon.headers().get("content-type").unwrap(), "image/svg+xml");
-    b.nav("settings", "/tokens");
+    // Opening one menu closes the other (with the page's script; without it each stays open).
+    b.click("#menu-fleet summary");
+    b.click("#menu-settings summary");
+    let open = b.script("return [...document.querySelectorAll('header details.menu[open]')].map(d => d.id)");
+    assert_eq!(open, json!(["menu-settings"]));
+    b.click("#menu-settings a[href='/tokens']");
     b.wait_title("API tokens");
     b.type_into("input[name=name]", "release pipeline");
     b.click("form.stack button[type=submit]");
