@@ -928,7 +928,8 @@
       head.appendChild(th);
     }
     const body = table.createTBody();
-    for (const m of list) {
+    // Health first, the agent's own metrics last, as on the charts page.
+    for (const m of list.slice().sort((a, b) => byRank(a.name, b.name))) {
       const tr = body.insertRow();
       tr.dataset.metric = m.name;
       const name = tr.insertCell();
