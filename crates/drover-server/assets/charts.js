@@ -21,6 +21,8 @@
   // the rows it reads (devices x stored values), so fleet charts read rollups rather than raw
   // points, and the 15-minute step over 24 h lets the server read its coarsest fitting rollup.
   const RANGES = {
+    "5m": { span: 300_000, step: "5s", fleetStep: "10s", refresh: true },
+    "15m": { span: 900_000, step: "10s", fleetStep: "30s", refresh: true },
     "1h": { span: 3_600_000, step: "30s", fleetStep: "1m", refresh: true },
     "6h": { span: 6 * 3_600_000, step: "1m", fleetStep: "1m", refresh: true },
     "24h": { span: 24 * 3_600_000, step: "5m", fleetStep: "15m", refresh: true },
@@ -83,6 +85,36 @@
     return "";
   }
 
+  /**
+   * Counters the agent reports as totals since boot or install (docs/telemetry-agent.md):
+   * their charts show the rate per second, which is what people read.
+   */
+  function isCounter(metric) {
+    return /(^|\.)(rx_bytes|tx_bytes|dropped|bad_lines)$/.test(metric) || /_total$/.test(metric);
+  }
+
+  /** Health first (CPU, memory, disk, temperature, network…), the agent's own metrics last. */
+  function metricRank(metric) {
+    if (metric.startsWith("agent.")) return 2;
+    if (metric.startsWith("link.") || metric === "uptime_s") return 1;
+    return 0;
+  }
+
+  function byRank(a, b) {
+    return metricRank(a) - metricRank(b) || (a < b ? -1 : a > b ? 1 : 0);
+  }
+
+  /** Per-second rates between buckets of a counter; a drop (a reboot) starts again. */
+  function rates(points) {
+    const out = [];
+    for (let i = 1; i < points.length; i++) {
+      const dt = (points[i].t - points[i - 1].t) / 1000;
+      const dv = points[i].avg - points[i - 1].avg;
+      if (dt > 0 && dv >= 0) out.push({ t: points[i].t, avg: dv / dt, min: dv / dt, max: dv / dt, count: 1 });
+    }
+    return out;
+  }
+
   function fmtNum(v) {
     if (v == null || !Number.isFinite(v)) return "—";
     const a = Math.abs(v);
@@ -115,6 +147,10 @@
     switch (unit) {
       case "B":
         return fmtBytes(v);
+      case "B/s":
+        return `${fmtBytes(v)}/s`;
+      case "/s":
+        return `${fmtNum(v)}/s`;
       case "s":
         return fmtSeconds(v);
       case "":
@@ -132,14 +168,18 @@
   })();
 
   function yRange(unit) {
-    const zeroBased = unit === "%" || unit === "B" || unit === "devices";
+    const zeroBased = unit === "%" || unit === "B" || unit === "B/s" || unit === "/s" || unit === "devices";
     return (u, lo, hi) => {
       if (lo == null || hi == null || !Number.isFinite(lo) || !Number.isFinite(hi)) return [0, 1];
-      if (zeroBased && lo > 0) lo = 0;
+      // A flat series sits inside an axis around its value (from 0 where that is natural),
+      // never on an axis of one repeated tick.
       if (lo === hi) {
-        const d = Math.abs(hi) || 1;
-        return [zeroBased && lo >= 0 ? lo : lo - d / 2, hi + d / 2];
+        if (hi === 0) return [0, 1];
+        const d = Math.abs(hi) * 0.25;
+        if (zeroBased && lo > 0) return [0, hi * 1.5];
+        return [lo - d, hi + d];
       }
+      if (zeroBased && lo > 0) lo = 0;
       const pad = (hi - lo) * 0.08;
       let top = hi + pad;
       if (unit === "%" && hi <= 100 && top > 100) top = 100;
@@ -155,7 +195,30 @@
     return `${Math.round(s / 86_400)} days ago`;
   }
 
-  const localTime = (ms) => new Date(ms).toLocaleString();
+  // One time format across the console: UTC, with its zone (the server renders the same).
+  const pad = (n) => String(n).padStart(2, "0");
+  function utc(ms, seconds = true) {
+    const d = new Date(ms);
+    const day = `${d.getUTCFullYear()}-${pad(d.getUTCMonth() + 1)}-${pad(d.getUTCDate())}`;
+    const time = `${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())}${seconds ? `:${pad(d.getUTCSeconds())}` : ""}`;
+    return `${day} ${time} UTC`;
+  }
+  const localTime = (ms) => utc(ms);
+
+  /** The time axis in UTC: hours and minutes, with the day when the range spans days. */
+  function timeAxis() {
+    return {
+      values: (u, splits) => {
+        const days = u.scales.x.max - u.scales.x.min > 86_400;
+        const labels = splits.map((t) => {
+          const d = new Date(t * 1000);
+          const hm = `${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())}`;
+          return days ? `${pad(d.getUTCMonth() + 1)}-${pad(d.getUTCDate())} ${hm}` : hm;
+        });
+        return labels.map((l, i) => (i > 0 && l === labels[i - 1] ? "" : l));
+      },
+    };
+  }
 
   // ------------------------------------------------------------------ gaps
 
@@ -230,6 +293,8 @@
             height: this.height(),
             cursor: { drag: { x: true, y: false } },
             legend: { live: true },
+            // Ticks fall on whole UTC hours and days, as the labels read.
+            tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),
           },
           opts,
         );
@@ -288,8 +353,15 @@
 
   function valueAxis(unit, formatter) {
     const f = formatter || ((v) => fmt(v, unit));
-    const axis = { size: 70, values: (u, splits) => splits.map(f) };
-    if (unit === "B") axis.incrs = BYTE_INCRS;
+    // Rounded labels of close ticks can repeat ("1.5", "1.5"): a repeated label is left blank.
+    const axis = {
+      size: 70,
+      values: (u, splits) => {
+        const labels = splits.map(f);
+        return labels.map((l, i) => (i > 0 && l === labels[i - 1] ? "" : l));
+      },
+    };
+    if (unit === "B" || unit === "B/s") axis.incrs = BYTE_INCRS;
     return axis;
   }
 
@@ -325,12 +397,16 @@
 
     adopt(fig) {
       const metric = fig.dataset.metric;
-      const card = { metric, fig, unit: unitOf(metric), chart: new Chart(fig.querySelector(".chart")), loads: 0 };
+      const counter = isCounter(metric);
+      const base = unitOf(metric);
+      const unit = counter ? (base === "B" ? "B/s" : "/s") : base;
+      const card = { metric, fig, unit, counter, chart: new Chart(fig.querySelector(".chart")), loads: 0 };
       const cap = fig.querySelector("figcaption");
       if (card.unit && !cap.querySelector(".chart-unit")) {
         const u = document.createElement("span");
         u.className = "chart-unit";
-        u.textContent = card.unit === "B" ? "bytes" : card.unit;
+        const names = { B: "bytes", "B/s": "bytes per second", "/s": "per second" };
+        u.textContent = names[card.unit] || card.unit;
         cap.querySelector(".chart-title").after(" ", u);
       }
       this.cards.set(metric, card);
@@ -356,8 +432,8 @@
       const stats = document.createElement("p");
       stats.className = "chart-stats";
       fig.append(cap, el, stats);
-      // Sorted by name, as the server lists them.
-      const after = [...this.cards.keys()].filter((m) => m < metric).sort().pop();
+      // In the page's order: health first, the agent's own metrics last, by name within.
+      const after = [...this.cards.keys()].filter((m) => byRank(m, metric) < 0).sort(byRank).pop();
       if (after) this.cards.get(after).fig.after(fig);
       else this.grid.prepend(fig);
       return this.adopt(fig);
@@ -377,7 +453,12 @@
       for (const m of list) {
         const card = this.card(m.name);
         const last = card.fig.querySelector(".chart-last");
-        if (last && m.last_t != null) last.textContent = `latest ${fmt(m.last_value, card.unit)}, ${ago(m.last_t)}`;
+        if (last && m.last_t != null) {
+          // A counter's latest value is its total; its chart shows the rate.
+          const what = card.counter ? "total" : "latest";
+          const unit = card.counter ? card.unit.replace("/s", "") : card.unit;
+          last.textContent = `${what} ${fmt(m.last_value, unit)}, ${ago(m.last_t)}`;
+        }
       }
       await Promise.all(list.map((m) => this.series(this.cards.get(m.name), ctx)));
       await this.events(ctx);
@@ -398,7 +479,7 @@
         ctx.failed++;
         return;
       }
-      const pts = s.points;
+      const pts = card.counter ? rates(s.points) : s.points;
       // Min and max only say something when a bucket holds more than one value.
       const spread = pts.some((p) => p.count > 1);
       const cols = spread ? [pts.map((p) => p.avg), pts.map((p) => p.min), pts.map((p) => p.max)] : [pts.map((p) => p.avg)];
@@ -409,7 +490,7 @@
       );
       const f = (u, v) => fmt(v, card.unit);
       const series = [timeSeries, { label: spread ? "avg" : card.metric, stroke: ACCENT, width: 2, value: f }];
-      const opts = { series, axes: [{}, valueAxis(card.unit)], scales: { y: { range: yRange(card.unit) } } };
+      const opts = { series, axes: [timeAxis(), valueAxis(card.unit)], scales: { y: { range: yRange(card.unit) } } };
       if (spread) {
         series.push({ label: "min", stroke: EDGE, width: 1, value: f }, { label: "max", stroke: EDGE, width: 1, value: f });
         opts.bands = [{ series: [3, 2], fill: BAND }];
@@ -512,8 +593,7 @@
 
   /** `identity` of a device as the pages write it: `serial=SN-1, mac=…`. */
   function label(d) {
-    const parts = Object.entries(d.identity || {}).map(([k, v]) => `${k}=${v}`);
-    return parts.length ? parts.join(", ") : d.id;
+    return d.display_name || d.id;
   }
 
   class FleetPanel {
@@ -584,7 +664,7 @@
             { label: "p95", stroke: "#b54708", width: 1.5, dash: [6, 4], value: f },
           ],
           bands: [{ series: [3, 2], fill: BAND }],
-          axes: [{}, valueAxis(unit)],
+          axes: [timeAxis(), valueAxis(unit)],
           scales: { y: { range: yRange(unit) } },
         },
         data.slice(0, 6),
@@ -595,7 +675,7 @@
         "devices",
         {
           series: [timeSeries, { label: "devices", stroke: "#475467", fill: "rgba(71, 84, 103, 0.10)", width: 1.5, value: count, paths: uPlot.paths.stepped({ align: 1 }) }],
-          axes: [{}, valueAxis("", (v) => (Number.isInteger(v) ? String(v) : ""))],
+          axes: [timeAxis(), valueAxis("", (v) => (Number.isInteger(v) ? String(v) : ""))],
           scales: { y: { range: yRange("devices") } },
         },
         [data[0], data[6]],
@@ -662,7 +742,7 @@
       );
       this.split.draw(
         `split:${values.join("\u0000")}`,
-        { series, axes: [{}, valueAxis(unit)], scales: { y: { range: yRange(unit) } } },
+        { series, axes: [timeAxis(), valueAxis(unit)], scales: { y: { range: yRange(unit) } } },
         data,
         [ctx.from / 1000, ctx.to / 1000],
       );
@@ -796,7 +876,7 @@
       this.lastLoad = Date.now();
       const crashed = results.find((x) => x.status === "rejected" && !isAbort(x.reason));
       if (crashed) console.error(crashed.reason);
-      const when = new Date().toLocaleTimeString();
+      const when = utc(Date.now());
       const again = r.refresh ? " · refreshes every 30 s" : "";
       if (ctx.fatal) this.say(ctx.fatal, "error");
       else if (crashed) this.say(`Updated ${when}, but drawing failed: ${crashed.reason}`, "error");
@@ -848,7 +928,8 @@
       head.appendChild(th);
     }
     const body = table.createTBody();
-    for (const m of list) {
+    // Health first, the agent's own metrics last, as on the charts page.
+    for (const m of list.slice().sort((a, b) => byRank(a.name, b.name))) {
       const tr = body.insertRow();
       tr.dataset.metric = m.name;
       const name = tr.insertCell();

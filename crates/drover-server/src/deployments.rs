@@ -501,3 +501,52 @@ pub(crate) async fn end_for_device(
     }
     Ok(())
 }
+
+/// A device whose update ended badly, for the overview's "recent failures".
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecentFailure {
+    pub deployment_id: String,
+    pub deployment_name: String,
+    pub device_id: String,
+    pub state: String,
+    pub message: Option<String>,
+    pub at: String,
+}
+
+/// The latest deployment devices that ended in failure or were rolled back, newest first.
+pub async fn recent_failures(db: &Db, p: &Principal, limit: u32) -> AppResult<Vec<RecentFailure>> {
+    p.require(Role::Viewer, "reading deployments")?;
+    let rows: Vec<(String, String, String, String, Option<String>, i64)> = sqlx::query_as(&format!(
+        "SELECT d.id, d.name, dd.device_id, dd.state, dd.message, dd.updated_at FROM deployment_devices dd \
+         JOIN deployments d ON d.id = dd.deployment_id \
+         WHERE d.org_id = $1 AND dd.state IN ('failure', 'rolled-back') \
+         ORDER BY dd.updated_at DESC LIMIT {}",
+        limit.clamp(1, 100)
+    ))
+    .bind(p.org().to_string())
+    .fetch_all(db.pool())
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| RecentFailure {
+            deployment_id: r.0,
+            deployment_name: r.1,
+            device_id: r.2,
+            state: r.3,
+            message: r.4,
+            at: to_rfc3339(r.5),
+        })
+        .collect())
+}
+
+/// The ids of the organization's deployments named `name`, newest first.
+pub async fn ids_named(db: &Db, org: &str, name: &str) -> AppResult<Vec<String>> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT id FROM deployments WHERE org_id = $1 AND name = $2 ORDER BY created_at DESC, id LIMIT 100",
+    )
+    .bind(org.to_string())
+    .bind(name.trim().to_string())
+    .fetch_all(db.pool())
+    .await?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
+}

@@ -968,3 +968,47 @@ pub async fn revoke_enrollment_token(db: &Db, p: &Principal, id: &str) -> AppRes
     tx.commit().await?;
     Ok(to_token(row, &names))
 }
+
+/// The display names of the organization's devices among `ids`, for pages that show a device
+/// they know only by id (deployments, alerts, the audit log, remote sessions). Ids of no
+/// device of the organization are left out.
+pub async fn display_names(db: &Db, org: &str, ids: &[String]) -> AppResult<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let mut ids: Vec<&String> = ids.iter().collect();
+    ids.sort();
+    ids.dedup();
+    for chunk in ids.chunks(500) {
+        let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+        let sql = format!("SELECT id, {DISPLAY_NAME} FROM devices WHERE org_id = $1 AND id IN ({})", marks.join(", "));
+        let mut q = sqlx::query_as::<_, (String, String)>(&sql).bind(org.to_string());
+        for id in chunk {
+            q = q.bind((*id).clone());
+        }
+        out.extend(q.fetch_all(db.pool()).await?);
+    }
+    Ok(out)
+}
+
+/// How many of the organization's accepted devices are online and offline.
+pub async fn presence_counts(db: &Db, p: &Principal) -> AppResult<(i64, i64)> {
+    p.require(Role::Viewer, "listing devices")?;
+    let (online, all): (i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(SUM(CASE WHEN online <> 0 THEN 1 ELSE 0 END), 0), COUNT(*) FROM devices \
+         WHERE org_id = $1 AND status = 'accepted'",
+    )
+    .bind(p.org().to_string())
+    .fetch_one(db.pool())
+    .await?;
+    Ok((online, all - online))
+}
+
+/// The ids of the organization's devices whose display name is `name` (case-insensitive).
+pub async fn ids_named(db: &Db, org: &str, name: &str) -> AppResult<Vec<String>> {
+    let sql = format!("SELECT id FROM devices WHERE org_id = $1 AND LOWER({DISPLAY_NAME}) = $2 ORDER BY id LIMIT 100");
+    let rows: Vec<(String,)> =
+        sqlx::query_as(&sql).bind(org.to_string()).bind(name.trim().to_lowercase()).fetch_all(db.pool()).await?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
+}
+
+/// The SQL for a device's display name (see `Device::display_name`).
+const DISPLAY_NAME: &str = "display_name";

@@ -401,3 +401,13 @@ pub async fn preview(db: &Db, p: &Principal, filter: &str) -> AppResult<GroupPre
     let page = crate::devices::list_where(db, p.org(), &q, Some(crate::filter::compile(&e, p.org()))).await?;
     Ok(GroupPreview { count, devices: page.items })
 }
+
+/// The id of the organization's group named `name`, if there is one.
+pub async fn id_named(db: &Db, org: &str, name: &str) -> AppResult<Option<String>> {
+    let row: Option<(String,)> = sqlx::query_as("SELECT id FROM device_groups WHERE org_id = $1 AND name = $2")
+        .bind(org.to_string())
+        .bind(name.trim().to_string())
+        .fetch_optional(db.pool())
+        .await?;
+    Ok(row.map(|r| r.0))
+}

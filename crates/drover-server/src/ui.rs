@@ -23,6 +23,7 @@ use crate::ops;
 
 mod alerts;
 mod fleet;
+mod format;
 mod groups;
 mod metrics;
 mod remote;
@@ -31,6 +32,8 @@ mod updates;
 const HTMX: &str = include_str!("../assets/vendor/htmx-2.0.4.min.js");
 const HTMX_LICENSE: &str = include_str!("../assets/vendor/htmx-2.0.4.LICENSE");
 const CSS: &str = include_str!("../assets/drover.css");
+const FAVICON: &str = include_str!("../assets/favicon.svg");
+const NAV_JS: &str = include_str!("../assets/nav.js");
 
 pub struct Templates {
     env: Environment<'static>,
@@ -45,6 +48,7 @@ impl Default for Templates {
 impl Templates {
     pub fn new() -> Templates {
         let mut env = Environment::new();
+        format::register(&mut env);
         for (name, src) in [
             ("base.html", include_str!("../templates/base.html")),
             ("login.html", include_str!("../templates/login.html")),
@@ -59,6 +63,7 @@ impl Templates {
             ("devices_table.html", include_str!("../templates/devices_table.html")),
             ("device.html", include_str!("../templates/device.html")),
             ("device_decommission.html", include_str!("../templates/device_decommission.html")),
+            ("devices_decommission.html", include_str!("../templates/devices_decommission.html")),
             ("enrollment.html", include_str!("../templates/enrollment.html")),
             ("groups.html", include_str!("../templates/groups.html")),
             ("group.html", include_str!("../templates/group.html")),
@@ -108,6 +113,9 @@ pub fn routes() -> Router<AppState> {
         .merge(remote::routes())
         .merge(metrics::routes())
         .route("/assets/drover.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], CSS) }))
+        .route("/assets/favicon.svg", get(|| async { ([(header::CONTENT_TYPE, "image/svg+xml"), (header::CACHE_CONTROL, "public, max-age=86400")], FAVICON) }))
+        .route("/favicon.ico", get(|| async { Redirect::permanent("/assets/favicon.svg") }))
+        .route("/assets/nav.js", get(|| async { ([(header::CONTENT_TYPE, "application/javascript"), (header::CACHE_CONTROL, "no-cache")], NAV_JS) }))
         .route(
             "/assets/vendor/htmx-2.0.4.min.js",
             get(|| async { ([(header::CONTENT_TYPE, "application/javascript"), (header::CACHE_CONTROL, "public, max-age=31536000, immutable")], HTMX) }),
@@ -192,6 +200,188 @@ async fn page_ctx(s: &AppState, p: &Principal, page: &str, flash: &Flash) -> Res
         notice => flash.notice,
         error => flash.error,
     })
+}
+
+/// The display names of the devices a page shows by id, for `device(id, names[id])`.
+async fn device_names<'a>(
+    s: &AppState,
+    p: &Principal,
+    ids: impl IntoIterator<Item = &'a str>,
+) -> Result<std::collections::BTreeMap<String, String>, AppError> {
+    let ids: Vec<String> = ids.into_iter().map(str::to_string).collect();
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    crate::devices::display_names(&s.db, p.org(), &ids).await
+}
+
+/// Devices typed by people: ids or display names, one a line (a name may hold spaces), or
+/// several on a line separated by spaces or commas. Each must name exactly one device.
+async fn resolve_devices(s: &AppState, p: &Principal, text: &str) -> Result<Vec<String>, AppError> {
+    let mut out: Vec<String> = Vec::new();
+    let mut unknown = Vec::new();
+    let one = |t: String| async move {
+        let known = crate::devices::display_names(&s.db, p.org(), std::slice::from_ref(&t)).await?;
+        if known.contains_key(&t) {
+            return Ok::<_, AppError>(Ok(t));
+        }
+        let ids = crate::devices::ids_named(&s.db, p.org(), &t).await?;
+        Ok(match ids.len() {
+            1 => Ok(ids.into_iter().next().unwrap_or_default()),
+            0 => Err(format!("no device is named {t:?}")),
+            n => Err(format!("{n} devices are named {t:?}: give its id")),
+        })
+    };
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match one(line.to_string()).await? {
+            Ok(id) => out.push(id),
+            Err(why) => {
+                let words: Vec<&str> =
+                    line.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty()).collect();
+                if words.len() < 2 && words.first() == Some(&line) {
+                    unknown.push(why);
+                    continue;
+                }
+                for w in words {
+                    match one(w.to_string()).await? {
+                        Ok(id) => out.push(id),
+                        Err(why) => unknown.push(why),
+                    }
+                }
+            }
+        }
+    }
+    if !unknown.is_empty() {
+        return Err(AppError::BadRequest(unknown.join("; ")));
+    }
+    out.dedup();
+    Ok(out)
+}
+
+/// An audit entry as a page shows it: the summary readable (a device's JSON identity becomes
+/// its name, other JSON maps `key=value` lists), and where its target is.
+#[derive(serde::Serialize)]
+struct AuditView {
+    #[serde(flatten)]
+    e: drover_proto::api::AuditEntry,
+    /// The target's name, when it is a device, user or group the organization still has.
+    target_name: Option<String>,
+    /// The page of what the entry changed.
+    target_url: Option<String>,
+    text: String,
+}
+
+/// The page of an audit entry's target, when it has one.
+fn target_url(kind: &str, id: &str) -> Option<String> {
+    if id.is_empty() || id == "-" {
+        return None;
+    }
+    let id = urlencode(id);
+    Some(match kind {
+        "device" => format!("/devices/{id}"),
+        "deployment" => format!("/deployments/{id}"),
+        "group" => format!("/groups/{id}"),
+        "artifact" => format!("/artifacts/{id}"),
+        "user" => "/users".into(),
+        "token" => "/tokens".into(),
+        "enrollment_token" => "/enrollment".into(),
+        "alert_rule" | "notification_channel" => "/alerts/rules".into(),
+        "silence" => "/alerts".into(),
+        "remote_session" => "/remote-sessions".into(),
+        _ => return None,
+    })
+}
+
+/// Rewrites the JSON objects in an audit summary for people: `{"serial":"SN-1"}` becomes
+/// `name` (the device's, when given) or `serial=SN-1`.
+fn readable_summary(summary: &str, name: Option<&str>) -> String {
+    let mut out = String::with_capacity(summary.len());
+    let mut rest = summary;
+    let mut named = false;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        let mut de = serde_json::Deserializer::from_str(tail)
+            .into_iter::<std::collections::BTreeMap<String, serde_json::Value>>();
+        match de.next() {
+            Some(Ok(map)) => {
+                let used = de.byte_offset();
+                let text = map
+                    .iter()
+                    .map(|(k, v)| match v {
+                        serde_json::Value::String(s) => format!("{k}={s}"),
+                        v => format!("{k}={v}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                match name {
+                    // The first map after "device " is the device's identity.
+                    Some(n) if !named && out.ends_with("device ") => {
+                        out.push_str(n);
+                        named = true;
+                    }
+                    _ if map.is_empty() => out.push_str("none"),
+                    _ => out.push_str(&text),
+                }
+                rest = &tail[used..];
+            }
+            _ => {
+                out.push('{');
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+async fn audit_views(
+    s: &AppState,
+    p: &Principal,
+    entries: Vec<drover_proto::api::AuditEntry>,
+) -> Result<Vec<AuditView>, AppError> {
+    let names =
+        device_names(s, p, entries.iter().filter(|e| e.target_kind == "device").map(|e| e.target_id.as_str())).await?;
+    // Users and groups by name too (what the caller may not list stays an id).
+    let mut others: std::collections::BTreeMap<(&str, String), String> = Default::default();
+    if entries.iter().any(|e| e.target_kind == "user") {
+        let q = UserListQuery { limit: Some(500), ..Default::default() };
+        for u in ops::list_users(&s.db, p, &q).await.map(|pg| pg.items).unwrap_or_default() {
+            others.insert(("user", u.id), u.username);
+        }
+    }
+    if entries.iter().any(|e| e.target_kind == "group") {
+        let q = drover_proto::api::GroupListQuery { limit: Some(500), ..Default::default() };
+        for g in crate::groups::list(&s.db, p, &q).await.map(|pg| pg.items).unwrap_or_default() {
+            others.insert(("group", g.id), g.name);
+        }
+    }
+    Ok(entries
+        .into_iter()
+        .map(|e| {
+            let target_name = match e.target_kind.as_str() {
+                "device" => names.get(&e.target_id).cloned(),
+                k @ ("user" | "group") => others.get(&(k, e.target_id.clone())).cloned(),
+                _ => None,
+            };
+            let device_name = target_name.as_deref().filter(|_| e.target_kind == "device");
+            AuditView {
+                text: readable_summary(&e.summary, device_name),
+                target_url: target_url(&e.target_kind, &e.target_id),
+                target_name,
+                e,
+            }
+        })
+        .collect())
+}
+
+/// What remote access a device offers, from the capabilities of its hello: absent means the
+/// device never said, and everything is offered (the device refuses what it cannot do).
+fn remote_offers(d: &drover_proto::api::Device) -> Value {
+    use drover_proto::device::{CAP_FILES, CAP_FORWARD, CAP_TERMINAL};
+    let has = |cap: &str| d.capabilities.as_ref().is_none_or(|c| c.iter().any(|x| x == cap));
+    let (terminal, files, forward) = (has(CAP_TERMINAL), has(CAP_FILES), has(CAP_FORWARD));
+    context! { terminal => terminal, files => files, forward => forward, any => terminal || files || forward }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -335,12 +525,39 @@ async fn overview(State(s): State<AppState>, UiUser(p): UiUser, Query(flash): Qu
         };
         let users = count("SELECT COUNT(*) FROM users WHERE org_id = $1").await?;
         let tokens = count("SELECT COUNT(*) FROM api_tokens WHERE org_id = $1 AND revoked_at IS NULL").await?;
-        let audit_n = count("SELECT COUNT(*) FROM audit_log WHERE org_id = $1").await?;
         let devices = count("SELECT COUNT(*) FROM devices WHERE org_id = $1 AND status = 'accepted'").await?;
+        let (online, offline) = crate::devices::presence_counts(&s.db, &p).await?;
+        // Devices with a firing alert (fleet-wide alerts counted apart).
+        let firing_q = crate::alerts::types::AlertListQuery { state: Some("firing".into()), ..Default::default() };
+        let firing = crate::alerts::rules::list_alerts(&s.db, &p, &firing_q).await?;
+        let mut alerting: Vec<&str> = firing.iter().filter_map(|a| a.device_id.as_deref()).collect();
+        alerting.sort();
+        alerting.dedup();
+        let fleet_firing = firing.iter().filter(|a| a.device_id.is_none()).count();
+        let active_q = drover_proto::deploy::DeploymentListQuery {
+            limit: Some(5),
+            cursor: None,
+            status: Some(drover_proto::deploy::DeploymentStatus::Active),
+        };
+        let active: Vec<updates::DeploymentView> = crate::deployments::list(&s.db, &p, &active_q)
+            .await?
+            .items
+            .into_iter()
+            .map(updates::deployment_view)
+            .collect();
+        let failures = crate::deployments::recent_failures(&s.db, &p, 8).await?;
         let q = AuditListQuery { limit: Some(10), ..Default::default() };
         let (entries, _) = crate::audit::list(&s.db, p.org(), &q).await?;
+        let entries = audit_views(&s, &p, entries).await?;
+        let names = device_names(&s, &p, failures.iter().map(|f| f.device_id.as_str())).await?;
         let extra = context! {
-            counts => context! { users => users, tokens => tokens, audit => audit_n, devices => devices },
+            counts => context! {
+                users => users, tokens => tokens, devices => devices, online => online, offline => offline,
+                alerting => alerting.len(), fleet_firing => fleet_firing,
+            },
+            active => active,
+            failures => failures,
+            names => names,
             entries => entries,
             backend => s.db.backend().name(),
         };
@@ -555,29 +772,143 @@ struct AuditUi {
     action: Option<String>,
     actor: Option<String>,
     target_kind: Option<String>,
+    /// The target's id, or its name (a device's, group's, deployment's or user's).
+    target: Option<String>,
     since: Option<String>,
     until: Option<String>,
     cursor: Option<String>,
     error: Option<String>,
 }
 
+/// The kinds of audit targets the filter offers: `(value, label)`. Remote sessions are
+/// recorded on their device, and filtered by their actions.
+const AUDIT_TARGETS: &[(&str, &str)] = &[
+    ("device", "device"),
+    ("remote_session", "remote session"),
+    ("deployment", "deployment"),
+    ("artifact", "artifact"),
+    ("group", "group"),
+    ("enrollment_token", "enrollment token"),
+    ("alert_rule", "alert rule"),
+    ("silence", "silence"),
+    ("notification_channel", "notification channel"),
+    ("user", "user"),
+    ("token", "API token"),
+    ("organization", "organization"),
+    ("trust_root", "trust root"),
+];
+
+/// A time bound typed in the audit filter: a date, a date and time from a
+/// `datetime-local` field (UTC), or RFC 3339. A date alone as the upper bound includes the
+/// whole day.
+fn audit_bound(v: &str, upper: bool) -> Result<String, String> {
+    let v = v.trim();
+    let bad = || format!("give a date (YYYY-MM-DD) or a date and time (YYYY-MM-DD HH:MM, UTC), not {v:?}");
+    if v.len() == 10 {
+        let ms = crate::time::parse(v).ok_or_else(bad)?;
+        return Ok(crate::time::to_rfc3339(if upper { ms + 86_400_000 } else { ms }));
+    }
+    let t = v.replacen(' ', "T", 1);
+    let full = match t.len() {
+        16 => format!("{t}:00Z"),
+        19 => format!("{t}Z"),
+        _ => t,
+    };
+    crate::time::parse(&full).map(crate::time::to_rfc3339).ok_or_else(bad)
+}
+
 async fn audit(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Query<AuditUi>) -> Response {
+    let opt = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_string);
+    let mut errors: std::collections::BTreeMap<&str, String> = Default::default();
+    let since = opt(&q.since).map(|v| audit_bound(&v, false)).transpose().unwrap_or_else(|e| {
+        errors.insert("since", e);
+        None
+    });
+    let until = opt(&q.until).map(|v| audit_bound(&v, true)).transpose().unwrap_or_else(|e| {
+        errors.insert("until", e);
+        None
+    });
+    let mut kind = opt(&q.target_kind);
+    let mut action = opt(&q.action);
+    if let Some(k) = kind.as_deref() {
+        if !AUDIT_TARGETS.iter().any(|(v, _)| *v == k) {
+            errors.insert("target_kind", format!("unknown target {k:?}"));
+        } else if k == "remote_session" {
+            if action.as_deref().is_some_and(|a| !a.starts_with("remote.")) {
+                errors.insert("action", "a remote session's actions start with remote.".into());
+            }
+            action = action.or(Some("remote.".into()));
+            kind = Some("device".into());
+        }
+    }
+    // A target by name: the one device, group, deployment or user so named.
+    let mut target_id = None;
+    if let Some(t) = opt(&q.target) {
+        let found = match kind.as_deref() {
+            _ if t.len() > 200 => Err("at most 200 characters".to_string()),
+            None => Err("choose the kind of target first".to_string()),
+            Some("device") => match crate::devices::ids_named(&s.db, p.org(), &t).await {
+                Ok(ids) if ids.len() > 1 => Err(format!("{} devices are named {t:?}: give the device's id", ids.len())),
+                Ok(ids) => Ok(ids.into_iter().next()),
+                Err(e) => return error_page(&s, e),
+            },
+            Some("group") => crate::groups::id_named(&s.db, p.org(), &t).await.map_err(|e| e.public_message()),
+            Some("deployment") => match crate::deployments::ids_named(&s.db, p.org(), &t).await {
+                Ok(ids) if ids.len() > 1 => {
+                    Err(format!("{} deployments are named {t:?}: give the deployment's id", ids.len()))
+                }
+                Ok(ids) => Ok(ids.into_iter().next()),
+                Err(e) => return error_page(&s, e),
+            },
+            Some("user") => {
+                let users = ops::list_users(&s.db, &p, &UserListQuery { limit: Some(500), ..Default::default() }).await;
+                Ok(users.ok().and_then(|u| u.items.into_iter().find(|u| u.username == t)).map(|u| u.id))
+            }
+            Some(_) => Ok(None),
+        };
+        match found {
+            Ok(id) => target_id = Some(id.unwrap_or(t)),
+            Err(e) => {
+                errors.insert("target", e);
+            }
+        }
+    }
     let r: Result<Html<String>, AppError> = async {
         let ctx = page_ctx(&s, &p, "audit", &Flash { notice: None, error: q.error.clone() }).await?;
-        let query = AuditListQuery {
-            limit: Some(100),
-            cursor: q.cursor.clone(),
-            action: q.action.clone(),
-            actor: q.actor.clone(),
-            target_kind: q.target_kind.clone(),
-            since: q.since.clone(),
-            until: q.until.clone(),
-            ..Default::default()
+        let (entries, next) = if errors.is_empty() {
+            let query = AuditListQuery {
+                limit: Some(100),
+                cursor: q.cursor.clone(),
+                action: action.clone(),
+                actor: opt(&q.actor),
+                target_kind: kind.clone(),
+                target_id: target_id.clone(),
+                since: since.clone(),
+                until: until.clone(),
+                ..Default::default()
+            };
+            match crate::audit::list(&s.db, p.org(), &query).await {
+                Ok(r) => r,
+                Err(e @ (AppError::BadRequest(_) | AppError::InvalidCursor(_))) => {
+                    errors.insert("form", e.public_message());
+                    (Vec::new(), None)
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            (Vec::new(), None)
         };
-        let (entries, next) = crate::audit::list(&s.db, p.org(), &query).await?;
+        let entries = audit_views(&s, &p, entries).await?;
         let next_url = next.map(|c| {
             let mut url = format!("/audit?cursor={}", urlencode(&c));
-            for (k, v) in [("action", &q.action), ("actor", &q.actor), ("target_kind", &q.target_kind), ("since", &q.since), ("until", &q.until)] {
+            for (k, v) in [
+                ("action", &q.action),
+                ("actor", &q.actor),
+                ("target_kind", &q.target_kind),
+                ("target", &q.target),
+                ("since", &q.since),
+                ("until", &q.until),
+            ] {
                 if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
                     url.push_str(&format!("&{k}={}", urlencode(v)));
                 }
@@ -585,17 +916,41 @@ async fn audit(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Query<Aud
             url
         });
         let actions = [
-            "user.", "token.", "session.", "organization.", "user.create", "user.update", "user.delete", "user.set_password",
-            "user.change_password", "token.create", "token.revoke", "session.login", "session.logout", "organization.update",
+            "device.",
+            "deployment.",
+            "artifact.",
+            "group.",
+            "remote.",
+            "alert.",
+            "user.",
+            "token.",
+            "session.",
+            "organization.",
+            "device.accept",
+            "device.reject",
+            "device.decommission",
+            "device.tags",
+            "deployment.create",
+            "deployment.abort",
+            "session.login",
+            "session.logout",
         ];
-        let qv = context! { action => q.action, actor => q.actor, target_kind => q.target_kind, since => q.since, until => q.until };
-        s.ui.render("audit.html", merge(ctx, context! { entries => entries, next_url => next_url, q => qv, actions => actions }))
+        let qv = context! {
+            action => q.action, actor => q.actor, target_kind => q.target_kind, target => q.target,
+            since => q.since, until => q.until,
+        };
+        let extra = context! {
+            entries => entries, next_url => next_url, q => qv, actions => actions, targets => AUDIT_TARGETS,
+            errors => errors.clone(),
+        };
+        s.ui.render("audit.html", merge(ctx, extra))
     }
     .await;
-    r.map(IntoResponse::into_response).unwrap_or_else(|e| match e {
-        AppError::BadRequest(_) | AppError::InvalidCursor(_) => back("/audit", Err(e)),
-        e => error_page(&s, e),
-    })
+    match r {
+        Ok(html) if errors.is_empty() => html.into_response(),
+        Ok(html) => (StatusCode::BAD_REQUEST, html).into_response(),
+        Err(e) => error_page(&s, e),
+    }
 }
 
 #[cfg(test)]
@@ -609,6 +964,24 @@ mod tests {
         assert_eq!(safe_next(Some("https://evil.example")), "/");
         assert_eq!(safe_next(Some("/\\evil.example")), "/");
         assert_eq!(safe_next(None), "/");
+    }
+
+    #[test]
+    fn audit_time_bounds() {
+        assert_eq!(audit_bound("2026-12-07", false).unwrap(), "2026-12-07T00:00:00Z");
+        assert_eq!(audit_bound("2026-12-07", true).unwrap(), "2026-12-08T00:00:00Z");
+        assert_eq!(audit_bound("2026-12-07T13:45", true).unwrap(), "2026-12-07T13:45:00Z");
+        assert_eq!(audit_bound("2026-12-07 13:45:10", false).unwrap(), "2026-12-07T13:45:10Z");
+        assert!(audit_bound("yesterday", false).unwrap_err().contains("\"yesterday\""));
+    }
+
+    #[test]
+    fn audit_summaries_read_as_text() {
+        let s = r#"device {"mac":"02:00","serial":"SN-1"}: pending → accepted"#;
+        assert_eq!(readable_summary(s, Some("gw-7")), "device gw-7: pending → accepted");
+        assert_eq!(readable_summary(s, None), "device mac=02:00, serial=SN-1: pending → accepted");
+        assert_eq!(readable_summary("tags {} → {\"a\":\"b\"}", None), "tags none → a=b");
+        assert_eq!(readable_summary("odd { brace", None), "odd { brace");
     }
 
     #[test]

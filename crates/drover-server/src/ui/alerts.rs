@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use minijinja::context;
 use serde::Deserialize;
 
-use super::{CsrfForm, Flash, UiUser, back, check_csrf, error_page, merge, page_ctx};
+use super::{CsrfForm, Flash, UiUser, back, check_csrf, device_names, error_page, merge, page_ctx};
 use crate::alerts::rules;
 use crate::alerts::types::{
     AbsenceMode, Aggregate, AlertListQuery, CmpOp, Condition, CreateAlertRule, CreateChannel, CreateSilence,
@@ -41,26 +41,47 @@ struct FlashQuery {
 
 async fn alerts_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Query<FlashQuery>) -> Response {
     let flash = Flash { notice: q.notice, error: q.error };
+    render_alerts(&s, &p, flash, None, Default::default()).await
+}
+
+/// The alerts page; after a failed silence, with its form as typed and the error under the field.
+async fn render_alerts(
+    s: &AppState,
+    p: &crate::auth::Principal,
+    flash: Flash,
+    form: Option<&SilenceForm>,
+    errors: std::collections::BTreeMap<&'static str, String>,
+) -> Response {
+    let status = if errors.is_empty() { axum::http::StatusCode::OK } else { axum::http::StatusCode::BAD_REQUEST };
     let r: AppResult<Html<String>> = async {
-        let ctx = page_ctx(&s, &p, "alerts", &flash).await?;
-        let current = rules::list_alerts(&s.db, &p, &AlertListQuery::default()).await?;
-        let history = rules::history(&s.db, &p, &HistoryQuery { limit: Some(50), ..Default::default() }).await?;
-        let silences = rules::list_silences(&s.db, &p).await?;
-        let rule_list = rules::list_rules(&s.db, &p).await?;
+        let ctx = page_ctx(s, p, "alerts", &flash).await?;
+        let current = rules::list_alerts(&s.db, p, &AlertListQuery::default()).await?;
+        let history = rules::history(&s.db, p, &HistoryQuery { limit: Some(50), ..Default::default() }).await?;
+        let silences = rules::list_silences(&s.db, p).await?;
+        let rule_list = rules::list_rules(&s.db, p).await?;
+        let ids = current.iter().filter_map(|a| a.device_id.as_deref());
+        let names = device_names(s, p, ids.chain(history.items.iter().filter_map(|e| e.device_id.as_deref()))).await?;
         s.ui.render(
             "alerts.html",
             merge(
                 ctx,
-                context! { alerts => current, history => history.items, silences => silences, rules => rule_list },
+                context! {
+                    alerts => current, history => history.items, silences => silences, rules => rule_list,
+                    names => names, sf => form, errors => errors,
+                },
             ),
         )
     }
     .await;
-    r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
+    match r {
+        Ok(html) => (status, html).into_response(),
+        Err(e) => error_page(s, e),
+    }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, serde::Serialize)]
 struct SilenceForm {
+    #[serde(skip_serializing)]
     csrf: String,
     rule: Option<String>,
     filter: Option<String>,
@@ -72,19 +93,39 @@ async fn silence_create(State(s): State<AppState>, UiUser(p): UiUser, Form(f): F
     if let Err(e) = check_csrf(&p, &f.csrf) {
         return error_page(&s, e);
     }
+    let again = |field: &'static str, msg: String| {
+        let f = &f;
+        let s = &s;
+        let p = &p;
+        async move { render_alerts(s, p, Flash::default(), Some(f), [(field, msg)].into_iter().collect()).await }
+    };
     let hours: f64 = match f.hours.as_deref().unwrap_or("1").trim().parse() {
         Ok(h) if h > 0.0 && h <= 8760.0 => h,
-        _ => return back("/alerts", Err(AppError::BadRequest("give the duration in hours (up to a year)".into()))),
+        _ => return again("hours", "give the duration in hours (up to a year)".into()).await,
     };
     let req = CreateSilence {
-        rule: f.rule.filter(|r| !r.is_empty()),
-        filter: f.filter.filter(|r| !r.trim().is_empty()),
+        rule: f.rule.clone().filter(|r| !r.is_empty()),
+        filter: f.filter.clone().filter(|r| !r.trim().is_empty()),
         starts_at: None,
         ends_at: None,
         duration_s: Some((hours * 3600.0) as u64),
-        reason: f.reason,
+        reason: f.reason.clone(),
     };
-    back("/alerts", rules::create_silence(&s.db, &p, req).await.map(|_| "Silence created.".to_string()))
+    match rules::create_silence(&s.db, &p, req).await {
+        Ok(_) => back("/alerts", Ok("Silence created.".to_string())),
+        Err(e @ AppError::BadRequest(_)) => {
+            let msg = e.public_message();
+            let field = if msg.contains("filter") {
+                "filter"
+            } else if msg.contains("reason") {
+                "reason"
+            } else {
+                "rule"
+            };
+            again(field, msg).await
+        }
+        Err(e) => back("/alerts", Err(e)),
+    }
 }
 
 async fn silence_expire(
@@ -101,22 +142,55 @@ async fn silence_expire(
 
 async fn rules_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Query<FlashQuery>) -> Response {
     let flash = Flash { notice: q.notice, error: q.error };
-    let r: AppResult<Html<String>> = async {
-        let ctx = page_ctx(&s, &p, "alerts", &flash).await?;
-        let rule_list = rules::list_rules(&s.db, &p).await?;
-        let channels = rules::list_channels(&s.db, &p).await?;
-        let deliveries = rules::deliveries(&s.db, &p, &Default::default()).await?;
-        s.ui.render(
-            "alerts_rules.html",
-            merge(ctx, context! { rules => rule_list, channels => channels, deliveries => deliveries }),
-        )
-    }
-    .await;
-    r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
+    render_rules(&s, &p, flash, None, None).await
 }
 
-#[derive(Deserialize)]
+/// The fields of the rule form a message names, the first it names.
+const RULE_FIELDS: &[&str] =
+    &["filter", "metric", "threshold", "window", "aggregate", "minutes", "event", "percent", "channel", "name"];
+
+/// The rules page; after a failed create, with the form as typed and the error under the field
+/// it is about (or above the form).
+async fn render_rules(
+    s: &AppState,
+    p: &crate::auth::Principal,
+    mut flash: Flash,
+    form: Option<&RuleForm>,
+    error: Option<AppError>,
+) -> Response {
+    let status = error.as_ref().map(AppError::status).unwrap_or(axum::http::StatusCode::OK);
+    let mut errors = std::collections::BTreeMap::new();
+    if let Some(e) = error {
+        let msg = e.public_message();
+        match RULE_FIELDS.iter().find(|f| msg.contains(*f)) {
+            Some(&f) if matches!(e, AppError::BadRequest(_) | AppError::Conflict(_)) => {
+                errors.insert(if f == "window" { "window_min" } else { f }, msg);
+            }
+            _ => flash.error = Some(msg),
+        }
+    }
+    let r: AppResult<Html<String>> = async {
+        let ctx = page_ctx(s, p, "alerts", &flash).await?;
+        let rule_list = rules::list_rules(&s.db, p).await?;
+        let channels = rules::list_channels(&s.db, p).await?;
+        let deliveries = rules::deliveries(&s.db, p, &Default::default()).await?;
+        let names = device_names(s, p, deliveries.iter().filter_map(|d| d.device_id.as_deref())).await?;
+        let extra = context! {
+            rules => rule_list, channels => channels, deliveries => deliveries, names => names, rf => form,
+            errors => errors,
+        };
+        s.ui.render("alerts_rules.html", merge(ctx, extra))
+    }
+    .await;
+    match r {
+        Ok(html) => (status, html).into_response(),
+        Err(e) => error_page(s, e),
+    }
+}
+
+#[derive(Deserialize, serde::Serialize)]
 struct RuleForm {
+    #[serde(skip_serializing)]
     csrf: String,
     name: String,
     kind: String,
@@ -184,7 +258,7 @@ async fn rule_create(State(s): State<AppState>, UiUser(p): UiUser, Form(f): Form
     }
     let condition = match condition_of(&f) {
         Ok(c) => c,
-        Err(e) => return back("/alerts/rules", Err(e)),
+        Err(e) => return render_rules(&s, &p, Flash::default(), Some(&f), Some(e)).await,
     };
     let req = CreateAlertRule {
         name: f.name.trim().to_string(),
@@ -198,7 +272,11 @@ async fn rule_create(State(s): State<AppState>, UiUser(p): UiUser, Form(f): Form
         channels: f.channel.clone().filter(|c| !c.is_empty()).into_iter().collect(),
         enabled: true,
     };
-    back("/alerts/rules", rules::create_rule(&s.db, &p, req).await.map(|r| format!("Rule {} created.", r.name)))
+    match rules::create_rule(&s.db, &p, req).await {
+        Ok(r) => back("/alerts/rules", Ok(format!("Rule {} created.", r.name))),
+        Err(e @ AppError::Forbidden(_)) => back("/alerts/rules", Err(e)),
+        Err(e) => render_rules(&s, &p, Flash::default(), Some(&f), Some(e)).await,
+    }
 }
 
 async fn set_enabled(s: AppState, p: crate::auth::Principal, id: String, csrf: String, on: bool) -> Response {

@@ -11,8 +11,8 @@ use axum::http::{HeaderMap, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use drover_proto::api::{
-    CreateEnrollmentToken, CreatedEnrollmentToken, DeviceListQuery, DeviceStatus, GroupKind, GroupListQuery,
-    Preauthorize, ReplaceTags, Role,
+    AddGroupDevices, CreateEnrollmentToken, CreatedEnrollmentToken, DeviceListQuery, DeviceStatus, GroupKind,
+    GroupListQuery, PatchTags, Preauthorize, ReplaceTags, Role,
 };
 use minijinja::{Value, context};
 use serde::Deserialize;
@@ -45,6 +45,7 @@ const SORTS: &[(&str, &str)] = &[
     ("updated_at", "least recently changed"),
     ("-last_seen_at", "recently seen"),
     ("last_seen_at", "longest unseen"),
+    ("name", "name"),
     ("id", "id"),
 ];
 
@@ -145,44 +146,91 @@ async fn table_ctx(s: &AppState, p: &Principal, q: &DevicesUi) -> AppResult<Valu
         devices => page.items,
         next_url => next_url,
         poll_url => poll_url,
-        bulk => pending_view && p.role >= Role::Operator,
+        bulk => p.role >= Role::Operator,
+        pending_view => pending_view,
     })
+}
+
+/// Which field of the device list's form is wrong, and why: checked before the list is read so
+/// the page can show the error under the field, the rest of the form as typed.
+async fn field_errors(s: &AppState, p: &Principal, q: &DevicesUi) -> BTreeMap<&'static str, String> {
+    let mut errors = BTreeMap::new();
+    if let Err(e) = q.status() {
+        errors.insert("status", e.public_message());
+    }
+    if let Some(o) = some(&q.online).filter(|o| *o != "true" && *o != "false") {
+        errors.insert("online", format!("online must be true or false, not {o:?}"));
+    }
+    if some(&q.q).is_some_and(|t| t.len() > 256) {
+        errors.insert("q", "at most 256 bytes".into());
+    }
+    if let Some(text) = some(&q.filter)
+        && let Err(e) = crate::filter::check(&s.db, p.org(), text).await
+    {
+        errors.insert("filter", e.public_message());
+    }
+    if let Some(sort) = some(&q.sort)
+        && !SORTS.iter().any(|(v, _)| *v == sort)
+    {
+        errors.insert("sort", format!("unknown sort {sort:?}"));
+    }
+    if let Some(c) = some(&q.commit)
+        && (c.len() < 7 || c.len() > 64 || !c.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        errors.insert("commit", "give a commit hash or a prefix of at least 7 hex digits".into());
+    }
+    errors
 }
 
 async fn devices_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Query<DevicesUi>) -> Response {
     let flash = Flash { notice: q.notice.clone(), error: q.error.clone() };
-    let r: AppResult<Html<String>> = async {
-        let pending_view = q.status()? == Some(DeviceStatus::Pending);
+    let errors = field_errors(&s, &p, &q).await;
+    let r: AppResult<(Html<String>, bool)> = async {
+        let pending_view = some(&q.status) == Some("pending");
         let ctx = page_ctx(&s, &p, if pending_view { "pending" } else { "devices" }, &flash).await?;
-        let table = table_ctx(&s, &p, &q).await?;
+        // A wrong field: the page with its form as typed, the error under the field, no list.
+        let (table, general) = if errors.is_empty() {
+            match table_ctx(&s, &p, &q).await {
+                Ok(t) => (t, None),
+                Err(e @ (AppError::BadRequest(_) | AppError::InvalidCursor(_))) => {
+                    (context! { devices => Vec::<()>::new() }, Some(e.public_message()))
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            (context! { devices => Vec::<()>::new() }, None)
+        };
         let here = format!("/devices?{}", q.query_string());
         let form = context! {
             status => some(&q.status), online => some(&q.online), filter => some(&q.filter),
             q => some(&q.q), sort => some(&q.sort).unwrap_or("-created_at"),
+            artifact => some(&q.artifact), commit => some(&q.commit),
         };
+        let gq = GroupListQuery { limit: Some(500), kind: Some(GroupKind::Static), ..Default::default() };
+        let static_groups = crate::groups::list(&s.db, &p, &gq).await?.items;
+        let invalid = !errors.is_empty() || general.is_some();
         let extra = context! {
             counts => status_counts(&s, &p).await?,
             statuses => STATUSES,
             sorts => SORTS,
             f => form,
+            errors => errors,
+            invalid => invalid,
+            error => general.or(flash.error.clone()),
             pending_view => pending_view,
             here => here,
+            matching => q.query_string(),
+            static_groups => static_groups,
             ..table
         };
-        s.ui.render("devices.html", merge(ctx, extra))
+        Ok((s.ui.render("devices.html", context! { ..extra, ..ctx })?, invalid))
     }
     .await;
-    r.map(IntoResponse::into_response).unwrap_or_else(|e| match e {
-        // A bad filter goes back to the list with the reason, so it can be corrected.
-        AppError::BadRequest(_) | AppError::InvalidCursor(_) if flash.error.is_none() => {
-            let mut keep = DevicesUi { cursor: None, notice: None, error: None, ..q };
-            if keep.status().is_err() {
-                keep.status = None;
-            }
-            back_to(&format!("/devices?{}", keep.query_string()), Err(e))
-        }
-        e => error_page(&s, e),
-    })
+    match r {
+        Ok((html, false)) => html.into_response(),
+        Ok((html, true)) => (axum::http::StatusCode::BAD_REQUEST, html).into_response(),
+        Err(e) => error_page(&s, e),
+    }
 }
 
 /// The device table alone, for htmx to swap in.
@@ -191,7 +239,44 @@ async fn devices_table(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Q
     r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
 }
 
-/// Accept or reject the ticked pending devices.
+/// The most devices one bulk action takes when "all matching the filter" is chosen.
+const BULK_MAX: usize = 5000;
+
+/// The devices a bulk action is for: the ticked ones, or every device matching the list's
+/// filter (`all=1`, the filter in `matching` as the list's query string).
+async fn bulk_ids(s: &AppState, p: &Principal, fields: &[(String, String)]) -> AppResult<Vec<String>> {
+    let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    if field("all") != Some("1") {
+        return Ok(fields.iter().filter(|(k, _)| k == "id").map(|(_, v)| v.clone()).collect());
+    }
+    let uri: axum::http::Uri = format!("/devices?{}", field("matching").unwrap_or_default())
+        .parse()
+        .map_err(|_| AppError::BadRequest("the list's filter is malformed".into()))?;
+    let Query(q) = Query::<DevicesUi>::try_from_uri(&uri)
+        .map_err(|e| AppError::BadRequest(format!("the list's filter is malformed: {e}")))?;
+    let mut query = DevicesUi { cursor: None, ..q }.api_query()?;
+    query.limit = Some(500);
+    let mut ids = Vec::new();
+    loop {
+        let page = devices::list_devices(&s.db, p, &query).await?;
+        ids.extend(page.items.into_iter().map(|d| d.id));
+        if ids.len() > BULK_MAX {
+            return Err(AppError::BadRequest(format!(
+                "more than {BULK_MAX} devices match: narrow the filter, or use the API"
+            )));
+        }
+        match page.next_cursor {
+            Some(c) => query.cursor = Some(c),
+            None => break,
+        }
+    }
+    Ok(ids)
+}
+
+/// An action on many devices from the device list: accept or reject (pending devices), add
+/// tags, add to a static group, deploy (the new-deployment form, with those devices) or
+/// decommission (after a confirmation). Each device goes through the same operation as one
+/// alone, so each change is authorized and audited the same way.
 async fn devices_bulk(
     State(s): State<AppState>,
     UiUser(p): UiUser,
@@ -201,30 +286,105 @@ async fn devices_bulk(
     if let Err(e) = check_csrf(&p, field("csrf").unwrap_or_default()) {
         return error_page(&s, e);
     }
-    let to = match field("action") {
-        Some("accept") => DeviceStatus::Accepted,
-        Some("reject") => DeviceStatus::Rejected,
-        _ => return back_to("/devices?status=pending", Err(AppError::BadRequest("choose accept or reject".into()))),
-    };
-    let ids: Vec<&str> = fields.iter().filter(|(k, _)| k == "id").map(|(_, v)| v.as_str()).collect();
-    if ids.is_empty() {
-        return back_to("/devices?status=pending", Err(AppError::BadRequest("tick the devices first".into())));
-    }
-    let (mut done, mut failed) = (0, Vec::new());
-    for id in &ids {
-        match devices::decide(&s.db, &s.ca, &p, id, to).await {
-            Ok(_) => done += 1,
-            Err(e @ AppError::Forbidden(_)) => return back_to("/devices?status=pending", Err(e)),
-            Err(e) => failed.push(format!("{id}: {}", e.public_message())),
+    let action = field("action").unwrap_or_default();
+    let default_back = if matches!(action, "accept" | "reject") { "/devices?status=pending" } else { "/devices" };
+    let here = field("return_to").filter(|r| !r.is_empty()).map(|r| safe_next(Some(r)));
+    let here = here.as_deref().unwrap_or(default_back);
+    let ids = match bulk_ids(&s, &p, &fields).await {
+        Ok(ids) if ids.is_empty() => {
+            let why = if field("all") == Some("1") { "no device matches the filter" } else { "tick the devices first" };
+            return back_to(here, Err(AppError::BadRequest(why.into())));
         }
-    }
-    let verb = if to == DeviceStatus::Accepted { "Accepted" } else { "Rejected" };
-    let msg = format!("{verb} {done} device{}.", if done == 1 { "" } else { "s" });
+        Ok(ids) => ids,
+        Err(e) => return back_to(here, Err(e)),
+    };
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    let (mut done, mut failed) = (0usize, Vec::new());
+    let msg = match action {
+        "accept" | "reject" => {
+            let to = if action == "accept" { DeviceStatus::Accepted } else { DeviceStatus::Rejected };
+            for id in &ids {
+                match devices::decide(&s.db, &s.ca, &p, id, to).await {
+                    Ok(_) => done += 1,
+                    Err(e @ AppError::Forbidden(_)) => return back_to(here, Err(e)),
+                    Err(e) => failed.push(format!("{id}: {}", e.public_message())),
+                }
+            }
+            let verb = if to == DeviceStatus::Accepted { "Accepted" } else { "Rejected" };
+            format!("{verb} {done} device{}.", plural(done))
+        }
+        "tags" => {
+            let set = match key_value_lines("tags", field("tags").unwrap_or_default()) {
+                Ok(set) if set.is_empty() => {
+                    return back_to(here, Err(AppError::BadRequest("type the tags to add, key=value".into())));
+                }
+                Ok(set) => set,
+                Err(e) => return back_to(here, Err(e)),
+            };
+            for id in &ids {
+                let req = PatchTags { set: set.clone(), remove: Vec::new() };
+                match devices::patch_tags(&s.db, &p, id, req).await {
+                    Ok(_) => done += 1,
+                    Err(e @ AppError::Forbidden(_)) => return back_to(here, Err(e)),
+                    Err(e) => failed.push(format!("{id}: {}", e.public_message())),
+                }
+            }
+            format!("Tags added to {done} device{}.", plural(done))
+        }
+        "group" => {
+            let Some(group) = field("group").filter(|g| !g.is_empty()) else {
+                return back_to(here, Err(AppError::BadRequest("choose the static group".into())));
+            };
+            match crate::groups::add_devices(&s.db, &p, group, AddGroupDevices { devices: ids.clone() }).await {
+                Ok(a) => {
+                    return back_to(
+                        here,
+                        Ok(format!(
+                            "{} device{} added to the group, {} were members already.",
+                            a.added,
+                            plural(a.added as usize),
+                            a.already
+                        )),
+                    );
+                }
+                Err(e) => return back_to(here, Err(e)),
+            }
+        }
+        "deploy" => return super::updates::new_deployment_for(&s, &p, &ids).await,
+        "decommission" if field("confirm") != Some("yes") => {
+            return confirm_decommission(&s, &p, &ids, here).await;
+        }
+        "decommission" => {
+            for id in &ids {
+                match devices::decide(&s.db, &s.ca, &p, id, DeviceStatus::Decommissioned).await {
+                    Ok(_) => done += 1,
+                    Err(e @ AppError::Forbidden(_)) => return back_to(here, Err(e)),
+                    Err(e) => failed.push(format!("{id}: {}", e.public_message())),
+                }
+            }
+            format!("Decommissioned {done} device{}: their certificates are revoked.", plural(done))
+        }
+        _ => return back_to(here, Err(AppError::BadRequest("choose what to do with the devices".into()))),
+    };
     if failed.is_empty() {
-        back_to("/devices?status=pending", Ok(msg))
+        back_to(here, Ok(msg))
     } else {
-        back_to("/devices?status=pending", Err(AppError::BadRequest(format!("{msg} Not done: {}", failed.join("; ")))))
+        back_to(here, Err(AppError::BadRequest(format!("{msg} Not done: {}", failed.join("; ")))))
     }
+}
+
+/// The confirmation before many devices are decommissioned: which ones, and a form that
+/// posts them again with `confirm=yes`.
+async fn confirm_decommission(s: &AppState, p: &Principal, ids: &[String], here: &str) -> Response {
+    let r: AppResult<Html<String>> = async {
+        p.require(Role::Operator, "decommissioning devices")?;
+        let ctx = page_ctx(s, p, "devices", &Flash::default()).await?;
+        let names = devices::display_names(&s.db, p.org(), ids).await?;
+        let extra = context! { ids => ids, names => names, return_to => here };
+        s.ui.render("devices_decommission.html", merge(ctx, extra))
+    }
+    .await;
+    r.map(IntoResponse::into_response).unwrap_or_else(|e| back_to(here, Err(e)))
 }
 
 async fn device_page(
@@ -237,7 +397,11 @@ async fn device_page(
         let ctx = page_ctx(&s, &p, "devices", &flash).await?;
         let device = devices::get_device_detail(&s.db, &p, &id).await?;
         let tags_text: String = device.device.tags.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
-        s.ui.render("device.html", merge(ctx, context! { d => device, tags_text => tags_text, tags_editable => true }))
+        let offers = super::remote_offers(&device.device);
+        s.ui.render(
+            "device.html",
+            merge(ctx, context! { d => device, offers => offers, tags_text => tags_text, tags_editable => true }),
+        )
     }
     .await;
     r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
@@ -288,6 +452,8 @@ struct DeviceActionForm {
     return_to: Option<String>,
     /// The tag form: `key=value` lines.
     tags: Option<String>,
+    /// The rename form: the operator's name, empty to clear it.
+    name: Option<String>,
 }
 
 async fn device_action(
@@ -312,12 +478,23 @@ async fn device_action(
             .await;
             return back_to(&page, r.map(|_| "Tags saved.".to_string()));
         }
+        "name" => {
+            let name = f.name.as_deref().map(str::trim).filter(|n| !n.is_empty()).map(str::to_string);
+            let r = devices::patch_device(&s.db, &p, &id, drover_proto::api::DevicePatch { name }).await;
+            return back_to(
+                &page,
+                r.map(|d| match d.name {
+                    Some(_) => format!("Device renamed {}.", d.display_name),
+                    None => format!("Name cleared: the device shows as {}.", d.display_name),
+                }),
+            );
+        }
         "accept" => (DeviceStatus::Accepted, "accepted: its certificate is issued"),
         "reject" => (DeviceStatus::Rejected, "rejected"),
         _ => return error_page(&s, AppError::NotFound("no such action".into())),
     };
     let r = devices::decide(&s.db, &s.ca, &p, &id, to).await;
-    back_to(&page, r.map(|d| format!("Device {} {done}.", label(&d.identity))))
+    back_to(&page, r.map(|d| format!("Device {} {done}.", d.display_name)))
 }
 
 /// Like `back`, onto a page whose address may carry a query already (an earlier message is
@@ -335,11 +512,6 @@ fn back_to(page: &str, result: Result<String, AppError>) -> Response {
         return resp;
     }
     Redirect::to(&format!("{path}?{}&{flash}", keep.join("&"))).into_response()
-}
-
-/// How people recognise a device: its identity.
-fn label(identity: &BTreeMap<String, String>) -> String {
-    identity.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
 }
 
 // ---------------------------------------------------------------- enrollment

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use super::{CsrfForm, Flash, UiUser, back, check_csrf, error_page, merge, page_ctx, urlencode};
 use crate::app::AppState;
+use crate::auth::Principal;
 use crate::error::{AppError, AppResult};
 use crate::groups;
 
@@ -35,19 +36,51 @@ struct GroupsUi {
 
 async fn groups_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q): Query<GroupsUi>) -> Response {
     let flash = Flash { notice: q.notice, error: q.error };
-    let r: AppResult<Html<String>> = async {
-        let ctx = page_ctx(&s, &p, "groups", &flash).await?;
-        let query = GroupListQuery { limit: Some(100), cursor: q.cursor, ..Default::default() };
-        let page = groups::list(&s.db, &p, &query).await?;
-        let next_url = page.next_cursor.map(|c| format!("/groups?cursor={}", urlencode(&c)));
-        s.ui.render("groups.html", merge(ctx, context! { groups => page.items, next_url => next_url }))
-    }
-    .await;
-    r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
+    render_groups(&s, &p, flash, q.cursor, None, None).await
 }
 
-#[derive(Deserialize)]
+/// The groups page; after a failed create, with the form as typed and the error under its field.
+async fn render_groups(
+    s: &AppState,
+    p: &Principal,
+    flash: Flash,
+    cursor: Option<String>,
+    form: Option<&NewGroupForm>,
+    error: Option<AppError>,
+) -> Response {
+    let status = error.as_ref().map(AppError::status).unwrap_or(axum::http::StatusCode::OK);
+    let mut errors = std::collections::BTreeMap::new();
+    let mut flash = flash;
+    if let Some(e) = error {
+        let msg = e.public_message();
+        match &e {
+            AppError::BadRequest(_) | AppError::Conflict(_) if msg.contains("filter") => {
+                errors.insert("filter", msg);
+            }
+            AppError::BadRequest(_) | AppError::Conflict(_) if msg.contains("name") => {
+                errors.insert("name", msg);
+            }
+            _ => flash.error = Some(msg),
+        }
+    }
+    let r: AppResult<Html<String>> = async {
+        let ctx = page_ctx(s, p, "groups", &flash).await?;
+        let query = GroupListQuery { limit: Some(100), cursor, ..Default::default() };
+        let page = groups::list(&s.db, p, &query).await?;
+        let next_url = page.next_cursor.map(|c| format!("/groups?cursor={}", urlencode(&c)));
+        let extra = context! { groups => page.items, next_url => next_url, f => form, errors => errors };
+        s.ui.render("groups.html", merge(ctx, extra))
+    }
+    .await;
+    match r {
+        Ok(html) => (status, html).into_response(),
+        Err(e) => error_page(s, e),
+    }
+}
+
+#[derive(Deserialize, serde::Serialize)]
 struct NewGroupForm {
+    #[serde(skip_serializing)]
     csrf: String,
     name: String,
     kind: String,
@@ -63,14 +96,19 @@ async fn group_create(State(s): State<AppState>, UiUser(p): UiUser, Form(f): For
         return back("/groups", Err(AppError::BadRequest("choose static or dynamic".into())));
     };
     let filter = match kind {
-        GroupKind::Dynamic => f.filter.filter(|f| !f.trim().is_empty()),
+        GroupKind::Dynamic => f.filter.clone().filter(|f| !f.trim().is_empty()),
         GroupKind::Static => None,
     };
-    let req =
-        CreateGroup { name: f.name.trim().to_string(), kind, filter, description: f.description.unwrap_or_default() };
+    let req = CreateGroup {
+        name: f.name.trim().to_string(),
+        kind,
+        filter,
+        description: f.description.clone().unwrap_or_default(),
+    };
     match groups::create(&s.db, &p, req).await {
         Ok(g) => back(&format!("/groups/{}", urlencode(&g.id)), Ok(format!("Group {} created.", g.name))),
-        Err(e) => back("/groups", Err(e)),
+        Err(e @ AppError::Forbidden(_)) => back("/groups", Err(e)),
+        Err(e) => render_groups(&s, &p, Flash::default(), None, Some(&f), Some(e)).await,
     }
 }
 
@@ -145,7 +183,7 @@ async fn group_delete(
 #[derive(Deserialize)]
 struct AddDevicesForm {
     csrf: String,
-    /// Device ids, separated by spaces, commas or lines.
+    /// Device names or ids, one a line, or separated by spaces or commas.
     devices: String,
 }
 
@@ -158,16 +196,12 @@ async fn group_add(
     if let Err(e) = check_csrf(&p, &f.csrf) {
         return error_page(&s, e);
     }
-    let devices: Vec<String> = f
-        .devices
-        .split(|c: char| c.is_whitespace() || c == ',')
-        .filter(|d| !d.is_empty())
-        .map(str::to_string)
-        .collect();
-    let r = if devices.is_empty() {
-        Err(AppError::BadRequest("give the ids of the devices to add".into()))
-    } else {
-        groups::add_devices(&s.db, &p, &id, AddGroupDevices { devices }).await
+    let r = match super::resolve_devices(&s, &p, &f.devices).await {
+        Ok(devices) if devices.is_empty() => {
+            Err(AppError::BadRequest("give the names or ids of the devices to add".into()))
+        }
+        Ok(devices) => groups::add_devices(&s.db, &p, &id, AddGroupDevices { devices }).await,
+        Err(e) => Err(e),
     };
     back(
         &format!("/groups/{}", urlencode(&id)),

@@ -42,7 +42,7 @@ pub const TEMPLATES: &[(&str, &str)] = &[
 ];
 
 /// The ranges the pages offer, as `charts.js` knows them.
-const RANGES: &[&str] = &["1h", "6h", "24h", "7d"];
+const RANGES: &[&str] = &["5m", "15m", "1h", "6h", "24h", "7d"];
 /// Tag values a split draws at most, the most common first.
 const SPLIT_VALUES: i64 = 8;
 /// Metric names a chooser lists at most.
@@ -270,11 +270,18 @@ async fn device_page(
     let r: AppResult<Html<String>> = async {
         let ctx = page_ctx(&s, &p, "devices", &Flash::default()).await?;
         let device = devices::get_device_detail(&s.db, &p, &id).await?;
-        let metrics: Vec<MetricRow> = query::metric_names(&s.db, p.org(), &id)
+        let mut metrics: Vec<MetricRow> = query::metric_names(&s.db, p.org(), &id)
             .await?
             .into_iter()
             .map(|m| MetricRow { name: m.name, last_at: m.last_t.map(to_rfc3339), last_value: m.last_value })
             .collect();
+        // The device's health first, the agent's own metrics last (as charts.js orders them).
+        let rank = |m: &str| match m {
+            _ if m.starts_with("agent.") => 2,
+            _ if m.starts_with("link.") || m == "uptime_s" => 1,
+            _ => 0,
+        };
+        metrics.sort_by(|a, b| rank(&a.name).cmp(&rank(&b.name)).then_with(|| a.name.cmp(&b.name)));
         let now = now_ms();
         let events: Vec<EventRow> =
             query::device_events(&s.db, p.org(), &id, now - crate::telemetry::DAY_MS, now + 1, 50)

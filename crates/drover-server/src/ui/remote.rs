@@ -14,7 +14,7 @@ use drover_proto::api::Role;
 use minijinja::context;
 use serde::Deserialize;
 
-use super::{Flash, UiUser, back, check_csrf, error_page, merge, page_ctx};
+use super::{Flash, UiUser, back, check_csrf, device_names, error_page, merge, page_ctx};
 use crate::app::AppState;
 use crate::devices;
 use crate::error::AppResult;
@@ -80,7 +80,10 @@ async fn terminal_page(
         p.require(Role::Operator, "opening a remote session")?;
         let ctx = page_ctx(&s, &p, "devices", &flash).await?;
         let device = devices::get_device_detail(&s.db, &p, &id).await?;
-        s.ui.render("device_terminal.html", merge(ctx, context! { d => device }))
+        s.ui.render(
+            "device_terminal.html",
+            merge(ctx, context! { offers => super::remote_offers(&device.device), d => device }),
+        )
     }
     .await;
     r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
@@ -109,7 +112,7 @@ async fn device_remote_page(
             .collect();
         s.ui.render(
             "device_remote.html",
-            merge(ctx, context! { d => device, sessions => rows, web_sessions => web_sessions }),
+            merge(ctx, context! { offers => super::remote_offers(&device.device), names => std::collections::BTreeMap::from([(device.device.id.clone(), device.device.display_name.clone())]), d => device, sessions => rows, web_sessions => web_sessions }),
         )
     }
     .await;
@@ -121,7 +124,11 @@ async fn sessions_page(State(s): State<AppState>, UiUser(p): UiUser, Query(flash
         let ctx = page_ctx(&s, &p, "remote", &flash).await?;
         let rows = sessions::list(&s.db, &p, &SessionListQuery { device: None, limit: Some(200) }).await?;
         let settings = sessions::settings(&s.db, &p).await?;
-        s.ui.render("remote_sessions.html", merge(ctx, context! { sessions => rows, settings => settings }))
+        let names = device_names(&s, &p, rows.iter().map(|r| r.device_id.as_str())).await?;
+        s.ui.render(
+            "remote_sessions.html",
+            merge(ctx, context! { sessions => rows, settings => settings, names => names }),
+        )
     }
     .await;
     r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
@@ -137,7 +144,8 @@ async fn replay_page(
         p.require(Role::Operator, "replaying terminal recordings")?;
         let ctx = page_ctx(&s, &p, "remote", &flash).await?;
         let session = sessions::get(&s.db, &p, &id).await?;
-        s.ui.render("session_replay.html", merge(ctx, context! { session => session }))
+        let names = device_names(&s, &p, [session.device_id.as_str()]).await?;
+        s.ui.render("session_replay.html", merge(ctx, context! { session => session, names => names }))
     }
     .await;
     r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))

@@ -21,7 +21,7 @@ use drover_proto::deploy::{
 use minijinja::context;
 use serde::{Deserialize, Serialize};
 
-use super::{CsrfForm, Flash, UiUser, back, check_csrf, error_page, merge, page_ctx, urlencode};
+use super::{CsrfForm, Flash, UiUser, back, check_csrf, device_names, error_page, merge, page_ctx, urlencode};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{AppError, AppResult};
@@ -200,7 +200,7 @@ fn pct(n: u64, total: u64) -> String {
 
 /// A deployment with its progress worked out for the bar and the counts.
 #[derive(Serialize)]
-struct DeploymentView {
+pub(super) struct DeploymentView {
     #[serde(flatten)]
     d: Deployment,
     /// Devices in a final state, and of those: done well, failed, aborted.
@@ -217,7 +217,7 @@ struct DeploymentView {
     ended: bool,
 }
 
-fn deployment_view(d: Deployment) -> DeploymentView {
+pub(super) fn deployment_view(d: Deployment) -> DeploymentView {
     let (mut done, mut failed, mut aborted) = (0, 0, 0);
     let mut states = Vec::new();
     for s in UpdateState::ALL {
@@ -271,6 +271,9 @@ struct DeviceRowView {
 
 fn device_row(dd: DeploymentDevice) -> DeviceRowView {
     let (transfer, percent) = match (dd.bytes, dd.total) {
+        // Once final there is no download in progress: what came down, if anything did, and no bar.
+        (Some(b), _) if dd.state.is_final() => ((b > 0).then(|| format!("{} downloaded", size(b))), None),
+        _ if dd.state.is_final() => (None, None),
         (Some(b), Some(t)) if t > 0 => (Some(format!("{} of {}", size(b), size(t))), Some(b.min(t) * 100 / t)),
         (Some(b), _) => (Some(size(b)), None),
         _ => (None, None),
@@ -316,7 +319,7 @@ async fn deployments_page(State(s): State<AppState>, UiUser(p): UiUser, Query(q)
 }
 
 /// What the new-deployment form was given, to show it again after a mistake.
-#[derive(Deserialize, Serialize, Default, Debug)]
+#[derive(Deserialize, Serialize, Default, Debug, Clone)]
 struct NewDeploymentForm {
     #[serde(default, skip_serializing)]
     csrf: String,
@@ -385,15 +388,48 @@ async fn new_deployment_page(
     render_new(&s, &p, &form, None).await
 }
 
+/// The new-deployment form for devices chosen in the device list.
+pub(super) async fn new_deployment_for(s: &AppState, p: &Principal, ids: &[String]) -> Response {
+    let form = NewDeploymentForm { target: "devices".into(), devices: ids.join("\n"), ..Default::default() };
+    render_new(s, p, &form, None).await
+}
+
 async fn render_new(s: &AppState, p: &Principal, form: &NewDeploymentForm, error: Option<AppError>) -> Response {
     let status = error.as_ref().map(AppError::status).unwrap_or(StatusCode::OK);
-    let flash = Flash { notice: None, error: error.map(|e| e.public_message()) };
+    // A mistake in what was typed shows under its field; anything else above the form.
+    let mut errors = std::collections::BTreeMap::new();
+    let mut general = None;
+    if let Some(e) = error {
+        let msg = e.public_message();
+        let field = match &e {
+            AppError::BadRequest(_) | AppError::NotFound(_) | AppError::Conflict(_) => {
+                if form.artifact.trim().is_empty() || msg.contains("artifact") {
+                    Some("artifact")
+                } else {
+                    match form.target.as_str() {
+                        "group" => Some("group"),
+                        "filter" => Some("filter"),
+                        "devices" => Some("devices"),
+                        _ => Some("target"),
+                    }
+                }
+            }
+            _ => None,
+        };
+        match field {
+            Some(f) => {
+                errors.insert(f, msg);
+            }
+            None => general = Some(msg),
+        }
+    }
+    let flash = Flash { notice: None, error: general };
     let r: AppResult<Html<String>> = async {
         let ctx = page_ctx(s, p, "deployments", &flash).await?;
         let artifacts =
             artifacts::list(&s.db, p, &ArtifactListQuery { limit: Some(200), ..Default::default() }).await?;
         let groups = groups::list(&s.db, p, &GroupListQuery { limit: Some(500), ..Default::default() }).await?;
-        let extra = context! { artifacts => artifacts.items, groups => groups.items, f => form };
+        let extra = context! { artifacts => artifacts.items, groups => groups.items, f => form, errors => errors };
         s.ui.render("deployment_new.html", merge(ctx, extra))
     }
     .await;
@@ -407,8 +443,23 @@ async fn deployment_create(State(s): State<AppState>, UiUser(p): UiUser, Form(f)
     if let Err(e) = check_csrf(&p, &f.csrf) {
         return error_page(&s, e);
     }
-    let created = match f.request() {
-        Ok(req) => deployments::create(&s.db, &s.engine, &p, req).await,
+    // Devices may be given by name: the form keeps what was typed, the request takes ids.
+    let ids = match f.target.as_str() {
+        "devices" => super::resolve_devices(&s, &p, &f.devices).await.map(|ids| Some(ids.join("\n"))),
+        _ => Ok(None),
+    };
+    let created = match ids {
+        Ok(ids) => {
+            let typed = NewDeploymentForm {
+                devices: ids.unwrap_or_else(|| f.devices.clone()),
+                csrf: String::new(),
+                ..f.clone()
+            };
+            match typed.request() {
+                Ok(req) => deployments::create(&s.db, &s.engine, &p, req).await,
+                Err(e) => Err(e),
+            }
+        }
         Err(e) => Err(e),
     };
     match created {
@@ -533,7 +584,8 @@ async fn device_log_page(
         let ctx = page_ctx(&s, &p, "deployments", &flash).await?;
         let d = deployments::get(&s.db, &p, &id).await?;
         let log = deployments::device_log(&s.db, &p, &id, &device_id).await?;
-        s.ui.render("deployment_log.html", merge(ctx, context! { dep => d, log => log }))
+        let names = device_names(&s, &p, [log.device_id.as_str()]).await?;
+        s.ui.render("deployment_log.html", merge(ctx, context! { dep => d, log => log, names => names }))
     }
     .await;
     r.map(IntoResponse::into_response).unwrap_or_else(|e| error_page(&s, e))
@@ -560,6 +612,27 @@ mod tests {
             total,
             counts: counts.iter().copied().collect::<BTreeMap<_, _>>(),
         }
+    }
+
+    #[test]
+    fn a_finished_device_shows_no_download_in_progress() {
+        let dd = |state, bytes, total| DeploymentDevice {
+            device_id: "d".into(),
+            display_name: "gw-1".into(),
+            state,
+            bytes,
+            total,
+            message: None,
+            has_log: false,
+            updated_at: "2026-01-01T00:00:00Z".into(),
+        };
+        let r = device_row(dd(UpdateState::Downloading, Some(100), Some(509)));
+        assert_eq!((r.transfer.as_deref(), r.percent), (Some("100 B of 509 B"), Some(19)));
+        // Done with nothing counted (the report that ended it carried no progress): nothing shown.
+        let r = device_row(dd(UpdateState::Success, Some(0), Some(509)));
+        assert_eq!((r.transfer, r.percent), (None, None));
+        let r = device_row(dd(UpdateState::Failure, Some(509), Some(509)));
+        assert_eq!((r.transfer.as_deref(), r.percent), (Some("509 B downloaded"), None));
     }
 
     #[test]

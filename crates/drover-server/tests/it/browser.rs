@@ -54,7 +54,7 @@ impl Browser {
                 "args": [
                     "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                     "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                    "--disable-sync", "--window-size=1280,900",
+                    "--disable-sync", "--window-size=1440,900",
                     format!("--user-data-dir={}", profile.path().display()),
                 ]
             }
@@ -89,7 +89,8 @@ impl Browser {
     fn with_element(&self, css: &str, f: impl Fn(&str) -> Result<Value, String>) -> Value {
         eventually(Duration::from_secs(10), &format!("a usable element {css}"), || match f(&self.find(css)) {
             Ok(v) => Some(v),
-            Err(e) if e.contains("stale element") => None,
+            // The page replaced the element (htmx, or a new page) between finding and using it.
+            Err(e) if e.contains("stale element") || e.contains("does not belong to the document") => None,
             Err(e) => panic!("WebDriver on {css} failed: {e}"),
         })
     }
@@ -119,6 +120,17 @@ impl Browser {
     pub(crate) fn text(&self, css: &str) -> String {
         let v = self.with_element(css, |el| self.try_cmd("GET", &format!("/element/{el}/text"), None));
         v.as_str().unwrap_or_default().to_string()
+    }
+
+    /// Follows a link of the navigation: opens its menu (a `<details>`), then the link.
+    pub(crate) fn nav(&self, menu: &str, href: &str) {
+        self.click(&format!("#menu-{menu} summary"));
+        self.click(&format!("#menu-{menu} a[href='{href}']"));
+    }
+
+    /// Runs a script in the page and returns what it returns.
+    pub(crate) fn script(&self, js: &str) -> Value {
+        self.cmd("POST", "/execute/sync", Some(json!({"script": js, "args": []})))
     }
 
     fn title(&self) -> String {
@@ -187,7 +199,19 @@ fn sign_in_and_use_the_ui_in_headless_chromium() {
     assert!(b.text("#audit-table").contains("session.login"));
     b.screenshot("overview");
 
-    b.click("a[href='/tokens']");
+    // The navigation is one line at 1440 px, its groups menus that open without a script.
+    let nav_height = b.script("return document.querySelector('header.top').getBoundingClientRect().height");
+    assert!(nav_height.as_f64().unwrap() < 60.0, "the header wraps: {nav_height} px high");
+    let icon = b.script("return document.querySelector('link[rel=icon]').href");
+    assert!(icon.as_str().unwrap().ends_with("/assets/favicon.svg"), "{icon}");
+    let favicon = agent().get(&format!("{}/assets/favicon.svg", server.base)).call().unwrap();
+    assert_eq!(favicon.headers().get("content-type").unwrap(), "image/svg+xml");
+    // Opening one menu closes the other (with the page's script; without it each stays open).
+    b.click("#menu-fleet summary");
+    b.click("#menu-settings summary");
+    let open = b.script("return [...document.querySelectorAll('header details.menu[open]')].map(d => d.id)");
+    assert_eq!(open, json!(["menu-settings"]));
+    b.click("#menu-settings a[href='/tokens']");
     b.wait_title("API tokens");
     b.type_into("input[name=name]", "release pipeline");
     b.click("form.stack button[type=submit]");
@@ -202,7 +226,7 @@ fn sign_in_and_use_the_ui_in_headless_chromium() {
     assert_eq!(me["role"], "viewer");
     b.screenshot("tokens");
 
-    b.click("a[href='/audit']");
+    b.nav("settings", "/audit");
     b.wait_title("Audit log");
     b.type_into("input[name=action]", "token.");
     b.click("form.filters button[type=submit]");
@@ -227,8 +251,8 @@ fn sign_in_and_use_the_ui_in_headless_chromium() {
     let device_id = enrolled["device_id"].as_str().unwrap().to_string();
     b.goto(&format!("{}/", server.base));
     b.wait_title("Overview");
-    assert!(b.text("#nav-pending").contains('1'), "the navigation counts the pending device");
-    b.click("#nav-pending");
+    assert!(b.text("#menu-fleet summary").contains('1'), "the navigation counts the pending device");
+    b.nav("fleet", "/devices?status=pending");
     b.wait_title("Pending devices");
     assert!(b.text(&format!("#device-{device_id}")).contains("SN-BROWSER-1"));
     b.screenshot("pending");
@@ -239,6 +263,7 @@ fn sign_in_and_use_the_ui_in_headless_chromium() {
     });
     b.click("#tab-accepted");
     b.wait_title("Devices");
+    b.screenshot("devices");
     b.click(&format!("a[href='/devices/{device_id}']"));
     b.wait_title("SN-BROWSER-1");
     assert_eq!(b.text("#device-status"), "accepted");
@@ -246,7 +271,7 @@ fn sign_in_and_use_the_ui_in_headless_chromium() {
     b.screenshot("device");
 
     // The dynamic group editor previews what a filter matches while it is typed.
-    b.click("a[href='/groups']");
+    b.nav("fleet", "/groups");
     b.wait_title("Groups");
     b.type_into("#create-group input[name=filter]", "status = accepted");
     eventually(Duration::from_secs(10), "the live preview", || {
@@ -378,9 +403,11 @@ fn upload_an_artifact_deploy_it_to_a_group_and_abort_in_headless_chromium() {
     assert!(b.text("#progress-text").contains("0 of 2 devices finished"));
     b.find("#deployment-progress");
     let rows = b.text("#deployment-devices");
+    // Each device by its name (the serial here), its id in the row's link.
     for d in &devices {
-        assert!(rows.contains(d.as_str()), "{rows}");
+        b.find(&format!("#dd-{d} a[href='/devices/{d}']"));
     }
+    assert!(rows.contains("SN-UPD-1") && rows.contains("SN-UPD-2"), "{rows}");
     assert!(rows.contains("pending"));
     b.screenshot("deployment");
 
@@ -398,7 +425,7 @@ fn upload_an_artifact_deploy_it_to_a_group_and_abort_in_headless_chromium() {
     assert!(!b.page_source().contains("abort-deployment"), "nothing left to abort");
     b.screenshot("deployment-aborted");
 
-    b.click("a[href='/deployments']");
+    b.nav("updates", "/deployments");
     b.wait_title("Deployments");
     assert!(b.text("#deployments-table").contains("lab rollout") && b.text("#deployments-table").contains("aborted"));
     b.screenshot("deployments");
@@ -437,6 +464,13 @@ fn telemetry_charts_of_a_device_and_the_fleet_in_headless_chromium() {
         t: now - k * 60_000,
         v: 536_870_912.0,
     }));
+    // A counter (bytes since boot, 60 000 more each minute: 1000 B/s) and one of the agent's own.
+    points.extend(minutes.iter().map(|&k| Point {
+        name: "net.rx_bytes".into(),
+        t: now - k * 60_000,
+        v: ((40 - k) * 60_000) as f64,
+    }));
+    points.extend(minutes.iter().map(|&k| Point { name: "agent.outbox.pending".into(), t: now - k * 60_000, v: 0.0 }));
     // And a metric last reported three hours ago: nothing to draw in the last hour.
     points.push(Point { name: "uptime_s".into(), t: now - 3 * 3_600_000, v: 86_400.0 });
     let batch = Batch {
@@ -476,7 +510,7 @@ fn telemetry_charts_of_a_device_and_the_fleet_in_headless_chromium() {
     assert!(summary.contains("mem.used_bytes") && summary.contains("512 MiB"), "{summary}");
 
     b.click("#metrics-link");
-    b.wait_title("Metrics serial=SN-CHART-1");
+    b.wait_title("Metrics SN-CHART-1");
     let js = |script: &str| b.cmd("POST", "/execute/sync", Some(json!({"script": script, "args": []})));
     let card = r#"document.querySelector('.chart-card[data-metric="cpu.percent"]')"#;
     let state = |attr: &str| js(&format!("return {card}.dataset.{attr} || null;"));
@@ -499,6 +533,26 @@ fn telemetry_charts_of_a_device_and_the_fleet_in_headless_chromium() {
             .then_some(())
     });
     assert_eq!(b.text(&format!("{uptime} .chart-message")), "No data in this range.");
+    // The device's health first, the agent's own metrics last.
+    let order = js("return [...document.querySelectorAll('.chart-card[data-metric]')].map(f => f.dataset.metric);");
+    assert_eq!(order, json!(["cpu.percent", "mem.used_bytes", "net.rx_bytes", "uptime_s", "agent.outbox.pending"]));
+    // A counter is drawn as its rate per second.
+    let rx = r#"document.querySelector('.chart-card[data-metric="net.rx_bytes"]')"#;
+    eventually(Duration::from_secs(20), "the counter drawn", || {
+        (js(&format!("return {rx}.dataset.state || null;")) == json!("ok")).then_some(())
+    });
+    let rates =
+        js(&format!("return [...new Set({rx}.querySelector('.chart')._uplot.data[1].filter(v => v !== null))];"));
+    assert_eq!(rates, json!([1000]), "{rates}");
+    assert_eq!(b.text(r#".chart-card[data-metric="net.rx_bytes"] .chart-unit"#), "bytes per second");
+    // A flat series gets an axis with distinct ticks around its value; times read in UTC.
+    let ticks = js(
+        r#"return document.querySelector('.chart-card[data-metric="mem.used_bytes"] .chart')._uplot.axes[1]._values.filter(v => v);"#,
+    );
+    let ticks: Vec<String> = serde_json::from_value(ticks).unwrap();
+    let distinct: std::collections::BTreeSet<&String> = ticks.iter().collect();
+    assert!(ticks.len() >= 3 && distinct.len() == ticks.len() && ticks.contains(&"512 MiB".to_string()), "{ticks:?}");
+    assert!(b.text(".charts-status").contains(" UTC"), "{}", b.text(".charts-status"));
     assert!(b.text(".charts-status").contains("refreshes every 30 s"), "{}", b.text(".charts-status"));
     b.screenshot("metrics-device");
 
@@ -516,7 +570,7 @@ fn telemetry_charts_of_a_device_and_the_fleet_in_headless_chromium() {
     assert!(b.cmd("GET", "/url", None).as_str().unwrap().ends_with("range=6h"), "the range is in the address");
 
     // The fleet dashboard: the aggregate over the one device, and the device on top.
-    b.click("a[href='/ui/metrics']");
+    b.nav("monitoring", "/ui/metrics");
     b.wait_title("Metrics");
     let fleet = "document.querySelector('.fleet-panel [data-chart=fleet]')";
     eventually(Duration::from_secs(20), "the fleet chart drawn", || {
@@ -537,7 +591,7 @@ fn telemetry_charts_of_a_device_and_the_fleet_in_headless_chromium() {
         let t = b.text(".top-devices tbody");
         t.contains("SN-CHART-1").then_some(t)
     });
-    assert!(top.starts_with("1 serial=SN-CHART-1"), "{top}");
+    assert!(top.starts_with("1 SN-CHART-1"), "{top}");
     b.find(&format!(".top-devices a[href='/devices/{device}/metrics']"));
     // Ranked by maximum: the highest value there is.
     b.click(".top-by option[value=max]");

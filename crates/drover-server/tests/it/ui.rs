@@ -282,7 +282,13 @@ async fn device_pages_pending_accept_tags_decommission() {
         // The list, with counts per status and the pending devices in the navigation.
         let list = get(&app, "/devices", &session).await;
         assert_eq!(list.status, StatusCode::OK, "{}", list.text);
-        assert!(list.text.contains("serial=SN-UI-A") && list.text.contains("serial=SN-UI-B"));
+        // Devices by their display name (here the serial), the id small beside it.
+        assert!(list.text.contains(">SN-UI-A</a>") && list.text.contains(">SN-UI-B</a>"), "{}", list.text);
+        assert!(list.text.contains(&format!(
+            r#"title="{a}">SN-UI-A</a> <span class="muted mono device-id">…{}</span>"#,
+            &a[a.len() - 8..]
+        )));
+        assert!(!list.text.contains("serial=SN-UI-A"), "no identity strings");
         assert!(list.text.contains(r#"id="tab-pending">pending <span class="count">2</span>"#), "{}", list.text);
         assert!(list.text.contains(r#"Pending <span class="badge">2</span>"#));
         let overview = get(&app, "/", &session).await;
@@ -338,7 +344,11 @@ async fn device_pages_pending_accept_tags_decommission() {
         assert!(page.text.contains(r#"id="device-status">accepted"#), "{}", page.text);
         assert!(page.text.contains(r#"id="device-presence">● online"#));
         assert!(page.text.contains("drover-agent&#x2f;0.1.0") && page.text.contains("aarch64"));
-        assert!(page.text.contains("Certificate expires</dt><dd>20"), "the expiry date is shown");
+        assert!(page.text.contains("Certificate expires</dt><dd><time datetime=\"20"), "the expiry date is shown");
+        assert!(page.text.contains("<title>Device SN-UI-A · Drover</title>"), "the title is the device's name");
+        assert!(page.text.contains(r#"<h1 id="device-title">SN-UI-A</h1>"#));
+        // Times: how long ago, the absolute time with its zone in the tooltip.
+        assert!(page.text.contains(r#"title="2023-11-14 22:13:20 UTC">"#), "{}", page.text);
         assert!(page.text.contains("connected"), "recent events");
         assert!(page.text.contains(&format!(r#"href="/devices/{a}/decommission""#)));
         let online = get(&app, "/devices?online=true", &session).await;
@@ -365,13 +375,20 @@ async fn device_pages_pending_accept_tags_decommission() {
         let q = get(&app, "/devices?q=ui-b", &session).await;
         assert!(q.text.contains("SN-UI-B") && !q.text.contains("SN-UI-A"));
 
-        // A filter that does not parse comes back to the list with the reason, the filter kept.
-        let r = get(&app, "/devices?filter=tag.region%20%3D", &session).await;
-        assert_eq!(r.status, StatusCode::SEE_OTHER);
-        let loc = location(&r);
-        assert!(loc.starts_with("/devices?filter=tag.region%20%3D&error="), "{loc}");
-        let shown = get(&app, &loc, &session).await;
-        assert!(shown.text.contains("column"), "{}", shown.text);
+        // A filter that does not parse: the page with its form as typed, the reason under the field.
+        let r = get(&app, "/devices?filter=tag.region%20%3D&q=ui", &session).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(r.text.contains(r#"<form method="get" action="/devices""#), "the page, not a bare error");
+        assert!(r.text.contains(r#"name="filter" value="tag.region =""#), "{}", r.text);
+        assert!(r.text.contains(r#"name="q" value="ui""#), "the other fields are kept");
+        let err = extract(&r.text, r#"<span class="field-error" id="filter-error">"#, "</span>").unwrap();
+        assert!(err.contains("column"), "{err}");
+        // Every field: an unknown status or presence is shown under its own field.
+        let r = get(&app, "/devices?status=lost&online=maybe", &session).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(r.text.contains(r#"id="status-error">unknown status &quot;lost&quot;"#), "{}", r.text);
+        assert!(r.text.contains(r#"id="online-error">"#));
+        assert!(r.text.contains(r#"<option value="lost" selected>"#), "the input kept");
 
         // Reject from the device page.
         let r = post_form(&app, &format!("/devices/{b}/reject"), &session, &[("csrf", &csrf)]).await;
@@ -589,7 +606,11 @@ async fn group_pages_static_dynamic_and_the_live_preview() {
             &[("csrf", &csrf), ("name", "bad"), ("kind", "dynamic"), ("filter", "(")],
         )
         .await;
-        assert!(location(&r).starts_with("/groups?error="), "{}", location(&r));
+        // The form again, as typed, the reason under the filter.
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+        assert!(r.text.contains(r#"<span class="field-error" id="filter-error">invalid filter"#), "{}", r.text);
+        assert!(r.text.contains(r#"value="(""#) && r.text.contains(r#"value="bad""#));
+        assert!(r.text.contains(r#"value="dynamic" checked"#));
 
         // A static group: members added and removed by hand.
         let r = post_form(
@@ -651,5 +672,270 @@ async fn group_pages_static_dynamic_and_the_live_preview() {
         assert_eq!(location(&r), "/groups?notice=Group%20deleted.");
         assert_eq!(get(&app, &format!("/groups/{lab}"), &session).await.status, StatusCode::NOT_FOUND);
         assert_eq!(device_status(&app, &eu1).await, "accepted");
+    });
+}
+
+#[tokio::test]
+async fn names_overview_bulk_actions_and_the_audit_filters() {
+    each_backend!(|app| {
+        let token = app.admin(Method::POST, "/api/v1/enrollment-tokens", Some(json!({"name": "t"}))).await;
+        let secret = token.body["secret"].as_str().unwrap().to_string();
+        let a = enroll_device(&app, json!({"serial": "SN-N1", "mac": "02:00:00:00:00:01"}), Some(&secret)).await;
+        let b = enroll_device(&app, json!({"serial": "SN-N2"}), Some(&secret)).await;
+        let c = enroll_device(&app, json!({"serial": "SN-N3"}), Some(&secret)).await;
+        let (session, csrf) = sign_in(&app, "admin", ADMIN_PASSWORD).await;
+
+        // An operator's name for a device is what every page shows.
+        let r = app.admin(Method::PATCH, &format!("/api/v1/devices/{a}"), Some(json!({"name": "gw berlin 1"}))).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let list = get(&app, "/devices?q=berlin", &session).await;
+        assert!(list.text.contains(">gw berlin 1</a>"), "the search box finds names: {}", list.text);
+        assert!(!list.text.contains("SN-N2"));
+        let page = get(&app, &format!("/devices/{a}"), &session).await;
+        assert!(page.text.contains("<title>Device gw berlin 1 · Drover</title>"), "{}", page.text);
+        // The rename form does what the PATCH route does, audited; empty clears the name.
+        assert!(page.text.contains(r#"id="rename-form""#) && page.text.contains(r#"name="name" value="gw berlin 1""#));
+        let r =
+            post_form(&app, &format!("/devices/{b}/name"), &session, &[("csrf", &csrf), ("name", " edge 2 ")]).await;
+        assert_eq!(location(&r), format!("/devices/{b}?notice=Device%20renamed%20edge%202."));
+        let d = app.admin(Method::GET, &format!("/api/v1/devices/{b}"), None).await;
+        assert_eq!((d.body["name"].as_str(), d.body["display_name"].as_str()), (Some("edge 2"), Some("edge 2")));
+        let r =
+            post_form(&app, &format!("/devices/{b}/name"), &session, &[("csrf", "wrong"), ("name", "sneaky")]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "no CSRF token");
+        let r = post_form(&app, &format!("/devices/{b}/name"), &session, &[("csrf", &csrf), ("name", "")]).await;
+        assert!(location(&r).contains("notice=Name%20cleared"), "{}", location(&r));
+        let d = app.admin(Method::GET, &format!("/api/v1/devices/{b}"), None).await;
+        assert_eq!(d.body["display_name"], "SN-N2");
+        let audit = app.admin(Method::GET, &format!("/api/v1/audit?action=device.rename&target_id={b}"), None).await;
+        assert_eq!(audit.body["items"].as_array().unwrap().len(), 2);
+
+        // Remote access only as far as the device offers it (absent: it never said, all offered).
+        assert!(page.text.contains(r#"id="terminal-button""#) && !page.text.contains(r#"id="no-remote""#));
+        let mut h = crate::support::hello("drover-agent/0.2.0", "boot-1");
+        h.capabilities = Some(vec!["update".into(), "telemetry".into()]);
+        drover_server::presence::record_hello(&app.db, &a, &h, drover_server::time::now_ms()).await.unwrap();
+        let page = get(&app, &format!("/devices/{a}"), &session).await;
+        assert!(!page.text.contains(r#"id="terminal-button""#) && !page.text.contains(r#"id="remote-button""#));
+        assert!(page.text.contains("This device does not offer remote access."), "{}", page.text);
+        h.capabilities = Some(vec!["files".into()]);
+        drover_server::presence::record_hello(&app.db, &a, &h, drover_server::time::now_ms()).await.unwrap();
+        let page = get(&app, &format!("/devices/{a}"), &session).await;
+        assert!(!page.text.contains(r#"id="terminal-button""#) && page.text.contains(r#"id="remote-button""#));
+        let remote = get(&app, &format!("/devices/{a}/remote"), &session).await;
+        assert!(remote.text.contains(r#"id="remote-upload""#) && !remote.text.contains(r#"id="web-ui""#));
+
+        // The overview: presence counts linking to the filtered list, and readable recent changes.
+        drover_server::presence::record_status(&app.db, &b, true, drover_server::time::now_ms()).await.unwrap();
+        let overview = get(&app, "/", &session).await;
+        assert!(
+            overview.text.contains(
+                r#"href="/devices?status=accepted&amp;online=true" id="card-online"><span class="n online">1</span>"#
+            ),
+            "{}",
+            overview.text
+        );
+        assert!(overview.text.contains(r#"id="card-offline"><span class="n">2</span>"#));
+        assert!(overview.text.contains(r#"id="card-alerting"><span class="n">0</span>"#));
+        assert!(overview.text.contains("No device failed an update lately."));
+        let recent = extract(&overview.text, r#"<table class="list" id="audit-table">"#, "</table>").unwrap();
+        assert!(!recent.contains("{&quot;") && !recent.contains("{\""), "no raw JSON: {recent}");
+        assert!(recent.contains("device gw berlin 1 enrolled"), "{recent}");
+
+        // Bulk: tags for every device matching the filter, no boxes ticked.
+        let r = post_form(
+            &app,
+            "/devices/bulk",
+            &session,
+            &[
+                ("csrf", &csrf),
+                ("action", "tags"),
+                ("all", "1"),
+                ("matching", "q=SN-N"),
+                ("tags", "site=lab"),
+                ("return_to", "/devices?q=SN-N"),
+            ],
+        )
+        .await;
+        assert_eq!(location(&r), "/devices?q=SN-N&notice=Tags%20added%20to%203%20devices.");
+        let d = app.admin(Method::GET, &format!("/api/v1/devices/{c}"), None).await;
+        assert_eq!(d.body["tags"], json!({"site": "lab"}));
+        let audit = app.admin(Method::GET, "/api/v1/audit?action=device.tags", None).await;
+        assert_eq!(audit.body["items"].as_array().unwrap().len(), 3, "each change audited: {}", audit.body);
+        // Without the CSRF token nothing happens.
+        let r = post_form(&app, "/devices/bulk", &session, &[("action", "tags"), ("id", &a), ("tags", "x=y")]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+
+        // Bulk: to a static group, ticked devices; the group's page takes names too.
+        let g = app.admin(Method::POST, "/api/v1/groups", Some(json!({"name": "lab", "kind": "static"}))).await;
+        let gid = g.body["id"].as_str().unwrap().to_string();
+        let r = post_form(
+            &app,
+            "/devices/bulk",
+            &session,
+            &[("csrf", &csrf), ("action", "group"), ("group", &gid), ("id", &b)],
+        )
+        .await;
+        assert!(location(&r).contains("notice=1%20device%20added"), "{}", location(&r));
+        let r = post_form(
+            &app,
+            &format!("/groups/{gid}/devices"),
+            &session,
+            &[("csrf", &csrf), ("devices", "gw berlin 1\n")],
+        )
+        .await;
+        assert!(location(&r).contains("notice=1%20devices%20added"), "{}", location(&r));
+        let r = post_form(
+            &app,
+            &format!("/groups/{gid}/devices"),
+            &session,
+            &[("csrf", &csrf), ("devices", "nobody here")],
+        )
+        .await;
+        assert!(location(&r).contains("error=no%20device%20is%20named"), "{}", location(&r));
+        let members = get(&app, &format!("/groups/{gid}"), &session).await;
+        assert!(members.text.contains(">gw berlin 1</a>") && members.text.contains(">SN-N2</a>"), "{}", members.text);
+
+        // Bulk: deploy opens the new-deployment form with the devices; the form takes names.
+        let key = drover_artifact::SigningKey::generate().unwrap();
+        let file = crate::artifacts::build_artifact("edge-app", "1.0.0", &[7u8; 100], &[&key], None);
+        let up = app
+            .send(
+                Request::post("/api/v1/artifacts")
+                    .header(header::COOKIE, &session)
+                    .header("x-csrf-token", &csrf)
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .body(Body::from(file))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(up.status, StatusCode::CREATED, "{}", up.text);
+        let artifact = up.body["id"].as_str().unwrap().to_string();
+        let r = post_form(
+            &app,
+            "/devices/bulk",
+            &session,
+            &[("csrf", &csrf), ("action", "deploy"), ("id", &a), ("id", &c)],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.text.contains(&format!("{a}\n{c}</textarea>")), "{}", r.text);
+        assert!(r.text.contains(r#"value="devices" checked"#));
+        let r = post_form(
+            &app,
+            "/deployments",
+            &session,
+            &[("csrf", &csrf), ("artifact", &artifact), ("target", "devices"), ("devices", "gw berlin 1\nnobody")],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(r.text.contains(r#"id="devices-error">no device is named &quot;nobody&quot;"#), "{}", r.text);
+        assert!(r.text.contains("gw berlin 1\nnobody</textarea>"), "what was typed is kept");
+        let r = post_form(
+            &app,
+            "/deployments",
+            &session,
+            &[("csrf", &csrf), ("artifact", &artifact), ("target", "devices"), ("devices", "gw berlin 1")],
+        )
+        .await;
+        assert!(location(&r).contains("created%20for%201%20device"), "{} {}", location(&r), r.text);
+        let dep = location(&r).trim_start_matches("/deployments/").split('?').next().unwrap().to_string();
+        // The overview shows it running, then the device's failure, each linking to the page.
+        let overview = get(&app, "/", &session).await;
+        let active = extract(&overview.text, r#"<section id="active-deployments">"#, "</section>").unwrap();
+        assert!(active.contains(&format!(r#"href="/deployments/{dep}""#)) && active.contains("0/1"), "{active}");
+        let mut failed =
+            drover_proto::update::UpdateReport::new(dep.clone(), drover_proto::update::UpdateState::Failure);
+        failed.message = Some("disk full".into());
+        (failed.bytes, failed.total) = (Some(0), Some(100));
+        app.state.engine.on_report(&a, failed).await.unwrap();
+        let overview = get(&app, "/", &session).await;
+        let failures = extract(&overview.text, r#"<section id="recent-failures">"#, "</section>").unwrap();
+        assert!(failures.contains(">gw berlin 1</a>") && failures.contains("disk full"), "{failures}");
+        assert!(failures.contains(&format!(r#"href="/deployments/{dep}?state=failure""#)), "{failures}");
+        // The deployment's device table: the device's name, no download shown once it ended.
+        let page = get(&app, &format!("/deployments/{dep}"), &session).await;
+        let row = extract(&page.text, &format!(r#"<tr id="dd-{a}">"#), "</tr>").unwrap();
+        assert!(row.contains(">gw berlin 1</a>") && !row.contains(" of ") && !row.contains("<progress"), "{row}");
+
+        // Bulk: decommission asks first, then does it.
+        let r = post_form(&app, "/devices/bulk", &session, &[("csrf", &csrf), ("action", "decommission"), ("id", &c)])
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.text.contains("cannot be undone") && r.text.contains(">SN-N3</a>"), "{}", r.text);
+        assert_eq!(device_status(&app, &c).await, "accepted");
+        let r = post_form(
+            &app,
+            "/devices/bulk",
+            &session,
+            &[("csrf", &csrf), ("action", "decommission"), ("confirm", "yes"), ("id", &c), ("return_to", "/devices")],
+        )
+        .await;
+        assert!(location(&r).starts_with("/devices?notice=Decommissioned%201%20device"), "{}", location(&r));
+        assert_eq!(device_status(&app, &c).await, "decommissioned");
+
+        // The audit log by target: a device by its name, entries linking to it.
+        let r = get(&app, "/audit?target_kind=device&target=gw%20berlin%201", &session).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let t = extract(&r.text, r#"id="audit-table">"#, "</table>").unwrap();
+        assert!(t.contains("device.tags") && t.contains("device.enroll") && !t.contains("SN-N2"), "{t}");
+        assert!(t.contains(&format!(r#"href="/devices/{a}""#)));
+        let r = get(
+            &app,
+            &format!("/audit?target_kind=group&target=lab&since=2020-01-01T00:00&until={}", "2999-01-01"),
+            &session,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert!(
+            r.text.contains(&format!(r#"href="/groups/{gid}" title="{gid}">lab</a>"#))
+                && r.text.contains("group.create"),
+            "{}",
+            r.text
+        );
+        // A bad bound: the page, the error under the field, what was typed kept.
+        let r = get(&app, "/audit?since=last%20week&action=device.", &session).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(r.text.contains(r#"id="since-error">"#) && r.text.contains(r#"value="last week""#), "{}", r.text);
+        assert!(r.text.contains(r#"name="action" value="device.""#));
+        // The alert forms too: the page again with what was typed, the error under its field.
+        let r = post_form(
+            &app,
+            "/alerts/rules",
+            &session,
+            &[
+                ("csrf", &csrf),
+                ("name", "hot"),
+                ("kind", "threshold"),
+                ("metric", "cpu.percent"),
+                ("op", ">="),
+                ("threshold", "90"),
+                ("window_min", "5"),
+                ("aggregate", "avg"),
+                ("filter", "tag.site ="),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+        assert!(r.text.contains(r#"id="rule-filter-error">"#), "{}", r.text);
+        assert!(
+            r.text.contains(r#"name="name" required maxlength="100" value="hot""#)
+                && r.text.contains("<option selected>&gt;=</option>")
+        );
+        let r = post_form(
+            &app,
+            "/alerts/silences",
+            &session,
+            &[("csrf", &csrf), ("hours", "forever"), ("reason", "maintenance")],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(
+            r.text.contains(r#"id="silence-hours-error">"#) && r.text.contains(r#"value="maintenance""#),
+            "{}",
+            r.text
+        );
+        let r = get(&app, "/audit?target=nobody", &session).await;
+        assert!(r.text.contains(r#"id="target-error">choose the kind of target first"#), "{}", r.text);
     });
 }
