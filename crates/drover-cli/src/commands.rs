@@ -23,11 +23,67 @@ use crate::remote;
 #[derive(Parser, Debug)]
 #[command(name = "drover", version, about = "Manage a Drover fleet from the command line")]
 struct Cli {
-    /// Output format of listings and records.
-    #[arg(short = 'o', long = "output", value_enum, default_value = "table", global = true)]
-    output: Format,
+    /// Output format, also accepted before the command (`drover -o json user list`); each
+    /// command that prints records lists `-o` itself (`output_arg`).
+    #[arg(short = 'o', long = "output", value_enum, hide = true)]
+    output: Option<Format>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Commands whose output has no JSON form: they take no `-o`.
+const NO_OUTPUT: &[&str] =
+    &["logout", "term", "cp", "forward", "user reset-password", "user delete", "group delete", "rules delete"];
+
+/// `-o/--output` as a command that prints records takes it.
+fn output_arg() -> clap::Arg {
+    clap::Arg::new("output")
+        .short('o')
+        .long("output")
+        .value_parser(clap::builder::EnumValueParser::<Format>::new())
+        .help("Output format: table (for people; `text` is the same) or json (for programs)")
+}
+
+/// Adds `-o` to every command under `cmd` (named `path`) that prints records.
+fn with_output(cmd: clap::Command, path: &str) -> clap::Command {
+    let names: Vec<String> = cmd.get_subcommands().map(|s| s.get_name().to_string()).collect();
+    if names.is_empty() {
+        return if NO_OUTPUT.contains(&path) { cmd } else { cmd.arg(output_arg()) };
+    }
+    names.iter().fold(cmd, |cmd, name| {
+        let sub_path = if path.is_empty() { name.clone() } else { format!("{path} {name}") };
+        cmd.mut_subcommand(name, |sub| with_output(sub, &sub_path))
+    })
+}
+
+/// The whole command line: `Cli` with `-o` on the commands that take it.
+fn cli_command() -> clap::Command {
+    use clap::CommandFactory as _;
+    with_output(Cli::command(), "")
+}
+
+/// Parses the arguments: the command, and the output format (`-o` after the command, else
+/// before it, else table). `-o` before a command that has no use for it is an error.
+fn parse(args: impl IntoIterator<Item = OsString>) -> Result<(Cli, Format), clap::Error> {
+    use clap::FromArgMatches as _;
+    let mut cmd = cli_command();
+    let matches = cmd.try_get_matches_from_mut(args)?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    let mut leaf = &matches;
+    let mut path = Vec::new();
+    while let Some((name, sub)) = leaf.subcommand() {
+        path.push(name.to_string());
+        leaf = sub;
+    }
+    let after = leaf.try_get_one::<Format>("output").ok().flatten().copied();
+    if cli.output.is_some() && NO_OUTPUT.contains(&path.join(" ").as_str()) {
+        return Err(cmd.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!("-o/--output has no effect on `drover {}`", path.join(" ")),
+        ));
+    }
+    let out = after.or(cli.output).unwrap_or(Format::Table);
+    Ok((cli, out))
 }
 
 #[derive(Subcommand, Debug)]
@@ -54,7 +110,7 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// Devices: list, inspect, accept, reject, decommission, tag.
+    /// Devices: list, inspect, accept, reject, decommission, tag, rename.
     #[command(subcommand)]
     Device(DeviceCommand),
     /// Enrollment tokens for zero-touch provisioning.
@@ -245,14 +301,13 @@ fn env(k: &str) -> Option<String> {
 }
 
 pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode, CliError> {
-    let cli = match Cli::try_parse_from(args) {
+    let (cli, out) = match parse(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
             return Ok(ExitCode::from(if e.use_stderr() { 2 } else { 0 }));
         }
     };
-    let out = cli.output;
     let cfg_path = config::path(&env);
     match cli.command {
         Command::Login { url, token } => {
@@ -611,13 +666,34 @@ mod tests {
             }
         }
         let mut missing = Vec::new();
-        walk(&Cli::command(), "drover", &mut missing);
+        walk(&cli_command(), "drover", &mut missing);
         assert!(missing.is_empty(), "without help text:\n{}", missing.join("\n"));
     }
 
     #[test]
     fn text_is_another_name_for_table() {
-        let cli = Cli::try_parse_from(["drover", "-o", "text", "whoami"]).unwrap();
-        assert_eq!(cli.output, Format::Table);
+        let (_, out) = parse(["drover", "-o", "text", "whoami"].map(OsString::from)).unwrap();
+        assert_eq!(out, Format::Table);
+    }
+
+    #[test]
+    fn output_is_only_on_commands_that_print_records() {
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(parse(args(&["drover", "user", "list", "-o", "json"])).unwrap().1, Format::Json);
+        assert_eq!(parse(args(&["drover", "-o", "json", "user", "list"])).unwrap().1, Format::Json);
+        assert_eq!(parse(args(&["drover", "device", "list"])).unwrap().1, Format::Table);
+        // After the command it is not an argument of `term` at all; before it, it is refused.
+        let err = parse(args(&["drover", "term", "dev", "-o", "json"])).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
+        let err = parse(args(&["drover", "-o", "json", "cp", "a", "d:/b"])).unwrap_err().to_string();
+        assert!(err.contains("-o/--output has no effect on `drover cp`"), "{err}");
+        for path in NO_OUTPUT {
+            let mut cmd = cli_command();
+            let mut sub = &mut cmd;
+            for name in path.split(' ') {
+                sub = sub.find_subcommand_mut(name).unwrap_or_else(|| panic!("no command {path}"));
+            }
+            assert!(sub.get_arguments().all(|a| a.get_id() != "output"), "{path} takes -o");
+        }
     }
 }
