@@ -643,7 +643,6 @@ mod tests {
     /// Every subcommand and every argument of the whole command tree says what it is for.
     #[test]
     fn every_command_and_argument_has_help() {
-        use clap::CommandFactory as _;
         fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
             for arg in cmd.get_arguments() {
                 let id = arg.get_id().as_str();
