@@ -23,6 +23,7 @@ pub(crate) enum AlertCommand {
     Rule(RuleCommand),
     /// Current alerts (pending and firing; `--firing` for firing only).
     List {
+        /// Only firing alerts, not pending ones.
         #[arg(long)]
         firing: bool,
         /// Only this rule (id or name).
@@ -31,10 +32,13 @@ pub(crate) enum AlertCommand {
     },
     /// What happened: fired, resolved, flapping, late events, silenced notifications.
     History {
+        /// Only this rule (id or name).
         #[arg(long)]
         rule: Option<String>,
+        /// Only this device (id or name).
         #[arg(long)]
         device: Option<String>,
+        /// How many entries, newest first.
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
@@ -54,6 +58,7 @@ pub(crate) enum RuleCommand {
     #[command(group(ArgGroup::new("kind").required(true)
         .args(["when", "offline", "silent", "event", "fleet_offline", "fleet_when"])))]
     Create {
+        /// The rule's name, shown in alerts and notifications.
         name: String,
         /// Per device: METRIC OP THRESHOLD, e.g. 'cpu.percent > 90'.
         #[arg(long)]
@@ -85,6 +90,7 @@ pub(crate) enum RuleCommand {
         /// The devices of a group (id).
         #[arg(long)]
         group: Option<String>,
+        /// info, warning or critical.
         #[arg(long, default_value = "warning")]
         severity: String,
         /// How long the condition must hold before it fires (e.g. 1m; default: at once).
@@ -94,17 +100,26 @@ pub(crate) enum RuleCommand {
         #[arg(long, value_delimiter = ',')]
         channels: Vec<String>,
     },
+    /// Alert rules.
     List,
+    /// One rule with its condition, scope and channels.
     Show {
+        /// The rule's id or name.
         rule: String,
     },
+    /// Delete a rule; its alerts end.
     Delete {
+        /// The rule's id or name.
         rule: String,
     },
+    /// Evaluate a disabled rule again.
     Enable {
+        /// The rule's id or name.
         rule: String,
     },
+    /// Stop evaluating a rule (it stays, to be enabled again).
     Disable {
+        /// The rule's id or name.
         rule: String,
     },
 }
@@ -113,8 +128,10 @@ pub(crate) enum RuleCommand {
 pub(crate) enum SilenceCommand {
     /// Mute notifications: of a rule (--rule), of devices (--filter), or both.
     Create {
+        /// Mute this rule (id or name).
         #[arg(long)]
         rule: Option<String>,
+        /// Mute the devices matching this filter, e.g. 'tag.site = "berlin"'.
         #[arg(long)]
         filter: Option<String>,
         /// How long (e.g. 2h).
@@ -124,9 +141,11 @@ pub(crate) enum SilenceCommand {
         #[arg(long)]
         reason: String,
     },
+    /// Silences, active and ended.
     List,
     /// End a silence now.
     Expire {
+        /// The silence's id (`drover alert silence list`).
         id: String,
     },
 }
@@ -135,6 +154,7 @@ pub(crate) enum SilenceCommand {
 pub(crate) enum ChannelCommand {
     /// Create a channel; a webhook's signing secret is printed once.
     Create {
+        /// The channel's name, used by `alert rule create --channels`.
         name: String,
         /// webhook, slack or email.
         #[arg(long)]
@@ -143,12 +163,16 @@ pub(crate) enum ChannelCommand {
         #[arg(long)]
         target: String,
     },
+    /// Notification channels.
     List,
+    /// Delete a channel.
     Delete {
+        /// The channel's id or name.
         channel: String,
     },
     /// Send a test notification now.
     Test {
+        /// The channel's id or name.
         channel: String,
     },
 }
@@ -157,16 +181,22 @@ pub(crate) enum ChannelCommand {
 pub(crate) enum RulesCommand {
     /// Set the device rule set of a group from a JSON file (`{"rules": […]}` or `[…]`; - for stdin).
     Set {
+        /// The group, by name or id.
         group: String,
+        /// The JSON file, or - for stdin.
         file: String,
     },
     /// A group's rule set, or with --device what a device gets and has applied.
     Show {
+        /// The group, by name or id.
         group: Option<String>,
+        /// A device (id or name) instead of a group.
         #[arg(long, conflicts_with = "group")]
         device: Option<String>,
     },
+    /// Remove a group's device rule set.
     Delete {
+        /// The group, by name or id.
         group: String,
     },
 }
@@ -237,7 +267,10 @@ fn rule_text(r: &Value) -> String {
         ("group", s(&r["group"])),
         ("severity", s(&r["severity"])),
         ("enabled", s(&r["enabled"])),
-        ("pending", format!("{}s", s(&r["pending_s"]))),
+        (
+            "pending",
+            r["pending_s"].as_i64().map(|p| output::duration_ms(p * 1000)).unwrap_or_else(|| s(&r["pending_s"])),
+        ),
         (
             "channels",
             r["channels"].as_array().map(|c| c.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
@@ -289,7 +322,7 @@ pub(crate) fn alert(client: &Client, out: Format, cmd: AlertCommand) -> Result<E
                 q.push(("rule", r));
             }
             if let Some(d) = device {
-                q.push(("device", d));
+                q.push(("device", crate::fleet::resolve_device_id(client, &d)?));
             }
             let v: Value = client.get("/alerts/history", &q)?;
             print(out, &v, |v| {
@@ -547,6 +580,7 @@ pub(crate) fn rules(client: &Client, out: Format, cmd: RulesCommand) -> Result<E
             print(out, &v, set_text);
         }
         RulesCommand::Show { device: Some(d), .. } => {
+            let d = crate::fleet::resolve_device_id(client, &d)?;
             let v: Value = client.get(&format!("/devices/{}/rules", segment(&d)), &[])?;
             print(out, &v, |v| {
                 let mut t = output::fields(&[

@@ -39,12 +39,15 @@ pub(crate) enum ArtifactCommand {
         /// Private key file (`drover artifact keygen`).
         #[arg(long)]
         key: PathBuf,
+        /// The artifact to sign.
         file: PathBuf,
+        /// Write the signed artifact here instead of rewriting FILE.
         #[arg(long)]
         out: Option<PathBuf>,
     },
     /// Check the signature and every payload digest; exits 1 with the reason when either fails.
     Verify {
+        /// The artifact to check.
         file: PathBuf,
         /// Trust root (root.json); repeat to apply newer roots in order, as a device does.
         #[arg(long, required_unless_present = "key", conflicts_with = "key")]
@@ -54,9 +57,15 @@ pub(crate) enum ArtifactCommand {
         key: Option<String>,
     },
     /// Show an artifact's manifest, signatures and sizes (without checking them: see verify).
-    Inspect { file: PathBuf },
+    Inspect {
+        /// The artifact to show.
+        file: PathBuf,
+    },
     /// Upload an artifact to the server (streamed; the server stores it by its SHA-256).
-    Upload { file: PathBuf },
+    Upload {
+        /// The artifact to upload.
+        file: PathBuf,
+    },
     /// Trust roots (root.json): the signed list of release keys devices trust.
     #[command(subcommand)]
     Root(RootCommand),
@@ -143,19 +152,24 @@ pub(crate) enum RootCommand {
         /// RFC 3339 time after which devices refuse artifacts until they get a newer root.
         #[arg(long)]
         expires: Option<String>,
+        /// Where to write the root.json.
         #[arg(long)]
         out: PathBuf,
     },
     /// Add a signature to a root.json (in place unless --out).
     Sign {
+        /// A root private key file (`drover artifact keygen`).
         #[arg(long)]
         key: PathBuf,
+        /// The root.json to sign.
         file: PathBuf,
+        /// Write the signed root here instead of rewriting FILE.
         #[arg(long)]
         out: Option<PathBuf>,
     },
     /// Check that NEW roots follow from a TRUSTED one, as a device would; prints the result.
     Verify {
+        /// The root.json already trusted (as devices are provisioned with).
         #[arg(long)]
         trusted: PathBuf,
         /// Newer roots, applied in order.
@@ -411,8 +425,14 @@ fn keygen(out: Format, path: &Path, force: bool) -> Result<(), CliError> {
             }))
         ),
         Format::Table => {
-            println!("{}", public.key_id());
-            eprintln!("wrote {} (private, keep it secret) and {} ({public})", path.display(), pub_path.display());
+            print!(
+                "{}",
+                output::fields(&[
+                    ("key id", public.key_id()),
+                    ("private key", format!("{} (keep it secret)", path.display())),
+                    ("public key", format!("{} ({public})", pub_path.display())),
+                ])
+            );
         }
     }
     Ok(())

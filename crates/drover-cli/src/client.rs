@@ -34,7 +34,9 @@ pub enum CliError {
     Unauthorized { message: String },
     #[error("{message}")]
     Forbidden { message: String },
-    #[error("{message} [{code}, HTTP {status}]")]
+    /// A refusal with the API's error code; `status` is 0 when it did not come as an HTTP
+    /// answer (the device refused a remote session), and then only the code is shown.
+    #[error("{message} [{}]", api_tag(code, *status))]
     Api { status: u16, code: String, message: String },
     #[error("unexpected answer from the server (HTTP {status}): {detail}")]
     Protocol { status: u16, detail: String },
@@ -42,6 +44,11 @@ pub enum CliError {
     Config { path: String, message: String },
     #[error("{0}")]
     Usage(String),
+}
+
+/// `code, HTTP 404`, or the code alone without an HTTP status.
+fn api_tag(code: &str, status: u16) -> String {
+    if status == 0 { code.to_string() } else { format!("{code}, HTTP {status}") }
 }
 
 pub struct Client {
@@ -111,6 +118,15 @@ impl Client {
     /// Sends a body that is not JSON (a CSV file) with its content type.
     pub fn send_text<T: DeserializeOwned>(&self, path: &str, content_type: &str, body: String) -> Result<T, CliError> {
         let mut req = self.agent.post(&self.url(path)).header("Content-Type", content_type);
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        self.finish(req.send(body))
+    }
+
+    /// PUTs a body as it is (a signed `root.json`, whose bytes must not be re-encoded).
+    pub fn put_bytes<T: DeserializeOwned>(&self, path: &str, content_type: &str, body: Vec<u8>) -> Result<T, CliError> {
+        let mut req = self.agent.put(&self.url(path)).header("Content-Type", content_type);
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
@@ -189,6 +205,14 @@ mod tests {
             let err = Client::new(bad, None).err().unwrap().to_string();
             assert!(err.contains("give it as http://HOST:PORT"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn errors_name_the_http_status_only_when_there_is_one() {
+        let from_device = CliError::Api { status: 0, code: "path-not-allowed".into(), message: "no".into() };
+        assert_eq!(from_device.to_string(), "no [path-not-allowed]");
+        let from_server = CliError::Api { status: 404, code: "not_found".into(), message: "gone".into() };
+        assert_eq!(from_server.to_string(), "gone [not_found, HTTP 404]");
     }
 
     #[test]

@@ -23,19 +23,77 @@ use crate::remote;
 #[derive(Parser, Debug)]
 #[command(name = "drover", version, about = "Manage a Drover fleet from the command line")]
 struct Cli {
-    /// Output format of listings and records.
-    #[arg(short = 'o', long = "output", value_enum, default_value = "table", global = true)]
-    output: Format,
+    /// Output format, also accepted before the command (`drover -o json user list`); each
+    /// command that prints records lists `-o` itself (`output_arg`).
+    #[arg(short = 'o', long = "output", value_enum, hide = true)]
+    output: Option<Format>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Commands whose output has no JSON form: they take no `-o`.
+const NO_OUTPUT: &[&str] =
+    &["logout", "term", "cp", "forward", "user reset-password", "user delete", "group delete", "rules delete"];
+
+/// `-o/--output` as a command that prints records takes it.
+fn output_arg() -> clap::Arg {
+    clap::Arg::new("output")
+        .short('o')
+        .long("output")
+        .value_parser(clap::builder::EnumValueParser::<Format>::new())
+        .help("Output format: table (for people; `text` is the same) or json (for programs)")
+}
+
+/// Adds `-o` to every command under `cmd` (named `path`) that prints records.
+fn with_output(cmd: clap::Command, path: &str) -> clap::Command {
+    let names: Vec<String> = cmd.get_subcommands().map(|s| s.get_name().to_string()).collect();
+    if names.is_empty() {
+        return if NO_OUTPUT.contains(&path) { cmd } else { cmd.arg(output_arg()) };
+    }
+    names.iter().fold(cmd, |cmd, name| {
+        let sub_path = if path.is_empty() { name.clone() } else { format!("{path} {name}") };
+        cmd.mut_subcommand(name, |sub| with_output(sub, &sub_path))
+    })
+}
+
+/// The whole command line: `Cli` with `-o` on the commands that take it.
+fn cli_command() -> clap::Command {
+    use clap::CommandFactory as _;
+    with_output(Cli::command(), "")
+}
+
+/// Parses the arguments: the command, and the output format (`-o` after the command, else
+/// before it, else table). `-o` before a command that has no use for it is an error.
+fn parse(args: impl IntoIterator<Item = OsString>) -> Result<(Cli, Format), clap::Error> {
+    use clap::FromArgMatches as _;
+    let mut cmd = cli_command();
+    let matches = cmd.try_get_matches_from_mut(args)?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    let mut leaf = &matches;
+    let mut path = Vec::new();
+    while let Some((name, sub)) = leaf.subcommand() {
+        path.push(name.to_string());
+        leaf = sub;
+    }
+    let after = leaf.try_get_one::<Format>("output").ok().flatten().copied();
+    if cli.output.is_some() && NO_OUTPUT.contains(&path.join(" ").as_str()) {
+        return Err(cmd.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!("-o/--output has no effect on `drover {}`", path.join(" ")),
+        ));
+    }
+    let out = after.or(cli.output).unwrap_or(Format::Table);
+    Ok((cli, out))
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Save the server address and an API token (read from stdin without --token).
     Login {
+        /// The server's address, e.g. https://drover.example.com or http://127.0.0.1:8080.
         #[arg(long)]
         url: String,
+        /// The API token (`drover token create`); without it, it is read from stdin.
         #[arg(long)]
         token: Option<String>,
     },
@@ -52,7 +110,7 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// Devices: list, inspect, accept, reject, decommission, tag.
+    /// Devices: list, inspect, accept, reject, decommission, tag, rename.
     #[command(subcommand)]
     Device(DeviceCommand),
     /// Enrollment tokens for zero-touch provisioning.
@@ -79,16 +137,27 @@ enum Command {
     /// Telemetry: a device's metrics, fleet aggregates, top devices, logs on demand.
     #[command(subcommand)]
     Metrics(crate::metrics::MetricsCommand),
+    /// The trust root devices verify artifacts with: upload (set) and show it.
+    #[command(subcommand)]
+    TrustRoot(crate::trust::TrustRootCommand),
     /// A shell on a device (raw mode, resize); exits with the shell's status.
     Term {
-        /// The device's id.
+        /// The device: its id or its name.
         device: String,
     },
     /// Copy a file to or from a device: `drover cp FILE DEVICE:/path` or `drover cp DEVICE:/path FILE`.
-    Cp { src: String, dst: String },
+    ///
+    /// A device path ending in `/` is a directory: the file keeps its name in it, as with scp;
+    /// so does a download into a local directory (`drover cp DEVICE:/etc/hosts .`).
+    Cp {
+        /// What to copy: a local file, or DEVICE:/absolute/path (DEVICE by id or name).
+        src: String,
+        /// Where to: DEVICE:/absolute/path or DEVICE:/dir/, or a local file or directory.
+        dst: String,
+    },
     /// Forward a local port to HOST:PORT as seen from the device, until Ctrl-C.
     Forward {
-        /// The device's id.
+        /// The device: its id or its name.
         device: String,
         /// LOCAL_PORT:HOST:PORT, e.g. 8080:127.0.0.1:80.
         spec: String,
@@ -107,12 +176,14 @@ pub(crate) struct Paging {
 
 #[derive(Subcommand, Debug)]
 enum UserCommand {
+    /// Users, with role and status.
     List {
+        /// Only users with this role.
         #[arg(long)]
         role: Option<Role>,
         /// Part of the username.
-        #[arg(long)]
-        q: Option<String>,
+        #[arg(long = "search", alias = "q", value_name = "TEXT")]
+        search: Option<String>,
         /// username, created_at; prefix - for descending.
         #[arg(long)]
         sort: Option<String>,
@@ -121,40 +192,57 @@ enum UserCommand {
     },
     /// Add a user; without --password-stdin the server generates a password and shows it once.
     Create {
+        /// The name they sign in with.
         username: String,
+        /// What they may do: viewer, operator or admin.
         #[arg(long)]
         role: Role,
+        /// Read the password from stdin instead of having the server generate one.
         #[arg(long)]
         password_stdin: bool,
     },
+    /// One user.
     Show {
         /// Username or id.
         user: String,
     },
+    /// Change a user's role.
     SetRole {
+        /// Username or id.
         user: String,
+        /// The new role: viewer, operator or admin.
         role: Role,
     },
+    /// Stop a user from signing in; their sessions end.
     Disable {
+        /// Username or id.
         user: String,
     },
+    /// Let a disabled user sign in again.
     Enable {
+        /// Username or id.
         user: String,
     },
     /// Set a user's password to one read from stdin; their sessions end.
     ResetPassword {
+        /// Username or id.
         user: String,
     },
+    /// Delete a user for good.
     Delete {
+        /// Username or id.
         user: String,
     },
 }
 
 #[derive(Subcommand, Debug)]
 enum TokenCommand {
+    /// API tokens (never their secrets).
     List {
+        /// Show revoked tokens too.
         #[arg(long)]
         include_revoked: bool,
+        /// Only tokens with this role.
         #[arg(long)]
         role: Option<Role>,
         #[command(flatten)]
@@ -162,20 +250,26 @@ enum TokenCommand {
     },
     /// Create a token; its secret is printed once, alone on stdout.
     Create {
+        /// What the token is for, e.g. ci-pipeline.
         #[arg(long)]
         name: String,
+        /// What it may do: viewer, operator or admin.
         #[arg(long)]
         role: Role,
+        /// Days until it expires (default: never).
         #[arg(long)]
         expires_in_days: Option<u32>,
     },
+    /// Revoke a token: it stops working at once.
     Revoke {
+        /// The token's id (`drover token list`).
         id: String,
     },
 }
 
 #[derive(Subcommand, Debug)]
 enum AuditCommand {
+    /// Audit log entries, newest first.
     List {
         /// Exact action, or a prefix ending in '.' (user.).
         #[arg(long)]
@@ -183,13 +277,16 @@ enum AuditCommand {
         /// Username or token name.
         #[arg(long)]
         actor: Option<String>,
+        /// Only changes to this kind of thing: user, token, device, group, …
         #[arg(long)]
         target_kind: Option<String>,
+        /// Only changes to the thing with this id.
         #[arg(long)]
         target_id: Option<String>,
-        /// RFC 3339 time or YYYY-MM-DD.
+        /// From this time on: RFC 3339 time or YYYY-MM-DD.
         #[arg(long)]
         since: Option<String>,
+        /// Up to this time: RFC 3339 time or YYYY-MM-DD.
         #[arg(long)]
         until: Option<String>,
         #[command(flatten)]
@@ -204,14 +301,13 @@ fn env(k: &str) -> Option<String> {
 }
 
 pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode, CliError> {
-    let cli = match Cli::try_parse_from(args) {
+    let (cli, out) = match parse(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
             return Ok(ExitCode::from(if e.use_stderr() { 2 } else { 0 }));
         }
     };
-    let out = cli.output;
     let cfg_path = config::path(&env);
     match cli.command {
         Command::Login { url, token } => {
@@ -230,16 +326,24 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode, CliErro
             saved.url = Some(client.base().to_string());
             saved.token = Some(token);
             config::save(&cfg_path, &saved)?;
-            eprintln!("logged in to {} as {} ({}), saved in {}", client.base(), me.name, me.role, cfg_path.display());
+            if out == Format::Table {
+                println!(
+                    "logged in to {} as {} ({}), saved in {}",
+                    client.base(),
+                    me.name,
+                    me.role,
+                    cfg_path.display()
+                );
+            }
             print_me(out, &me);
         }
         Command::Logout => {
             let mut saved = config::load(&cfg_path)?;
             if saved.token.take().is_none() {
-                eprintln!("no token saved in {}", cfg_path.display());
+                println!("no token saved in {}", cfg_path.display());
             } else {
                 config::save(&cfg_path, &saved)?;
-                eprintln!("forgot the token saved in {}", cfg_path.display());
+                println!("forgot the token saved in {}", cfg_path.display());
             }
             if env("DROVER_TOKEN").is_some() {
                 eprintln!("note: DROVER_TOKEN is set in the environment and still applies");
@@ -261,6 +365,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode, CliErro
         Command::Alert(cmd) => return crate::alerts::alert(&client(&cfg_path)?, out, cmd),
         Command::Rules(cmd) => return crate::alerts::rules(&client(&cfg_path)?, out, cmd),
         Command::Metrics(cmd) => return crate::metrics::metrics(&client(&cfg_path)?, out, cmd),
+        Command::TrustRoot(cmd) => return crate::trust::trust_root(&client(&cfg_path)?, out, cmd),
         Command::Term { device } => return remote::term(&client(&cfg_path)?, &device),
         Command::Cp { src, dst } => return remote::cp(&client(&cfg_path)?, &src, &dst),
         Command::Forward { device, spec } => return remote::forward(&client(&cfg_path)?, &device, &spec),
@@ -388,7 +493,7 @@ fn update_user(client: &Client, who: &str, change: UpdateUser) -> Result<User, C
 fn user(client: &Client, out: Format, cmd: UserCommand) -> Result<ExitCode, CliError> {
     let show = |u: &User| print_one(out, u, USER_HEADERS, user_row);
     match cmd {
-        UserCommand::List { role, q, sort, paging } => {
+        UserCommand::List { role, search: q, sort, paging } => {
             let mut query = Vec::new();
             if let Some(r) = role {
                 query.push(("role", r.to_string()));
@@ -431,12 +536,12 @@ fn user(client: &Client, out: Format, cmd: UserCommand) -> Result<ExitCode, CliE
             let password = read_stdin_line("the new password", "New password: ")?;
             let _: serde_json::Value =
                 client.send("POST", &format!("/users/{}/password", segment(&u.id)), &SetPassword { password })?;
-            eprintln!("password of {} set; their sessions ended", u.username);
+            println!("password of {} set; their sessions ended", u.username);
         }
         UserCommand::Delete { user } => {
             let u = resolve_user(client, &user)?;
             let _: serde_json::Value = client.delete(&format!("/users/{}", segment(&u.id)))?;
-            eprintln!("deleted user {}", u.username);
+            println!("deleted user {}", u.username);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -535,9 +640,59 @@ fn audit(client: &Client, out: Format, cmd: AuditCommand) -> Result<ExitCode, Cl
 mod tests {
     use super::*;
 
+    /// Every subcommand and every argument of the whole command tree says what it is for.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let sub_path = format!("{path} {}", sub.get_name());
+                if sub.get_name() == "help" {
+                    continue;
+                }
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(sub_path.clone());
+                }
+                walk(sub, &sub_path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&cli_command(), "drover", &mut missing);
+        assert!(missing.is_empty(), "without help text:\n{}", missing.join("\n"));
+    }
+
     #[test]
     fn text_is_another_name_for_table() {
-        let cli = Cli::try_parse_from(["drover", "-o", "text", "whoami"]).unwrap();
-        assert_eq!(cli.output, Format::Table);
+        let (_, out) = parse(["drover", "-o", "text", "whoami"].map(OsString::from)).unwrap();
+        assert_eq!(out, Format::Table);
+    }
+
+    #[test]
+    fn output_is_only_on_commands_that_print_records() {
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(parse(args(&["drover", "user", "list", "-o", "json"])).unwrap().1, Format::Json);
+        assert_eq!(parse(args(&["drover", "-o", "json", "user", "list"])).unwrap().1, Format::Json);
+        assert_eq!(parse(args(&["drover", "device", "list"])).unwrap().1, Format::Table);
+        // After the command it is not an argument of `term` at all; before it, it is refused.
+        let err = parse(args(&["drover", "term", "dev", "-o", "json"])).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
+        let err = parse(args(&["drover", "-o", "json", "cp", "a", "d:/b"])).unwrap_err().to_string();
+        assert!(err.contains("-o/--output has no effect on `drover cp`"), "{err}");
+        for path in NO_OUTPUT {
+            let mut cmd = cli_command();
+            let mut sub = &mut cmd;
+            for name in path.split(' ') {
+                sub = sub.find_subcommand_mut(name).unwrap_or_else(|| panic!("no command {path}"));
+            }
+            assert!(sub.get_arguments().all(|a| a.get_id() != "output"), "{path} takes -o");
+        }
     }
 }

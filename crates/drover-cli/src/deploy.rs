@@ -57,8 +57,8 @@ pub(crate) enum DeployCommand {
         /// fixed when the deployment is created.
         #[arg(long)]
         filter: Option<String>,
-        /// Device ids, comma-separated.
-        #[arg(long, value_delimiter = ',', value_name = "ID,ID…")]
+        /// Devices by id or name, comma-separated.
+        #[arg(long, alias = "device", value_delimiter = ',', value_name = "DEVICE,DEVICE…")]
         devices: Option<Vec<String>>,
         /// A name for the deployment (default: NAME VERSION of the artifact).
         #[arg(long)]
@@ -81,6 +81,7 @@ pub(crate) enum DeployCommand {
     /// One deployment with its counts per state; --watch follows it live until it finishes.
     #[command(after_help = EXIT_CODES)]
     Show {
+        /// The deployment's id.
         id: String,
         /// Refresh the progress every second until the deployment finishes.
         #[arg(long)]
@@ -91,6 +92,7 @@ pub(crate) enum DeployCommand {
     },
     /// The devices of a deployment: state, download progress, message.
     Devices {
+        /// The deployment's id.
         id: String,
         /// Only devices in this state: pending, downloading, installing, rebooting, verifying,
         /// success, failure, rolled-back, already-installed, incompatible, aborted.
@@ -100,10 +102,18 @@ pub(crate) enum DeployCommand {
         paging: Paging,
     },
     /// The update log a device sent with its final state.
-    Log { id: String, device: String },
+    Log {
+        /// The deployment's id.
+        id: String,
+        /// The device: its id or its name.
+        device: String,
+    },
     /// Stop a deployment: devices that have not started installing are told to abort; those
     /// past that point finish (or roll back) and report as usual.
-    Abort { id: String },
+    Abort {
+        /// The deployment's id.
+        id: String,
+    },
 }
 
 pub(crate) fn deploy(client: &Client, out: Format, cmd: DeployCommand) -> Result<ExitCode, CliError> {
@@ -118,6 +128,9 @@ pub(crate) fn deploy(client: &Client, out: Format, cmd: DeployCommand) -> Result
             {
                 return Err(CliError::Usage("--devices has an empty id: give them as ID,ID,…".into()));
             }
+            let devices = devices
+                .map(|ds| ds.iter().map(|d| crate::fleet::resolve_device_id(client, d)).collect::<Result<Vec<_>, _>>())
+                .transpose()?;
             let req = CreateDeployment { artifact, name, devices, group, filter };
             let d: Deployment = client.send("POST", "/deployments", &req)?;
             if !wait {
@@ -163,6 +176,7 @@ pub(crate) fn deploy(client: &Client, out: Format, cmd: DeployCommand) -> Result
             Ok(ExitCode::SUCCESS)
         }
         DeployCommand::Log { id, device } => {
+            let device = crate::fleet::resolve_device_id(client, &device)?;
             let path = format!("/deployments/{}/devices/{}/log", segment(&id), segment(&device));
             let log: DeploymentDeviceLog = client.get(&path, &[]).map_err(|e| match e {
                 CliError::Api { status: 404, message, .. } => CliError::Usage(format!(

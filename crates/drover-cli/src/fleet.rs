@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use drover_proto::api::{
     AddGroupDevices, BulkPreauthorized, CreateEnrollmentToken, CreateGroup, CreatedEnrollmentToken, Device,
-    DeviceDetail, DeviceStatus, EnrollmentToken, Group, GroupDevicesAdded, GroupKind, GroupPreview, PatchTags,
-    Preauthorize, Preauthorized,
+    DeviceDetail, DevicePatch, DeviceStatus, EnrollmentToken, Group, GroupDevicesAdded, GroupKind, GroupPreview,
+    PatchTags, Preauthorize, Preauthorized,
 };
 
 use crate::client::{CliError, Client, segment};
@@ -30,9 +30,9 @@ pub(crate) enum DeviceCommand {
         /// Only devices not connected now.
         #[arg(long)]
         offline: bool,
-        /// Part of the id or of an identity value.
-        #[arg(long)]
-        q: Option<String>,
+        /// Part of the display name, the id or an identity value.
+        #[arg(long = "search", alias = "q", value_name = "TEXT")]
+        search: Option<String>,
         /// created_at, updated_at, last_seen_at, id; prefix - for descending (default -created_at).
         #[arg(long)]
         sort: Option<String>,
@@ -47,34 +47,60 @@ pub(crate) enum DeviceCommand {
     },
     /// One device: identity, status, presence, software, certificate, inventory, tags, groups,
     /// events.
-    Show { id: String },
+    Show {
+        /// The device: its id or its name.
+        device: String,
+    },
     /// Accept a pending device: its certificate is issued.
-    Accept { id: String },
+    Accept {
+        /// The device: its id or its name.
+        device: String,
+    },
     /// Refuse a pending device for good.
-    Reject { id: String },
+    Reject {
+        /// The device: its id or its name.
+        device: String,
+    },
     /// Retire a device: its certificate is revoked at once (needs --yes).
     Decommission {
-        id: String,
+        /// The device: its id or its name.
+        device: String,
         /// Confirm: the device cannot connect again with its key.
         #[arg(long)]
         yes: bool,
     },
     /// Set tags on a device (other tags stay).
     Tag {
-        id: String,
+        /// The device: its id or its name.
+        device: String,
+        /// Tags to set, e.g. region=eu.
         #[arg(required = true, value_name = "KEY=VALUE")]
         tags: Vec<String>,
     },
     /// Remove tags from a device, by key.
     Untag {
-        id: String,
+        /// The device: its id or its name.
+        device: String,
+        /// Keys of the tags to remove.
         #[arg(required = true, value_name = "KEY")]
         keys: Vec<String>,
+    },
+    /// Give a device a name (shown first, accepted wherever a device is), or --clear it.
+    Rename {
+        /// The device: its id or its name.
+        device: String,
+        /// The new name.
+        #[arg(required_unless_present = "clear", conflicts_with = "clear")]
+        name: Option<String>,
+        /// Remove the operator's name: the device is shown by its hostname, serial or id again.
+        #[arg(long)]
+        clear: bool,
     },
 }
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum GroupCommand {
+    /// Groups, by name.
     List {
         /// static or dynamic.
         #[arg(long)]
@@ -84,40 +110,51 @@ pub(crate) enum GroupCommand {
     },
     /// One group, by name or id, with how many members it has.
     Show {
+        /// The group's name or id.
         group: String,
     },
     /// A static group (members added by hand), or with --filter a dynamic one.
     Create {
+        /// The group's name.
         name: String,
         /// Makes the group dynamic: every device matching the filter is a member.
         #[arg(long)]
         filter: Option<String>,
+        /// What the group is for.
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// Delete a group (its devices stay).
     Delete {
+        /// The group's name or id.
         group: String,
     },
     /// Add devices to a static group.
     Add {
+        /// The group's name or id.
         group: String,
+        /// Devices by id or name.
         #[arg(required = true, value_name = "DEVICE")]
         devices: Vec<String>,
     },
     /// Remove devices from a static group.
     Remove {
+        /// The group's name or id.
         group: String,
+        /// Devices by id or name.
         #[arg(required = true, value_name = "DEVICE")]
         devices: Vec<String>,
     },
     /// The devices in a group.
     Members {
+        /// The group's name or id.
         group: String,
         #[command(flatten)]
         paging: Paging,
     },
     /// What a filter matches now, before making a dynamic group of it.
     Preview {
+        /// A filter expression, e.g. 'tag.region = "eu" and online'.
         #[arg(long)]
         filter: String,
     },
@@ -127,6 +164,7 @@ pub(crate) enum GroupCommand {
 pub(crate) enum EnrollTokenCommand {
     /// Create a token for zero-touch enrollment; its secret is printed once, alone on stdout.
     Create {
+        /// What the token is for, e.g. line 3.
         #[arg(long)]
         name: String,
         /// How many devices may enroll with it (default: no limit).
@@ -142,8 +180,11 @@ pub(crate) enum EnrollTokenCommand {
         #[arg(long = "group", value_name = "GROUP")]
         groups: Vec<String>,
     },
+    /// Enrollment tokens (never their secrets).
     List,
+    /// Revoke an enrollment token: no device enrolls with it any more.
     Revoke {
+        /// The token's id (`drover enroll-token list`).
         id: String,
     },
 }
@@ -152,11 +193,15 @@ pub(crate) enum EnrollTokenCommand {
 pub(crate) enum PreauthCommand {
     /// Vouch for one device by its identity (serial=…, mac=…), as it will send it.
     Add {
+        /// The device's identity attributes, e.g. serial=SN-1 mac=02:00:00:00:00:01.
         #[arg(required = true, value_name = "KEY=VALUE")]
         identity: Vec<String>,
     },
     /// Vouch for many devices: a CSV file whose header names the identity keys.
-    Import { file: std::path::PathBuf },
+    Import {
+        /// The CSV file, e.g. `serial,mac` then one device a line.
+        file: std::path::PathBuf,
+    },
 }
 
 /// `k=v` arguments as a map; a repeated key is an error rather than a silent overwrite.
@@ -217,11 +262,23 @@ fn parse_status(s: &str) -> Result<DeviceStatus, CliError> {
     })
 }
 
-const DEVICE_HEADERS: &[&str] =
-    &["id", "status", "online", "last seen", "identity", "tags", "software", "enrolled via", "created", "cert expires"];
+const DEVICE_HEADERS: &[&str] = &[
+    "name",
+    "id",
+    "status",
+    "online",
+    "last seen",
+    "identity",
+    "tags",
+    "software",
+    "enrolled via",
+    "created",
+    "cert expires",
+];
 
 fn device_row(d: &Device) -> Vec<String> {
     vec![
+        if d.display_name.is_empty() { d.id.clone() } else { d.display_name.clone() },
         d.id.clone(),
         d.status.as_str().into(),
         if d.online { "online".into() } else { "offline".into() },
@@ -233,6 +290,48 @@ fn device_row(d: &Device) -> Vec<String> {
         output::short_time(Some(&d.created_at)),
         output::short_time(d.certificate_expires_at.as_deref()),
     ]
+}
+
+/// Whether `s` is shaped like a device id (a UUID: 8-4-4-4-12 hex digits): such an argument
+/// is used as the id, anything else is a device's display name.
+pub(crate) fn is_device_id(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The one device among `found` (the server's matches for a search) whose display name is
+/// `name` exactly: its id; none or several is an error naming the candidates.
+pub(crate) fn pick_by_name(name: &str, found: &[Device]) -> Result<String, CliError> {
+    let exact: Vec<&Device> = found.iter().filter(|d| d.display_name == name).collect();
+    match exact.as_slice() {
+        [one] => Ok(one.id.clone()),
+        [] => Err(CliError::Usage(format!(
+            "no device named {name:?}: `drover device list --search TEXT` shows names and ids"
+        ))),
+        several => {
+            let list: Vec<String> = several.iter().map(|d| format!("  {}  {}", d.id, d.display_name)).collect();
+            Err(CliError::Usage(format!(
+                "{} devices are named {name:?}; give one by its id:\n{}",
+                several.len(),
+                list.join("\n")
+            )))
+        }
+    }
+}
+
+/// A device argument as an id: a device id as given, else the device whose display name it
+/// is (found with `GET /api/v1/devices?q=NAME`). Every command taking a device uses this.
+pub(crate) fn resolve_device_id(client: &Client, arg: &str) -> Result<String, CliError> {
+    if is_device_id(arg) {
+        return Ok(arg.to_string());
+    }
+    if arg.trim().is_empty() {
+        return Err(CliError::Usage("the device is empty: give its id or its name".into()));
+    }
+    let paging = Paging { limit: Some(500), all: true };
+    let found: Vec<Device> = list(client, "/devices", vec![("q", arg.to_string())], &paging)?;
+    pick_by_name(arg, &found)
 }
 
 /// A 404 for a device says how to find the right id.
@@ -258,6 +357,7 @@ fn print_device(out: Format, detail: &DeviceDetail) {
     };
     let groups: Vec<String> = detail.groups.iter().map(|g| format!("{} ({})", g.name, g.kind.as_str())).collect();
     let rows: Vec<(&str, String)> = vec![
+        ("name", if d.display_name.is_empty() { d.id.clone() } else { d.display_name.clone() }),
         ("id", d.id.clone()),
         ("status", d.status.as_str().into()),
         ("identity", pairs(&d.identity)),
@@ -319,7 +419,7 @@ fn show_device(client: &Client, out: Format, id: &str) -> Result<(), CliError> {
 
 pub(crate) fn device(client: &Client, out: Format, cmd: DeviceCommand) -> Result<ExitCode, CliError> {
     match cmd {
-        DeviceCommand::List { status, filter, online, offline, q, sort, artifact, commit, paging } => {
+        DeviceCommand::List { status, filter, online, offline, search, sort, artifact, commit, paging } => {
             let mut query = Vec::new();
             if let Some(s) = status {
                 query.push(("status", parse_status(&s)?.as_str().to_string()));
@@ -330,7 +430,9 @@ pub(crate) fn device(client: &Client, out: Format, cmd: DeviceCommand) -> Result
             if let Some(f) = &filter {
                 check_filter(f)?;
             }
-            for (k, v) in [("filter", filter), ("q", q), ("sort", sort), ("artifact", artifact), ("commit", commit)] {
+            for (k, v) in
+                [("filter", filter), ("q", search), ("sort", sort), ("artifact", artifact), ("commit", commit)]
+            {
                 if let Some(v) = v {
                     query.push((k, v));
                 }
@@ -338,15 +440,17 @@ pub(crate) fn device(client: &Client, out: Format, cmd: DeviceCommand) -> Result
             let devices: Vec<Device> = list(client, "/devices", query, &paging)?;
             print_list(out, &devices, DEVICE_HEADERS, device_row);
         }
-        DeviceCommand::Show { id } => show_device(client, out, &id)?,
-        DeviceCommand::Tag { id, tags } => {
+        DeviceCommand::Show { device } => show_device(client, out, &resolve_device_id(client, &device)?)?,
+        DeviceCommand::Tag { device, tags } => {
             let set = key_values("tag", &tags)?;
+            let id = resolve_device_id(client, &device)?;
             let _: serde_json::Value = client
                 .send("PATCH", &format!("/devices/{}/tags", segment(&id)), &PatchTags { set, remove: vec![] })
                 .map_err(no_device(&id))?;
             show_device(client, out, &id)?;
         }
-        DeviceCommand::Untag { id, keys } => {
+        DeviceCommand::Untag { device, keys } => {
+            let id = resolve_device_id(client, &device)?;
             let _: serde_json::Value = client
                 .send(
                     "PATCH",
@@ -356,15 +460,23 @@ pub(crate) fn device(client: &Client, out: Format, cmd: DeviceCommand) -> Result
                 .map_err(no_device(&id))?;
             show_device(client, out, &id)?;
         }
-        DeviceCommand::Accept { id } => decide(client, out, &id, "accept")?,
-        DeviceCommand::Reject { id } => decide(client, out, &id, "reject")?,
-        DeviceCommand::Decommission { id, yes } => {
+        DeviceCommand::Accept { device } => decide(client, out, &resolve_device_id(client, &device)?, "accept")?,
+        DeviceCommand::Reject { device } => decide(client, out, &resolve_device_id(client, &device)?, "reject")?,
+        DeviceCommand::Decommission { device, yes } => {
             if !yes {
                 return Err(CliError::Usage(format!(
-                    "decommissioning revokes the certificate of {id} for good: run again with --yes to confirm"
+                    "decommissioning revokes the certificate of {device} for good: run again with --yes to confirm"
                 )));
             }
-            decide(client, out, &id, "decommission")?
+            decide(client, out, &resolve_device_id(client, &device)?, "decommission")?
+        }
+        DeviceCommand::Rename { device, name, clear } => {
+            let id = resolve_device_id(client, &device)?;
+            let name = if clear { None } else { name };
+            let _: serde_json::Value = client
+                .send("PATCH", &format!("/devices/{}", segment(&id)), &DevicePatch { name })
+                .map_err(no_device(&id))?;
+            show_device(client, out, &id)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -538,10 +650,11 @@ pub(crate) fn group(client: &Client, out: Format, cmd: GroupCommand) -> Result<E
         GroupCommand::Delete { group } => {
             let g = resolve_group(client, &group)?;
             let _: serde_json::Value = client.delete(&format!("/groups/{}", segment(&g.id)))?;
-            eprintln!("deleted group {}", g.name);
+            println!("deleted group {}", g.name);
         }
         GroupCommand::Add { group, devices } => {
             let g = resolve_group(client, &group)?;
+            let devices = devices.iter().map(|d| resolve_device_id(client, d)).collect::<Result<Vec<_>, _>>()?;
             let r: GroupDevicesAdded =
                 client.send("POST", &format!("/groups/{}/devices", segment(&g.id)), &AddGroupDevices { devices })?;
             match out {
@@ -551,6 +664,7 @@ pub(crate) fn group(client: &Client, out: Format, cmd: GroupCommand) -> Result<E
         }
         GroupCommand::Remove { group, devices } => {
             let g = resolve_group(client, &group)?;
+            let devices = devices.iter().map(|d| resolve_device_id(client, d)).collect::<Result<Vec<_>, _>>()?;
             for d in &devices {
                 let _: serde_json::Value =
                     client.delete(&format!("/groups/{}/devices/{}", segment(&g.id), segment(d)))?;
@@ -584,6 +698,42 @@ pub(crate) fn group(client: &Client, out: Format, cmd: GroupCommand) -> Result<E
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn device(id: &str, display_name: &str) -> Device {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "display_name": display_name, "status": "accepted", "identity": {}, "tags": {},
+            "enrolled_via": "preauthorized", "created_at": "2026-12-01T00:00:00Z",
+            "updated_at": "2026-12-01T00:00:00Z",
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn device_ids_are_uuid_shaped() {
+        assert!(is_device_id("0190c0de-1234-7abc-8def-0123456789ab"));
+        assert!(is_device_id("0190C0DE-1234-7ABC-8DEF-0123456789AB"));
+        for name in ["gateway-7", "no-such-device", "0190c0de-1234-7abc-8def-0123456789a", "", "a-b-c-d-e"] {
+            assert!(!is_device_id(name), "{name}");
+        }
+        assert!(!is_device_id("0190c0de-1234-7abc-8def-0123456789ag"), "hex digits only");
+    }
+
+    #[test]
+    fn a_name_resolves_to_the_one_device_with_exactly_that_display_name() {
+        // The search matches parts of names: only the exact one counts.
+        let found = [device("id-1", "gateway-7"), device("id-2", "gateway-70"), device("id-3", "Gateway-7")];
+        assert_eq!(pick_by_name("gateway-7", &found).unwrap(), "id-1");
+
+        let err = pick_by_name("gateway", &found).unwrap_err().to_string();
+        assert!(err.starts_with("no device named \"gateway\""), "{err}");
+        let err = pick_by_name("x", &[]).unwrap_err().to_string();
+        assert!(err.starts_with("no device named \"x\""), "{err}");
+
+        let twins = [device("id-1", "pump"), device("id-2", "pump-2"), device("id-3", "pump")];
+        let err = pick_by_name("pump", &twins).unwrap_err().to_string();
+        assert!(err.starts_with("2 devices are named \"pump\"; give one by its id"), "{err}");
+        assert!(err.contains("  id-1  pump\n") && err.ends_with("  id-3  pump") && !err.contains("id-2"), "{err}");
+    }
 
     #[test]
     fn durations_are_whole_days() {

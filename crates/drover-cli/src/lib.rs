@@ -13,6 +13,7 @@ mod fleet;
 mod metrics;
 pub mod output;
 mod remote;
+mod trust;
 
 use std::process::ExitCode;
 

@@ -13,20 +13,29 @@ use crate::output::{self, Format};
 #[derive(Subcommand, Debug)]
 pub(crate) enum MetricsCommand {
     /// The metrics a device has reported, with their newest value.
-    List { device: String },
+    List {
+        /// The device: its id or its name.
+        device: String,
+    },
     /// One metric of one device, in buckets of --step.
     Show {
+        /// The device: its id or its name.
         device: String,
+        /// The metric's name, e.g. cpu.percent.
         metric: String,
-        #[arg(long)]
+        /// Start: Unix ms, RFC 3339, `now-24h`, or a duration meaning that long ago (`15m`).
+        #[arg(long, value_name = "TIME")]
         from: Option<String>,
-        #[arg(long)]
+        /// End (default now): Unix ms, RFC 3339, `now`, `now-1h`, or a duration ago (`1h`).
+        #[arg(long, value_name = "TIME")]
         to: Option<String>,
-        #[arg(long)]
+        /// Bucket width: 10s, 5m, 1h (default: chosen from the range).
+        #[arg(long, value_name = "DURATION")]
         step: Option<String>,
     },
     /// A metric over a group or a filter, per bucket (devices, avg, min, max, p50, p95).
     Fleet {
+        /// The metric's name, e.g. cpu.percent.
         metric: String,
         /// A group, by name or id.
         #[arg(long, conflicts_with = "filter")]
@@ -37,32 +46,42 @@ pub(crate) enum MetricsCommand {
         /// Show only this statistic: devices, avg, min, max, p50 or p95.
         #[arg(long)]
         stat: Option<String>,
-        #[arg(long)]
+        /// Start: Unix ms, RFC 3339, `now-24h`, or a duration meaning that long ago (`15m`).
+        #[arg(long, value_name = "TIME")]
         from: Option<String>,
-        #[arg(long)]
+        /// End (default now): Unix ms, RFC 3339, `now`, `now-1h`, or a duration ago (`1h`).
+        #[arg(long, value_name = "TIME")]
         to: Option<String>,
-        #[arg(long)]
+        /// Bucket width: 10s, 5m, 1h (default: chosen from the range).
+        #[arg(long, value_name = "DURATION")]
         step: Option<String>,
     },
     /// The devices with the highest avg, max or last value of a metric.
     Top {
+        /// The metric's name, e.g. cpu.percent.
         metric: String,
+        /// How many devices to show.
         #[arg(short = 'n', long, default_value_t = 10)]
         n: u32,
         /// avg, max or last.
         #[arg(long, default_value = "avg")]
         by: String,
+        /// Only the devices of this group, by name or id.
         #[arg(long, conflicts_with = "filter")]
         group: Option<String>,
+        /// Only the devices matching this filter, e.g. 'tag.site = "berlin"'.
         #[arg(long)]
         filter: Option<String>,
-        #[arg(long)]
+        /// Start: Unix ms, RFC 3339, `now-24h`, or a duration meaning that long ago (`15m`).
+        #[arg(long, value_name = "TIME")]
         from: Option<String>,
-        #[arg(long)]
+        /// End (default now): Unix ms, RFC 3339, `now`, `now-1h`, or a duration ago (`1h`).
+        #[arg(long, value_name = "TIME")]
         to: Option<String>,
     },
     /// Fetch log lines from a device (the journal or a file its configuration allows).
     Logs {
+        /// The device: its id or its name.
         device: String,
         /// A file name the device's configuration allows.
         #[arg(long, conflicts_with = "journal")]
@@ -70,6 +89,7 @@ pub(crate) enum MetricsCommand {
         /// The systemd journal (the default).
         #[arg(long)]
         journal: bool,
+        /// How many of the newest lines.
         #[arg(short = 'n', long, default_value_t = 100)]
         lines: u32,
         /// Seconds to wait for the device.
@@ -109,8 +129,21 @@ fn ms_to_rfc3339(ms: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Whether `s` is a duration as the server writes them: digits and a unit (`15m`, `24h`).
+fn is_duration(s: &str) -> bool {
+    let unit = s.trim_start_matches(|c: char| c.is_ascii_digit());
+    unit.len() < s.len() && matches!(unit, "ms" | "s" | "m" | "h" | "d" | "w")
+}
+
+/// A time argument as the server takes it: a duration alone means that long ago
+/// (`15m` → `now-15m`); anything else is passed on as given.
+fn time_arg(s: String) -> String {
+    let t = s.trim();
+    if is_duration(t) { format!("now-{t}") } else { s }
+}
+
 fn range(q: &mut Vec<(&'static str, String)>, from: Option<String>, to: Option<String>, step: Option<String>) {
-    for (k, v) in [("from", from), ("to", to), ("step", step)] {
+    for (k, v) in [("from", from.map(time_arg)), ("to", to.map(time_arg)), ("step", step)] {
         if let Some(v) = v {
             q.push((k, v));
         }
@@ -131,6 +164,7 @@ fn scope(q: &mut Vec<(&'static str, String)>, group: Option<String>, filter: Opt
 pub(crate) fn metrics(client: &Client, out: Format, cmd: MetricsCommand) -> Result<ExitCode, CliError> {
     match cmd {
         MetricsCommand::List { device } => {
+            let device = crate::fleet::resolve_device_id(client, &device)?;
             let v: Value = client.get(&format!("/devices/{}/metrics", segment(&device)), &[])?;
             if out == Format::Json {
                 println!("{}", output::json(&v));
@@ -147,6 +181,7 @@ pub(crate) fn metrics(client: &Client, out: Format, cmd: MetricsCommand) -> Resu
             print!("{}", output::table(&["METRIC", "LAST", "AT"], &rows));
         }
         MetricsCommand::Show { device, metric, from, to, step } => {
+            let device = crate::fleet::resolve_device_id(client, &device)?;
             let mut q = Vec::new();
             range(&mut q, from, to, step);
             let v: Value = client.get(&format!("/devices/{}/metrics/{}", segment(&device), segment(&metric)), &q)?;
@@ -161,8 +196,8 @@ pub(crate) fn metrics(client: &Client, out: Format, cmd: MetricsCommand) -> Resu
                 .map(|p| vec![time(&p["t"]), num(&p["count"]), num(&p["avg"]), num(&p["min"]), num(&p["max"])])
                 .collect();
             println!(
-                "{metric} of {device}, step {} ms from {}",
-                num(&v["step"]),
+                "{metric} of {device}, step {} from {}",
+                v["step"].as_i64().map(output::duration_ms).unwrap_or_else(|| "?".into()),
                 v["resolution"].as_str().unwrap_or("?")
             );
             print!("{}", output::table(&["TIME", "COUNT", "AVG", "MIN", "MAX"], &rows));
@@ -222,6 +257,7 @@ pub(crate) fn metrics(client: &Client, out: Format, cmd: MetricsCommand) -> Resu
             print!("{}", output::table(&["DEVICE", &by.to_uppercase(), "VALUES"], &rows));
         }
         MetricsCommand::Logs { device, file, journal: _, lines, timeout } => {
+            let device = crate::fleet::resolve_device_id(client, &device)?;
             let source = file.map(|f| format!("file:{f}")).unwrap_or_else(|| "journal".into());
             let body = serde_json::json!({"source": source, "lines": lines, "timeout_s": timeout});
             let v: Value = client.send("POST", &format!("/devices/{}/logs", segment(&device)), &body)?;
@@ -250,6 +286,23 @@ pub(crate) fn metrics(client: &Client, out: Format, cmd: MetricsCommand) -> Resu
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn durations_mean_that_long_ago_and_print_in_units() {
+        use super::time_arg;
+        use crate::output::duration_ms as human_ms;
+        assert_eq!(time_arg("15m".into()), "now-15m");
+        assert_eq!(time_arg("24h".into()), "now-24h");
+        for kept in ["now-15m", "now", "1700000000000", "2026-12-01T00:00:00Z", "m"] {
+            assert_eq!(time_arg(kept.into()), kept);
+        }
+        assert_eq!(human_ms(30_000), "30s");
+        assert_eq!(human_ms(300_000), "5m");
+        assert_eq!(human_ms(3_600_000), "1h");
+        assert_eq!(human_ms(86_400_000), "1d");
+        assert_eq!(human_ms(90_000), "90s");
+        assert_eq!(human_ms(250), "250ms");
+    }
+
     #[test]
     fn rfc3339() {
         assert_eq!(super::ms_to_rfc3339(0), "1970-01-01T00:00:00Z");

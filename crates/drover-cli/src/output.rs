@@ -54,6 +54,16 @@ pub fn short_time(ts: Option<&str>) -> String {
     }
 }
 
+/// Milliseconds as the largest whole unit: `30s`, `5m`, `1h`, `2d`, `250ms`.
+pub fn duration_ms(ms: i64) -> String {
+    for (unit, n) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+        if ms != 0 && ms % n == 0 {
+            return format!("{}{unit}", ms / n);
+        }
+    }
+    format!("{ms}ms")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -101,15 +101,25 @@ fn refused(code: &str, message: &str) -> CliError {
 
 // ------------------------------------------------------------------ term
 
-/// The terminal's size (columns, rows), from `stty size` on the controlling terminal.
+/// The size a terminal gets when this one does not say: no terminal at all, or one that
+/// reports 0 × 0 (CI runners, serial consoles).
+const DEFAULT_SIZE: (u16, u16) = (80, 24);
+
+/// The terminal's size (columns, rows), from `stty size` on the controlling terminal; `None`
+/// when there is none or it reports no size.
 fn window_size() -> Option<(u16, u16)> {
     let tty = std::fs::File::open("/dev/tty").ok()?;
     let out = std::process::Command::new("stty").arg("size").stdin(tty).output().ok()?;
-    let text = String::from_utf8(out.stdout).ok()?;
+    parse_stty_size(&String::from_utf8(out.stdout).ok()?)
+}
+
+/// `ROWS COLS` as `stty size` prints it → (columns, rows), kept within what the server takes
+/// (1 to 1000); a 0 in either is no size.
+fn parse_stty_size(text: &str) -> Option<(u16, u16)> {
     let mut it = text.split_whitespace();
-    let rows = it.next()?.parse().ok()?;
-    let cols = it.next()?.parse().ok()?;
-    Some((cols, rows))
+    let rows: u16 = it.next()?.parse().ok()?;
+    let cols: u16 = it.next()?.parse().ok()?;
+    (rows > 0 && cols > 0).then(|| (cols.min(1000), rows.min(1000)))
 }
 
 /// Raw mode on stdin while it lives: every key goes to the device as typed (Ctrl-C
@@ -141,7 +151,8 @@ impl Drop for RawMode {
 
 /// `drover term DEVICE`: a shell on the device; exits with the shell's status.
 pub fn term(client: &Client, device: &str) -> Result<ExitCode, CliError> {
-    let (cols, rows) = window_size().unwrap_or((80, 24));
+    let device = &crate::fleet::resolve_device_id(client, device)?;
+    let (cols, rows) = window_size().unwrap_or(DEFAULT_SIZE);
     runtime()?.block_on(async {
         let path = format!("/devices/{}/terminal?cols={cols}&rows={rows}", segment(device));
         let ws = connect(client, &path).await?;
@@ -151,6 +162,34 @@ pub fn term(client: &Client, device: &str) -> Result<ExitCode, CliError> {
         let code = code?;
         Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
     })
+    // Returning ends the process at once: the thread reading stdin is never joined.
+}
+
+/// Reads stdin on a thread of its own, never joined, and hands over what it reads. A read
+/// blocks until a key is pressed; on tokio's blocking pool that read would hold the runtime
+/// open after the shell ended, so the command would wait for one more key before exiting.
+fn stdin_keys() -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
+    let spawned = std::thread::Builder::new().name("stdin".into()).spawn(move || {
+        use std::io::Read as _;
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    });
+    // Without the thread, no keys reach the device, as with a closed stdin.
+    drop(spawned);
+    rx
 }
 
 async fn run_term(ws: Socket) -> Result<i32, CliError> {
@@ -158,17 +197,11 @@ async fn run_term(ws: Socket) -> Result<i32, CliError> {
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(16);
     let keys = out_tx.clone();
     // Keys: stdin as it comes (a pipe's end sends nothing: the shell ends when told to).
+    let mut stdin = stdin_keys();
     tokio::spawn(async move {
-        let mut stdin = tokio::io::stdin();
-        let mut buf = vec![0u8; 4096];
-        loop {
-            match stdin.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if keys.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
-                        return;
-                    }
-                }
+        while let Some(b) = stdin.recv().await {
+            if keys.send(Message::Binary(b.into())).await.is_err() {
+                return;
             }
         }
     });
@@ -254,9 +287,10 @@ impl Progress {
     fn finish(&self, what: &str) {
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         if self.show {
-            eprint!("\r");
+            // Clears the progress line; the summary is output, on stdout.
+            eprint!("\r\x1b[K");
         }
-        eprintln!(
+        println!(
             "{what}: {} bytes in {secs:.1} s ({:.1} MB/s), SHA-256 verified",
             self.done,
             self.done as f64 / secs / 1e6
@@ -264,11 +298,47 @@ impl Progress {
     }
 }
 
+/// Where an upload goes on the device: `path` itself, or, for a directory written as scp does
+/// (`/dir/`), the local file's name in it.
+fn upload_target(local: &Path, path: &str) -> Result<String, CliError> {
+    if !path.ends_with('/') {
+        return Ok(path.to_string());
+    }
+    let name = local
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| CliError::Usage(format!("{}: name the file to copy, not a directory", local.display())))?;
+    Ok(format!("{path}{name}"))
+}
+
+/// Where a download is written: `local`, or for a local directory the remote file's name in it.
+fn download_target(path: &str, local: &Path) -> Result<PathBuf, CliError> {
+    let name = path.rsplit('/').next().filter(|n| !n.is_empty() && *n != "." && *n != "..");
+    let Some(name) = name else {
+        return Err(CliError::Usage(format!("{path}: name a file on the device, not a directory")));
+    };
+    if local.is_dir() {
+        return Ok(local.join(name));
+    }
+    if local.as_os_str().to_string_lossy().ends_with('/') {
+        return Err(CliError::Usage(format!("{}: no such directory", local.display())));
+    }
+    Ok(local.to_path_buf())
+}
+
 /// `drover cp SRC DST`: one side is `DEVICE:/path`.
 pub fn cp(client: &Client, src: &str, dst: &str) -> Result<ExitCode, CliError> {
     match (remote_spec(src), remote_spec(dst)) {
-        (None, Some((device, path))) => runtime()?.block_on(upload(client, Path::new(src), device, path)),
-        (Some((device, path)), None) => runtime()?.block_on(download(client, device, path, Path::new(dst))),
+        (None, Some((device, path))) => {
+            let path = upload_target(Path::new(src), path)?;
+            let device = crate::fleet::resolve_device_id(client, device)?;
+            runtime()?.block_on(upload(client, Path::new(src), &device, &path))
+        }
+        (Some((device, path)), None) => {
+            let target = download_target(path, Path::new(dst))?;
+            let device = crate::fleet::resolve_device_id(client, device)?;
+            runtime()?.block_on(download(client, &device, path, &target))
+        }
         (Some(_), Some(_)) => {
             Err(CliError::Usage("copy between a device and this machine: one side must be a local path".into()))
         }
@@ -356,13 +426,9 @@ impl Drop for PartFile {
     }
 }
 
-async fn download(client: &Client, device: &str, path: &str, local: &Path) -> Result<(), CliError> {
-    let target = if local.is_dir() {
-        let name = path.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("download");
-        local.join(name)
-    } else {
-        local.to_path_buf()
-    };
+/// Downloads `path` into the file `target` (see `download_target`).
+async fn download(client: &Client, device: &str, path: &str, target: &Path) -> Result<(), CliError> {
+    let target = target.to_path_buf();
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -470,6 +536,7 @@ type Conns = Arc<std::sync::Mutex<std::collections::HashMap<u32, Conn>>>;
 /// connection from the device to HOST:PORT, until Ctrl-C.
 pub fn forward(client: &Client, device: &str, spec: &str) -> Result<ExitCode, CliError> {
     let (local_port, host, port) = forward_spec(spec)?;
+    let device = &crate::fleet::resolve_device_id(client, device)?;
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", local_port))
             .await
@@ -477,7 +544,8 @@ pub fn forward(client: &Client, device: &str, spec: &str) -> Result<ExitCode, Cl
         let q = format!("/devices/{}/forward?host={}&port={port}", segment(device), query_value(&host));
         let ws = connect(client, &q).await?;
         let addr = listener.local_addr().map_err(|e| CliError::Usage(e.to_string()))?;
-        eprintln!("forwarding {addr} to {host}:{port} on {device}; Ctrl-C to stop");
+        println!("forwarding {addr} to {host}:{port} on {device}; Ctrl-C to stop");
+        let _ = std::io::stdout().flush();
         let (mut tx, mut rx) = ws.split();
         let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(256);
         let writer = tokio::spawn(async move {
@@ -629,6 +697,31 @@ async fn pump(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_terminal_without_a_size_gets_80_by_24() {
+        assert_eq!(parse_stty_size("50 132\n"), Some((132, 50)));
+        assert_eq!(parse_stty_size("0 0\n"), None);
+        assert_eq!(parse_stty_size("0 80\n"), None);
+        assert_eq!(parse_stty_size(""), None);
+        assert_eq!(parse_stty_size("2000 5000"), Some((1000, 1000)), "kept within what the server takes");
+        assert_eq!(DEFAULT_SIZE, (80, 24));
+    }
+
+    #[test]
+    fn copies_into_directories_keep_the_file_name() {
+        assert_eq!(upload_target(Path::new("./a/notes.txt"), "/tmp/").unwrap(), "/tmp/notes.txt");
+        assert_eq!(upload_target(Path::new("notes.txt"), "/tmp/x.txt").unwrap(), "/tmp/x.txt");
+        assert!(upload_target(Path::new(".."), "/tmp/").unwrap_err().to_string().contains("name the file"));
+
+        let here = std::env::temp_dir();
+        assert_eq!(download_target("/etc/hosts", &here).unwrap(), here.join("hosts"));
+        assert_eq!(download_target("/etc/hosts", Path::new("copy")).unwrap(), PathBuf::from("copy"));
+        let err = download_target("/etc/hosts", Path::new("/no/such/dir/")).unwrap_err().to_string();
+        assert!(err.contains("no such directory"), "{err}");
+        let err = download_target("/etc/", &here).unwrap_err().to_string();
+        assert!(err.contains("not a directory"), "{err}");
+    }
 
     #[test]
     fn device_paths_and_forward_specs() {

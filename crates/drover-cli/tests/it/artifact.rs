@@ -38,9 +38,10 @@ fn run(d: &Dir, args: &[&str]) -> Output {
     drover(Path::new(&d.p("config.json")), &[], args, None)
 }
 
+/// Makes a key pair; returns its key id (from `-o json`: the table is for people).
 fn keygen(d: &Dir, name: &str) -> String {
-    let out = ok(&run(d, &["artifact", "keygen", "--out", &d.p(name)]));
-    out.trim().to_string()
+    let v = json(&run(d, &["-o", "json", "artifact", "keygen", "--out", &d.p(name)]));
+    v["key_id"].as_str().unwrap().to_string()
 }
 
 fn write(d: &Dir, name: &str, data: &[u8]) -> String {
@@ -89,7 +90,12 @@ fn build(d: &Dir, out: &str, key: Option<&str>) -> String {
 fn keygen_writes_a_private_key_only_its_owner_reads() {
     use std::os::unix::fs::PermissionsExt as _;
     let d = Dir::new("keygen");
-    let id = keygen(&d, "release.key");
+    let out = run(&d, &["artifact", "keygen", "--out", &d.p("release.key")]);
+    // What it wrote is output (stdout), so `>/dev/null` quiets it; stderr stays for problems.
+    let text = ok(&out);
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("(keep it secret)") && text.contains("release.key.pub"), "{text}");
+    let id = text.lines().next().unwrap().strip_prefix("key id:").unwrap().trim().to_string();
     assert_eq!(id.len(), 16, "{id}");
     let mode = std::fs::metadata(d.p("release.key")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);

@@ -4,6 +4,8 @@ mod alerts;
 mod artifact;
 mod deploy;
 mod metrics;
+mod remote;
+mod trust;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -30,7 +32,14 @@ impl Server {
 
     /// A server whose embedded broker listens on `mqtt_listen`, for tests with devices.
     fn start_on(mqtt_listen: &str) -> Server {
+        Server::start_with(mqtt_listen, "127.0.0.1:0")
+    }
+
+    /// A server whose embedded broker listens on `mqtt_listen` and whose device endpoint
+    /// (enrollment over HTTPS) on `device_listen`, for tests with real agents.
+    fn start_with(mqtt_listen: &str, device_listen: &str) -> Server {
         let mqtt_listen = mqtt_listen.to_string();
+        let device_listen = device_listen.to_string();
         let dir = std::env::temp_dir().join(format!(
             "drover-cli-it-{}-{}",
             std::process::id(),
@@ -46,7 +55,7 @@ impl Server {
                 let mut config = drover_server::config::Config::defaults(&data);
                 config.http_listen = "127.0.0.1:0".into();
                 config.mqtt_listen = mqtt_listen;
-                config.device_listen = "127.0.0.1:0".into();
+                config.device_listen = device_listen;
                 drover_server::app::prepare_data_dir(&data).unwrap();
                 let db = drover_server::app::open_db(&config, Some("cli test admin pw".into())).await.unwrap();
                 let org = drover_server::ops::find_org(&db, None).await.unwrap();
@@ -381,7 +390,7 @@ fn devices_list_show_accept_reject_decommission() {
     let ids: Vec<&str> = pending.as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
     assert_eq!(ids, [b, a], "newest first");
     let table = ok(&drover(&cfg, &admin, &["device", "list"], None));
-    assert!(table.starts_with("ID") && table.contains("serial=SN-A") && table.contains("pending"), "{table}");
+    assert!(table.starts_with("NAME ") && table.contains("serial=SN-A") && table.contains("pending"), "{table}");
     let err = fails(&drover(&cfg, &admin, &["device", "list", "--status", "sleeping"], None));
     assert!(err.contains("unknown status \"sleeping\": use pending, accepted"), "{err}");
 
@@ -405,8 +414,13 @@ fn devices_list_show_accept_reject_decommission() {
     let gone = json(&drover(&cfg, &admin, &["device", "decommission", a, "--yes", "-o", "json"], None));
     assert_eq!(gone["status"], "decommissioned");
 
+    // Not an id: a name, and no device has it.
     let err = fails(&drover(&cfg, &admin, &["device", "show", "no-such-device"], None));
-    assert!(err.contains("no device with id \"no-such-device\"") && err.contains("drover device list"), "{err}");
+    assert!(err.contains("no device named \"no-such-device\"") && err.contains("drover device list"), "{err}");
+    // An id no device has.
+    let unknown = "0190c0de-0000-7000-8000-000000000000";
+    let err = fails(&drover(&cfg, &admin, &["device", "show", unknown], None));
+    assert!(err.contains(&format!("no device with id \"{unknown}\"")), "{err}");
 
     // A viewer reads but cannot decide.
     let out = drover(&cfg, &admin, &["token", "create", "--name", "v", "--role", "viewer"], None);
@@ -449,7 +463,7 @@ fn tags_groups_filters_and_csv_import() {
     let err = fails(&run(&["device", "tag", &a, "region"]));
     assert!(err.contains("write it as KEY=VALUE"), "{err}");
     let err = fails(&run(&["device", "tag", "nope", "a=b"]));
-    assert!(err.contains("no device with id \"nope\""), "{err}");
+    assert!(err.contains("no device named \"nope\""), "{err}");
 
     // The filter language, and a mistake shown where it is, before any request.
     let eu = json(&run(&["device", "list", "--filter", r#"tag.region = "eu""#, "-o", "json"]));
@@ -458,8 +472,10 @@ fn tags_groups_filters_and_csv_import() {
     let offline = json(&run(&["device", "list", "--offline", "--sort", "id", "-o", "json"]));
     assert_eq!(offline.as_array().unwrap().len(), 2);
     assert!(json(&run(&["device", "list", "--online", "-o", "json"])).as_array().unwrap().is_empty());
-    let found = json(&run(&["device", "list", "--q", "g-b", "-o", "json"]));
+    let found = json(&run(&["device", "list", "--search", "g-b", "-o", "json"]));
     assert_eq!(found[0]["id"], b.as_str());
+    let found = json(&run(&["device", "list", "--q", "g-b", "-o", "json"]));
+    assert_eq!(found[0]["id"], b.as_str(), "--q stays as a hidden alias");
     let err = fails(&run(&["device", "list", "--filter", "tag.region = "]));
     assert!(err.contains("invalid filter: expected a value") && err.contains("at column 14"), "{err}");
     assert!(err.contains(&format!("\n  tag.region = \n  {}^\n", " ".repeat(13))), "a caret under the mistake: {err}");

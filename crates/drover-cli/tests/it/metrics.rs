@@ -74,6 +74,13 @@ fn metrics_list_show_fleet_top_and_logs() {
     assert_eq!(v["resolution"], "1m");
     assert_eq!(v["points"][0]["count"], 5);
     assert_eq!(v["points"][0]["avg"], 12.0);
+    // A duration alone means that long ago; the step is printed in its unit.
+    let args = ["metrics", "show", &ids[0], "cpu.percent", "--from", "30m", "--step", "5m"];
+    let v = json_out(&drover(&cfg, &[], &[&args[..], &["-o", "json"]].concat(), None));
+    let counted: u64 = v["points"].as_array().unwrap().iter().map(|p| p["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted, 10, "all ten points are within the last 30 minutes: {v}");
+    let out = ok(&drover(&cfg, &[], &args, None));
+    assert!(out.starts_with(&format!("cpu.percent of {}, step 5m from 1m", ids[0])), "{out}");
     let out = ok(&drover(
         &cfg,
         &[],

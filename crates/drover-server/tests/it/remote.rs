@@ -452,7 +452,7 @@ fn cli_copies_forwards_and_runs_a_terminal() {
     let target = format!("{}:{}/big.bin", a.id, remote_dir.display());
     let out = drover(&s, &["cp", big.to_str().unwrap(), &target]);
     assert!(out.status.success(), "upload: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("SHA-256 verified"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SHA-256 verified"));
     assert_eq!(sha256_file(&remote_dir.join("big.bin")), want);
     let back = local.join("back.bin");
     let out = drover(&s, &["cp", &target, back.to_str().unwrap()]);
@@ -539,13 +539,13 @@ fn cli_copies_forwards_and_runs_a_terminal() {
         .env("DROVER_URL", &s.d.base)
         .env("DROVER_TOKEN", &s.token)
         .env("DROVER_CONFIG", "/nonexistent/drover-config.json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut stderr = fwd.stderr.take().unwrap();
+    let mut stdout = fwd.stdout.take().unwrap();
     let mut first = [0u8; 10];
-    stderr.read_exact(&mut first).unwrap();
+    stdout.read_exact(&mut first).unwrap();
     assert_eq!(&first, b"forwarding", "the forward is ready");
     let handles: Vec<_> = (0..50)
         .map(|i| {
@@ -763,15 +763,15 @@ fn bench_remote() {
         .env("DROVER_URL", &s.d.base)
         .env("DROVER_TOKEN", &s.token)
         .env("DROVER_CONFIG", "/nonexistent/drover-config.json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut first = [0u8; 10];
-    let mut stderr = fwd.stderr.take().unwrap();
-    stderr.read_exact(&mut first).unwrap();
+    let mut stdout = fwd.stdout.take().unwrap();
+    stdout.read_exact(&mut first).unwrap();
     // Keep reading what the CLI prints: a closed pipe would fail its next line.
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let t = Instant::now();
     let mut c = std::net::TcpStream::connect(("127.0.0.1", local_port)).unwrap();
     let mut buf = vec![0u8; 1 << 16];
