@@ -127,6 +127,8 @@ fn alert_rules_channels_silences_and_device_rule_sets() {
             points: vec![drover_server::telemetry::store::Point { name: "cpu.percent".into(), t: now - 1000, v: 99.5 }],
             events: vec![],
             dropped: 0,
+            refused_future: 0,
+            refused_old: 0,
         };
         drover_server::telemetry::store::write(&db, &Default::default(), &[batch], now, 120_000).await.unwrap();
         db.close().await;

@@ -56,6 +56,9 @@ impl Server {
                 config.http_listen = "127.0.0.1:0".into();
                 config.mqtt_listen = mqtt_listen;
                 config.device_listen = device_listen;
+                // The scripted devices of these tests enroll on the API's address (the device
+                // endpoint's port is random); real agents use the device endpoint.
+                config.insecure_enroll_over_http = true;
                 drover_server::app::prepare_data_dir(&data).unwrap();
                 let db = drover_server::app::open_db(&config, Some("cli test admin pw".into())).await.unwrap();
                 let org = drover_server::ops::find_org(&db, None).await.unwrap();

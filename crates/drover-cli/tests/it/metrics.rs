@@ -55,6 +55,8 @@ fn metrics_list_show_fleet_top_and_logs() {
                     .collect(),
                 events: vec![],
                 dropped: 0,
+                refused_future: 0,
+                refused_old: 0,
             })
             .collect();
         let cache = drover_server::telemetry::store::Cache::default();

@@ -254,7 +254,6 @@ fn term_exits_with_the_shell_and_cp_copies_into_directories() {
 /// `PATCH /api/v1/devices/{id}`), which this branch's droverd does not have yet: run it with
 /// `--ignored` once that is merged.
 #[test]
-#[ignore = "needs droverd's device names (display_name, PATCH /api/v1/devices/{id})"]
 fn devices_by_name_rename_list_term_and_clear() {
     let (mqtt, dev) = (free_port(), free_port());
     let s = Server::start_with(&format!("127.0.0.1:{mqtt}"), &format!("127.0.0.1:{dev}"));
