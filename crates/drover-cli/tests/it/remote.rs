@@ -249,10 +249,6 @@ fn term_exits_with_the_shell_and_cp_copies_into_directories() {
 
 /// Devices by name end to end: `device rename`, the name first in `device list`, `term NAME`
 /// and `cp NAME:…`, then `rename --clear` back to the hostname the agent reports.
-///
-/// Needs the server's side of device names (`display_name` filled in, `?q=` matching it,
-/// `PATCH /api/v1/devices/{id}`), which this branch's droverd does not have yet: run it with
-/// `--ignored` once that is merged.
 #[test]
 fn devices_by_name_rename_list_term_and_clear() {
     let (mqtt, dev) = (free_port(), free_port());
