@@ -220,6 +220,9 @@ pub struct RemoteConfig {
     pub max_duration: Duration,
     /// Sessions open at once.
     pub max_sessions: usize,
+    /// Not in the TOML: the terminal's `HOME` and working directory instead of the user's
+    /// home (the simulator gives each simulated device its own folder).
+    pub home: Option<PathBuf>,
 }
 
 impl Default for RemoteConfig {
@@ -236,6 +239,7 @@ impl Default for RemoteConfig {
             idle_timeout: Duration::from_secs(900),
             max_duration: Duration::from_secs(4 * 3600),
             max_sessions: 4,
+            home: None,
         }
     }
 }
@@ -539,6 +543,7 @@ fn check_remote(raw: RawRemote) -> Result<RemoteConfig, ConfigError> {
         idle_timeout: secs_in("idle_timeout_secs", raw.idle_timeout_secs, d.idle_timeout, 7 * 86_400)?,
         max_duration: secs_in("max_duration_secs", raw.max_duration_secs, d.max_duration, 30 * 86_400)?,
         max_sessions,
+        home: None,
     })
 }
 

@@ -35,6 +35,8 @@ pub enum Fetch {
 pub struct Downloader {
     base: String,
     agent: ureq::Agent,
+    /// Bytes per second at most; `None`: as fast as the network goes.
+    rate: Option<u64>,
 }
 
 impl std::fmt::Debug for Downloader {
@@ -85,7 +87,15 @@ impl Downloader {
             .max_idle_connections(1)
             .build()
             .new_agent();
-        Ok(Downloader { base, agent })
+        Ok(Downloader { base, agent, rate: None })
+    }
+
+    /// Downloads at most `bytes_per_sec` (at least 1) on average from the start of each
+    /// attempt: the simulator's `--download-rate`, so a simulated update is slow enough to
+    /// watch. Reads are made small enough for a steady pace.
+    pub fn with_rate_limit(mut self, bytes_per_sec: u64) -> Downloader {
+        self.rate = Some(bytes_per_sec.max(1));
+        self
     }
 
     pub fn url(&self, offer: &ArtifactOffer) -> String {
@@ -201,8 +211,11 @@ impl Downloader {
         }
         let mut on_disk = if restart { 0 } else { have };
         let mut body = resp.into_body().into_reader();
-        let mut buf = vec![0u8; CHUNK];
+        // Under a rate limit, about ten reads a second.
+        let read_size = self.rate.map_or(CHUNK, |r| (r / 10).clamp(1024, CHUNK as u64) as usize);
+        let mut buf = vec![0u8; read_size];
         let mut last_progress = Instant::now();
+        let (started, mut got) = (Instant::now(), 0u64);
         loop {
             if cancel.load(Ordering::Relaxed) {
                 return Fetch::Cancelled;
@@ -229,6 +242,12 @@ impl Downloader {
                 return Fetch::Retry(format!("{}: {e}", part.display()));
             }
             on_disk += n as u64;
+            got += n as u64;
+            if let Some(rate) = self.rate
+                && !pace(started, got, rate, cancel)
+            {
+                return Fetch::Cancelled;
+            }
             if last_progress.elapsed() >= every {
                 last_progress = Instant::now();
                 progress(on_disk);
@@ -242,6 +261,22 @@ impl Downloader {
         }
         progress(on_disk);
         finish(v, offer, part)
+    }
+}
+
+/// Waits until `got` bytes since `started` are within `rate` bytes per second; `false` when
+/// cancelled meanwhile.
+fn pace(started: Instant, got: u64, rate: u64, cancel: &AtomicBool) -> bool {
+    let due = started + Duration::from_secs_f64(got as f64 / rate as f64);
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= due {
+            return true;
+        }
+        std::thread::sleep((due - now).min(Duration::from_millis(100)));
     }
 }
 
