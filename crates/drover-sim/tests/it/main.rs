@@ -243,6 +243,18 @@ fn devices(d: &Droverd, admin: &str) -> Vec<Value> {
     d.get("/api/v1/devices?limit=100", admin)["items"].as_array().unwrap().clone()
 }
 
+/// Kills a child process by id if the test fails before it was stopped, so that a simulator
+/// does not outlive its test (and hold the test's output open).
+struct KillOnPanic(u32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Command::new("kill").arg("-KILL").arg(self.0.to_string()).status();
+        }
+    }
+}
+
 fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     eventually(within, "drover-sim to exit", || child.try_wait().unwrap())
 }
@@ -514,6 +526,7 @@ fn a_download_rate_makes_an_update_take_its_time() {
     let mut cmd = server.sim(&ca, &["-n", "1", "--report", "0", "--device-type", "sim-box", "--download-rate", "64KiB"]);
     cmd.arg("--root-file").arg(&root_file).arg("--state-dir").arg(dir.path().join("state")).env("DROVER_SIM_TOKEN", &token);
     let (mut sim, lines) = spawn_lines(cmd);
+    let _kill = KillOnPanic(sim.id());
     wait_line(&lines, Duration::from_secs(90), |l| l.starts_with("all 1 devices connected"));
     let ids: Vec<String> = devices(&server, &admin).iter().map(|d| d["id"].as_str().unwrap().to_string()).collect();
 
@@ -578,8 +591,9 @@ fn a_simulated_device_takes_a_terminal_and_file_transfers_in_its_own_folder() {
     let state = dir.path().join("state");
     // The tests run as root; a simulator run as root needs --remote-allow-root for terminals.
     let mut cmd = server.sim(&ca, &["-n", "2", "--report", "0", "--remote", "--remote-allow-root"]);
-    cmd.arg("--token-file").arg(&token_file).arg("--state-dir").arg(&state);
+    cmd.arg("--token-file").arg(&token_file).arg("--state-dir").arg(&state).env("DROVER_LOG", "info");
     let (mut sim, lines) = spawn_lines(cmd);
+    let _kill = KillOnPanic(sim.id());
     wait_line(&lines, Duration::from_secs(90), |l| l.starts_with("all 2 devices connected"));
     let list = devices(&server, &admin);
     let dev = list.iter().find(|d| d["identity"]["serial"].as_str().unwrap().contains("00000")).unwrap();
@@ -620,19 +634,27 @@ fn a_simulated_device_takes_a_terminal_and_file_transfers_in_its_own_folder() {
         .unwrap();
     {
         use std::io::Write;
+        // The keys, then the pipe's end (which the CLI does not pass on: the shell ends when
+        // told to).
         let mut stdin = term.stdin.take().unwrap();
         stdin.write_all(b"echo \"cwd=$(pwd) home=$HOME\"; ls; exit 7\n").unwrap();
-        // Kept open until the shell exits: a pipe's end sends nothing.
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(60));
-            drop(stdin);
-        });
     }
-    let status = wait_exit(&mut term, Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = term.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() >= deadline {
+            let _ = term.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let mut out = String::new();
     std::io::Read::read_to_string(term.stdout.as_mut().unwrap(), &mut out).unwrap();
     let mut err = String::new();
     std::io::Read::read_to_string(term.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let status = status.unwrap_or_else(|| panic!("drover term did not end within 30 s: {out:?} {err:?}"));
     assert_eq!(status.code(), Some(7), "{out}\n{err}");
     let want = format!("cwd={} home={}", home.display(), home.display());
     assert!(out.contains(&want), "{want:?} not in {out:?}");
