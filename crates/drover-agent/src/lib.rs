@@ -12,6 +12,7 @@ pub mod config;
 mod der;
 pub mod enroll;
 pub mod inventory;
+pub mod log;
 pub mod remote;
 pub mod session;
 pub mod store;

@@ -100,12 +100,7 @@ fn run(config_path: PathBuf) -> ExitCode {
             return ExitCode::from(config::EXIT_CONFIG);
         }
     };
-    tracing_subscriber::fmt()
-        .with_max_level(cfg.log_level.to_tracing())
-        .with_writer(std::io::stderr)
-        .with_ansi(drover_agent::log_colours())
-        .with_target(false)
-        .init();
+    drover_agent::log::StderrLog::new(cfg.log_level.to_tracing(), drover_agent::log_colours()).install();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
