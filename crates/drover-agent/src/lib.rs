@@ -11,6 +11,7 @@ pub mod check;
 pub mod config;
 mod der;
 pub mod enroll;
+pub mod http;
 pub mod inventory;
 pub mod log;
 pub mod remote;
