@@ -98,7 +98,10 @@ enum Framing {
     Length(u64),
     /// Bytes left in the current chunk; `None` before a chunk's size line, `Some(0)` at the
     /// end of a chunk's data.
-    Chunked { left: Option<u64>, done: bool },
+    Chunked {
+        left: Option<u64>,
+        done: bool,
+    },
     UntilClose,
 }
 
@@ -152,7 +155,8 @@ impl Read for Body {
                     None => {
                         let line = read_line(&mut self.conn)?;
                         let size = line.split(';').next().unwrap_or("").trim();
-                        let size = u64::from_str_radix(size, 16).map_err(|_| bad(format!("bad chunk size {size:?}")))?;
+                        let size =
+                            u64::from_str_radix(size, 16).map_err(|_| bad(format!("bad chunk size {size:?}")))?;
                         if size == 0 {
                             // Trailers, then the end.
                             while !read_line(&mut self.conn)?.is_empty() {}
@@ -171,7 +175,10 @@ impl Read for Body {
                         let want = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
                         let got = self.conn.read(&mut buf[..want])?;
                         if got == 0 {
-                            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the connection closed mid-chunk"));
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the connection closed mid-chunk",
+                            ));
                         }
                         *left = Some(n - got as u64);
                         return Ok(got);
@@ -199,8 +206,13 @@ impl Client {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
             None => (rest, ""),
         };
-        let (host, port) = crate::config::split_host_port(hostport, default_port).map_err(|e| format!("{base:?}: {e}"))?;
-        let authority = if port == default_port { hostport.trim_end_matches(&format!(":{port}")[..]).to_string() } else { hostport.to_string() };
+        let (host, port) =
+            crate::config::split_host_port(hostport, default_port).map_err(|e| format!("{base:?}: {e}"))?;
+        let authority = if port == default_port {
+            hostport.trim_end_matches(&format!(":{port}")[..]).to_string()
+        } else {
+            hostport.to_string()
+        };
         let tls = if base.starts_with("https://") { tls } else { None };
         Ok(Client {
             tls,
@@ -347,8 +359,9 @@ mod tests {
         assert!(req.contains("Content-Length: 2\n") && req.ends_with("\n{}"), "{req}");
         assert!(req.contains(&format!("Host: 127.0.0.1:{}\n", c.port)), "{req}");
 
-        let (url, t) =
-            serve(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n7\r\n, world\r\n0\r\nT: 1\r\n\r\n");
+        let (url, t) = serve(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n7\r\n, world\r\n0\r\nT: 1\r\n\r\n",
+        );
         let r = Client::new(&url, None).unwrap().request("GET", "/a", &[("Range", "bytes=3-")], None).unwrap();
         assert_eq!(r.read_to_string(1024).unwrap(), "hello, world");
         assert!(t.join().unwrap().contains("Range: bytes=3-\n"));
@@ -367,7 +380,8 @@ mod tests {
         let r = Client::new(&url, None).unwrap().request("GET", "/", &[], None).unwrap();
         assert_eq!(r.read_to_string(1024).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         t.join().unwrap();
-        let (url, t) = serve(b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n01234567890123456789012345678901234567890123456789");
+        let (url, t) =
+            serve(b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n01234567890123456789012345678901234567890123456789");
         let r = Client::new(&url, None).unwrap().request("GET", "/", &[], None).unwrap();
         assert!(r.read_to_string(10).unwrap_err().to_string().contains("over 10 bytes"));
         t.join().unwrap();

@@ -499,7 +499,8 @@ async fn prepare(ctx: &Ctx, index: u64, name: &str) -> Result<Ready, String> {
         ctx.fleet.reused.fetch_add(1, Ordering::Relaxed);
         return Ok(Ready { device_id, tls, cert_pem: cert, key });
     }
-    let token = ctx.token.as_deref().ok_or("not enrolled yet, and no enrollment token (--token-file, --token) to enroll it")?;
+    let token =
+        ctx.token.as_deref().ok_or("not enrolled yet, and no enrollment token (--token-file, --token) to enroll it")?;
     let enrolled = {
         let _slot = ctx.enroll_slots.acquire().await.map_err(|e| e.to_string())?;
         enroll(&ctx.client, &key, &identity(ctx, index), Some(token))
@@ -595,9 +596,9 @@ fn capabilities(args: &Args) -> Vec<String> {
 /// The enrollment token: `--token-file`'s content, or `--token` / DROVER_SIM_TOKEN; not both.
 fn resolve_token(args: &Args) -> Result<Option<String>, String> {
     match (&args.token_file, &args.token) {
-        (Some(_), Some(_)) => Err(
-            "give the enrollment token one way: --token-file, or --token / DROVER_SIM_TOKEN (both are set)".into(),
-        ),
+        (Some(_), Some(_)) => {
+            Err("give the enrollment token one way: --token-file, or --token / DROVER_SIM_TOKEN (both are set)".into())
+        }
         (Some(path), None) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read --token-file {}: {e}", path.display()))?;

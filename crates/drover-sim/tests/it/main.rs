@@ -523,8 +523,13 @@ fn a_download_rate_makes_an_update_take_its_time() {
     server.ca_file(&ca);
     let token = server.enrollment_token(&admin, 10);
     let (root_file, release) = trust_root(dir.path());
-    let mut cmd = server.sim(&ca, &["-n", "1", "--report", "0", "--device-type", "sim-box", "--download-rate", "64KiB"]);
-    cmd.arg("--root-file").arg(&root_file).arg("--state-dir").arg(dir.path().join("state")).env("DROVER_SIM_TOKEN", &token);
+    let mut cmd =
+        server.sim(&ca, &["-n", "1", "--report", "0", "--device-type", "sim-box", "--download-rate", "64KiB"]);
+    cmd.arg("--root-file")
+        .arg(&root_file)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("DROVER_SIM_TOKEN", &token);
     let (mut sim, lines) = spawn_lines(cmd);
     let _kill = KillOnPanic(sim.id());
     wait_line(&lines, Duration::from_secs(90), |l| l.starts_with("all 1 devices connected"));
