@@ -200,7 +200,7 @@ fn parse_byte_rate(s: &str) -> Result<u64, String> {
     };
     let n: f64 = num.parse().map_err(|_| format!("{s:?}: not a rate such as 64KiB or 1MiB/s"))?;
     let rate = (n * mult).round();
-    if !rate.is_finite() || rate < 1.0 || rate > 1e12 {
+    if !(1.0..=1e12).contains(&rate) {
         return Err(format!("{s:?}: the rate must be between 1 byte and 1 TB per second"));
     }
     Ok(rate as u64)
