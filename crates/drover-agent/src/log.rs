@@ -3,7 +3,7 @@
 //!
 //! A small [`tracing::Subscriber`] of its own rather than `tracing-subscriber`'s: the agent has
 //! no spans and one output, and the registry, span storage and formatting machinery it would
-//! not use cost about a tenth of the binary (design decision 7: small). Colours (the level
+//! not use cost tens of kB (design decision 7: small; `BENCHMARKS.md`). Colours (the level
 //! only) when [`crate::log_colours`] says stderr is a terminal.
 
 use std::fmt::Write as _;
