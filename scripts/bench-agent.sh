@@ -2,19 +2,24 @@
 # The agent's footprint: stripped size of the release-small build, and resident memory and CPU
 # of a real drover-agent enrolled with, and connected to, a local droverd (embedded broker),
 # idle for 60 s. Prints the figures BENCHMARKS.md records.
+# DROVERD=path uses that droverd instead of building a release one (the figures are the
+# agent's own; the server's build does not change them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q --locked --profile release-small -p drover-agent
-cargo build -q --locked --release --bin droverd
+if [ -z "${DROVERD:-}" ]; then
+  cargo build -q --locked --release --bin droverd
+  DROVERD=target/release/droverd
+fi
 D=$(mktemp -d)
 cleanup() { kill "${AGENT:-}" "${SERVER:-}" 2>/dev/null || true; rm -rf "$D"; }
 trap cleanup EXIT
-target/release/droverd --data-dir "$D/srv" --http-listen 127.0.0.1:18080 \
+"$DROVERD" --data-dir "$D/srv" --http-listen 127.0.0.1:18080 \
   --mqtt-listen 127.0.0.1:18883 --device-listen 127.0.0.1:18443 >"$D/srv.log" 2>&1 &
 SERVER=$!
 for _ in $(seq 50); do curl -sf -o /dev/null http://127.0.0.1:18080/readyz && break; sleep 0.2; done
-TOKEN=$(target/release/droverd --data-dir "$D/srv" token create --role admin --name bench | grep -o 'drv_[A-Za-z0-9_-]*' | head -1)
-target/release/droverd --data-dir "$D/srv" ca cert >"$D/ca.pem"
+TOKEN=$("$DROVERD" --data-dir "$D/srv" token create --role admin --name bench | grep -o 'drv_[A-Za-z0-9_-]*' | head -1)
+"$DROVERD" --data-dir "$D/srv" ca cert >"$D/ca.pem"
 SECRET=$(curl -sf -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
   -d '{"name":"bench"}' http://127.0.0.1:18080/api/v1/enrollment-tokens |
   python3 -c 'import sys, json; print(json.load(sys.stdin)["secret"])')

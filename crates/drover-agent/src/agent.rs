@@ -123,6 +123,7 @@ pub fn session_config(cfg: &Config, store: &Store, p: &Provisioned) -> Result<Se
     sc.heartbeat_interval = cfg.heartbeat_interval;
     sc.inventory_interval = cfg.inventory_interval;
     sc.boot_id = crate::inventory::boot_id();
+    sc.capabilities = Some(cfg.capabilities());
     Ok(sc)
 }
 

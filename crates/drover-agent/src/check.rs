@@ -205,8 +205,9 @@ fn check_server(cfg: &Config) -> CheckLine {
         Ok(c) => Arc::new(c),
         Err(e) => return line("server", Level::Fail, e.to_string()),
     };
-    match handshake(&host, port, tls, false) {
-        Ok(()) => line("server", Level::Ok, format!("{url}: TLS verified against {}", cfg.ca_file.display())),
+    let ca = cfg.ca_file.display().to_string();
+    match handshake(&host, port, tls, false, &Peer { what: "server", ca: &ca }) {
+        Ok(()) => line("server", Level::Ok, format!("{url}: TLS verified against {ca}")),
         Err(e) => line("server", Level::Fail, format!("{url}: {e}")),
     }
 }
@@ -218,6 +219,7 @@ fn check_broker(cfg: &Config, store: &Store, p: Option<&crate::store::Provisione
         Err(e) => return line("broker", Level::Fail, e.to_string()),
     };
     let refs: Vec<(&[u8], &str)> = pems.iter().map(|(p, n)| (p.as_slice(), n.as_str())).collect();
+    let ca = pems.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(" or ");
     let tls = match p {
         Some(p) => crate::tls::mqtt_client_config(&refs, p.cert_pem.as_bytes(), &p.key),
         None => crate::tls::root_store(&refs).and_then(|r| crate::tls::client_config(r, None)).map(Arc::new),
@@ -226,7 +228,8 @@ fn check_broker(cfg: &Config, store: &Store, p: Option<&crate::store::Provisione
         Ok(t) => t,
         Err(e) => return line("broker", Level::Fail, e.to_string()),
     };
-    match (handshake(&cfg.broker.host, cfg.broker.port, tls, p.is_some()), p) {
+    let peer = Peer { what: "broker", ca: &ca };
+    match (handshake(&cfg.broker.host, cfg.broker.port, tls, p.is_some(), &peer), p) {
         (Ok(()), Some(_)) => line("broker", Level::Ok, format!("{target}: mutual TLS accepted")),
         (Ok(()), None) => {
             line("broker", Level::Warn, format!("{target}: server verified; no device certificate to present yet"))
@@ -247,17 +250,30 @@ fn connect(host: &str, port: u16) -> Result<TcpStream, String> {
     Err(last)
 }
 
+/// Who is on the other end of a handshake, for the error messages: `server` or `broker`, and
+/// the CA file(s) its certificate was checked against.
+struct Peer<'a> {
+    what: &'a str,
+    ca: &'a str,
+}
+
 /// A TLS handshake; with `client_auth`, waits a moment afterwards for the server's verdict on
 /// the client certificate (in TLS 1.3 it comes after the client's side of the handshake). No
 /// MQTT is spoken, so a running agent's session is not disturbed.
-fn handshake(host: &str, port: u16, tls: Arc<rustls::ClientConfig>, client_auth: bool) -> Result<(), String> {
+fn handshake(
+    host: &str,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    client_auth: bool,
+    peer: &Peer<'_>,
+) -> Result<(), String> {
     let name = ServerName::try_from(host.to_string()).map_err(|e| format!("{host}: {e}"))?;
     let mut conn = rustls::ClientConnection::new(tls, name).map_err(|e| e.to_string())?;
     let mut sock = connect(host, port)?;
     let _ = sock.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = sock.set_write_timeout(Some(Duration::from_secs(5)));
     while conn.is_handshaking() {
-        conn.complete_io(&mut sock).map_err(|e| tls_error(&e))?;
+        conn.complete_io(&mut sock).map_err(|e| tls_error(&e, peer))?;
     }
     if client_auth {
         let _ = sock.set_read_timeout(Some(Duration::from_millis(1000)));
@@ -267,15 +283,26 @@ fn handshake(host: &str, port: u16, tls: Arc<rustls::ClientConfig>, client_auth:
             Ok(0) => return Err("the server closed the connection after the handshake".into()),
             Ok(_) => {}
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(e) => return Err(tls_error(&e)),
+            Err(e) => return Err(tls_error(&e, peer)),
         }
     }
     Ok(())
 }
 
-fn tls_error(e: &std::io::Error) -> String {
+fn tls_error(e: &std::io::Error, peer: &Peer<'_>) -> String {
+    use rustls::CertificateError::{BadSignature, UnknownIssuer};
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
         return "the server closed the connection during the TLS handshake".into();
+    }
+    // A certificate from another CA (UnknownIssuer), or from one of the same name but another
+    // key (BadSignature): the usual cause is a ca_file of another server or an older fleet CA.
+    if let Some(rustls::Error::InvalidCertificate(UnknownIssuer | BadSignature)) =
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+    {
+        return format!(
+            "the {}'s certificate is not signed by the CA in {} — is it this server's fleet CA (`droverd ca cert`)? ({e})",
+            peer.what, peer.ca
+        );
     }
     format!("TLS: {e}")
 }

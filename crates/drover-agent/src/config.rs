@@ -19,6 +19,11 @@ pub const DEFAULT_HOOKS_DIR: &str = "/etc/drover/hooks.d";
 pub const DEFAULT_APPS_DIR: &str = "/opt/drover/apps";
 pub const DEFAULT_REBOOT_COMMAND: &str = "systemctl reboot";
 
+/// `drover-agent run`'s exit code when the configuration cannot be read or is invalid:
+/// `EX_CONFIG` of sysexits.h. Restarting cannot help, so the systemd unit lists it in
+/// `RestartPreventExitStatus=`.
+pub const EXIT_CONFIG: u8 = 78;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -215,6 +220,9 @@ pub struct RemoteConfig {
     pub max_duration: Duration,
     /// Sessions open at once.
     pub max_sessions: usize,
+    /// Not in the TOML: the terminal's `HOME` and working directory instead of the user's
+    /// home (the simulator gives each simulated device its own folder).
+    pub home: Option<PathBuf>,
 }
 
 impl Default for RemoteConfig {
@@ -231,6 +239,7 @@ impl Default for RemoteConfig {
             idle_timeout: Duration::from_secs(900),
             max_duration: Duration::from_secs(4 * 3600),
             max_sessions: 4,
+            home: None,
         }
     }
 }
@@ -345,6 +354,32 @@ pub enum TokenSource {
 }
 
 impl Config {
+    /// What this configuration switches on, as `up/hello` names it
+    /// ([`drover_proto::device::CAPABILITIES`], in that order): `update` with `[update]`
+    /// device_type; `telemetry` and `rules` unless `[telemetry] enabled = false`; `logs` when
+    /// telemetry is on and logs on demand have a source (`journal` or `log_files`); `terminal`,
+    /// `files`, `forward` as `[remote]` switches them on.
+    pub fn capabilities(&self) -> Vec<String> {
+        use drover_proto::device::{
+            CAP_FILES, CAP_FORWARD, CAP_LOGS, CAP_RULES, CAP_TELEMETRY, CAP_TERMINAL, CAP_UPDATE,
+        };
+        let t = &self.telemetry;
+        let r = &self.remote;
+        [
+            (CAP_UPDATE, self.update.is_some()),
+            (CAP_TELEMETRY, t.enabled),
+            (CAP_RULES, t.enabled),
+            (CAP_LOGS, t.enabled && (t.journal || !t.log_files.is_empty())),
+            (CAP_TERMINAL, r.terminal),
+            (CAP_FILES, r.files),
+            (CAP_FORWARD, r.forward),
+        ]
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| name.to_string())
+        .collect()
+    }
+
     /// The enrollment token, reading `enrollment_token_file` now if that is where it is.
     pub fn enrollment_token(&self) -> Result<Option<String>, ConfigError> {
         match &self.enrollment_token {
@@ -508,6 +543,7 @@ fn check_remote(raw: RawRemote) -> Result<RemoteConfig, ConfigError> {
         idle_timeout: secs_in("idle_timeout_secs", raw.idle_timeout_secs, d.idle_timeout, 7 * 86_400)?,
         max_duration: secs_in("max_duration_secs", raw.max_duration_secs, d.max_duration, 30 * 86_400)?,
         max_sessions,
+        home: None,
     })
 }
 
@@ -768,6 +804,30 @@ serial = "SN-1"
         let err = load(&dir.join("missing.toml")).unwrap_err().to_string();
         assert!(err.contains("missing.toml"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The hello's capabilities follow what the configuration switches on.
+    #[test]
+    fn capabilities_follow_the_configuration() {
+        let caps = |extra: &str| {
+            from_sources(&src(&[("/etc/drover/agent.toml", MAIN), ("/etc/drover/config.d/c.toml", extra)]))
+                .unwrap()
+                .capabilities()
+        };
+        // Defaults: telemetry (and so rules) on; no updates, no log source, no remote access.
+        assert_eq!(caps(""), ["telemetry", "rules"]);
+        assert_eq!(caps("[telemetry]\nenabled = false\n"), Vec::<String>::new());
+        assert_eq!(caps("[update]\ndevice_type = \"rpi4\"\n"), ["update", "telemetry", "rules"]);
+        assert_eq!(caps("[telemetry]\njournal = true\n"), ["telemetry", "rules", "logs"]);
+        assert_eq!(caps("[telemetry.log_files]\napp = \"/var/log/app.log\"\n"), ["telemetry", "rules", "logs"]);
+        // Logs on demand are part of telemetry: off with it, whatever the sources.
+        assert_eq!(caps("[telemetry]\nenabled = false\njournal = true\n"), Vec::<String>::new());
+        assert_eq!(caps("[remote]\nterminal = true\n"), ["telemetry", "rules", "terminal"]);
+        let all = caps(
+            "[update]\ndevice_type = \"x\"\n[telemetry]\njournal = true\n\
+             [remote]\nterminal = true\nfiles = true\nforward = true\n",
+        );
+        assert_eq!(all, drover_proto::device::CAPABILITIES);
     }
 
     /// Bad input: a relative file path, a forward target without a port, a user name with a

@@ -42,16 +42,10 @@ impl EnrollError {
 }
 
 /// Where and how to reach the enrollment endpoint.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct EnrollClient {
-    url: String,
-    agent: ureq::Agent,
-}
-
-impl std::fmt::Debug for EnrollClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EnrollClient").field("url", &self.url).finish()
-    }
+    path: String,
+    http: crate::http::Client,
 }
 
 impl EnrollClient {
@@ -59,46 +53,31 @@ impl EnrollClient {
     /// server's certificate, required for `https://`. `http://` is for development only.
     pub fn new(server_url: &str, ca_pem: Option<&[u8]>) -> Result<EnrollClient, EnrollError> {
         let base = server_url.trim_end_matches('/');
-        let mut tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .unversioned_rustls_crypto_provider(crate::tls::provider());
-        if base.starts_with("https://") {
+        let tls = if base.starts_with("https://") {
             let pem = ca_pem.ok_or_else(|| EnrollError::Config("https:// needs a CA certificate (ca_file)".into()))?;
-            let certs = crate::tls::certs_from_pem(pem, "ca_file").map_err(|e| EnrollError::Config(e.to_string()))?;
-            let certs: Vec<_> = certs.iter().map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned()).collect();
-            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+            let roots = crate::tls::root_store(&[(pem, "ca_file")]).map_err(|e| EnrollError::Config(e.to_string()))?;
+            let cfg = crate::tls::client_config(roots, None).map_err(|e| EnrollError::Config(e.to_string()))?;
+            Some(std::sync::Arc::new(cfg))
         } else if base.starts_with("http://") {
             tracing::warn!(url = base, "enrolling over plain http://: only for development");
+            None
         } else {
             return Err(EnrollError::Config(format!("server_url {base:?} must start with https:// or http://")));
-        }
-        let agent = ureq::Agent::config_builder()
-            .tls_config(tls.build())
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .user_agent(concat!("drover-agent/", env!("CARGO_PKG_VERSION")))
-            .max_redirects(0)
-            .build()
-            .new_agent();
-        Ok(EnrollClient { url: format!("{base}{}/enroll", drover_proto::api::API_PREFIX), agent })
+        };
+        let mut http = crate::http::Client::new(base, tls).map_err(EnrollError::Config)?;
+        http.io_timeout = Duration::from_secs(30);
+        Ok(EnrollClient { path: format!("{}/enroll", drover_proto::api::API_PREFIX), http })
     }
 
     /// One request, blocking. Prefer [`enroll`], which waits and polls.
     pub fn request(&self, req: &EnrollRequest) -> Result<Outcome, EnrollError> {
         let body = serde_json::to_vec(req).map_err(|e| EnrollError::Protocol(e.to_string()))?;
-        let mut resp = self
-            .agent
-            .post(&self.url)
-            .header("content-type", "application/json")
-            .send(&body[..])
+        let resp = self
+            .http
+            .request("POST", &self.path, &[("Content-Type", "application/json")], Some(&body))
             .map_err(|e| EnrollError::Transport(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(256 * 1024)
-            .read_to_string()
-            .map_err(|e| EnrollError::Transport(e.to_string()))?;
+        let status = resp.status;
+        let text = resp.read_to_string(256 * 1024).map_err(|e| EnrollError::Transport(e.to_string()))?;
         interpret(status, &text)
     }
 }

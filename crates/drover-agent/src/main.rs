@@ -22,6 +22,9 @@ Options:
                       (drop-ins: <dir of PATH>/config.d/*.toml)
   -h, --help          Print this help
   -V, --version       Print the version
+
+Exit codes: 0 success, 1 failure, 2 bad arguments,
+  78 `run` with a configuration that cannot be read or is invalid (not worth restarting)
 ";
 
 enum Command {
@@ -94,14 +97,10 @@ fn run(config_path: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("drover-agent: configuration: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(config::EXIT_CONFIG);
         }
     };
-    tracing_subscriber::fmt()
-        .with_max_level(cfg.log_level.to_tracing())
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    drover_agent::log::StderrLog::new(cfg.log_level.to_tracing(), drover_agent::log_colours()).install();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

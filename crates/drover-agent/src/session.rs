@@ -87,6 +87,9 @@ pub struct SessionConfig {
     /// The telemetry core: told about the connection and `down/telemetry`, `down/rules`,
     /// `down/logs`; what it hands back is published. `None`: no telemetry.
     pub telemetry: Option<crate::telemetry::TelemetryLink>,
+    /// `up/hello`'s `capabilities` (names of [`device::CAPABILITIES`]): what this device
+    /// really does, e.g. [`crate::config::Config::capabilities`]. `None`: not said.
+    pub capabilities: Option<Vec<String>>,
 }
 
 impl SessionConfig {
@@ -116,6 +119,7 @@ impl SessionConfig {
             updates: None,
             remote: None,
             telemetry: None,
+            capabilities: None,
         }
     }
 }
@@ -392,7 +396,7 @@ impl State<'_> {
             agent: self.cfg.agent.clone(),
             boot_id: self.cfg.boot_id.clone(),
             software: self.cfg.updates.as_ref().and_then(|l| l.shared.software()),
-            capabilities: None,
+            capabilities: self.cfg.capabilities.clone(),
         };
         self.publish(Channel::Hello, serde_json::to_vec(&hello).unwrap_or_default());
         let current = inv_rx.borrow_and_update().clone();

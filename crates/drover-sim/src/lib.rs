@@ -12,6 +12,16 @@
 //! verification against `--root-file`, real `file` / `app` installs into its own folder under
 //! `--update-dir`. An engine is a task, not a thread: only the steps running at a moment take a
 //! thread from tokio's blocking pool, for at most `--update-slots` devices updating at once.
+//! `--download-rate` caps each device's download speed, so an update can be watched.
+//!
+//! With `--remote` each device also runs the agent's remote access ([`drover_agent::remote`]):
+//! terminals and file transfers confined to the device's own folder under `--remote-dir`
+//! (`STATE_DIR/remote` by default), port forwarding only to `--remote-forward` targets. Each
+//! device's hello names what it really does (`update`, `telemetry`, `rules`, `terminal`,
+//! `files`, `forward`).
+//!
+//! The enrollment token comes from `--token-file`, `DROVER_SIM_TOKEN` or `--token` (the last is
+//! visible to other users in `ps`).
 
 pub mod inventory;
 pub mod state;
@@ -60,8 +70,14 @@ pub struct Args {
     #[arg(long, default_value = "localhost:8883")]
     pub mqtt: String,
     /// Enrollment token (`dre_…`); needed unless every device is in --state-dir already.
+    /// On the command line it is visible to every user of this machine (`ps`): prefer the
+    /// environment variable DROVER_SIM_TOKEN or --token-file.
     #[arg(long, env = "DROVER_SIM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the enrollment token from this file (surrounding whitespace ignored) instead of
+    /// --token / DROVER_SIM_TOKEN.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
     /// Number of devices.
     #[arg(short = 'n', long = "devices", default_value_t = 100)]
     pub devices: u64,
@@ -135,6 +151,59 @@ pub struct Args {
     /// survive a crash of the simulator, not a power cut).
     #[arg(long)]
     pub telemetry_fsync: bool,
+    /// Download artifacts at most this fast, per device: bytes per second with an optional
+    /// unit, e.g. `64KiB`, `1MiB/s`, `500kB` (k = 1000, Ki = 1024). Unlimited by default.
+    #[arg(long, value_name = "RATE", requires = "device_type", value_parser = parse_byte_rate)]
+    pub download_rate: Option<u64>,
+    /// Take remote-access terminals and file transfers, with the agent's own remote-access
+    /// code. Each device is confined to its own folder, `--remote-dir`/{name}/: the shell
+    /// starts there (and it is its HOME), and file transfers may only read and write under it.
+    /// The shell runs as the simulator's user. No port forwarding unless --remote-forward.
+    #[arg(long)]
+    pub remote: bool,
+    /// Each device's remote-access folder: `DIR/{name}/`. Default: `STATE_DIR/remote`, or a
+    /// folder under the system's temporary directory.
+    #[arg(long, value_name = "DIR", requires = "remote")]
+    pub remote_dir: Option<PathBuf>,
+    /// Allow port forwarding to this target, `HOST:PORT` or `HOST:*` (repeat for more).
+    #[arg(long, value_name = "HOST:PORT", requires = "remote", value_parser = parse_forward)]
+    pub remote_forward: Vec<String>,
+    /// Let terminals run as root when the simulator runs as root (refused otherwise, as the
+    /// agent refuses them without `allow_root`).
+    #[arg(long, requires = "remote")]
+    pub remote_allow_root: bool,
+}
+
+/// A port-forwarding target as `[remote] forward_allow` takes it: `host:port` or `host:*`.
+fn parse_forward(s: &str) -> Result<String, String> {
+    let ok = s
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && (p == "*" || drover_proto::remote::Target::parse(s).is_ok()));
+    if ok { Ok(s.to_string()) } else { Err(format!("{s:?}: expected HOST:PORT or HOST:*")) }
+}
+
+/// `64KiB`, `1MiB/s`, `500kB`, `1000`: bytes per second.
+fn parse_byte_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "k" | "kB" | "K" | "KB" => 1e3,
+        "Ki" | "KiB" => 1024.0,
+        "M" | "MB" => 1e6,
+        "Mi" | "MiB" => 1024.0 * 1024.0,
+        "G" | "GB" => 1e9,
+        "Gi" | "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(format!("{s:?}: not a rate such as 64KiB or 1MiB/s")),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("{s:?}: not a rate such as 64KiB or 1MiB/s"))?;
+    let rate = (n * mult).round();
+    if !(1.0..=1e12).contains(&rate) {
+        return Err(format!("{s:?}: the rate must be between 1 byte and 1 TB per second"));
+    }
+    Ok(rate as u64)
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -180,7 +249,12 @@ pub fn main_entry() -> ExitCode {
     drover_agent::tls::install_default_provider();
     let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(drover_agent::log_colours())
+        .with_target(false)
+        .init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -215,6 +289,12 @@ struct Ctx {
     updates: Option<(PathBuf, Arc<Semaphore>)>,
     /// `--telemetry-interval`: where each device's outbox goes.
     telemetry: Option<PathBuf>,
+    /// `--remote`: where each device's remote-access folder goes.
+    remote: Option<PathBuf>,
+    /// The enrollment token: `--token-file`, or `--token` / DROVER_SIM_TOKEN.
+    token: Option<String>,
+    /// `up/hello`'s capabilities of every simulated device.
+    capabilities: Vec<String>,
 }
 
 /// Spaces new connections `period` apart across the fleet.
@@ -419,7 +499,8 @@ async fn prepare(ctx: &Ctx, index: u64, name: &str) -> Result<Ready, String> {
         ctx.fleet.reused.fetch_add(1, Ordering::Relaxed);
         return Ok(Ready { device_id, tls, cert_pem: cert, key });
     }
-    let token = ctx.args.token.as_deref().ok_or("not enrolled yet, and no --token given to enroll it")?;
+    let token =
+        ctx.token.as_deref().ok_or("not enrolled yet, and no enrollment token (--token-file, --token) to enroll it")?;
     let enrolled = {
         let _slot = ctx.enroll_slots.acquire().await.map_err(|e| e.to_string())?;
         enroll(&ctx.client, &key, &identity(ctx, index), Some(token))
@@ -454,9 +535,81 @@ fn update_engine(ctx: &Ctx, name: &str, ready: &Ready) -> Result<Option<UpdateLi
     cfg.download_backoff = Duration::from_secs(2);
     cfg.download_backoff_max = Duration::from_secs(60);
     std::fs::create_dir_all(dev.join("files")).map_err(|e| format!("{}: {e}", dev.display()))?;
-    let dl = Downloader::new(&ctx.args.server, &[&ctx.ca_pem], ready.cert_pem.as_bytes(), &ready.key)?;
+    let mut dl = Downloader::new(&ctx.args.server, &[&ctx.ca_pem], ready.cert_pem.as_bytes(), &ready.key)?;
+    if let Some(rate) = ctx.args.download_rate {
+        dl = dl.with_rate_limit(rate);
+    }
     let engine = Engine::new(cfg, &dev.join("state"), Some(dl)).simulated_reboot().with_slots(slots.clone());
     Ok(Some(drover_agent::update::spawn(engine)))
+}
+
+/// The agent's remote access for one simulated device, confined to `DIR/{name}/`: terminals
+/// start there (it is their HOME), file transfers stay under it, port forwarding only to the
+/// `--remote-forward` targets.
+fn remote_access(ctx: &Ctx, name: &str, ready: &Ready) -> Result<Option<drover_agent::remote::RemoteLink>, String> {
+    let Some(base) = &ctx.remote else { return Ok(None) };
+    let dir = base.join(name);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // The real path, so what the shell's `pwd` says is what file transfers take.
+    let dir = std::fs::canonicalize(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let cfg = drover_agent::config::RemoteConfig {
+        terminal: true,
+        files: true,
+        forward: !ctx.args.remote_forward.is_empty(),
+        forward_allow: ctx.args.remote_forward.clone(),
+        allow_root: ctx.args.remote_allow_root,
+        file_paths: vec![dir.clone()],
+        home: Some(dir),
+        ..drover_agent::config::RemoteConfig::default()
+    };
+    let conn = drover_agent::remote::ConnParams {
+        device_id: ready.device_id.clone(),
+        host: ctx.host.clone(),
+        port: ctx.port,
+        tls: ready.tls.clone(),
+        keepalive: Duration::from_secs(ctx.args.keepalive),
+    };
+    Ok(Some(drover_agent::remote::spawn(cfg, conn)))
+}
+
+/// What a simulated device does, as its hello says: `update` with `--device-type`,
+/// `telemetry` and `rules` (the agent's telemetry core applies rule sets) with
+/// `--telemetry-interval`, `terminal` and `files` with `--remote`, `forward` with
+/// `--remote-forward`. No `logs`: a simulated device has no logs to serve.
+fn capabilities(args: &Args) -> Vec<String> {
+    use drover_proto::device::{CAP_FILES, CAP_FORWARD, CAP_RULES, CAP_TELEMETRY, CAP_TERMINAL, CAP_UPDATE};
+    let telemetry = args.telemetry_interval.is_some();
+    [
+        (CAP_UPDATE, args.device_type.is_some()),
+        (CAP_TELEMETRY, telemetry),
+        (CAP_RULES, telemetry),
+        (CAP_TERMINAL, args.remote),
+        (CAP_FILES, args.remote),
+        (CAP_FORWARD, args.remote && !args.remote_forward.is_empty()),
+    ]
+    .into_iter()
+    .filter(|(_, on)| *on)
+    .map(|(c, _)| c.to_string())
+    .collect()
+}
+
+/// The enrollment token: `--token-file`'s content, or `--token` / DROVER_SIM_TOKEN; not both.
+fn resolve_token(args: &Args) -> Result<Option<String>, String> {
+    match (&args.token_file, &args.token) {
+        (Some(_), Some(_)) => {
+            Err("give the enrollment token one way: --token-file, or --token / DROVER_SIM_TOKEN (both are set)".into())
+        }
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --token-file {}: {e}", path.display()))?;
+            let t = text.trim();
+            if t.is_empty() {
+                return Err(format!("--token-file {}: the file is empty", path.display()));
+            }
+            Ok(Some(t.to_string()))
+        }
+        (None, t) => Ok(t.clone()),
+    }
 }
 
 /// `--metrics` random walks, one point each per round.
@@ -574,6 +727,10 @@ async fn device(ctx: Arc<Ctx>, index: u64, mut stop: watch::Receiver<bool>) {
         Ok(t) => t,
         Err(e) => return ctx.fleet.enroll_failed(&name, &format!("telemetry: {e}")),
     };
+    let remote = match remote_access(&ctx, &name, &ready) {
+        Ok(r) => r,
+        Err(e) => return ctx.fleet.enroll_failed(&name, &format!("remote access: {e}")),
+    };
     let attrs = inventory::attributes(&ctx.args.prefix, &ctx.run_id, index);
     let boot_id = format!("{:016x}", rand::random::<u64>());
     loop {
@@ -590,6 +747,8 @@ async fn device(ctx: Arc<Ctx>, index: u64, mut stop: watch::Receiver<bool>) {
         cfg.backoff = BackoffPolicy { cap: Duration::from_secs(ctx.args.max_backoff), ..BackoffPolicy::default() };
         cfg.updates = updates.clone();
         cfg.telemetry = telemetry.clone();
+        cfg.remote = remote.clone();
+        cfg.capabilities = Some(ctx.capabilities.clone());
         let session = match Session::new(cfg, StaticSource(attrs.clone())) {
             Ok(s) => s,
             Err(e) => return ctx.fleet.enroll_failed(&name, &format!("session: {e}")),
@@ -653,7 +812,9 @@ async fn preflight(ctx: &Ctx) -> Result<(), String> {
     if saved.enrolled.is_some() {
         return Ok(());
     }
-    let token = ctx.args.token.clone().ok_or("--token is needed to enroll new devices (an enrollment token, dre_…)")?;
+    let token = ctx.token.clone().ok_or(
+        "an enrollment token (dre_…) is needed to enroll new devices: --token-file, DROVER_SIM_TOKEN or --token",
+    )?;
     let key = load_key(ctx, &name, saved.key_pem)?;
     let req = EnrollRequest {
         csr_pem: key.csr_pem().map_err(|e| e.to_string())?,
@@ -704,6 +865,7 @@ async fn signal() {
 /// Runs the fleet until a signal, `--until-connected`, or a fatal error.
 pub async fn run(args: Args) -> Result<ExitCode, String> {
     let (host, port) = parse_host_port(&args.mqtt)?;
+    let token = resolve_token(&args)?;
     let ca_pem = std::fs::read(&args.ca).map_err(|e| format!("cannot read --ca {}: {e}", args.ca.display()))?;
     drover_agent::tls::certs_from_pem(&ca_pem, &format!("--ca {}", args.ca.display())).map_err(|e| e.to_string())?;
     let client = EnrollClient::new(&args.server, Some(&ca_pem)).map_err(|e| format!("--server: {e}"))?;
@@ -732,8 +894,20 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
         (Some(_), None, Some(s)) => Some(s.join("telemetry")),
         (Some(_), None, None) => Some(std::env::temp_dir().join(format!("drover-sim-{run_id}-telemetry"))),
     };
+    let remote = match (args.remote, &args.remote_dir, &args.state_dir) {
+        (false, _, _) => None,
+        (true, Some(d), _) => Some(d.clone()),
+        (true, None, Some(s)) => Some(s.join("remote")),
+        (true, None, None) => Some(std::env::temp_dir().join(format!("drover-sim-{run_id}-remote"))),
+    };
+    if let Some(d) = &remote {
+        std::fs::create_dir_all(d).map_err(|e| format!("--remote-dir {}: {e}", d.display()))?;
+    }
     let n = args.devices;
     let ctx = Arc::new(Ctx {
+        token,
+        capabilities: capabilities(&args),
+        remote,
         telemetry,
         updates,
         host,
@@ -849,6 +1023,48 @@ mod tests {
         assert_eq!(parse_host_port("example").unwrap(), ("example".to_string(), 8883));
         assert!(parse_host_port(":1").is_err());
         assert!(parse_host_port("h:x").is_err());
+        assert_eq!(parse_byte_rate("64KiB").unwrap(), 65_536);
+        assert_eq!(parse_byte_rate("64KiB/s").unwrap(), 65_536);
+        assert_eq!(parse_byte_rate("1MiB").unwrap(), 1_048_576);
+        assert_eq!(parse_byte_rate("500kB").unwrap(), 500_000);
+        assert_eq!(parse_byte_rate("1.5M").unwrap(), 1_500_000);
+        assert_eq!(parse_byte_rate("1000").unwrap(), 1000);
+        for bad in ["fast", "0", "64 parsecs", "-1KiB", "", "KiB"] {
+            assert!(parse_byte_rate(bad).is_err(), "{bad}");
+        }
+        assert!(parse_forward("127.0.0.1:80").is_ok());
+        assert!(parse_forward("localhost:*").is_ok());
+        assert!(parse_forward("localhost").is_err());
+        assert!(parse_forward(":80").is_err());
+    }
+
+    #[test]
+    fn capabilities_follow_the_flags() {
+        let args = |extra: &[&str]| {
+            let base = ["drover-sim", "--ca", "ca.pem"];
+            Args::try_parse_from(base.iter().chain(extra)).unwrap()
+        };
+        assert!(capabilities(&args(&[])).is_empty());
+        assert_eq!(capabilities(&args(&["--remote"])), ["terminal", "files"]);
+        assert_eq!(
+            capabilities(&args(&[
+                "--device-type",
+                "x",
+                "--root-file",
+                "r.json",
+                "--telemetry-interval",
+                "5",
+                "--remote",
+                "--remote-forward",
+                "127.0.0.1:80"
+            ])),
+            ["update", "telemetry", "rules", "terminal", "files", "forward"]
+        );
+        // The remote flags need --remote; the rate needs updates.
+        for bad in [&["--remote-forward", "127.0.0.1:80"][..], &["--remote-allow-root"], &["--download-rate", "1KiB"]] {
+            let base = ["drover-sim", "--ca", "ca.pem"];
+            assert!(Args::try_parse_from(base.iter().chain(bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub(crate) struct Terminal {
     user: sys::User,
     /// The agent runs as root and the shell as another user.
     switch: bool,
+    /// `HOME` and the working directory: `[remote]`'s `home` if set, else the user's home.
+    home: std::path::PathBuf,
 }
 
 /// Resolves the configured user and decides whether the agent may start a shell as it.
@@ -46,7 +48,8 @@ pub(crate) fn check(cfg: &RemoteConfig, params: TerminalParams) -> Result<Termin
             format!("the agent runs as uid {me} and cannot start a shell as {}", user.name),
         ));
     }
-    Ok(Terminal { params, switch: user.uid != me, user })
+    let home = cfg.home.clone().unwrap_or_else(|| user.home.clone());
+    Ok(Terminal { params, switch: user.uid != me, user, home })
 }
 
 /// Hangs up the shell's process group unless it has been reaped.
@@ -73,12 +76,12 @@ impl Terminal {
         cmd.arg0(format!("-{name}"))
             .env_clear()
             .env("TERM", &self.params.term)
-            .env("HOME", &u.home)
+            .env("HOME", &self.home)
             .env("USER", &u.name)
             .env("LOGNAME", &u.name)
             .env("SHELL", &u.shell)
             .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-            .current_dir(if u.home.is_dir() { u.home.as_path() } else { std::path::Path::new("/") });
+            .current_dir(if self.home.is_dir() { self.home.as_path() } else { std::path::Path::new("/") });
         if let Ok(lang) = std::env::var("LANG") {
             cmd.env("LANG", lang);
         }

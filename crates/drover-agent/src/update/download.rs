@@ -34,7 +34,9 @@ pub enum Fetch {
 #[derive(Clone)]
 pub struct Downloader {
     base: String,
-    agent: ureq::Agent,
+    http: crate::http::Client,
+    /// Bytes per second at most; `None`: as fast as the network goes.
+    rate: Option<u64>,
 }
 
 impl std::fmt::Debug for Downloader {
@@ -48,44 +50,29 @@ impl Downloader {
     /// server's certificate; the client certificate is `cert_pem` with `key`.
     pub fn new(server_url: &str, ca_pems: &[&[u8]], cert_pem: &[u8], key: &DeviceKey) -> Result<Downloader, String> {
         let base = server_url.trim_end_matches('/').to_string();
-        let mut tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .unversioned_rustls_crypto_provider(crate::tls::provider());
-        if base.starts_with("https://") {
-            let mut roots = Vec::new();
-            for pem in ca_pems {
-                for c in crate::tls::certs_from_pem(pem, "CA").map_err(|e| e.to_string())? {
-                    roots.push(ureq::tls::Certificate::from_der(c.as_ref()).to_owned());
-                }
-            }
-            if roots.is_empty() {
+        let tls = if base.starts_with("https://") {
+            if ca_pems.is_empty() {
                 return Err("no CA certificate to verify the server".into());
             }
-            let chain: Vec<_> = crate::tls::certs_from_pem(cert_pem, "device certificate")
-                .map_err(|e| e.to_string())?
-                .iter()
-                .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
-                .collect();
-            let pem = key.to_pem();
-            let key = ureq::tls::PrivateKey::from_pem(pem.as_bytes()).map_err(|e| format!("device key: {e}"))?;
-            tls = tls
-                .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
-                .client_cert(Some(ureq::tls::ClientCert::new_with_certs(&chain, key)));
-        } else if !base.starts_with("http://") {
+            let cas: Vec<(&[u8], &str)> = ca_pems.iter().map(|p| (*p, "CA")).collect();
+            Some(crate::tls::mqtt_client_config(&cas, cert_pem, key).map_err(|e| e.to_string())?)
+        } else if base.starts_with("http://") {
+            None
+        } else {
             return Err(format!("server_url {base:?} must start with https://"));
-        }
-        let agent = ureq::Agent::config_builder()
-            .tls_config(tls.build())
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(15)))
-            .timeout_recv_response(Some(Duration::from_secs(60)))
-            .timeout_per_read(Some(Duration::from_secs(60)))
-            .user_agent(crate::AGENT)
-            .max_redirects(0)
-            .max_idle_connections(1)
-            .build()
-            .new_agent();
-        Ok(Downloader { base, agent })
+        };
+        let mut http = crate::http::Client::new(&base, tls)?;
+        http.connect_timeout = Duration::from_secs(15);
+        http.io_timeout = Duration::from_secs(60);
+        Ok(Downloader { base, http, rate: None })
+    }
+
+    /// Downloads at most `bytes_per_sec` (at least 1) on average from the start of each
+    /// attempt: the simulator's `--download-rate`, so a simulated update is slow enough to
+    /// watch. Reads are made small enough for a steady pace.
+    pub fn with_rate_limit(mut self, bytes_per_sec: u64) -> Downloader {
+        self.rate = Some(bytes_per_sec.max(1));
+        self
     }
 
     pub fn url(&self, offer: &ArtifactOffer) -> String {
@@ -150,19 +137,17 @@ impl Downloader {
             return finish(v, offer, part);
         }
         let url = self.url(offer);
-        let mut req = self.agent.get(&url);
-        if have > 0 {
-            req = req.header("Range", &format!("bytes={have}-"));
-        }
-        let resp = match req.call() {
+        let range = format!("bytes={have}-");
+        let headers: &[(&str, &str)] = if have > 0 { &[("Range", range.as_str())] } else { &[] };
+        let resp = match self.http.request("GET", &offer.path, headers, None) {
             Ok(r) => r,
             Err(e) => return Fetch::Retry(format!("GET {url}: {e}")),
         };
-        let status = resp.status().as_u16();
+        let status = resp.status;
         let mut restart = false;
         match status {
             206 => {
-                let cr = resp.headers().get("content-range").and_then(|h| h.to_str().ok()).unwrap_or("");
+                let cr = resp.header("content-range").unwrap_or("");
                 match parse_content_range(cr) {
                     Some((start, total)) if start == have && total.is_none_or(|t| t == offer.size) => {}
                     Some((_, Some(total))) if total != offer.size => {
@@ -200,9 +185,12 @@ impl Downloader {
             v = StreamVerifier::with_limit(offer.size);
         }
         let mut on_disk = if restart { 0 } else { have };
-        let mut body = resp.into_body().into_reader();
-        let mut buf = vec![0u8; CHUNK];
+        let mut body = resp.into_body();
+        // Under a rate limit, about ten reads a second.
+        let read_size = self.rate.map_or(CHUNK, |r| (r / 10).clamp(1024, CHUNK as u64) as usize);
+        let mut buf = vec![0u8; read_size];
         let mut last_progress = Instant::now();
+        let (started, mut got) = (Instant::now(), 0u64);
         loop {
             if cancel.load(Ordering::Relaxed) {
                 return Fetch::Cancelled;
@@ -229,6 +217,12 @@ impl Downloader {
                 return Fetch::Retry(format!("{}: {e}", part.display()));
             }
             on_disk += n as u64;
+            got += n as u64;
+            if let Some(rate) = self.rate
+                && !pace(started, got, rate, cancel)
+            {
+                return Fetch::Cancelled;
+            }
             if last_progress.elapsed() >= every {
                 last_progress = Instant::now();
                 progress(on_disk);
@@ -245,8 +239,24 @@ impl Downloader {
     }
 }
 
-fn content_length(resp: &ureq::http::Response<ureq::Body>) -> Option<u64> {
-    resp.headers().get("content-length")?.to_str().ok()?.trim().parse().ok()
+/// Waits until `got` bytes since `started` are within `rate` bytes per second; `false` when
+/// cancelled meanwhile.
+fn pace(started: Instant, got: u64, rate: u64, cancel: &AtomicBool) -> bool {
+    let due = started + Duration::from_secs_f64(got as f64 / rate as f64);
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= due {
+            return true;
+        }
+        std::thread::sleep((due - now).min(Duration::from_millis(100)));
+    }
+}
+
+fn content_length(resp: &crate::http::Response) -> Option<u64> {
+    resp.header("content-length")?.trim().parse().ok()
 }
 
 /// `bytes START-END/TOTAL` → (START, TOTAL); TOTAL may be `*`.

@@ -88,11 +88,33 @@ async fn check_reports_each_line() {
     assert!(out.starts_with("FAIL config") && out.contains("20-typo.toml") && out.contains("mqtt_ur"), "{out}");
     std::fs::remove_file(dir.join("config.d/20-typo.toml")).unwrap();
 
-    // The wrong CA for the server: FAIL server, exit 1.
-    let cfg = config(&dir, m.port, &dir.join("other-ca.crt"), &data);
-    let (code, out) = check(&cfg);
-    assert!(line(&out, "server").starts_with("FAIL server"), "{out}");
-    assert_eq!(code, 1);
+    // The wrong CA for the server: FAIL server, named as a CA mismatch, exit 1. Another CA
+    // (unknown issuer), and one with the fleet CA's very name but another key (bad signature).
+    let lookalike = Ca::new("fleet CA");
+    write(&dir.join("lookalike-ca.crt"), &lookalike.cert_pem);
+    for wrong in ["other-ca.crt", "lookalike-ca.crt"] {
+        let cfg = config(&dir, m.port, &dir.join(wrong), &data);
+        let (code, out) = check(&cfg);
+        let want = format!(
+            "FAIL server       https://127.0.0.1:{}: the server's certificate is not signed by the CA in {} \
+             — is it this server's fleet CA (`droverd ca cert`)?",
+            m.port,
+            dir.join(wrong).display()
+        );
+        assert!(line(&out, "server").starts_with(&want), "{wrong}: {out}");
+        assert_eq!(code, 1);
+    }
+    // The broker too, checked against ca_file (the data folder's CA is the fleet's: the
+    // broker's line is ok with it). A data folder whose CA is the other one as well:
+    let data3 = dir.join("data3");
+    provision(&data3, &Device::new(&ca, "dev-other-ca"), &other.cert_pem);
+    let cfg = config(&dir, m.port, &dir.join("other-ca.crt"), &data3);
+    let (_, out) = check(&cfg);
+    assert!(
+        line(&out, "broker").contains("the broker's certificate is not signed by the CA in ")
+            && line(&out, "broker").contains("droverd ca cert"),
+        "{out}"
+    );
 
     // A device certificate the broker does not trust: FAIL broker.
     let data2 = dir.join("data2");
@@ -138,6 +160,9 @@ async fn run_goes_online_and_offline_on_sigterm() {
     obs.expect(10 * S, "online", |m| is(m, &dev.id, "up/status") && state(m) == "online").await;
     let hello = obs.expect(5 * S, "hello", |m| is(m, &dev.id, "up/hello")).await;
     assert_eq!(hello.payload["agent"], format!("drover-agent/{}", env!("CARGO_PKG_VERSION")));
+    // What this configuration switches on: telemetry (the default) and so device rules;
+    // no [update], no log source, no [remote].
+    assert_eq!(hello.payload["capabilities"], serde_json::json!(["telemetry", "rules"]), "{:?}", hello.payload);
     let inv = obs.expect(10 * S, "inventory", |m| is(m, &dev.id, "up/inventory")).await;
     assert_eq!(inv.payload["attributes"]["serial"], "SN-0042");
 
@@ -160,6 +185,8 @@ async fn run_goes_online_and_offline_on_sigterm() {
     obs.expect(3 * S, "offline", |m| is(m, &dev.id, "up/status") && state(m) == "offline").await;
     // It said goodbye (DISCONNECT), so this offline is its own, not the broker's will.
     assert!(log.contains("disconnected"), "{log}");
+    // stderr is a file here, not a terminal: plain lines, no colour codes.
+    assert!(log.contains(" INFO ") && !log.contains('\u{1b}'), "{log:?}");
     // Mosquitto logs "disconnected" for an MQTT DISCONNECT ("closed its connection" otherwise).
     assert!(m.log().contains("Client dev-run disconnected"), "{}", m.log());
     let mut late = Observer::start(&ca, m.port, &format!("drover/v1/d/{}/up/status", dev.id));
@@ -181,11 +208,22 @@ fn version_help_and_argument_errors() {
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("Usage:"), "{bad:?}");
     }
+    // An invalid configuration: `run` exits 78 (EX_CONFIG), which the unit does not restart.
     let dir = temp_dir("badcfg");
     write(&dir.join("agent.toml"), "mqtt_url = \"mqtts://x\"\nheartbeat = 5\n");
     let out = Command::new(BIN).args(["run", "--config"]).arg(dir.join("agent.toml")).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("agent.toml") && err.contains("heartbeat"), "{err}");
+    // A value out of range, and a configuration file that is not there: 78 too.
+    write(&dir.join("agent.toml"), "mqtt_url = \"mqtts://x\"\nkeepalive_secs = 1\n");
+    let out = Command::new(BIN).args(["run", "--config"]).arg(dir.join("agent.toml")).output().unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN).args(["run", "--config"]).arg(dir.join("missing.toml")).output().unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
+    // The shipped unit does not restart the agent for it.
+    let unit = include_str!("../../drover-agent.service");
+    let prevent = unit.lines().find(|l| l.starts_with("RestartPreventExitStatus=")).expect("RestartPreventExitStatus=");
+    assert!(prevent.split(['=', ' ']).any(|c| c == drover_agent::config::EXIT_CONFIG.to_string()), "{prevent}");
 }

@@ -49,28 +49,36 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// The droverd binary: beside drover-sim, or built for these tests.
+/// A binary of the workspace: beside drover-sim, or built for these tests.
+fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    let dir = Path::new(SIM).parent().unwrap();
+    let beside = dir.join(bin);
+    if beside.exists() {
+        return beside;
+    }
+    // The outer cargo may hold the lock on this target directory: build elsewhere.
+    let target = dir.parent().unwrap().join("drover-sim-it");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-p", package, "--bin", bin])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "cargo build -p {package} --bin {bin} failed");
+    target.join("debug").join(bin)
+}
+
+/// The droverd binary.
 fn droverd_bin() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = Path::new(SIM).parent().unwrap();
-        let beside = dir.join("droverd");
-        if beside.exists() {
-            return beside;
-        }
-        // The outer cargo may hold the lock on this target directory: build elsewhere.
-        let target = dir.parent().unwrap().join("drover-sim-it");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "drover-server", "--bin", "droverd"])
-            .env("CARGO_TARGET_DIR", &target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "cargo build -p drover-server --bin droverd failed");
-        target.join("debug").join("droverd")
-    })
-    .clone()
+    BIN.get_or_init(|| workspace_bin("drover-server", "droverd")).clone()
+}
+
+/// The `drover` CLI, the operator's side of remote access here.
+fn drover_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| workspace_bin("drover-cli", "drover")).clone()
 }
 
 fn agent() -> ureq::Agent {
@@ -235,6 +243,18 @@ fn devices(d: &Droverd, admin: &str) -> Vec<Value> {
     d.get("/api/v1/devices?limit=100", admin)["items"].as_array().unwrap().clone()
 }
 
+/// Kills a child process by id if the test fails before it was stopped, so that a simulator
+/// does not outlive its test (and hold the test's output open).
+struct KillOnPanic(u32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Command::new("kill").arg("-KILL").arg(self.0.to_string()).status();
+        }
+    }
+}
+
 fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     eventually(within, "drover-sim to exit", || child.try_wait().unwrap())
 }
@@ -291,12 +311,17 @@ fn a_fleet_enrolls_connects_is_seen_goes_offline_and_comes_back_from_its_state()
     });
 
     // Again from the state directory, without a token: the same twenty devices, none new.
+    // Its session logs on (stderr is a pipe, not a terminal): plain lines, no colour codes.
     let out = server
         .sim(&ca, &["-n", "20", "--state-dir", state_arg, "--until-connected", "--timeout", "60"])
+        .env("DROVER_LOG", "info")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stderr.contains(" INFO ") && stderr.contains("connected"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour codes in a pipe: {stderr:?}");
     assert!(stdout.contains("all 20 devices connected in "), "{stdout}");
     assert!(stdout.contains("enrolled 20 (new 0, reused 20)"), "{stdout}");
     let again = devices(&server, &admin);
@@ -347,6 +372,28 @@ fn a_wrong_token_server_or_ca_is_one_clear_error() {
     std::fs::write(&other_ca, params.self_signed(&other).unwrap().pem()).unwrap();
     let out = server.sim(&other_ca, &[&["--token", &token][..], &n].concat()).output().unwrap();
     expect_failure(out, "droverd ca cert");
+
+    // The token from a file, or from DROVER_SIM_TOKEN, instead of the command line: the
+    // wrong one is refused the same way (so it was read and sent); an empty file, a missing
+    // one, and a token given two ways are each a clear error before anything is sent.
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "dre_not-a-real-token\n").unwrap();
+    let out = server.sim(&ca, &[&["--token-file", token_file.to_str().unwrap()][..], &n].concat()).output().unwrap();
+    expect_failure(out, "the enrollment token was refused");
+    let out = server.sim(&ca, &n).env("DROVER_SIM_TOKEN", "dre_not-a-real-token").output().unwrap();
+    expect_failure(out, "the enrollment token was refused");
+    std::fs::write(&token_file, " \n").unwrap();
+    let out = server.sim(&ca, &[&["--token-file", token_file.to_str().unwrap()][..], &n].concat()).output().unwrap();
+    expect_failure(out, "is empty");
+    let missing = dir.path().join("no-such-token");
+    let out = server.sim(&ca, &[&["--token-file", missing.to_str().unwrap()][..], &n].concat()).output().unwrap();
+    expect_failure(out, "cannot read --token-file");
+    let out = server
+        .sim(&ca, &[&["--token-file", token_file.to_str().unwrap()][..], &n].concat())
+        .env("DROVER_SIM_TOKEN", &token)
+        .output()
+        .unwrap();
+    expect_failure(out, "one way");
 
     let not_pem = dir.path().join("not.pem");
     std::fs::write(&not_pem, "hello").unwrap();
@@ -447,6 +494,201 @@ fn a_simulated_fleet_takes_file_and_app_updates() {
             assert_eq!(d["software"]["artifact"], id, "{d}");
         }
     }
+    sigterm(&sim);
+    assert!(wait_exit(&mut sim, Duration::from_secs(30)).success());
+}
+
+/// A signed trust root with one release key, written to `DIR/root.json`.
+fn trust_root(dir: &Path) -> (PathBuf, drover_artifact::keys::SigningKey) {
+    use drover_artifact::keys::SigningKey;
+    use drover_artifact::root::{Root, RootKey, create_root};
+    let (root_key, release) = (SigningKey::generate().unwrap(), SigningKey::generate().unwrap());
+    let root = Root::new(1, vec![RootKey::new(root_key.public(), "root")], vec![RootKey::new(release.public(), "ci")]);
+    let root_file = dir.join("root.json");
+    std::fs::write(&root_file, create_root(root, &[&root_key]).unwrap().to_json()).unwrap();
+    (root_file, release)
+}
+
+/// `--download-rate`: a simulated device's download of an artifact takes at least the time the
+/// rate implies (and the deployment is seen downloading meanwhile).
+#[test]
+fn a_download_rate_makes_an_update_take_its_time() {
+    use drover_artifact::manifest::{Manifest, PayloadRole};
+    use drover_artifact::write::Builder;
+
+    let dir = TempDir::new("rate");
+    let server = Droverd::start(&dir.path().join("data"));
+    let admin = server.admin_token();
+    let ca = dir.path().join("ca.pem");
+    server.ca_file(&ca);
+    let token = server.enrollment_token(&admin, 10);
+    let (root_file, release) = trust_root(dir.path());
+    let mut cmd =
+        server.sim(&ca, &["-n", "1", "--report", "0", "--device-type", "sim-box", "--download-rate", "64KiB"]);
+    cmd.arg("--root-file")
+        .arg(&root_file)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("DROVER_SIM_TOKEN", &token);
+    let (mut sim, lines) = spawn_lines(cmd);
+    let _kill = KillOnPanic(sim.id());
+    wait_line(&lines, Duration::from_secs(90), |l| l.starts_with("all 1 devices connected"));
+    let ids: Vec<String> = devices(&server, &admin).iter().map(|d| d["id"].as_str().unwrap().to_string()).collect();
+
+    // 256 KiB of payload that does not compress: at 64 KiB/s, 4 s at least.
+    let payload: Vec<u8> = (0..256 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let mut m = Manifest::new("big-conf", "1", vec!["sim-box".into()], "file");
+    m.module_args.insert("path".into(), "/etc/sim/big.bin".into());
+    let p = dir.path().join("big.bin");
+    std::fs::write(&p, &payload).unwrap();
+    let mut artifact = Vec::new();
+    Builder::new(m).payload("big.bin", p, PayloadRole::Install).build(&mut artifact, &[&release]).unwrap();
+    let (status, a) = post_bytes(&server, "/api/v1/artifacts", &admin, "application/octet-stream", &artifact);
+    assert_eq!(status, 201, "{a}");
+    let size = a["size"].as_u64().unwrap();
+    let least = Duration::from_secs_f64(size as f64 / 65_536.0);
+    let body = serde_json::to_vec(&json!({"artifact": a["id"], "devices": ids})).unwrap();
+    let started = Instant::now();
+    let (status, dep) = post_bytes(&server, "/api/v1/deployments", &admin, "application/json", &body);
+    assert_eq!(status, 201, "{dep}");
+    let dep_id = dep["id"].as_str().unwrap();
+    let mut seen_downloading = 0;
+    let done = eventually(Duration::from_secs(90), "the deployment to finish", || {
+        let d = server.get(&format!("/api/v1/deployments/{dep_id}"), &admin);
+        seen_downloading += u32::from(d["counts"]["downloading"].as_u64().unwrap_or(0) > 0);
+        (d["status"] != "active").then_some(d)
+    });
+    let took = started.elapsed();
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(took >= least, "{size} bytes at 64 KiB/s took {took:?}, less than {least:?}");
+    assert!(seen_downloading >= 2, "the download was seen {seen_downloading} times in {took:?}");
+    let installed = dir.path().join("state/updates/sim-00000/files/etc/sim/big.bin");
+    assert_eq!(std::fs::read(&installed).unwrap(), payload);
+    sigterm(&sim);
+    assert!(wait_exit(&mut sim, Duration::from_secs(30)).success());
+}
+
+/// `drover` (the operator's CLI) against this server, as the admin.
+fn drover(server: &Droverd, admin: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(drover_bin());
+    c.args(args)
+        .env("DROVER_URL", &server.base)
+        .env("DROVER_TOKEN", admin)
+        .env("DROVER_CONFIG", "/nonexistent/drover-sim-it.toml")
+        .stdin(Stdio::null());
+    c
+}
+
+/// `--remote`: an operator copies a file to and from a simulated device and opens a terminal
+/// on it, through droverd, with the real CLI; the device runs the agent's remote-access code
+/// confined to its own folder: the shell starts there, file transfers stay under it, and port
+/// forwarding is refused without `--remote-forward`.
+#[test]
+fn a_simulated_device_takes_a_terminal_and_file_transfers_in_its_own_folder() {
+    let dir = TempDir::new("remote");
+    let server = Droverd::start(&dir.path().join("data"));
+    let admin = server.admin_token();
+    let ca = dir.path().join("ca.pem");
+    server.ca_file(&ca);
+    let token = server.enrollment_token(&admin, 10);
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let state = dir.path().join("state");
+    // The tests run as root; a simulator run as root needs --remote-allow-root for terminals.
+    let mut cmd = server.sim(&ca, &["-n", "2", "--report", "0", "--remote", "--remote-allow-root"]);
+    cmd.arg("--token-file").arg(&token_file).arg("--state-dir").arg(&state).env("DROVER_LOG", "info");
+    let (mut sim, lines) = spawn_lines(cmd);
+    let _kill = KillOnPanic(sim.id());
+    wait_line(&lines, Duration::from_secs(90), |l| l.starts_with("all 2 devices connected"));
+    let list = devices(&server, &admin);
+    let dev = list.iter().find(|d| d["identity"]["serial"].as_str().unwrap().contains("00000")).unwrap();
+    let id = dev["id"].as_str().unwrap().to_string();
+    let home = std::fs::canonicalize(state.join("remote/sim-00000")).unwrap();
+    let other = std::fs::canonicalize(state.join("remote/sim-00001")).unwrap();
+
+    // A file up and back down.
+    let local = dir.path().join("hello.txt");
+    std::fs::write(&local, "hello, simulated device\n").unwrap();
+    let remote_path = format!("{id}:{}/hello.txt", home.display());
+    let out = drover(&server, &admin, &["cp", local.to_str().unwrap(), &remote_path]).output().unwrap();
+    assert!(out.status.success(), "upload: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(home.join("hello.txt")).unwrap(), "hello, simulated device\n");
+    let back = dir.path().join("back.txt");
+    let out = drover(&server, &admin, &["cp", &remote_path, back.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "download: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "hello, simulated device\n");
+
+    // Outside its folder, even another simulated device's: refused.
+    std::fs::write(other.join("secret.txt"), "not yours\n").unwrap();
+    for outside in [format!("{}/secret.txt", other.display()), "/etc/hostname".to_string()] {
+        let out = drover(&server, &admin, &["cp", &format!("{id}:{outside}"), dir.path().join("x").to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{outside} was copied");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("file_paths") || err.contains("not allowed"), "{outside}: {err}");
+    }
+
+    // A terminal: the shell starts in the device's folder (its HOME), sees the uploaded file,
+    // and its exit status comes back.
+    let mut term = drover(&server, &admin, &["term", &id])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        // The keys, then the pipe's end (which the CLI does not pass on: the shell ends when
+        // told to).
+        let mut stdin = term.stdin.take().unwrap();
+        stdin.write_all(b"echo \"cwd=$(pwd) home=$HOME\"; ls; exit 7\n").unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = term.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() >= deadline {
+            let _ = term.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(term.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(term.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let status = status.unwrap_or_else(|| panic!("drover term did not end within 30 s: {out:?} {err:?}"));
+    assert_eq!(status.code(), Some(7), "{out}\n{err}");
+    let want = format!("cwd={} home={}", home.display(), home.display());
+    assert!(out.contains(&want), "{want:?} not in {out:?}");
+    assert!(out.contains("hello.txt"), "{out:?}");
+
+    // No port forwarding without --remote-forward: the device refuses the session.
+    let port = free_port();
+    let mut fwd = drover(&server, &admin, &["forward", &id, &format!("{port}:127.0.0.1:{}", server.dev)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = fwd.try_wait().unwrap() {
+            break s;
+        }
+        // Should the session open only with a first connection: make one.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+        if Instant::now() >= deadline {
+            let _ = fwd.kill();
+            panic!("drover forward still running: the device did not refuse the session");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let mut ferr = String::new();
+    std::io::Read::read_to_string(fwd.stderr.as_mut().unwrap(), &mut ferr).unwrap();
+    assert!(!status.success(), "{ferr}");
+    assert!(ferr.contains("disabled") || ferr.contains("switched off"), "{ferr}");
+
     sigterm(&sim);
     assert!(wait_exit(&mut sim, Duration::from_secs(30)).success());
 }
