@@ -5,6 +5,7 @@ mod artifact;
 mod deploy;
 mod metrics;
 mod remote;
+mod tour;
 mod trust;
 
 use std::io::Write as _;
