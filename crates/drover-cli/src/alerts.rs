@@ -289,7 +289,9 @@ pub(crate) fn alert(client: &Client, out: Format, cmd: AlertCommand) -> Result<E
             if let Some(r) = rule {
                 q.push(("rule", r));
             }
-            let v: Value = client.get("/alerts", &q)?;
+            q.push(("limit", "500".to_string()));
+            let page: Value = client.get("/alerts", &q)?;
+            let v = page["items"].clone();
             print(out, &v, |v| {
                 let rows: Vec<Vec<String>> = v
                     .as_array()

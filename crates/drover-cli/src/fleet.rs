@@ -530,7 +530,8 @@ pub(crate) fn enroll_token(client: &Client, out: Format, cmd: EnrollTokenCommand
             }
         }
         EnrollTokenCommand::List => {
-            let tokens: Vec<EnrollmentToken> = client.get("/enrollment-tokens", &[])?;
+            let every = crate::commands::Paging { limit: Some(500), all: true };
+            let tokens: Vec<EnrollmentToken> = crate::commands::list(client, "/enrollment-tokens", Vec::new(), &every)?;
             print_list(out, &tokens, ENROLL_TOKEN_HEADERS, enroll_token_row);
         }
         EnrollTokenCommand::Revoke { id } => {

@@ -714,6 +714,17 @@ pub struct EnrollmentToken {
     pub revoked_at: Option<String>,
 }
 
+/// Query of `GET /api/v1/enrollment-tokens` (newest first).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct EnrollmentTokenQuery {
+    /// Page size, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct CreatedEnrollmentToken {

@@ -570,10 +570,14 @@ async fn preauthorize(
     Ok(Json(crate::devices::preauthorize(&s.db, &p, req).await?))
 }
 
-#[utoipa::path(get, path = "/api/v1/enrollment-tokens", tag = "devices",
-    responses((status = 200, body = Vec<EnrollmentToken>), (status = 401, body = ErrorBody)))]
-async fn list_enrollment_tokens(State(s): State<AppState>, p: Principal) -> AppResult<Json<Vec<EnrollmentToken>>> {
-    Ok(Json(crate::devices::list_enrollment_tokens(&s.db, &p).await?))
+#[utoipa::path(get, path = "/api/v1/enrollment-tokens", tag = "devices", params(EnrollmentTokenQuery),
+    responses((status = 200, body = Page<EnrollmentToken>, description = "Newest first"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn list_enrollment_tokens(
+    State(s): State<AppState>,
+    p: Principal,
+    ApiQuery(q): ApiQuery<EnrollmentTokenQuery>,
+) -> AppResult<Json<Page<EnrollmentToken>>> {
+    Ok(Json(crate::devices::list_enrollment_tokens(&s.db, &p, &q).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/enrollment-tokens", tag = "devices", request_body = CreateEnrollmentToken,

@@ -918,17 +918,25 @@ pub async fn create_enrollment_token(
     Ok(CreatedEnrollmentToken { token: to_token(row, &names), secret })
 }
 
-pub async fn list_enrollment_tokens(db: &Db, p: &Principal) -> AppResult<Vec<EnrollmentToken>> {
+const TOKEN_SORTS: &[SortField] = &[SortField { name: "created_at", column: "created_at", int: true }];
+
+/// Enrollment tokens, newest first, a page at a time.
+pub async fn list_enrollment_tokens(
+    db: &Db,
+    p: &Principal,
+    q: &drover_proto::api::EnrollmentTokenQuery,
+) -> AppResult<Page<EnrollmentToken>> {
     p.require(Role::Viewer, "listing enrollment tokens")?;
-    let rows: Vec<TokenRow> = sqlx::query_as(&format!(
-        "SELECT {TOKEN_COLUMNS} FROM enrollment_tokens WHERE org_id = $1 ORDER BY created_at DESC, id DESC"
-    ))
-    .bind(p.org().to_string())
-    .fetch_all(db.pool())
-    .await?;
+    let page = PageRequest::parse(q.limit, q.cursor.as_deref(), None, TOKEN_SORTS, "-created_at")?;
+    let mut f = Filter::default();
+    f.and("org_id = ?", [Bind::Text(p.org().to_string())]);
+    page.apply(&mut f, Some("id"));
+    let sql = format!("SELECT {TOKEN_COLUMNS} FROM enrollment_tokens{}{}", f.sql(), page.order_limit(Some("id")));
+    let rows: Vec<TokenRow> = bind_all(sqlx::query_as(&sql), &f.binds).fetch_all(db.pool()).await?;
+    let (rows, next_cursor) = page.finish(rows, |r| (CursorValue::Int(r.7), Some(r.0.clone())));
     let mut conn = db.pool().acquire().await?;
     let names = group_names(&mut conn, p.org()).await?;
-    Ok(rows.into_iter().map(|r| to_token(r, &names)).collect())
+    Ok(Page { items: rows.into_iter().map(|r| to_token(r, &names)).collect(), next_cursor })
 }
 
 pub async fn revoke_enrollment_token(db: &Db, p: &Principal, id: &str) -> AppResult<EnrollmentToken> {

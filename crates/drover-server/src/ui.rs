@@ -529,7 +529,7 @@ async fn overview(State(s): State<AppState>, UiUser(p): UiUser, Query(flash): Qu
         let (online, offline) = crate::devices::presence_counts(&s.db, &p).await?;
         // Devices with a firing alert (fleet-wide alerts counted apart).
         let firing_q = crate::alerts::types::AlertListQuery { state: Some("firing".into()), ..Default::default() };
-        let firing = crate::alerts::rules::list_alerts(&s.db, &p, &firing_q).await?;
+        let firing = crate::alerts::rules::list_alerts(&s.db, &p, &firing_q).await?.items;
         let mut alerting: Vec<&str> = firing.iter().filter_map(|a| a.device_id.as_deref()).collect();
         alerting.sort();
         alerting.dedup();

@@ -96,12 +96,12 @@ async fn delete_rule(State(s): State<AppState>, p: Principal, ApiPath(id): ApiPa
 }
 
 #[utoipa::path(get, path = "/api/v1/alerts", tag = "alerts", params(AlertListQuery),
-    responses((status = 200, body = Vec<Alert>), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = inline(drover_proto::api::Page<Alert>), description = "Firing first, then pending, newest first"), (status = 400, body = ErrorBody)))]
 async fn list_alerts(
     State(s): State<AppState>,
     p: Principal,
     ApiQuery(q): ApiQuery<AlertListQuery>,
-) -> AppResult<axum::Json<Vec<Alert>>> {
+) -> AppResult<axum::Json<drover_proto::api::Page<Alert>>> {
     rules::list_alerts(&s.db, &p, &q).await.map(axum::Json)
 }
 

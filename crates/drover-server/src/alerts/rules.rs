@@ -382,29 +382,56 @@ fn key_device(key: String) -> Option<String> {
     if key.is_empty() { None } else { Some(key) }
 }
 
-/// Current alerts, firing first.
-pub async fn list_alerts(db: &Db, p: &Principal, q: &AlertListQuery) -> AppResult<Vec<Alert>> {
+/// Firing first, then pending, then resolved; newest first within each: one integer, so that
+/// the listing pages by keyset like every other (`since` is Unix ms, below 10^13).
+const ALERT_ORDER: &str = "(CASE a.state WHEN 'firing' THEN 0 WHEN 'pending' THEN 1 ELSE 2 END) * 10000000000000 + (10000000000000 - a.since)";
+const ALERT_SORTS: &[crate::page::SortField] =
+    &[crate::page::SortField { name: "state", column: ALERT_ORDER, int: true }];
+
+/// Current alerts, firing first, a page at a time.
+pub async fn list_alerts(db: &Db, p: &Principal, q: &AlertListQuery) -> AppResult<drover_proto::api::Page<Alert>> {
+    use crate::db::{Bind, Filter, bind_all};
+    use crate::page::{CursorValue, PageRequest};
     p.require(Role::Viewer, "listing alerts")?;
-    let limit = i64::from(q.limit.unwrap_or(200).clamp(1, MAX_LIST));
+    let page = PageRequest::parse(
+        Some(q.limit.unwrap_or(200).clamp(1, MAX_LIST)),
+        q.cursor.as_deref(),
+        None,
+        ALERT_SORTS,
+        "state",
+    )?;
     let states: Vec<&str> = match q.state.as_deref() {
         None | Some("") => vec!["pending", "firing"],
         Some(s @ ("pending" | "firing" | "resolved")) => vec![s],
         Some(s) => return Err(bad(format!("state {s:?}: pending, firing or resolved"))),
     };
-    let marks: Vec<String> = (0..states.len()).map(|n| format!("${}", n + 3)).collect();
+    let mut f = Filter::default();
+    f.and("a.org_id = ?", [Bind::Text(p.org().to_string())]);
+    if let Some(rule) = q.rule.as_deref().filter(|r| !r.is_empty()) {
+        f.and("(r.id = ? OR r.name = ?)", [Bind::Text(rule.to_string()), Bind::Text(rule.to_string())]);
+    }
+    let marks = vec!["?"; states.len()].join(", ");
+    f.and(&format!("a.state IN ({marks})"), states.iter().map(|s| Bind::Text(s.to_string())));
+    let id_col = "a.rule_id || ':' || a.alert_key";
+    page.apply(&mut f, Some(id_col));
     let sql = format!(
         "SELECT a.rule_id, r.name, r.severity, a.alert_key, a.state, a.flapping, a.since, a.fired_at, a.resolved_at, \
-         a.value, a.message FROM alerts a JOIN alert_rules r ON r.id = a.rule_id \
-         WHERE a.org_id = $1 AND ($2 = '' OR r.id = $2 OR r.name = $2) AND a.state IN ({}) \
-         ORDER BY CASE a.state WHEN 'firing' THEN 0 WHEN 'pending' THEN 1 ELSE 2 END, a.since DESC LIMIT {limit}",
-        marks.join(", ")
+         a.value, a.message FROM alerts a JOIN alert_rules r ON r.id = a.rule_id{}{}",
+        f.sql(),
+        page.order_limit(Some(id_col))
     );
-    let mut query =
-        sqlx::query_as::<_, AlertRow>(&sql).bind(p.org().to_string()).bind(q.rule.clone().unwrap_or_default());
-    for s in &states {
-        query = query.bind(s.to_string());
-    }
-    let rows = query.fetch_all(db.pool()).await?;
+    let rows: Vec<AlertRow> = bind_all(sqlx::query_as(&sql), &f.binds).fetch_all(db.pool()).await?;
+    let rank = |state: &str| match state {
+        "firing" => 0,
+        "pending" => 1,
+        _ => 2,
+    };
+    let (rows, next_cursor) = page.finish(rows, |r| {
+        (
+            CursorValue::Int(rank(&r.4) * 10_000_000_000_000 + (10_000_000_000_000 - r.6)),
+            Some(format!("{}:{}", r.0, r.3)),
+        )
+    });
     let silences = super::engine::active_silences(db, p.org(), now_ms()).await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
@@ -424,7 +451,7 @@ pub async fn list_alerts(db: &Db, p: &Principal, q: &AlertListQuery) -> AppResul
             message: r.10,
         });
     }
-    Ok(out)
+    Ok(drover_proto::api::Page { items: out, next_cursor })
 }
 
 pub async fn history(

@@ -273,7 +273,9 @@ pub struct AlertListQuery {
     /// pending, firing or resolved; default: all but resolved.
     pub state: Option<String>,
     pub rule: Option<String>,
+    /// Page size, 1 to 500 (default 200).
     pub limit: Option<u32>,
+    pub cursor: Option<String>,
 }
 
 /// One entry of the alert history.

@@ -261,12 +261,12 @@ async fn forward(
 }
 
 #[utoipa::path(get, path = "/api/v1/remote-sessions", tag = "remote", params(SessionListQuery),
-    responses((status = 200, body = Vec<RemoteSession>, description = "Newest first"), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = inline(drover_proto::api::Page<RemoteSession>), description = "Newest first"), (status = 400, body = ErrorBody)))]
 async fn list_sessions(
     State(s): State<AppState>,
     p: Principal,
     ApiQuery(q): ApiQuery<SessionListQuery>,
-) -> AppResult<axum::Json<Vec<RemoteSession>>> {
+) -> AppResult<axum::Json<drover_proto::api::Page<RemoteSession>>> {
     Ok(axum::Json(sessions::list(&s.db, &p, &q).await?))
 }
 

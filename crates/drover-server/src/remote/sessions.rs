@@ -3,6 +3,9 @@
 //! (end, bytes each way, why it ended), and both moments are in the audit log, each in the
 //! same transaction as the row's change.
 
+use crate::db::{Bind, Filter, bind_all};
+use crate::page::{CursorValue, PageRequest, SortField};
+use drover_proto::api::Page;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -118,8 +121,9 @@ pub struct RemoteSession {
 pub struct SessionListQuery {
     /// Only this device's sessions.
     pub device: Option<String>,
-    /// At most this many, newest first (default 100, at most 500).
-    pub limit: Option<i64>,
+    /// Page size, newest first (default 100, at most 500).
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -337,35 +341,22 @@ pub async fn close_lost(db: &Db, now: i64, lost_after_ms: i64) -> AppResult<usiz
     Ok(ended)
 }
 
-pub async fn list(db: &Db, p: &Principal, q: &SessionListQuery) -> AppResult<Vec<RemoteSession>> {
+const SORTS: &[SortField] = &[SortField { name: "started_at", column: "started_at", int: true }];
+
+/// Sessions, newest first, a page at a time.
+pub async fn list(db: &Db, p: &Principal, q: &SessionListQuery) -> AppResult<Page<RemoteSession>> {
     p.require(Role::Viewer, "reading remote sessions")?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=500).contains(&limit) {
-        return Err(AppError::BadRequest("limit must be between 1 and 500".into()));
+    let page = PageRequest::parse(Some(q.limit.unwrap_or(100)), q.cursor.as_deref(), None, SORTS, "-started_at")?;
+    let mut f = Filter::default();
+    f.and("org_id = ?", [Bind::Text(p.org().to_string())]);
+    if let Some(device) = &q.device {
+        f.and("device_id = ?", [Bind::Text(device.clone())]);
     }
-    let rows: Vec<Row> = match &q.device {
-        Some(device) => {
-            sqlx::query_as(&format!(
-                "SELECT {COLUMNS} FROM remote_sessions WHERE org_id = $1 AND device_id = $2 \
-                 ORDER BY started_at DESC, id DESC LIMIT $3"
-            ))
-            .bind(p.org().to_string())
-            .bind(device.clone())
-            .bind(limit)
-            .fetch_all(db.pool())
-            .await?
-        }
-        None => {
-            sqlx::query_as(&format!(
-                "SELECT {COLUMNS} FROM remote_sessions WHERE org_id = $1 ORDER BY started_at DESC, id DESC LIMIT $2"
-            ))
-            .bind(p.org().to_string())
-            .bind(limit)
-            .fetch_all(db.pool())
-            .await?
-        }
-    };
-    Ok(rows.into_iter().map(to_session).collect())
+    page.apply(&mut f, Some("id"));
+    let sql = format!("SELECT {COLUMNS} FROM remote_sessions{}{}", f.sql(), page.order_limit(Some("id")));
+    let rows: Vec<Row> = bind_all(sqlx::query_as(&sql), &f.binds).fetch_all(db.pool()).await?;
+    let (rows, next_cursor) = page.finish(rows, |r| (CursorValue::Int(r.7), Some(r.0.clone())));
+    Ok(Page { items: rows.into_iter().map(to_session).collect(), next_cursor })
 }
 
 pub async fn get(db: &Db, p: &Principal, id: &str) -> AppResult<RemoteSession> {

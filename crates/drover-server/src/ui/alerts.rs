@@ -55,7 +55,7 @@ async fn render_alerts(
     let status = if errors.is_empty() { axum::http::StatusCode::OK } else { axum::http::StatusCode::BAD_REQUEST };
     let r: AppResult<Html<String>> = async {
         let ctx = page_ctx(s, p, "alerts", &flash).await?;
-        let current = rules::list_alerts(&s.db, p, &AlertListQuery::default()).await?;
+        let current = rules::list_alerts(&s.db, p, &AlertListQuery::default()).await?.items;
         let history = rules::history(&s.db, p, &HistoryQuery { limit: Some(50), ..Default::default() }).await?;
         let silences = rules::list_silences(&s.db, p).await?;
         let rule_list = rules::list_rules(&s.db, p).await?;

@@ -528,7 +528,8 @@ async fn render_enrollment(
 ) -> Response {
     let r: AppResult<Html<String>> = async {
         let ctx = page_ctx(s, p, "enrollment", &flash).await?;
-        let tokens = devices::list_enrollment_tokens(&s.db, p).await?;
+        let tq = drover_proto::api::EnrollmentTokenQuery { limit: Some(500), cursor: None };
+        let tokens = devices::list_enrollment_tokens(&s.db, p, &tq).await?.items;
         let q = GroupListQuery { limit: Some(500), kind: Some(GroupKind::Static), ..Default::default() };
         let static_groups = crate::groups::list(&s.db, p, &q).await?.items;
         let extra = context! { tokens => tokens, created => created, static_groups => static_groups };

@@ -98,8 +98,8 @@ async fn device_remote_page(
     let r: AppResult<Html<String>> = async {
         let ctx = page_ctx(&s, &p, "devices", &flash).await?;
         let device = devices::get_device_detail(&s.db, &p, &id).await?;
-        let q = SessionListQuery { device: Some(id.clone()), limit: Some(100) };
-        let rows = sessions::list(&s.db, &p, &q).await?;
+        let q = SessionListQuery { device: Some(id.clone()), limit: Some(100), cursor: None };
+        let rows = sessions::list(&s.db, &p, &q).await?.items;
         // A new address only for the one who opened the session; the others may close it.
         let web_sessions: Vec<_> = crate::remote::links::open_on_device(&s.db, p.org(), &id)
             .await?
@@ -122,7 +122,8 @@ async fn device_remote_page(
 async fn sessions_page(State(s): State<AppState>, UiUser(p): UiUser, Query(flash): Query<Flash>) -> Response {
     let r: AppResult<Html<String>> = async {
         let ctx = page_ctx(&s, &p, "remote", &flash).await?;
-        let rows = sessions::list(&s.db, &p, &SessionListQuery { device: None, limit: Some(200) }).await?;
+        let rows =
+            sessions::list(&s.db, &p, &SessionListQuery { device: None, limit: Some(200), cursor: None }).await?.items;
         let settings = sessions::settings(&s.db, &p).await?;
         let names = device_names(&s, &p, rows.iter().map(|r| r.device_id.as_str())).await?;
         s.ui.render(

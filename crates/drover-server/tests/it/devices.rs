@@ -59,7 +59,7 @@ async fn enrollment_by_token_is_zero_touch_and_limited() {
         assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
         assert!(r.text.contains("used up (2 of 2 uses)"), "{}", r.text);
         let tokens = app.call(Method::GET, "/api/v1/enrollment-tokens", Some(&operator), None).await;
-        assert_eq!(tokens.body[0]["uses"], 2);
+        assert_eq!(tokens.body["items"][0]["uses"], 2);
         assert!(!tokens.text.contains(&secret));
 
         let r = enroll(&app, &device_csr(), json!({"serial": "SN-4"}), Some("dre_nonsense")).await;
@@ -698,7 +698,7 @@ async fn enrollment_token_groups_are_joined_at_enrollment() {
         );
         assert_eq!(d.body["tags"], json!({"site": "berlin"}));
         let tokens = app.call(Method::GET, "/api/v1/enrollment-tokens", Some(&operator), None).await;
-        assert_eq!(tokens.body[0]["groups"], json!(["ops", "berlin"]));
+        assert_eq!(tokens.body["items"][0]["groups"], json!(["ops", "berlin"]));
     });
 }
 

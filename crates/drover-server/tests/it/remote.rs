@@ -282,7 +282,7 @@ async fn read_until(ws: &mut Ws, seen: &mut String, needle: &str) {
 }
 
 fn sessions(s: &Server, device: &str) -> Vec<Value> {
-    s.admin("GET", &format!("/api/v1/remote-sessions?device={device}"), None).as_array().unwrap().clone()
+    s.admin("GET", &format!("/api/v1/remote-sessions?device={device}"), None)["items"].as_array().unwrap().clone()
 }
 
 /// A real PTY through droverd, the broker and the agent: a command and its output, a resize

@@ -490,10 +490,12 @@ async fn enrollment_tokens_and_preauthorization_pages() {
         assert!(location(&r).contains("error=max%20uses%20must%20be%20a%20whole%20number"), "{}", location(&r));
 
         let tokens = app.admin(Method::GET, "/api/v1/enrollment-tokens", None).await;
-        let tid = tokens.body[0]["id"].as_str().unwrap().to_string();
+        let tid = tokens.body["items"][0]["id"].as_str().unwrap().to_string();
         let r = post_form(&app, &format!("/enrollment/tokens/{tid}/revoke"), &session, &[("csrf", &csrf)]).await;
         assert_eq!(location(&r), "/enrollment?notice=Enrollment%20token%20line%203%20revoked.");
-        assert!(app.admin(Method::GET, "/api/v1/enrollment-tokens", None).await.body[0]["revoked_at"].is_string());
+        assert!(
+            app.admin(Method::GET, "/api/v1/enrollment-tokens", None).await.body["items"][0]["revoked_at"].is_string()
+        );
 
         // One identity typed, then a CSV file uploaded: those devices enroll at once.
         let r =
