@@ -7,7 +7,7 @@ use clap::Subcommand;
 use drover_proto::api::{
     AddGroupDevices, BulkPreauthorized, CreateEnrollmentToken, CreateGroup, CreatedEnrollmentToken, Device,
     DeviceDetail, DevicePatch, DeviceStatus, EnrollmentToken, Group, GroupDevicesAdded, GroupKind, GroupPreview,
-    PatchTags, Preauthorize, Preauthorized,
+    PatchTags, Preauthorization, Preauthorize, Preauthorized,
 };
 
 use crate::client::{CliError, Client, segment};
@@ -196,6 +196,30 @@ pub(crate) enum PreauthCommand {
         /// The device's identity attributes, e.g. serial=SN-1 mac=02:00:00:00:00:01.
         #[arg(required = true, value_name = "KEY=VALUE")]
         identity: Vec<String>,
+        /// How many enrollments it admits (default 1: the device itself; more for hardware
+        /// re-imaged in place).
+        #[arg(long)]
+        max_uses: Option<u32>,
+        /// How long it stays usable: 30d, 2w (default: until used or revoked).
+        #[arg(long)]
+        expires_in: Option<String>,
+    },
+    /// Pre-authorizations, newest first: identity, state (active, used, expired, revoked), uses.
+    List {
+        /// Only those in this state: active, used, expired or revoked.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only identities containing this text (a serial, a MAC…).
+        #[arg(long)]
+        search: Option<String>,
+        #[command(flatten)]
+        paging: crate::commands::Paging,
+    },
+    /// Revoke a pre-authorization: no device is accepted on its strength any more (devices it
+    /// admitted stay).
+    Revoke {
+        /// The pre-authorization's id (`drover preauth list`).
+        id: String,
     },
     /// Vouch for many devices: a CSV file whose header names the identity keys.
     Import {
@@ -548,6 +572,20 @@ pub(crate) fn enroll_token(client: &Client, out: Format, cmd: EnrollTokenCommand
     Ok(ExitCode::SUCCESS)
 }
 
+const PREAUTH_HEADERS: &[&str] = &["identity", "state", "uses", "created", "by", "expires", "id"];
+
+fn preauth_row(p: &Preauthorization) -> Vec<String> {
+    vec![
+        pairs(&p.identity),
+        p.state.as_str().to_string(),
+        format!("{}/{}", p.uses, p.max_uses),
+        output::short_time(Some(&p.created_at)),
+        p.created_by.clone(),
+        output::short_time(p.expires_at.as_deref()),
+        p.id.clone(),
+    ]
+}
+
 fn print_preauthorized(out: Format, p: &Preauthorized) {
     match out {
         Format::Json => print!("{}", output::json(p)),
@@ -557,14 +595,36 @@ fn print_preauthorized(out: Format, p: &Preauthorized) {
 
 pub(crate) fn preauth(client: &Client, out: Format, cmd: PreauthCommand) -> Result<ExitCode, CliError> {
     match cmd {
-        PreauthCommand::Add { identity } => {
+        PreauthCommand::Add { identity, max_uses, expires_in } => {
             let identity = key_values("identity attribute", &identity)?;
+            let expires_in_days = expires_in.as_deref().map(days).transpose()?;
             let p: Preauthorized = client.send(
                 "POST",
                 "/devices/preauthorize",
-                &Preauthorize { identities: vec![identity], ..Default::default() },
+                &Preauthorize { identities: vec![identity], max_uses, expires_in_days },
             )?;
             print_preauthorized(out, &p);
+        }
+        PreauthCommand::List { state, search, paging } => {
+            let mut q = Vec::new();
+            if let Some(s) = state {
+                q.push(("state", s));
+            }
+            if let Some(t) = search {
+                q.push(("q", t));
+            }
+            let items: Vec<Preauthorization> = crate::commands::list(client, "/preauthorizations", q, &paging)?;
+            print_list(out, &items, PREAUTH_HEADERS, preauth_row);
+        }
+        PreauthCommand::Revoke { id } => {
+            let p: Preauthorization =
+                client.delete(&format!("/preauthorizations/{}", segment(&id))).map_err(|e| match e {
+                    CliError::Api { status: 404, .. } => CliError::Usage(format!(
+                        "no pre-authorization with id {id:?}: `drover preauth list` shows the ids"
+                    )),
+                    other => other,
+                })?;
+            print_one(out, &p, PREAUTH_HEADERS, preauth_row);
         }
         PreauthCommand::Import { file } => {
             let text = std::fs::read_to_string(&file)

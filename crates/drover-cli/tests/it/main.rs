@@ -378,6 +378,29 @@ fn enrollment_tokens_and_preauthorization() {
     assert_eq!(again.trim(), "0 pre-authorized, 1 already were");
     let d = enroll(&s.url, serde_json::json!({"serial": "SN-P1", "mac": "02:00:00:00:00:01"}), None);
     assert_eq!(d["status"], "accepted");
+
+    // Listed with their state and uses; one for twice, expiring; revoked by id.
+    ok(&drover(&cfg, &admin, &["preauth", "add", "serial=SN-P2", "--max-uses", "2", "--expires-in", "30d"], None));
+    let list = json(&drover(&cfg, &admin, &["preauth", "list", "-o", "json"], None));
+    let items = list.as_array().unwrap();
+    assert_eq!(items.len(), 2, "{list}");
+    assert_eq!((items[0]["identity"]["serial"].as_str(), items[0]["max_uses"].as_u64()), (Some("SN-P2"), Some(2)));
+    assert!(items[0]["expires_at"].is_string());
+    assert_eq!((items[1]["state"].as_str(), items[1]["uses"].as_u64()), (Some("used"), Some(1)));
+    let table = ok(&drover(&cfg, &admin, &["preauth", "list", "--state", "active"], None));
+    assert!(table.contains("serial=SN-P2") && table.contains("0/2") && !table.contains("SN-P1"), "{table}");
+    let id = items[0]["id"].as_str().unwrap();
+    let revoked = json(&drover(&cfg, &admin, &["preauth", "revoke", id, "-o", "json"], None));
+    assert_eq!(revoked["state"], "revoked");
+    let err = fails(&drover(&cfg, &admin, &["preauth", "revoke", "no-such-id"], None));
+    assert!(err.contains("no pre-authorization with id \"no-such-id\""), "{err}");
+    let d = enroll_status(&s.url, serde_json::json!({"serial": "SN-P2"}));
+    assert_eq!(d, "pending", "a revoked pre-authorization admits nobody");
+}
+
+/// Asks to enroll without a token; the status the server answers.
+fn enroll_status(url: &str, identity: Value) -> String {
+    enroll(url, identity, None)["status"].as_str().unwrap().to_string()
 }
 
 #[test]

@@ -35,6 +35,7 @@ pub fn routes() -> Router<AppState> {
         .route("/enrollment/tokens", post(enrollment_token_create))
         .route("/enrollment/tokens/{id}/revoke", post(enrollment_token_revoke))
         .route("/enrollment/preauthorize", post(preauthorize))
+        .route("/enrollment/preauthorizations/{id}/revoke", post(preauthorization_revoke))
 }
 
 const STATUSES: [&str; 4] = ["pending", "accepted", "rejected", "decommissioned"];
@@ -532,7 +533,12 @@ async fn render_enrollment(
         let tokens = devices::list_enrollment_tokens(&s.db, p, &tq).await?.items;
         let q = GroupListQuery { limit: Some(500), kind: Some(GroupKind::Static), ..Default::default() };
         let static_groups = crate::groups::list(&s.db, p, &q).await?.items;
-        let extra = context! { tokens => tokens, created => created, static_groups => static_groups };
+        let pq = drover_proto::api::PreauthorizationQuery { limit: Some(100), ..Default::default() };
+        let preauths = crate::preauth::list(&s.db, p, &pq).await?;
+        let extra = context! {
+            tokens => tokens, created => created, static_groups => static_groups,
+            preauths => preauths.items, preauths_more => preauths.next_cursor.is_some(),
+        };
         s.ui.render("enrollment.html", merge(ctx, extra))
     }
     .await;
@@ -606,6 +612,22 @@ async fn enrollment_token_revoke(
     back("/enrollment", r.map(|t| format!("Enrollment token {} revoked.", t.name)))
 }
 
+async fn preauthorization_revoke(
+    State(s): State<AppState>,
+    UiUser(p): UiUser,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    if let Err(e) = check_csrf(&p, &f.csrf) {
+        return error_page(&s, e);
+    }
+    let r = crate::preauth::revoke(&s.db, &p, &id).await;
+    back(
+        "/enrollment",
+        r.map(|x| format!("Pre-authorization of {} revoked.", crate::devices::identity_json(&x.identity))),
+    )
+}
+
 /// One identity typed as `key=value` lines, or a CSV file (uploaded or pasted) of many.
 async fn preauthorize(State(s): State<AppState>, UiUser(p): UiUser, headers: HeaderMap, body: Bytes) -> Response {
     let fields = match form_fields(&headers, &body) {
@@ -627,8 +649,11 @@ async fn preauthorize(State(s): State<AppState>, UiUser(p): UiUser, headers: Hea
                 Err(AppError::BadRequest("type an identity, or choose a CSV file".into()))
             }
             None => {
-                let req =
-                    Preauthorize { identities: vec![key_value_lines("identity", &identity)?], ..Default::default() };
+                let req = Preauthorize {
+                    identities: vec![key_value_lines("identity", &identity)?],
+                    max_uses: number("maximum uses", Some(field("max_uses")))?,
+                    expires_in_days: number("expiry", Some(field("expires_in_days")))?,
+                };
                 devices::preauthorize(&s.db, &p, req)
                     .await
                     .map(|r| format!("{} device identities pre-authorized, {} already were.", r.added, r.already))

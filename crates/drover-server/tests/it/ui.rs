@@ -526,6 +526,34 @@ async fn enrollment_tokens_and_preauthorization_pages() {
         let r = post_form(&app, "/enrollment/preauthorize", &session, &[("csrf", &csrf), ("csv", "serial\n\n")]).await;
         assert!(location(&r).contains("error="), "{}", location(&r));
 
+        // The page lists pre-authorizations with their uses; one for twice is revoked there.
+        let r = post_form(
+            &app,
+            "/enrollment/preauthorize",
+            &session,
+            &[("csrf", &csrf), ("identity", "serial=SN-TWICE\n"), ("max_uses", "2"), ("expires_in_days", "")],
+        )
+        .await;
+        assert!(location(&r).contains("notice="), "{}", location(&r));
+        let page = get(&app, "/enrollment", &session).await;
+        assert!(page.text.contains("serial=SN-TWICE") && page.text.contains("0 of 2"), "{}", page.text);
+        assert!(page.text.contains("serial=SN-PRE") && page.text.contains("1 of 1"), "the used one: {}", page.text);
+        let list = app.admin(Method::GET, "/api/v1/preauthorizations?q=SN-TWICE", None).await;
+        let pid = list.body["items"][0]["id"].as_str().unwrap().to_string();
+        let r =
+            post_form(&app, &format!("/enrollment/preauthorizations/{pid}/revoke"), &session, &[("csrf", "bad")]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        let r =
+            post_form(&app, &format!("/enrollment/preauthorizations/{pid}/revoke"), &session, &[("csrf", &csrf)]).await;
+        assert!(location(&r).contains("notice=Pre-authorization"), "{}", location(&r));
+        let page = get(&app, "/enrollment", &session).await;
+        assert!(
+            page.text.contains("revoked")
+                && !page.text.contains(&format!("/enrollment/preauthorizations/{pid}/revoke"))
+        );
+        let d = enroll_device(&app, json!({"serial": "SN-TWICE"}), None).await;
+        assert_eq!(device_status(&app, &d).await, "pending", "revoked: it admits nobody");
+
         // A viewer sees the tokens, not the forms, and cannot create one.
         app.admin(
             Method::POST,
