@@ -37,8 +37,29 @@ pub enum StoreError {
     Missing(String),
 }
 
+impl StoreError {
+    /// True when the store refused for lack of space (`ENOSPC` anywhere in the error's
+    /// chain: a local store on a full disk).
+    pub fn is_storage_full(&self) -> bool {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && crate::db::is_io_storage_full(io)
+            {
+                return true;
+            }
+            cur = e.source();
+        }
+        false
+    }
+}
+
 impl From<StoreError> for crate::error::AppError {
     fn from(e: StoreError) -> Self {
+        if e.is_storage_full() {
+            tracing::warn!(error = %e, "artifact store: a write failed for lack of space");
+            return crate::error::AppError::store_full();
+        }
         crate::error::AppError::Internal(e.to_string())
     }
 }
