@@ -1,9 +1,11 @@
 //! Faults of the machine droverd runs on, with the real binary.
 //!
-//! A full disk: the data directory (SQLite database and artifact store) on a real 16 MiB
-//! tmpfs, filled with a file. Writes then get 507 with a clear message, reads still answer,
-//! `/readyz` says 503 naming the disk, an artifact upload gets 507 and leaves no file in the
-//! store; once the file is removed the server works again by itself, without a restart.
+//! A full disk: the data directory (the SQLite database) on a real 16 MiB tmpfs and the
+//! artifact store on another, each filled with a file. With the database's disk full, writes
+//! get 507 with a clear message, reads still answer, `/readyz` says 503 naming the disk, and an
+//! artifact upload (stored, but not recorded) gets 507 and its file goes again; with the
+//! store's disk full too, an upload gets 507 and leaves no temporary file. Once the files are
+//! removed the server works again by itself, without a restart.
 //!
 //! Mounting a tmpfs needs root (or `CAP_SYS_ADMIN`): where `mount` is refused the test says
 //! so loudly on stderr and passes without checking anything.
@@ -121,8 +123,14 @@ fn a_full_disk_refuses_writes_with_507_keeps_reads_and_recovers_by_itself() {
             return;
         }
     };
+    let store_disk = Tmpfs::mount("4m").expect("the first tmpfs mounted, the second one does not");
     let data = disk.dir.join("data");
-    let server = Server::start(&data, None, &[("DROVER_ADMIN_PASSWORD", "correct-horse-battery-staple")]);
+    let store_url = format!("file://{}", store_disk.dir.display());
+    let server = Server::start(
+        &data,
+        None,
+        &[("DROVER_ADMIN_PASSWORD", "correct-horse-battery-staple"), ("DROVER_ARTIFACT_STORE", &store_url)],
+    );
     let base = server.base.clone();
     let out = Command::new(env!("CARGO_BIN_EXE_droverd"))
         .arg("--data-dir")
@@ -178,20 +186,29 @@ fn a_full_disk_refuses_writes_with_507_keeps_reads_and_recovers_by_itself() {
     let why: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("readyz body: {text}"));
     assert_eq!(why, json!({"status": "unavailable", "reason": "database: disk full"}));
 
-    // An artifact upload: 507, and no file left behind in the store.
+    // An artifact upload: the store takes the file but the database cannot record it: 507,
+    // and the file goes again.
+    let store = store_disk.dir.join("artifacts");
     let (status, body) = upload(&base, &token, &artifact);
-    assert_eq!(status, 507, "{body}");
+    assert_eq!(status, 507, "an upload the database cannot record: {body}");
     assert_eq!(body["error"]["code"], "storage_full", "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("storage full"), "{body}");
-    let store = data.join("artifacts");
-    let left = eventually(Duration::from_secs(5), "the failed upload's files to go", || {
-        let f = files_under(&store);
-        f.is_empty().then_some(f)
+    assert_eq!(files_under(&store), Vec::<PathBuf>::new(), "files left by an upload that was not recorded");
+
+    // The store's disk full too: 507, and no temporary file left behind.
+    let store_filler = store_disk.dir.join("filler");
+    fill(&store_filler);
+    let (status, body) = upload(&base, &token, &artifact);
+    assert_eq!(status, 507, "an upload the store has no room for: {body}");
+    assert_eq!(body["error"]["code"], "storage_full", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("storage full"), "{body}");
+    eventually(Duration::from_secs(5), "the failed upload's temporary file to go", || {
+        files_under(&store).is_empty().then_some(())
     });
-    assert!(left.is_empty());
 
     // Space comes back: everything works again within seconds, without a restart.
     std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(&store_filler).unwrap();
     let started = Instant::now();
     eventually(Duration::from_secs(10), "/readyz to answer 200 again", || (readyz(&base).0 == 200).then_some(()));
     let (status, body) = post(&tokens, &token, json!({"name": "after"}));
