@@ -333,6 +333,19 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[test]
+    fn a_full_disk_is_told_apart_from_other_store_errors() {
+        let enospc = || std::io::Error::from_raw_os_error(28);
+        assert!(StoreError::Io(enospc()).is_storage_full());
+        let wrapped = object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(enospc()) };
+        assert!(StoreError::Object(wrapped).is_storage_full());
+        assert!(!StoreError::Io(std::io::Error::from(std::io::ErrorKind::PermissionDenied)).is_storage_full());
+        assert!(!StoreError::Missing("artifacts/x".into()).is_storage_full());
+        let e: crate::error::AppError = StoreError::Io(enospc()).into();
+        assert_eq!(e.status(), axum::http::StatusCode::INSUFFICIENT_STORAGE);
+        assert_eq!(e.code(), "storage_full");
+    }
+
     #[tokio::test]
     async fn uploads_land_at_their_content_address_and_read_back_in_ranges() {
         let dir = std::env::temp_dir().join(format!("drover-store-{}", uuid::Uuid::now_v7().simple()));
