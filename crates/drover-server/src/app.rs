@@ -104,13 +104,17 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// 200 `ready` when the database answers and — after a write failed for lack of space —
+/// can write again; else 503 `{"status":"unavailable","reason":"database: disk full"}` (or
+/// `database: unreachable`, `database: cannot write`).
 async fn readyz(State(s): State<AppState>) -> Response {
-    match s.db.ping().await {
+    match s.db.readiness().await {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness check: database unreachable");
-            (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n").into_response()
-        }
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "unavailable", "reason": why.reason()})),
+        )
+            .into_response(),
     }
 }
 

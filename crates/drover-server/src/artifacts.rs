@@ -268,6 +268,25 @@ where
     }
     upload.commit(&id).await?;
 
+    // The file is at its content address now: if the record cannot be written (a full disk,
+    // say), the file goes again unless a record of another organization holds the same bytes.
+    let recorded = record_upload(db, p, &id, &verified, signed_by).await;
+    if recorded.is_err() {
+        remove_unreferenced(db, store, &id).await;
+    }
+    recorded
+}
+
+/// Writes the artifact's record and its audit entry for [`upload`].
+async fn record_upload(
+    db: &Db,
+    p: &Principal,
+    id: &str,
+    verified: &drover_artifact::stream::Verified,
+    signed_by: Vec<String>,
+) -> AppResult<Uploaded> {
+    let id = id.to_string();
+    let m = &verified.header.manifest;
     let manifest_json = String::from_utf8_lossy(&verified.header.manifest_bytes).to_string();
     let prov = m.provenance.clone().unwrap_or_default();
     let mut tx = db.begin_write().await?;
@@ -320,6 +339,23 @@ where
     let artifact = fetch(tx.conn(), p.org(), &id).await?;
     tx.commit().await?;
     Ok(Uploaded { artifact, created: true })
+}
+
+/// Deletes the stored file `id` when no artifact record refers to it.
+async fn remove_unreferenced(db: &Db, store: &ArtifactStore, id: &str) {
+    let refs: Result<(i64,), sqlx::Error> =
+        sqlx::query_as("SELECT COUNT(*) FROM artifacts WHERE id = $1").bind(id.to_string()).fetch_one(db.pool()).await;
+    match refs {
+        Ok((0,)) => {
+            if let Err(e) = store.delete(id).await {
+                tracing::warn!(artifact = id, error = %e, "artifact store: cannot remove the file of a failed upload");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(artifact = id, error = %e, "cannot tell whether the file of a failed upload is in use; left in the store")
+        }
+    }
 }
 
 fn name_taken(name: &str, version: &str, other: &str) -> AppError {

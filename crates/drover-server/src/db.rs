@@ -5,11 +5,13 @@
 //! and `Option`s of them — timestamps are Unix milliseconds — so every query decodes the
 //! same way on both.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Connection as _, Executor as _};
+use sqlx::pool::PoolConnectionMetadata;
+use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::migrations::MIGRATIONS;
@@ -74,8 +76,115 @@ impl WriteTx {
         &mut self.tx
     }
 
+    /// Commits. When the COMMIT fails (a full disk, say) the transaction is rolled back as
+    /// the connection goes back to the pool, and a connection still in a transaction after
+    /// that is closed rather than pooled (see [`release_check`]).
     pub async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+        let result = self.tx.commit().await;
+        if let Err(e) = &result {
+            note_error(e);
+        }
+        result
+    }
+}
+
+/// A pooled connection may be reused only outside any transaction. sqlx counts the depth
+/// itself and does not learn of a transaction the database ended on its own: SQLite rolls a
+/// transaction back by itself on `SQLITE_FULL`, so the ROLLBACK queued when the
+/// `Transaction` is dropped fails ("no transaction is active") and the count stays at 1 —
+/// and every later `BEGIN IMMEDIATE` on that connection would fail with "attempted to call
+/// begin_with at non-zero transaction depth". Such a connection is closed instead (which
+/// also ends any transaction the database still holds), and the pool opens a fresh one.
+///
+/// On release a connection outside a transaction passes at once; otherwise the rollback the
+/// dropped `Transaction` queued is let run first (a ping is served after it) and the depth
+/// checked again.
+fn release_check(
+    conn: &mut AnyConnection,
+    _meta: PoolConnectionMetadata,
+) -> futures_util::future::BoxFuture<'_, Result<bool, sqlx::Error>> {
+    Box::pin(async move {
+        if !conn.is_in_transaction() {
+            return Ok(true);
+        }
+        conn.ping().await?;
+        if conn.is_in_transaction() {
+            tracing::warn!(
+                "database: a connection was left in a transaction (a failed commit or rollback); closing it"
+            );
+            return Ok(false);
+        }
+        Ok(true)
+    })
+}
+
+/// The same check before a pooled connection is handed out (cheap: no round trip).
+fn acquire_check(
+    conn: &mut AnyConnection,
+    _meta: PoolConnectionMetadata,
+) -> futures_util::future::BoxFuture<'_, Result<bool, sqlx::Error>> {
+    Box::pin(async move {
+        if conn.is_in_transaction() {
+            tracing::warn!("database: a pooled connection was still in a transaction; closing it");
+            return Ok(false);
+        }
+        Ok(true)
+    })
+}
+
+/// Set when a write failed for lack of space and cleared when a write probe succeeds:
+/// `/readyz` probes with a write while it is set ([`Db::readiness`]). Process-wide because the
+/// error reaches [`crate::error::AppError`] without its `Db`; a stale flag costs one probe.
+static STORAGE_FULL_SEEN: AtomicBool = AtomicBool::new(false);
+
+/// True when the error says the disk (or the database's quota) is full: SQLite's
+/// `SQLITE_FULL` (13), PostgreSQL's `53100 disk_full`, or an I/O error `ENOSPC`.
+pub fn is_storage_full(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => {
+            matches!(db.code().as_deref(), Some("13") | Some("53100"))
+                || db.message().contains("database or disk is full")
+        }
+        sqlx::Error::Io(io) => is_io_storage_full(io),
+        _ => false,
+    }
+}
+
+/// True for an I/O error that means no space is left on the device (`ENOSPC`, or `EDQUOT`).
+pub fn is_io_storage_full(err: &std::io::Error) -> bool {
+    matches!(err.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+}
+
+/// Records a storage-full error, so that `/readyz` checks whether the database can write.
+pub fn note_error(err: &sqlx::Error) {
+    if is_storage_full(err) {
+        note_storage_full();
+    }
+}
+
+/// See [`note_error`].
+pub fn note_storage_full() {
+    STORAGE_FULL_SEEN.store(true, Ordering::Relaxed);
+}
+
+/// Why the server is not ready, for `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotReady {
+    /// The database does not answer.
+    Unreachable,
+    /// The database answers but a write fails for lack of space.
+    DiskFull,
+    /// The database answers but a write fails otherwise.
+    CannotWrite,
+}
+
+impl NotReady {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            NotReady::Unreachable => "database: unreachable",
+            NotReady::DiskFull => "database: disk full",
+            NotReady::CannotWrite => "database: cannot write",
+        }
     }
 }
 
@@ -110,6 +219,8 @@ impl Db {
                 AnyPoolOptions::new()
                     .max_connections(8)
                     .acquire_timeout(Duration::from_secs(10))
+                    .after_release(release_check)
+                    .before_acquire(acquire_check)
                     .after_connect(|conn, _meta| {
                         Box::pin(async move {
                             conn.execute(
@@ -127,6 +238,8 @@ impl Db {
                 AnyPoolOptions::new()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(5))
+                    .after_release(release_check)
+                    .before_acquire(acquire_check)
                     .connect_with(opts)
                     .await
             }
@@ -160,9 +273,73 @@ impl Db {
         Ok(WriteTx { tx, _guard: guard })
     }
 
+    /// A bookkeeping write (`UPDATE … SET column = $1 WHERE key = $2`: when a token or a
+    /// session was last used) in its own write transaction. One that fails for lack of space
+    /// is logged and skipped, so that reads keep working on a full disk.
+    pub async fn bookkeeping(&self, sql: &'static str, at: i64, key: &str) -> Result<(), sqlx::Error> {
+        let write = async {
+            let mut tx = self.begin_write().await?;
+            sqlx::query(sql).bind(at).bind(key.to_string()).execute(tx.conn()).await?;
+            tx.commit().await
+        };
+        match write.await {
+            Err(e) if is_storage_full(&e) => {
+                note_storage_full();
+                tracing::warn!(error = %e, "database: bookkeeping write skipped for lack of space");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
     /// Checks the database answers (for `/readyz`).
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+    }
+
+    /// Whether the server can serve (for `/readyz`): the database answers and, after a write
+    /// failed for lack of space, a small write commits again. The probe writes one row of
+    /// its own in `job_leases` (`readiness-probe`, which no job uses) with a new value each
+    /// time, so that the commit really has to write.
+    pub async fn readiness(&self) -> Result<(), NotReady> {
+        if let Err(e) = self.ping().await {
+            tracing::warn!(error = %e, "readiness check: database unreachable");
+            return Err(NotReady::Unreachable);
+        }
+        if !STORAGE_FULL_SEEN.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let probe = async {
+            let mut tx = self.begin_write().await?;
+            let now = crate::time::now_ms();
+            sqlx::query(
+                "INSERT INTO job_leases (name, holder, expires_at, last_run_at) VALUES ('readiness-probe', 'droverd', $1, $1) \
+                 ON CONFLICT (name) DO UPDATE SET expires_at = excluded.expires_at, last_run_at = excluded.last_run_at",
+            )
+            .bind(now)
+            .execute(tx.conn())
+            .await?;
+            tx.commit().await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), probe).await {
+            Ok(Ok(())) => {
+                STORAGE_FULL_SEEN.store(false, Ordering::Relaxed);
+                tracing::info!("readiness check: the database writes again");
+                Ok(())
+            }
+            Ok(Err(e)) if is_storage_full(&e) => {
+                tracing::warn!(error = %e, "readiness check: the database cannot write: disk full");
+                Err(NotReady::DiskFull)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "readiness check: the database cannot write");
+                Err(NotReady::CannotWrite)
+            }
+            Err(_) => {
+                tracing::warn!("readiness check: a write did not finish within 5 s");
+                Err(NotReady::CannotWrite)
+            }
+        }
     }
 
     pub async fn close(&self) {

@@ -368,7 +368,23 @@ pub async fn run_ingest(
                 // In order: a device's heartbeats before its next message.
                 record_beats(&db, &stats, &mut beats).await;
                 let started = std::time::Instant::now();
-                handle_publish(&db, &engine, &telemetry, &p).await;
+                // A message not recorded for lack of space is not acknowledged: it is tried
+                // again (the broker holds the devices back meanwhile) until it is, or until stop.
+                let mut retry = Duration::from_millis(250);
+                let mut stopped = false;
+                while !handle_publish(&db, &engine, &telemetry, &p).await {
+                    tracing::warn!(
+                        "device traffic: a message not recorded (disk full), not acknowledged; retrying in {retry:?}"
+                    );
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => { stopped = true; break; }
+                        _ = tokio::time::sleep(retry) => {}
+                    }
+                    retry = (retry * 2).min(Duration::from_secs(5));
+                }
+                if stopped {
+                    break;
+                }
                 let handled = started.elapsed();
                 if p.qos != QoS::AtMostOnce
                     && on == epoch.load(std::sync::atomic::Ordering::Acquire)
@@ -481,8 +497,8 @@ async fn handle_publish(
     engine: &Arc<crate::engine::Engine>,
     telemetry: &Arc<crate::telemetry::ingest::Ingest>,
     p: &rumqttc::v5::mqttbytes::v5::Publish,
-) {
-    let Ok(topic) = std::str::from_utf8(&p.topic) else { return };
+) -> bool {
+    let Ok(topic) = std::str::from_utf8(&p.topic) else { return true };
     if let Some((device_id, device::Channel::Telemetry)) = device::parse_topic(topic) {
         // Checked here, queued for the telemetry writer (waits while its queue is full).
         match device::decode_uplink(device::Channel::Telemetry, &p.payload) {
@@ -490,17 +506,18 @@ async fn handle_publish(
             Ok(_) => {}
             Err(e) => tracing::warn!(device_id, topic, "device traffic: telemetry refused: {e}"),
         }
-        return;
+        return true;
     }
-    handle_uplink(db, engine, topic, &p.payload).await;
+    handle_uplink(db, engine, topic, &p.payload).await
 }
 
 /// Records one device message. Traffic from devices the registry does not know as accepted is
-/// ignored by the presence functions.
-pub async fn handle_uplink(db: &Db, engine: &Arc<crate::engine::Engine>, topic: &str, payload: &[u8]) {
+/// ignored by the presence functions. False when it was not recorded for lack of space (to be
+/// tried again, not acknowledged).
+pub async fn handle_uplink(db: &Db, engine: &Arc<crate::engine::Engine>, topic: &str, payload: &[u8]) -> bool {
     let Some((device_id, channel)) = device::parse_topic(topic) else {
         tracing::debug!(topic, "device traffic: topic outside the protocol, ignored");
-        return;
+        return true;
     };
     let now = crate::time::now_ms();
     let result = match device::decode_uplink(channel, payload) {
@@ -524,12 +541,15 @@ pub async fn handle_uplink(db: &Db, engine: &Arc<crate::engine::Engine>, topic: 
         Ok(Uplink::Logs(r)) => crate::telemetry::logs::record_answer(db, device_id, &r).await,
         Err(e) => {
             tracing::warn!(device_id, topic, "device traffic: message refused: {e}");
-            return;
+            return true;
         }
     };
-    if let Err(e) = result {
-        tracing::warn!(device_id, topic, "device traffic: cannot record: {e}");
+    match result {
+        Err(crate::error::AppError::StorageFull(_)) => return false,
+        Err(e) => tracing::warn!(device_id, topic, "device traffic: cannot record: {e}"),
+        Ok(()) => {}
     }
+    true
 }
 
 /// Drops the live connection of every device rejected or decommissioned — through the API,

@@ -27,6 +27,9 @@ pub enum AppError {
     RangeNotSatisfiable(String),
     #[error("{message}")]
     TooManyRequests { message: String, retry_after_secs: u64 },
+    /// The disk (of the database or the artifact store) is full: 507, nothing was changed.
+    #[error("{0}")]
+    StorageFull(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -45,6 +48,7 @@ impl AppError {
             AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
             AppError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AppError::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -61,6 +65,7 @@ impl AppError {
             AppError::UnsupportedMediaType(_) => "unsupported_media_type",
             AppError::RangeNotSatisfiable(_) => "range_not_satisfiable",
             AppError::TooManyRequests { .. } => "too_many_requests",
+            AppError::StorageFull(_) => "storage_full",
             AppError::Internal(_) => "internal",
         }
     }
@@ -80,10 +85,33 @@ impl AppError {
     pub fn internal(e: impl std::fmt::Display) -> AppError {
         AppError::Internal(e.to_string())
     }
+
+    /// The answer to a write the database refused for lack of space.
+    pub fn database_full() -> AppError {
+        AppError::StorageFull(
+            "storage full: the server's database cannot write (its disk is full), so nothing was changed; \
+             reads still work — try again once space has been freed"
+                .into(),
+        )
+    }
+
+    /// The answer to an upload the artifact store refused for lack of space.
+    pub fn store_full() -> AppError {
+        AppError::StorageFull(
+            "storage full: the artifact store has no space left, so nothing was stored; \
+             try again once space has been freed"
+                .into(),
+        )
+    }
 }
 
 impl From<sqlx::Error> for AppError {
     fn from(e: sqlx::Error) -> Self {
+        if crate::db::is_storage_full(&e) {
+            crate::db::note_storage_full();
+            tracing::warn!(error = %e, "database: a write failed for lack of space");
+            return AppError::database_full();
+        }
         AppError::Internal(format!("database: {e}"))
     }
 }

@@ -550,13 +550,7 @@ pub async fn authenticate_token(db: &Db, secret: &str, source: String) -> AppRes
         // Bookkeeping, not a change anyone made: not audited. Through the writer queue like
         // every write: on SQLite a write beside it would otherwise spin in the busy handler
         // while queued writers keep taking the lock (API calls took 10–30 s during a rollout).
-        let mut tx = db.begin_write().await?;
-        sqlx::query("UPDATE api_tokens SET last_used_at = $1 WHERE id = $2")
-            .bind(now)
-            .bind(id.clone())
-            .execute(tx.conn())
-            .await?;
-        tx.commit().await?;
+        db.bookkeeping("UPDATE api_tokens SET last_used_at = $1 WHERE id = $2", now, &id).await?;
     }
     Ok(Principal {
         kind: PrincipalKind::Token,
@@ -678,13 +672,7 @@ pub async fn authenticate_session(db: &Db, cookie: &str, source: String, idle_ti
     }
     if now - last_seen > 60_000 {
         // Through the writer queue, as for tokens above.
-        let mut tx = db.begin_write().await?;
-        sqlx::query("UPDATE sessions SET last_seen_at = $1 WHERE id_hash = $2")
-            .bind(now)
-            .bind(id_hash.clone())
-            .execute(tx.conn())
-            .await?;
-        tx.commit().await?;
+        db.bookkeeping("UPDATE sessions SET last_seen_at = $1 WHERE id_hash = $2", now, &id_hash).await?;
     }
     Ok(Principal {
         kind: PrincipalKind::User,

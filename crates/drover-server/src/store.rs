@@ -37,8 +37,29 @@ pub enum StoreError {
     Missing(String),
 }
 
+impl StoreError {
+    /// True when the store refused for lack of space (`ENOSPC` anywhere in the error's
+    /// chain: a local store on a full disk).
+    pub fn is_storage_full(&self) -> bool {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && crate::db::is_io_storage_full(io)
+            {
+                return true;
+            }
+            cur = e.source();
+        }
+        false
+    }
+}
+
 impl From<StoreError> for crate::error::AppError {
     fn from(e: StoreError) -> Self {
+        if e.is_storage_full() {
+            tracing::warn!(error = %e, "artifact store: a write failed for lack of space");
+            return crate::error::AppError::store_full();
+        }
         crate::error::AppError::Internal(e.to_string())
     }
 }
@@ -310,6 +331,19 @@ mod tests {
         let s3 = ArtifactStore::open("s3://bucket/fleet/eu/", &dir).unwrap();
         assert_eq!(s3.describe(), "S3 bucket bucket prefix \"fleet/eu\"");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_full_disk_is_told_apart_from_other_store_errors() {
+        let enospc = || std::io::Error::from_raw_os_error(28);
+        assert!(StoreError::Io(enospc()).is_storage_full());
+        let wrapped = object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(enospc()) };
+        assert!(StoreError::Object(wrapped).is_storage_full());
+        assert!(!StoreError::Io(std::io::Error::from(std::io::ErrorKind::PermissionDenied)).is_storage_full());
+        assert!(!StoreError::Missing("artifacts/x".into()).is_storage_full());
+        let e: crate::error::AppError = StoreError::Io(enospc()).into();
+        assert_eq!(e.status(), axum::http::StatusCode::INSUFFICIENT_STORAGE);
+        assert_eq!(e.code(), "storage_full");
     }
 
     #[tokio::test]

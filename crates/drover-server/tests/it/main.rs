@@ -12,6 +12,7 @@ mod browser;
 mod deployments;
 mod devices;
 mod e2e;
+mod faults;
 mod fleet;
 mod groups;
 mod remote;
