@@ -436,6 +436,9 @@ async fn preauthorize_bulk(
         return Err(AppError::UnsupportedMediaType("send the file as Content-Type: text/csv".into()));
     }
     let text = std::str::from_utf8(&body).map_err(|_| AppError::BadRequest("the CSV is not UTF-8".into()))?;
+    if text.contains('\0') {
+        return Err(AppError::BadRequest(format!("invalid CSV: {}", crate::app::NUL_MESSAGE)));
+    }
     Ok(Json(crate::devices::preauthorize_csv(&s.db, &p, text).await?))
 }
 
@@ -698,6 +701,9 @@ async fn put_trust_root(
     p: Principal,
     body: axum::body::Bytes,
 ) -> AppResult<Json<drover_proto::deploy::TrustRoot>> {
+    if crate::app::json_has_nul(&body) {
+        return Err(AppError::BadRequest(format!("invalid root.json: {}", crate::app::NUL_MESSAGE)));
+    }
     Ok(Json(crate::artifacts::put_trust_root(&s.db, &p, &body).await?))
 }
 

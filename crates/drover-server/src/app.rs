@@ -99,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics/fleet", get(crate::telemetry::prometheus::handler))
         .nest("/api/v1", api)
         .merge(crate::ui::routes())
+        .layer(middleware::from_fn_with_state(state.clone(), refuse_nul))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -173,11 +174,105 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        if !is_json_content_type(req.headers()) {
+            return Err(AppError::UnsupportedMediaType(
+                "send the body as JSON with Content-Type: application/json".into(),
+            ));
+        }
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(AppError::PayloadTooLarge(
+                    "the request body is larger than the server accepts (max_body_bytes)".into(),
+                ));
+            }
+            Err(e) => return Err(AppError::BadRequest(e.body_text())),
+        };
+        if json_has_nul(&bytes) {
+            return Err(AppError::BadRequest(format!("invalid request body: {NUL_MESSAGE}")));
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
     }
+}
+
+/// What a request with a NUL character in its text is told. PostgreSQL cannot store NUL in
+/// text, and no name, query or identity needs one: it is refused at the edge on every backend.
+pub const NUL_MESSAGE: &str = "text must not contain NUL (\\u0000)";
+
+/// `application/json` or any `…+json` type, as axum's own `Json` accepts.
+fn is_json_content_type(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
+    let essence = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let Some((ty, sub)) = essence.split_once('/') else { return false };
+    ty == "application" && (sub == "json" || sub.ends_with("+json"))
+}
+
+/// True when a JSON text holds a NUL: a raw 0x00 byte, or a `\u0000` escape in a string
+/// (an escaped backslash followed by `u0000` is not one).
+pub fn json_has_nul(bytes: &[u8]) -> bool {
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            0 => return true,
+            b'\\' => {
+                if bytes.get(i + 1) == Some(&b'u') && bytes.get(i + 2..i + 6) == Some(b"0000".as_slice()) {
+                    return true;
+                }
+                i += 2;
+            }
+            _ => i += 1,
+        }
+    }
+    false
+}
+
+/// True when percent-encoded text (a path or query string) decodes to something with a NUL.
+pub fn percent_encoded_has_nul(s: &str) -> bool {
+    s.as_bytes().windows(3).any(|w| w == b"%00") || s.as_bytes().contains(&0)
+}
+
+/// Refuses a request whose path or query string carries a NUL.
+fn uri_nul_check(uri: &axum::http::Uri) -> Result<(), AppError> {
+    if percent_encoded_has_nul(uri.path()) {
+        return Err(AppError::BadRequest(format!("invalid path: {NUL_MESSAGE}")));
+    }
+    if uri.query().is_some_and(percent_encoded_has_nul) {
+        return Err(AppError::BadRequest(format!("invalid query: {NUL_MESSAGE}")));
+    }
+    Ok(())
+}
+
+/// Every route, the web UI's included: a NUL in the path or query string, or in a form
+/// body (URL-encoded, or a raw NUL in a multipart one), is refused with 400 before any handler sees it.
+async fn refuse_nul(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if let Err(e) = uri_nul_check(req.uri()) {
+        return e.into_response();
+    }
+    let essence = |v: &str| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let form = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(essence);
+    let urlencoded = match form.as_deref() {
+        Some("application/x-www-form-urlencoded") => true,
+        // The web UI's multipart forms carry text (a pasted or chosen CSV file), never binaries.
+        Some("multipart/form-data") => false,
+        _ => return next.run(req).await,
+    };
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, s.config.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return AppError::PayloadTooLarge(
+                "the request body is larger than the server accepts (max_body_bytes)".into(),
+            )
+            .into_response();
+        }
+    };
+    if bytes.contains(&0) || (urlencoded && std::str::from_utf8(&bytes).is_ok_and(percent_encoded_has_nul)) {
+        return AppError::BadRequest(format!("invalid form: {NUL_MESSAGE}")).into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 fn json_rejection(r: JsonRejection) -> AppError {
@@ -207,6 +302,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if parts.uri.query().is_some_and(percent_encoded_has_nul) {
+            return Err(AppError::BadRequest(format!("invalid query: {NUL_MESSAGE}")));
+        }
         axum::extract::Query::<T>::from_request_parts(parts, state).await.map(|q| ApiQuery(q.0)).map_err(
             |e: QueryRejection| {
                 AppError::BadRequest(format!(
@@ -225,6 +323,9 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if percent_encoded_has_nul(parts.uri.path()) {
+            return Err(AppError::BadRequest(format!("invalid path: {NUL_MESSAGE}")));
+        }
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| ApiPath(p.0))

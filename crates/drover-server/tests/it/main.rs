@@ -14,6 +14,7 @@ mod devices;
 mod e2e;
 mod fleet;
 mod groups;
+mod hardening;
 mod remote;
 mod support;
 mod telemetry;
