@@ -80,3 +80,59 @@ async fn nul_characters_are_refused_at_the_edge_on_every_backend() {
         assert_eq!(app.audit_count().await, audit_before);
     })
 }
+
+/// `POST /api/v1/auth/login` from the client address `ip`, as the listener tells the router.
+async fn login_from(app: &crate::support::TestApp, ip: [u8; 4], username: &str, password: &str) -> Resp {
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/auth/login")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(json!({"username": username, "password": password}).to_string()))
+        .unwrap();
+    let addr = std::net::SocketAddr::from((ip, 40000));
+    req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
+    app.send(req).await
+}
+
+#[tokio::test]
+async fn an_attacker_cannot_lock_the_real_user_out() {
+    use crate::support::ADMIN_PASSWORD;
+    use drover_server::auth::LoginLimiter;
+    each_backend!(|app| {
+        let attacker = [198, 51, 100, 7];
+        let mut refused = 0;
+        for _ in 0..LoginLimiter::FREE_FAILURES + 5 {
+            let r = login_from(&app, attacker, "admin", "wrong guess").await;
+            match r.status {
+                StatusCode::UNAUTHORIZED => {}
+                StatusCode::TOO_MANY_REQUESTS => refused += 1,
+                s => panic!("unexpected {s}: {}", r.text),
+            }
+        }
+        assert!(refused >= 5, "the attacker's address is throttled after its free failures");
+
+        // The real user, from their own address, signs in with the right password at once.
+        let started = std::time::Instant::now();
+        let r = login_from(&app, [203, 0, 113, 9], "admin", ADMIN_PASSWORD).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
+
+        // The attacker's address stays throttled, even with the right password.
+        let r = login_from(&app, attacker, "admin", ADMIN_PASSWORD).await;
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+        assert!(r.headers.contains_key(header::RETRY_AFTER));
+
+        // Guessing from many addresses slows the user name down, but never refuses the right
+        // password from an address that has not failed: at most a short delay.
+        for i in 0..LoginLimiter::USER_SLOW_AFTER + 3 {
+            let r = login_from(&app, [198, 51, 101, i as u8], "admin", "wrong guess").await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text);
+        }
+        let started = std::time::Instant::now();
+        let r = login_from(&app, [203, 0, 113, 10], "admin", ADMIN_PASSWORD).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let took = started.elapsed();
+        assert!(took >= std::time::Duration::from_millis(250), "slowed down: {took:?}");
+        assert!(took < LoginLimiter::USER_MAX_DELAY + std::time::Duration::from_secs(3), "took {took:?}");
+    })
+}
