@@ -443,17 +443,25 @@ pub fn prepare_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
 }
 
 /// Opens the database and creates the default organization and admin on first start,
-/// printing the admin's password once on stdout.
+/// announcing it on stdout (the generated password only when stdout is a terminal).
 pub async fn open_db(config: &Config, admin_password: Option<String>) -> Result<Db, StartError> {
-    open_db_announcing(config, admin_password, |m| println!("{m}")).await
+    use std::io::IsTerminal as _;
+    open_db_announcing(config, admin_password, |m| println!("{m}"), std::io::stdout().is_terminal()).await
 }
 
+/// Where the first start leaves the admin's generated password when no terminal shows it.
+pub const INITIAL_PASSWORD_FILE: &str = "initial-admin-password";
+
 /// As [`open_db`], telling `announce` what the first start created (one-off commands send it
-/// to stderr, so that their own output on stdout stays clean).
+/// to stderr, so that their own output on stdout stays clean). A generated password is in
+/// the announcement only when `to_terminal` says that `announce` writes to a terminal;
+/// otherwise (a service, a pipe, a log file) it is written to
+/// `DATA_DIR/initial-admin-password` (mode 0600) and the announcement names that file.
 pub async fn open_db_announcing(
     config: &Config,
     admin_password: Option<String>,
     announce: impl Fn(&str),
+    to_terminal: bool,
 ) -> Result<Db, StartError> {
     if config.database_url.is_empty() {
         // The database holds password and token hashes: readable by droverd's user only.
@@ -470,13 +478,26 @@ pub async fn open_db_announcing(
     }
     let db = Db::open(&config.effective_database_url()).await?;
     match ops::bootstrap(&db, admin_password).await {
-        // Straight to the terminal, not the log: the log may be shipped elsewhere.
+        // Never into a log: the log may be shipped elsewhere.
         Ok(Some(b)) => match b.generated_password {
-            Some(pw) => announce(&format!(
+            Some(pw) if to_terminal => announce(&format!(
                 "droverd: first start — created organization \"default\" and user {:?} with password: {pw}\n\
                  droverd: this password is shown once; sign in and change it.",
                 b.username
             )),
+            Some(pw) => {
+                let path = config.data_dir.join(INITIAL_PASSWORD_FILE);
+                write_secret_file(&path, &pw).map_err(|source| StartError::DataDir {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                announce(&format!(
+                    "droverd: first start — created organization \"default\" and user {:?}; its password is in {} \
+                     (readable by droverd's user only): sign in, change it and delete the file.",
+                    b.username,
+                    path.display()
+                ))
+            }
             None => announce(&format!(
                 "droverd: first start — created user {:?} with the password from DROVER_ADMIN_PASSWORD",
                 b.username
@@ -486,6 +507,22 @@ pub async fn open_db_announcing(
         Err(e) => return Err(StartError::Bootstrap(e.to_string())),
     }
     Ok(db)
+}
+
+/// Writes `secret` to a new file only droverd's user may read (a stale one is replaced).
+fn write_secret_file(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    let mut f = o.open(path)?;
+    f.write_all(format!("{secret}\n").as_bytes())?;
+    f.sync_all()
 }
 
 /// The fleet CA: the configured files, or the one in the data directory (made on first start).
