@@ -27,6 +27,8 @@ pub struct Inner {
     pub ca: Arc<crate::ca::FleetCa>,
     pub config: Config,
     pub limiter: LoginLimiter,
+    /// Enrollment rates per client address and the cap on waiting devices.
+    pub enroll_limiter: crate::devices::EnrollLimiter,
     pub metrics: Metrics,
     pub ui: crate::ui::Templates,
     /// The embedded broker, when this replica runs one (to drop decommissioned devices at once).
@@ -71,11 +73,13 @@ impl AppState {
     ) -> AppState {
         let engine = crate::engine::Engine::new(db.clone());
         let (db_for_telemetry, telemetry_config) = (db.clone(), config.telemetry.clone());
+        let enroll_limiter = crate::devices::EnrollLimiter::new(&config);
         AppState(Arc::new(Inner {
             db,
             ca,
             config,
             limiter: LoginLimiter::default(),
+            enroll_limiter,
             metrics: Metrics::default(),
             ui: crate::ui::Templates::new(),
             broker: std::sync::OnceLock::new(),
@@ -487,10 +491,8 @@ pub async fn open_db_announcing(
             )),
             Some(pw) => {
                 let path = config.data_dir.join(INITIAL_PASSWORD_FILE);
-                write_secret_file(&path, &pw).map_err(|source| StartError::DataDir {
-                    path: path.display().to_string(),
-                    source,
-                })?;
+                write_secret_file(&path, &pw)
+                    .map_err(|source| StartError::DataDir { path: path.display().to_string(), source })?;
                 announce(&format!(
                     "droverd: first start — created organization \"default\" and user {:?}; its password is in {} \
                      (readable by droverd's user only): sign in, change it and delete the file.",
@@ -592,6 +594,12 @@ pub async fn serve(
         });
     }
     let engine = state.engine.clone();
+    tokio::spawn(crate::devices::run_pending_expiry(
+        db.clone(),
+        state.config.pending_expiry_days,
+        std::time::Duration::from_secs(3600),
+        stopping.clone(),
+    ));
     tokio::spawn(crate::alerts::engine::run(
         db.clone(),
         std::time::Duration::from_secs(state.config.alerts.interval_secs.max(1)),
