@@ -298,6 +298,19 @@ struct Bucket {
     at: std::time::Instant,
 }
 
+/// The network a client address is counted in: the address itself for IPv4, its /64 for
+/// IPv6 (one subscriber holds a whole /64, and could otherwise take a fresh address per
+/// request).
+fn network_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
+    }
+}
+
 /// How long a request refused for a full organization is told to wait.
 const PENDING_CAP_RETRY_SECS: u64 = 600;
 
@@ -324,7 +337,7 @@ impl EnrollLimiter {
             // Forget the addresses whose bucket has filled up again: they are as good as new.
             buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * per_sec < cap);
         }
-        let b = buckets.entry((ip, proof)).or_insert(Bucket { tokens: cap, at: now });
+        let b = buckets.entry((ip.map(network_of), proof)).or_insert(Bucket { tokens: cap, at: now });
         b.tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_sec).min(cap);
         b.at = now;
         if b.tokens >= 1.0 {
@@ -1196,3 +1209,23 @@ pub async fn ids_named(db: &Db, org: &str, name: &str) -> AppResult<Vec<String>>
 
 /// The SQL for a device's display name (see `Device::display_name`).
 const DISPLAY_NAME: &str = "display_name";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn enrollment_buckets_fill_at_the_rate_and_count_ipv6_by_its_64() {
+        let mut config = crate::config::Config::defaults(std::path::Path::new("/nonexistent"));
+        config.enroll_pending_per_minute = 2;
+        let l = super::EnrollLimiter::new(&config);
+        let t0 = std::time::Instant::now();
+        let a: std::net::IpAddr = "2001:db8:1:2::10".parse().unwrap();
+        let same_64: std::net::IpAddr = "2001:db8:1:2:ffff::1".parse().unwrap();
+        let other_64: std::net::IpAddr = "2001:db8:1:3::10".parse().unwrap();
+        assert!(l.take(Some(a), false, t0).is_ok());
+        assert!(l.take(Some(same_64), false, t0).is_ok());
+        assert_eq!(l.take(Some(a), false, t0), Err(30), "one more in 30 s at 2 a minute");
+        assert!(l.take(Some(other_64), false, t0).is_ok());
+        assert!(l.take(Some(a), true, t0).is_ok(), "requests with proof have their own bucket");
+        assert!(l.take(Some(a), false, t0 + std::time::Duration::from_secs(30)).is_ok());
+    }
+}
