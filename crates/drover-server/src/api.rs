@@ -310,14 +310,15 @@ async fn verify_audit(State(s): State<AppState>, p: Principal) -> AppResult<Json
               (status = 400, body = ErrorBody, description = "Malformed CSR or identity"),
               (status = 401, body = ErrorBody, description = "Unknown, revoked or expired enrollment token"),
               (status = 403, body = ErrorBody, description = "Rejected or decommissioned device, a used-up token, or sent to the operator API instead of the device endpoint"),
-              (status = 409, body = ErrorBody, description = "The identity is enrolled already with another key")))]
+              (status = 409, body = ErrorBody, description = "The identity is enrolled already with another key"),
+              (status = 429, body = ErrorBody, description = "A limit applied (named in the message): too many requests from this address, or too many devices waiting for an operator; Retry-After says when to ask again")))]
 pub(crate) async fn enroll(
     State(s): State<AppState>,
     parts: axum::http::request::Parts,
     ApiJson(req): ApiJson<EnrollRequest>,
 ) -> AppResult<Response> {
     let source = crate::app::source_of(&parts);
-    let resp = crate::devices::enroll(&s.db, &s.ca, req, &source).await?;
+    let resp = crate::devices::enroll(&s.db, &s.ca, req, &source, client_ip(&parts), &s.enroll_limiter).await?;
     let status = if resp.status == DeviceStatus::Pending { StatusCode::ACCEPTED } else { StatusCode::OK };
     Ok((status, Json(resp)).into_response())
 }
@@ -334,12 +335,13 @@ async fn enroll_on_api(State(s): State<AppState>, req: axum::extract::Request) -
     }
     let (parts, body) = req.into_parts();
     let source = crate::app::source_of(&parts);
+    let ip = client_ip(&parts);
     let ApiJson(req) = <ApiJson<EnrollRequest> as axum::extract::FromRequest<()>>::from_request(
         axum::extract::Request::from_parts(parts, body),
         &(),
     )
     .await?;
-    let resp = crate::devices::enroll(&s.db, &s.ca, req, &source).await?;
+    let resp = crate::devices::enroll(&s.db, &s.ca, req, &source, ip, &s.enroll_limiter).await?;
     let status = if resp.status == DeviceStatus::Pending { StatusCode::ACCEPTED } else { StatusCode::OK };
     Ok((status, Json(resp)).into_response())
 }
@@ -436,6 +438,9 @@ async fn preauthorize_bulk(
         return Err(AppError::UnsupportedMediaType("send the file as Content-Type: text/csv".into()));
     }
     let text = std::str::from_utf8(&body).map_err(|_| AppError::BadRequest("the CSV is not UTF-8".into()))?;
+    if text.contains('\0') {
+        return Err(AppError::BadRequest(format!("invalid CSV: {}", crate::app::NUL_MESSAGE)));
+    }
     Ok(Json(crate::devices::preauthorize_csv(&s.db, &p, text).await?))
 }
 
@@ -702,6 +707,9 @@ async fn put_trust_root(
     p: Principal,
     body: axum::body::Bytes,
 ) -> AppResult<Json<drover_proto::deploy::TrustRoot>> {
+    if crate::app::json_has_nul(&body) {
+        return Err(AppError::BadRequest(format!("invalid root.json: {}", crate::app::NUL_MESSAGE)));
+    }
     Ok(Json(crate::artifacts::put_trust_root(&s.db, &p, &body).await?))
 }
 

@@ -27,6 +27,8 @@ pub struct Inner {
     pub ca: Arc<crate::ca::FleetCa>,
     pub config: Config,
     pub limiter: LoginLimiter,
+    /// Enrollment rates per client address and the cap on waiting devices.
+    pub enroll_limiter: crate::devices::EnrollLimiter,
     pub metrics: Metrics,
     pub ui: crate::ui::Templates,
     /// The embedded broker, when this replica runs one (to drop decommissioned devices at once).
@@ -71,11 +73,13 @@ impl AppState {
     ) -> AppState {
         let engine = crate::engine::Engine::new(db.clone());
         let (db_for_telemetry, telemetry_config) = (db.clone(), config.telemetry.clone());
+        let enroll_limiter = crate::devices::EnrollLimiter::new(&config);
         AppState(Arc::new(Inner {
             db,
             ca,
             config,
             limiter: LoginLimiter::default(),
+            enroll_limiter,
             metrics: Metrics::default(),
             ui: crate::ui::Templates::new(),
             broker: std::sync::OnceLock::new(),
@@ -99,6 +103,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics/fleet", get(crate::telemetry::prometheus::handler))
         .nest("/api/v1", api)
         .merge(crate::ui::routes())
+        .layer(middleware::from_fn_with_state(state.clone(), refuse_nul))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -177,11 +182,105 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        if !is_json_content_type(req.headers()) {
+            return Err(AppError::UnsupportedMediaType(
+                "send the body as JSON with Content-Type: application/json".into(),
+            ));
+        }
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(AppError::PayloadTooLarge(
+                    "the request body is larger than the server accepts (max_body_bytes)".into(),
+                ));
+            }
+            Err(e) => return Err(AppError::BadRequest(e.body_text())),
+        };
+        if json_has_nul(&bytes) {
+            return Err(AppError::BadRequest(format!("invalid request body: {NUL_MESSAGE}")));
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
     }
+}
+
+/// What a request with a NUL character in its text is told. PostgreSQL cannot store NUL in
+/// text, and no name, query or identity needs one: it is refused at the edge on every backend.
+pub const NUL_MESSAGE: &str = "text must not contain NUL (\\u0000)";
+
+/// `application/json` or any `…+json` type, as axum's own `Json` accepts.
+fn is_json_content_type(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
+    let essence = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let Some((ty, sub)) = essence.split_once('/') else { return false };
+    ty == "application" && (sub == "json" || sub.ends_with("+json"))
+}
+
+/// True when a JSON text holds a NUL: a raw 0x00 byte, or a `\u0000` escape in a string
+/// (an escaped backslash followed by `u0000` is not one).
+pub fn json_has_nul(bytes: &[u8]) -> bool {
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            0 => return true,
+            b'\\' => {
+                if bytes.get(i + 1) == Some(&b'u') && bytes.get(i + 2..i + 6) == Some(b"0000".as_slice()) {
+                    return true;
+                }
+                i += 2;
+            }
+            _ => i += 1,
+        }
+    }
+    false
+}
+
+/// True when percent-encoded text (a path or query string) decodes to something with a NUL.
+pub fn percent_encoded_has_nul(s: &str) -> bool {
+    s.as_bytes().windows(3).any(|w| w == b"%00") || s.as_bytes().contains(&0)
+}
+
+/// Refuses a request whose path or query string carries a NUL.
+fn uri_nul_check(uri: &axum::http::Uri) -> Result<(), AppError> {
+    if percent_encoded_has_nul(uri.path()) {
+        return Err(AppError::BadRequest(format!("invalid path: {NUL_MESSAGE}")));
+    }
+    if uri.query().is_some_and(percent_encoded_has_nul) {
+        return Err(AppError::BadRequest(format!("invalid query: {NUL_MESSAGE}")));
+    }
+    Ok(())
+}
+
+/// Every route, the web UI's included: a NUL in the path or query string, or in a form
+/// body (URL-encoded, or a raw NUL in a multipart one), is refused with 400 before any handler sees it.
+async fn refuse_nul(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if let Err(e) = uri_nul_check(req.uri()) {
+        return e.into_response();
+    }
+    let essence = |v: &str| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let form = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(essence);
+    let urlencoded = match form.as_deref() {
+        Some("application/x-www-form-urlencoded") => true,
+        // The web UI's multipart forms carry text (a pasted or chosen CSV file), never binaries.
+        Some("multipart/form-data") => false,
+        _ => return next.run(req).await,
+    };
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, s.config.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return AppError::PayloadTooLarge(
+                "the request body is larger than the server accepts (max_body_bytes)".into(),
+            )
+            .into_response();
+        }
+    };
+    if bytes.contains(&0) || (urlencoded && std::str::from_utf8(&bytes).is_ok_and(percent_encoded_has_nul)) {
+        return AppError::BadRequest(format!("invalid form: {NUL_MESSAGE}")).into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 fn json_rejection(r: JsonRejection) -> AppError {
@@ -211,6 +310,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if parts.uri.query().is_some_and(percent_encoded_has_nul) {
+            return Err(AppError::BadRequest(format!("invalid query: {NUL_MESSAGE}")));
+        }
         axum::extract::Query::<T>::from_request_parts(parts, state).await.map(|q| ApiQuery(q.0)).map_err(
             |e: QueryRejection| {
                 AppError::BadRequest(format!(
@@ -229,6 +331,9 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if percent_encoded_has_nul(parts.uri.path()) {
+            return Err(AppError::BadRequest(format!("invalid path: {NUL_MESSAGE}")));
+        }
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| ApiPath(p.0))
@@ -346,17 +451,25 @@ pub fn prepare_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
 }
 
 /// Opens the database and creates the default organization and admin on first start,
-/// printing the admin's password once on stdout.
+/// announcing it on stdout (the generated password only when stdout is a terminal).
 pub async fn open_db(config: &Config, admin_password: Option<String>) -> Result<Db, StartError> {
-    open_db_announcing(config, admin_password, |m| println!("{m}")).await
+    use std::io::IsTerminal as _;
+    open_db_announcing(config, admin_password, |m| println!("{m}"), std::io::stdout().is_terminal()).await
 }
 
+/// Where the first start leaves the admin's generated password when no terminal shows it.
+pub const INITIAL_PASSWORD_FILE: &str = "initial-admin-password";
+
 /// As [`open_db`], telling `announce` what the first start created (one-off commands send it
-/// to stderr, so that their own output on stdout stays clean).
+/// to stderr, so that their own output on stdout stays clean). A generated password is in
+/// the announcement only when `to_terminal` says that `announce` writes to a terminal;
+/// otherwise (a service, a pipe, a log file) it is written to
+/// `DATA_DIR/initial-admin-password` (mode 0600) and the announcement names that file.
 pub async fn open_db_announcing(
     config: &Config,
     admin_password: Option<String>,
     announce: impl Fn(&str),
+    to_terminal: bool,
 ) -> Result<Db, StartError> {
     if config.database_url.is_empty() {
         // The database holds password and token hashes: readable by droverd's user only.
@@ -373,13 +486,24 @@ pub async fn open_db_announcing(
     }
     let db = Db::open(&config.effective_database_url()).await?;
     match ops::bootstrap(&db, admin_password).await {
-        // Straight to the terminal, not the log: the log may be shipped elsewhere.
+        // Never into a log: the log may be shipped elsewhere.
         Ok(Some(b)) => match b.generated_password {
-            Some(pw) => announce(&format!(
+            Some(pw) if to_terminal => announce(&format!(
                 "droverd: first start — created organization \"default\" and user {:?} with password: {pw}\n\
                  droverd: this password is shown once; sign in and change it.",
                 b.username
             )),
+            Some(pw) => {
+                let path = config.data_dir.join(INITIAL_PASSWORD_FILE);
+                write_secret_file(&path, &pw)
+                    .map_err(|source| StartError::DataDir { path: path.display().to_string(), source })?;
+                announce(&format!(
+                    "droverd: first start — created organization \"default\" and user {:?}; its password is in {} \
+                     (readable by droverd's user only): sign in, change it and delete the file.",
+                    b.username,
+                    path.display()
+                ))
+            }
             None => announce(&format!(
                 "droverd: first start — created user {:?} with the password from DROVER_ADMIN_PASSWORD",
                 b.username
@@ -389,6 +513,22 @@ pub async fn open_db_announcing(
         Err(e) => return Err(StartError::Bootstrap(e.to_string())),
     }
     Ok(db)
+}
+
+/// Writes `secret` to a new file only droverd's user may read (a stale one is replaced).
+fn write_secret_file(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    let mut f = o.open(path)?;
+    f.write_all(format!("{secret}\n").as_bytes())?;
+    f.sync_all()
 }
 
 /// The fleet CA: the configured files, or the one in the data directory (made on first start).
@@ -458,6 +598,12 @@ pub async fn serve(
         });
     }
     let engine = state.engine.clone();
+    tokio::spawn(crate::devices::run_pending_expiry(
+        db.clone(),
+        state.config.pending_expiry_days,
+        std::time::Duration::from_secs(3600),
+        stopping.clone(),
+    ));
     tokio::spawn(crate::alerts::engine::run(
         db.clone(),
         std::time::Duration::from_secs(state.config.alerts.interval_secs.max(1)),

@@ -145,9 +145,18 @@ pub async fn verify_password(password: String, stored: Option<String>) -> bool {
     .unwrap_or(false)
 }
 
-/// Slows down password guessing: after [`LoginLimiter::FREE_FAILURES`] failures for one
-/// username or one client address, each further attempt must wait twice as long as the
-/// last (up to 15 minutes). A success clears the username's record.
+/// Slows down password guessing without letting anyone lock a real user out.
+///
+/// * One client address guessing one user's password: after [`LoginLimiter::FREE_FAILURES`]
+///   failures, each further attempt from that address at that user must wait twice as long
+///   as the last (up to 15 minutes); attempts in the wait are refused with 429.
+/// * One client address guessing many users' passwords: the same, counted per address.
+/// * Many addresses guessing one user's password: after [`LoginLimiter::USER_SLOW_AFTER`]
+///   failures at that user from anywhere, every attempt at it is delayed before its password
+///   is checked (doubling from 250 ms up to [`LoginLimiter::USER_MAX_DELAY`]) but never
+///   refused, so the real user, from an address that has not failed, still signs in.
+///
+/// A success clears the failures of that user, and of that user from that address.
 pub struct LoginLimiter {
     entries: Mutex<HashMap<String, Failures>>,
 }
@@ -166,16 +175,25 @@ impl Default for LoginLimiter {
 
 impl LoginLimiter {
     pub const FREE_FAILURES: u32 = 5;
+    /// Failures at one user name, from any address, before its attempts are slowed down.
+    pub const USER_SLOW_AFTER: u32 = 10;
+    /// The longest delay of an attempt at a user name others are guessing.
+    pub const USER_MAX_DELAY: Duration = Duration::from_secs(2);
     const MAX_WAIT: Duration = Duration::from_secs(15 * 60);
     /// A record this old is forgotten.
     const FORGET_AFTER: Duration = Duration::from_secs(60 * 60);
 
-    fn keys(username: &str, ip: Option<IpAddr>) -> Vec<String> {
-        let mut keys = vec![format!("user:{username}")];
-        if let Some(ip) = ip {
-            keys.push(format!("ip:{ip}"));
+    /// The keys that refuse: this address at this user, and this address at anyone. Without
+    /// a known address (a local caller) the first is the user alone.
+    fn refusing_keys(username: &str, ip: Option<IpAddr>) -> Vec<String> {
+        match ip {
+            Some(ip) => vec![format!("pair:{ip}/{username}"), format!("ip:{ip}")],
+            None => vec![format!("pair:-/{username}")],
         }
-        keys
+    }
+
+    fn user_key(username: &str) -> String {
+        format!("user:{username}")
     }
 
     fn wait_for(f: &Failures) -> Duration {
@@ -186,11 +204,20 @@ impl LoginLimiter {
         Duration::from_secs(1u64 << exp).min(Self::MAX_WAIT)
     }
 
-    /// Err(seconds to wait) when this attempt must be refused without checking the password.
-    pub fn check(&self, username: &str, ip: Option<IpAddr>, now: Instant) -> Result<(), u64> {
+    fn user_delay(f: &Failures) -> Duration {
+        if f.count < Self::USER_SLOW_AFTER {
+            return Duration::ZERO;
+        }
+        let exp = (f.count - Self::USER_SLOW_AFTER).min(10);
+        (Duration::from_millis(250) * (1u32 << exp)).min(Self::USER_MAX_DELAY)
+    }
+
+    /// `Err(seconds to wait)` when this attempt must be refused without checking the
+    /// password; otherwise `Ok(delay)`, how long to hold it before checking the password.
+    pub fn check(&self, username: &str, ip: Option<IpAddr>, now: Instant) -> Result<Duration, u64> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let mut wait = Duration::ZERO;
-        for key in Self::keys(username, ip) {
+        for key in Self::refusing_keys(username, ip) {
             if let Some(f) = entries.get(&key) {
                 let until = f.last + Self::wait_for(f);
                 if until > now {
@@ -198,22 +225,30 @@ impl LoginLimiter {
                 }
             }
         }
-        if wait.is_zero() { Ok(()) } else { Err(wait.as_secs().max(1)) }
+        if !wait.is_zero() {
+            return Err(wait.as_secs().max(1));
+        }
+        Ok(entries
+            .get(&Self::user_key(username))
+            .filter(|f| now.duration_since(f.last) < Self::FORGET_AFTER)
+            .map(Self::user_delay)
+            .unwrap_or_default())
     }
 
     pub fn failed(&self, username: &str, ip: Option<IpAddr>, now: Instant) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.retain(|_, f| now.duration_since(f.last) < Self::FORGET_AFTER);
-        for key in Self::keys(username, ip) {
+        for key in Self::refusing_keys(username, ip).into_iter().chain([Self::user_key(username)]) {
             let f = entries.entry(key).or_insert(Failures { count: 0, last: now });
             f.count += 1;
             f.last = now;
         }
     }
 
-    pub fn succeeded(&self, username: &str) {
+    pub fn succeeded(&self, username: &str, ip: Option<IpAddr>) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.remove(&format!("user:{username}"));
+        entries.remove(&Self::user_key(username));
+        entries.remove(&Self::refusing_keys(username, ip)[0]);
     }
 }
 
@@ -236,7 +271,7 @@ mod tests {
         assert_eq!(l.check("ann", None, t0), Err(2));
         assert!(l.check("ann", None, t0 + Duration::from_secs(3)).is_ok());
         assert!(l.check("bob", None, t0).is_ok(), "other users are not affected");
-        l.succeeded("ann");
+        l.succeeded("ann", None);
         assert!(l.check("ann", None, t0).is_ok());
     }
 
@@ -250,6 +285,37 @@ mod tests {
         }
         assert!(l.check("someone-else", Some(ip), t0).is_err());
         assert!(l.check("someone-else", None, t0).is_ok());
+    }
+
+    #[test]
+    fn an_attacker_address_never_locks_the_user_out_elsewhere() {
+        let l = LoginLimiter::default();
+        let attacker: IpAddr = "198.51.100.1".parse().unwrap();
+        let user: IpAddr = "203.0.113.9".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..50 {
+            l.failed("ann", Some(attacker), t0);
+        }
+        assert!(l.check("ann", Some(attacker), t0).is_err(), "the attacker's address is refused");
+        let delay = l.check("ann", Some(user), t0).expect("the user's own address is not refused");
+        assert!(delay <= LoginLimiter::USER_MAX_DELAY);
+    }
+
+    #[test]
+    fn distributed_guessing_slows_a_user_down_but_never_refuses() {
+        let l = LoginLimiter::default();
+        let t0 = Instant::now();
+        for i in 0..LoginLimiter::USER_SLOW_AFTER - 1 {
+            l.failed("ann", Some(IpAddr::from([198, 51, 100, i as u8])), t0);
+        }
+        assert_eq!(l.check("ann", Some("203.0.113.9".parse().unwrap()), t0), Ok(Duration::ZERO));
+        for i in 0..200u32 {
+            l.failed("ann", Some(IpAddr::from([198, 51, 101, i as u8])), t0);
+        }
+        let fresh = Some("203.0.113.9".parse().unwrap());
+        assert_eq!(l.check("ann", fresh, t0), Ok(LoginLimiter::USER_MAX_DELAY));
+        l.succeeded("ann", fresh);
+        assert_eq!(l.check("ann", fresh, t0), Ok(Duration::ZERO));
     }
 
     #[test]

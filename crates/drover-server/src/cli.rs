@@ -203,7 +203,12 @@ async fn run(args: Args, config: Config) -> ExitCode {
     let admin_password = std::env::var("DROVER_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
     let serving = matches!(args.command, None | Some(Command::Serve));
     let announce = |m: &str| if serving { println!("{m}") } else { eprintln!("{m}") };
-    let db = match app::open_db_announcing(&config, admin_password, announce).await {
+    // A generated password is shown only to a person at a terminal, else written to a file.
+    let to_terminal = {
+        use std::io::IsTerminal as _;
+        if serving { std::io::stdout().is_terminal() } else { std::io::stderr().is_terminal() }
+    };
+    let db = match app::open_db_announcing(&config, admin_password, announce, to_terminal).await {
         Ok(db) => db,
         Err(e) => return fail(&e.to_string()),
     };

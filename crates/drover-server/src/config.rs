@@ -60,6 +60,20 @@ device_listen = "0.0.0.0:8443"
 # device endpoint (device_listen), and the API answers them with where to go.
 insecure_enroll_over_http = false
 
+# Enrollment without proof (no token, no pre-authorization) makes a device that waits for an
+# operator. Each client address may ask for at most this many such devices a minute; more
+# get 429 with Retry-After. Requests with a token or pre-authorization (a factory line) have
+# their own, higher limit per address. 0: no limit.
+enroll_pending_per_minute = 10
+enroll_with_proof_per_minute = 600
+
+# At most this many devices of an organization wait for an operator at once; more claims
+# get 429 until some are accepted, rejected or expired. 0: no limit.
+max_pending_devices = 1000
+
+# A device nobody accepted or rejected is removed after this many days (0: never).
+pending_expiry_days = 7
+
 # Names and addresses devices use to reach this server: the device-facing certificate is
 # valid for these (and for this machine's hostname).
 public_names = ["localhost", "127.0.0.1"]
@@ -132,6 +146,10 @@ pub struct Config {
     pub mqtt_ca_file: String,
     pub device_listen: String,
     pub insecure_enroll_over_http: bool,
+    pub enroll_pending_per_minute: u32,
+    pub enroll_with_proof_per_minute: u32,
+    pub max_pending_devices: u64,
+    pub pending_expiry_days: u32,
     pub public_names: Vec<String>,
     pub artifact_store: String,
     pub max_artifact_size: u64,
@@ -163,6 +181,10 @@ struct FileConfig {
     mqtt_ca_file: Option<String>,
     device_listen: Option<String>,
     insecure_enroll_over_http: Option<bool>,
+    enroll_pending_per_minute: Option<u32>,
+    enroll_with_proof_per_minute: Option<u32>,
+    max_pending_devices: Option<u64>,
+    pending_expiry_days: Option<u32>,
     public_names: Option<Vec<String>>,
     artifact_store: Option<String>,
     max_artifact_size: Option<u64>,
@@ -222,6 +244,10 @@ impl Config {
             mqtt_ca_file: String::new(),
             device_listen: "0.0.0.0:8443".into(),
             insecure_enroll_over_http: false,
+            enroll_pending_per_minute: 10,
+            enroll_with_proof_per_minute: 600,
+            max_pending_devices: 1000,
+            pending_expiry_days: 7,
             public_names: vec!["localhost".into(), "127.0.0.1".into()],
             artifact_store: String::new(),
             max_artifact_size: DEFAULT_MAX_ARTIFACT_SIZE,
@@ -320,6 +346,18 @@ impl Config {
         }
         if let Some(v) = f.insecure_enroll_over_http {
             self.insecure_enroll_over_http = v;
+        }
+        if let Some(v) = f.enroll_pending_per_minute {
+            self.enroll_pending_per_minute = v;
+        }
+        if let Some(v) = f.enroll_with_proof_per_minute {
+            self.enroll_with_proof_per_minute = v;
+        }
+        if let Some(v) = f.max_pending_devices {
+            self.max_pending_devices = v;
+        }
+        if let Some(v) = f.pending_expiry_days {
+            self.pending_expiry_days = v;
         }
         if let Some(v) = f.max_artifact_size {
             self.max_artifact_size = v;
@@ -431,6 +469,18 @@ impl Config {
         }
         if let Some(v) = env("DROVER_INSECURE_ENROLL_OVER_HTTP") {
             self.insecure_enroll_over_http = parsed("DROVER_INSECURE_ENROLL_OVER_HTTP", v)?;
+        }
+        if let Some(v) = env("DROVER_ENROLL_PENDING_PER_MINUTE") {
+            self.enroll_pending_per_minute = parsed("DROVER_ENROLL_PENDING_PER_MINUTE", v)?;
+        }
+        if let Some(v) = env("DROVER_ENROLL_WITH_PROOF_PER_MINUTE") {
+            self.enroll_with_proof_per_minute = parsed("DROVER_ENROLL_WITH_PROOF_PER_MINUTE", v)?;
+        }
+        if let Some(v) = env("DROVER_MAX_PENDING_DEVICES") {
+            self.max_pending_devices = parsed("DROVER_MAX_PENDING_DEVICES", v)?;
+        }
+        if let Some(v) = env("DROVER_PENDING_EXPIRY_DAYS") {
+            self.pending_expiry_days = parsed("DROVER_PENDING_EXPIRY_DAYS", v)?;
         }
         Ok(())
     }

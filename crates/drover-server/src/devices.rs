@@ -281,7 +281,103 @@ fn response(device_id: String, status: DeviceStatus, cert: Option<String>, ca: &
 }
 
 /// What a device asking to enroll is told.
-pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> AppResult<EnrollResponse> {
+/// The limits on enrollment: token buckets per client address — one for requests that would
+/// make a device wait for an operator (no token, no pre-authorization), one for requests
+/// with proof, which factory lines send fast — and the cap on waiting devices per
+/// organization. A rate of 0 is no limit.
+pub struct EnrollLimiter {
+    pending_per_minute: u32,
+    proof_per_minute: u32,
+    max_pending_devices: u64,
+    buckets: std::sync::Mutex<std::collections::HashMap<(Option<std::net::IpAddr>, bool), Bucket>>,
+}
+
+#[derive(Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+/// The network a client address is counted in: the address itself for IPv4, its /64 for
+/// IPv6 (one subscriber holds a whole /64, and could otherwise take a fresh address per
+/// request).
+fn network_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
+    }
+}
+
+/// How long a request refused for a full organization is told to wait.
+const PENDING_CAP_RETRY_SECS: u64 = 600;
+
+impl EnrollLimiter {
+    pub fn new(config: &crate::config::Config) -> EnrollLimiter {
+        EnrollLimiter {
+            pending_per_minute: config.enroll_pending_per_minute,
+            proof_per_minute: config.enroll_with_proof_per_minute,
+            max_pending_devices: config.max_pending_devices,
+            buckets: Default::default(),
+        }
+    }
+
+    /// Takes one request from the bucket of `ip` (`proof`: with a token or pre-authorization);
+    /// `Err(seconds)` until the next one would be let through.
+    fn take(&self, ip: Option<std::net::IpAddr>, proof: bool, now: std::time::Instant) -> Result<(), u64> {
+        let rate = if proof { self.proof_per_minute } else { self.pending_per_minute };
+        if rate == 0 {
+            return Ok(());
+        }
+        let (cap, per_sec) = (f64::from(rate), f64::from(rate) / 60.0);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() > 100_000 {
+            // Forget the addresses whose bucket has filled up again: they are as good as new.
+            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * per_sec < cap);
+        }
+        let b = buckets.entry((ip.map(network_of), proof)).or_insert(Bucket { tokens: cap, at: now });
+        b.tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_sec).min(cap);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((((1.0 - b.tokens) / per_sec).ceil() as u64).max(1))
+        }
+    }
+
+    fn limit(&self, ip: Option<std::net::IpAddr>, proof: bool) -> AppResult<()> {
+        self.take(ip, proof, std::time::Instant::now()).map_err(|wait| AppError::TooManyRequests {
+            message: if proof {
+                format!(
+                    "too many enrollments from this address (more than {} a minute, enroll_with_proof_per_minute): \
+                     try again in {wait} seconds",
+                    self.proof_per_minute
+                )
+            } else {
+                format!(
+                    "too many enrollment requests without an enrollment token from this address (more than {} a \
+                     minute, enroll_pending_per_minute): try again in {wait} seconds, or enroll with a token",
+                    self.pending_per_minute
+                )
+            },
+            retry_after_secs: wait,
+        })
+    }
+}
+
+/// Enrolls a device: at once with a valid token or pre-authorization, else pending an
+/// operator, within the limits of `limiter` for the client address `ip`.
+pub async fn enroll(
+    db: &Db,
+    ca: &FleetCa,
+    req: EnrollRequest,
+    source: &str,
+    ip: Option<std::net::IpAddr>,
+    limiter: &EnrollLimiter,
+) -> AppResult<EnrollResponse> {
     check_identity(&req.identity)?;
     let fingerprint = key_fingerprint(&req.csr_pem)?;
     let identity = identity_json(&req.identity);
@@ -309,8 +405,10 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
     }
 
     // How it may come in: a token or a pre-authorization (`via`, accepted at once), or wait.
+    // (A device that asked already, polling above, is not counted.)
     let (org_id, via, tags, token_id): (String, Option<String>, _, _) = match &req.token {
         Some(secret) => {
+            limiter.limit(ip, true)?;
             type Row = (String, String, String, Option<i64>, i64, String, Option<i64>, Option<i64>, String);
             let row: Option<Row> = sqlx::query_as(
                 "SELECT id, org_id, name, max_uses, uses, tags, expires_at, revoked_at, groups FROM enrollment_tokens WHERE secret_hash = $1",
@@ -337,8 +435,31 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
         }
         None => match crate::preauth::take(tx.conn(), &identity_hash, now_ms()).await? {
             // Taken only if the device is let in below: an error rolls the use back.
-            Some((org, _)) => (org, Some("preauthorized".to_string()), BTreeMap::new(), None),
-            None => (find_org(db, None).await?, None, BTreeMap::new(), None),
+            Some((org, _)) => {
+                limiter.limit(ip, true)?;
+                (org, Some("preauthorized".to_string()), BTreeMap::new(), None)
+            }
+            None => {
+                limiter.limit(ip, false)?;
+                let org = find_org(db, None).await?;
+                if limiter.max_pending_devices > 0 {
+                    let (waiting,): (i64,) =
+                        sqlx::query_as("SELECT COUNT(*) FROM devices WHERE org_id = $1 AND status = 'pending'")
+                            .bind(org.clone())
+                            .fetch_one(tx.conn())
+                            .await?;
+                    if u64::try_from(waiting).unwrap_or(0) >= limiter.max_pending_devices {
+                        return Err(AppError::TooManyRequests {
+                            message: format!(
+                                "{waiting} devices wait for an operator already, the most this server takes \
+                                 (max_pending_devices): try again later, or enroll with a token"
+                            ),
+                            retry_after_secs: PENDING_CAP_RETRY_SECS,
+                        });
+                    }
+                }
+                (org, None, BTreeMap::new(), None)
+            }
         },
     };
 
@@ -446,6 +567,82 @@ pub async fn enroll(db: &Db, ca: &FleetCa, req: EnrollRequest, source: &str) -> 
     .await?;
     tx.commit().await?;
     Ok(response(id, status, cert.map(|c| c.cert_pem), ca))
+}
+
+/// Removes the devices that have waited for an operator longer than `days` (0: never), with
+/// their tags, attributes, group memberships and events; one audit entry per organization
+/// and sweep. Returns how many were removed.
+pub async fn expire_pending(db: &Db, days: u32, now: i64) -> AppResult<u64> {
+    if days == 0 {
+        return Ok(0);
+    }
+    let cutoff = now.saturating_sub(i64::from(days) * 86_400_000);
+    let orgs: Vec<(String,)> =
+        sqlx::query_as("SELECT DISTINCT org_id FROM devices WHERE status = 'pending' AND created_at < $1")
+            .bind(cutoff)
+            .fetch_all(db.pool())
+            .await?;
+    let mut removed = 0;
+    for (org,) in orgs {
+        let mut tx = db.begin_write().await?;
+        const EXPIRED: &str = "SELECT id FROM devices WHERE org_id = $1 AND status = 'pending' AND created_at < $2 \
+             AND NOT EXISTS (SELECT 1 FROM deployment_devices dd WHERE dd.device_id = devices.id)";
+        for table in ["device_attributes", "device_tags", "device_group_members", "device_events"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE device_id IN ({EXPIRED})"))
+                .bind(org.clone())
+                .bind(cutoff)
+                .execute(tx.conn())
+                .await?;
+        }
+        let n = sqlx::query(&format!("DELETE FROM devices WHERE id IN ({EXPIRED})"))
+            .bind(org.clone())
+            .bind(cutoff)
+            .execute(tx.conn())
+            .await?
+            .rows_affected();
+        if n > 0 {
+            audit::append(
+                tx.conn(),
+                Event {
+                    actor: &Principal::system(Some(&org)),
+                    action: "device.expire",
+                    target_kind: "device",
+                    target_id: "-",
+                    summary: format!(
+                        "{n} pending device(s) nobody accepted or rejected within {days} days removed \
+                         (pending_expiry_days)"
+                    ),
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        removed += n;
+    }
+    Ok(removed)
+}
+
+/// Sweeps expired pending devices every `every` until `stopping` turns true.
+pub async fn run_pending_expiry(
+    db: Db,
+    days: u32,
+    every: std::time::Duration,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    if days == 0 {
+        return;
+    }
+    loop {
+        match expire_pending(&db, days, now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} pending device(s) older than {days} days"),
+            Err(e) => tracing::warn!("cannot remove expired pending devices: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 const DEVICE_SORTS: &[SortField] = &[
@@ -1020,3 +1217,23 @@ pub async fn ids_named(db: &Db, org: &str, name: &str) -> AppResult<Vec<String>>
 
 /// The SQL for a device's display name (see `Device::display_name`).
 const DISPLAY_NAME: &str = "display_name";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn enrollment_buckets_fill_at_the_rate_and_count_ipv6_by_its_64() {
+        let mut config = crate::config::Config::defaults(std::path::Path::new("/nonexistent"));
+        config.enroll_pending_per_minute = 2;
+        let l = super::EnrollLimiter::new(&config);
+        let t0 = std::time::Instant::now();
+        let a: std::net::IpAddr = "2001:db8:1:2::10".parse().unwrap();
+        let same_64: std::net::IpAddr = "2001:db8:1:2:ffff::1".parse().unwrap();
+        let other_64: std::net::IpAddr = "2001:db8:1:3::10".parse().unwrap();
+        assert!(l.take(Some(a), false, t0).is_ok());
+        assert!(l.take(Some(same_64), false, t0).is_ok());
+        assert_eq!(l.take(Some(a), false, t0), Err(30), "one more in 30 s at 2 a minute");
+        assert!(l.take(Some(other_64), false, t0).is_ok());
+        assert!(l.take(Some(a), true, t0).is_ok(), "requests with proof have their own bucket");
+        assert!(l.take(Some(a), false, t0 + std::time::Duration::from_secs(30)).is_ok());
+    }
+}

@@ -584,11 +584,16 @@ pub async fn login(
     idle_timeout_ms: i64,
 ) -> AppResult<NewSession> {
     let username = username.trim().to_lowercase();
-    if let Err(wait) = limiter.check(&username, ip, Instant::now()) {
-        return Err(AppError::TooManyRequests {
-            message: format!("too many failed sign-ins: try again in {wait} seconds"),
-            retry_after_secs: wait,
-        });
+    match limiter.check(&username, ip, Instant::now()) {
+        Err(wait) => {
+            return Err(AppError::TooManyRequests {
+                message: format!("too many failed sign-ins from this address: try again in {wait} seconds"),
+                retry_after_secs: wait,
+            });
+        }
+        // Others are guessing this user's password: slower, but never refused.
+        Ok(delay) if !delay.is_zero() => tokio::time::sleep(delay).await,
+        Ok(_) => {}
     }
     let row: Option<(String, String, String, String, i64)> =
         sqlx::query_as("SELECT id, org_id, role, password_hash, disabled FROM users WHERE username = $1")
@@ -605,7 +610,7 @@ pub async fn login(
             return Err(AppError::Unauthorized("wrong username or password, or the account is disabled".into()));
         }
     };
-    limiter.succeeded(&username);
+    limiter.succeeded(&username, ip);
     let (user_id, org_id, role, _, _) = row;
     let cookie = auth::random_secret(32);
     let csrf = auth::random_secret(24);

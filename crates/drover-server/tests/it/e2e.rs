@@ -30,6 +30,7 @@ pub struct Server {
     pub child: Child,
     pub base: String,
     pub stdout: mpsc::Receiver<String>,
+    pub stderr: mpsc::Receiver<String>,
 }
 
 impl Server {
@@ -38,16 +39,24 @@ impl Server {
         let port = free_port();
         let mut cmd = droverd(data_dir, db_url);
         cmd.arg("--http-listen").arg(format!("127.0.0.1:{port}")).envs(env.iter().copied());
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        // Both outputs are pipes, as under a service manager or in a log file.
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let lines = |out: Box<dyn std::io::Read + Send>, echo: bool| {
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if echo {
+                        eprintln!("{line}");
+                    }
+                    let _ = tx.send(line);
+                }
+            });
+            rx
+        };
+        let stdout = lines(Box::new(child.stdout.take().unwrap()), false);
+        let stderr = lines(Box::new(child.stderr.take().unwrap()), true);
         let base = format!("http://127.0.0.1:{port}");
-        let mut server = Server { child, base, stdout: rx };
+        let mut server = Server { child, base, stdout, stderr };
         let ready = format!("{}/readyz", server.base);
         eventually(Duration::from_secs(30), "droverd to be ready", || {
             if let Ok(Some(status)) = server.child.try_wait() {
@@ -60,6 +69,10 @@ impl Server {
 
     pub fn stdout_lines(&self) -> Vec<String> {
         self.stdout.try_iter().collect()
+    }
+
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
     }
 
     pub fn terminate(&mut self) -> std::process::ExitStatus {
@@ -154,9 +167,22 @@ fn first_start_serves_the_api_and_stops_gracefully() {
         let ca_pem = String::from_utf8(out.stdout).unwrap();
         assert!(ca_pem.starts_with("-----BEGIN CERTIFICATE-----"), "{ca_pem}");
         assert_eq!(ca_pem, std::fs::read_to_string(data.join("ca").join("fleet-ca.crt")).unwrap());
-        let password = eventually(Duration::from_secs(5), "the initial password", || {
-            server.stdout_lines().iter().find_map(|l| l.split("with password: ").nth(1).map(str::to_string))
+        // Its output is no terminal, so the password is in a file only droverd's user reads,
+        // and the output names the file but holds no secret.
+        let password_file = data.join("initial-admin-password");
+        let mut said = Vec::new();
+        let line = eventually(Duration::from_secs(5), "the line naming the password file", || {
+            said.extend(server.stdout_lines());
+            said.iter().find(|l| l.contains("initial-admin-password")).cloned()
         });
+        assert!(line.contains(&password_file.display().to_string()), "{line}");
+        let password = std::fs::read_to_string(&password_file).unwrap().trim().to_string();
+        assert_eq!(password.len(), 20, "a generated password: {password:?}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&password_file).unwrap().permissions().mode() & 0o777, 0o600);
+        }
         let mut login = agent()
             .post(&format!("{}/api/v1/auth/login", server.base))
             .send_json(json!({"username": "admin", "password": password}))
@@ -189,13 +215,42 @@ fn first_start_serves_the_api_and_stops_gracefully() {
 
         let status = server.terminate();
         assert!(status.success(), "SIGTERM is a clean stop: {status}");
+        said.extend(server.stdout_lines());
+        said.extend(server.stderr_lines());
+        assert!(said.iter().all(|l| !l.contains(&password)), "the password is in droverd's output: {said:?}");
 
         // A second start finds everything in place and prints no password.
         let mut again = Server::start(&data, url.as_deref(), &[]);
         let (status, _) = get_json(&format!("{}/api/v1/me", again.base), Some(&secret));
         assert_eq!(status, 200);
         again.terminate();
-        assert!(again.stdout_lines().iter().all(|l| !l.contains("password")));
+        assert!(again.stdout_lines().iter().chain(&again.stderr_lines()).all(|l| !l.contains("password")));
+        assert_eq!(std::fs::read_to_string(&password_file).unwrap().trim(), password, "written once");
+    }
+}
+
+#[test]
+fn a_one_off_command_on_a_fresh_data_dir_keeps_the_password_out_of_its_output() {
+    let dir = TempDir::new("e2e-oneoff");
+    let data = dir.path().join("data");
+    let out = droverd(&data, None)
+        .args(["token", "create", "--role", "viewer", "--name", "ci"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap());
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 1, "only the token on stdout: {stdout}");
+    let file = data.join("initial-admin-password");
+    assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+    let password = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert!(!password.is_empty());
+    assert!(!stderr.contains(&password) && !stdout.contains(&password), "{stderr}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }
 

@@ -15,6 +15,7 @@ mod e2e;
 mod faults;
 mod fleet;
 mod groups;
+mod hardening;
 mod remote;
 mod support;
 mod telemetry;
