@@ -36,7 +36,7 @@ fn emit(out: &mut String, metric: &str, labels: &str, rows: &[&DeviceWindow]) {
     if means.is_empty() {
         return;
     }
-    let avg = means.iter().sum::<f64>() / means.len() as f64;
+    let avg = super::query::mean(&means);
     let min = rows.iter().map(|r| r.min).fold(f64::INFINITY, f64::min);
     let max = rows.iter().map(|r| r.max).fold(f64::NEG_INFINITY, f64::max);
     for (name, v) in
