@@ -205,11 +205,15 @@ pub struct TelemetryAck {
     /// raw points (often a clock at 1970 before time sync); absent when none.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub refused_old: u64,
+    /// Metric names of this batch whose points the server did not store because the device
+    /// (or its organization) has as many metric series as it may; absent when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused_series: u64,
 }
 
 impl TelemetryAck {
     pub fn new(seq: u64) -> TelemetryAck {
-        TelemetryAck { v: crate::device::PROTOCOL_VERSION, seq, refused_future: 0, refused_old: 0 }
+        TelemetryAck { v: crate::device::PROTOCOL_VERSION, seq, refused_future: 0, refused_old: 0, refused_series: 0 }
     }
 }
 

@@ -232,24 +232,34 @@ pub async fn check_device(db: &Db, org_id: &str, device_id: &str) -> AppResult<(
     found.map(|_| ()).ok_or_else(|| AppError::NotFound(format!("no device with id {device_id:?}")))
 }
 
-/// The metrics a device has reported, by name, with their newest value.
-pub async fn metric_names(db: &Db, org_id: &str, device_id: &str) -> AppResult<Vec<MetricInfo>> {
+/// The metrics a device has reported, by name, with their newest value: one page of
+/// `limit` (default 50, at most 500) after `cursor`.
+pub async fn metric_names(
+    db: &Db,
+    org_id: &str,
+    device_id: &str,
+    limit: Option<u32>,
+    cursor: Option<&str>,
+) -> AppResult<drover_proto::api::Page<MetricInfo>> {
+    const SORTS: &[crate::page::SortField] = &[crate::page::SortField { name: "name", column: "name", int: false }];
+    let page = crate::page::PageRequest::parse(limit, cursor, None, SORTS, "name")?;
     check_device(db, org_id, device_id).await?;
-    let rows: Vec<(i64, String)> =
-        sqlx::query_as("SELECT id, name FROM metric_series WHERE device_id = $1 ORDER BY name")
-            .bind(device_id.to_string())
-            .fetch_all(db.pool())
-            .await?;
-    let mut out = Vec::with_capacity(rows.len());
+    let mut f = crate::db::Filter::default();
+    f.and("device_id = ?", [crate::db::Bind::Text(device_id.to_string())]);
+    page.apply(&mut f, None);
+    let sql = format!("SELECT id, name FROM metric_series{}{}", f.sql(), page.order_limit(None));
+    let rows: Vec<(i64, String)> = crate::db::bind_all(sqlx::query_as(&sql), &f.binds).fetch_all(db.pool()).await?;
+    let (rows, next_cursor) = page.finish(rows, |r| (crate::page::CursorValue::Text(r.1.clone()), None));
+    let mut items = Vec::with_capacity(rows.len());
     for (id, name) in rows {
         let last: Option<(i64, f64)> =
             sqlx::query_as("SELECT ts, value FROM metric_points WHERE series_id = $1 ORDER BY ts DESC LIMIT 1")
                 .bind(id)
                 .fetch_optional(db.pool())
                 .await?;
-        out.push(MetricInfo { name, last_t: last.map(|l| l.0), last_value: last.map(|l| finite(l.1)) });
+        items.push(MetricInfo { name, last_t: last.map(|l| l.0), last_value: last.map(|l| finite(l.1)) });
     }
-    Ok(out)
+    Ok(drover_proto::api::Page { items, next_cursor })
 }
 
 /// One device's metric in buckets of `r.step`.
