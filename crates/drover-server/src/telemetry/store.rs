@@ -124,7 +124,10 @@ async fn read_series(
     out: &mut HashMap<(String, String), i64>,
 ) -> Result<(), sqlx::Error> {
     for chunk in devices.chunks(MAX_ROWS) {
-        let sql = format!("SELECT id, device_id, name FROM metric_series WHERE device_id IN {}", values(1, chunk.len(), backend));
+        let sql = format!(
+            "SELECT id, device_id, name FROM metric_series WHERE device_id IN {}",
+            values(1, chunk.len(), backend)
+        );
         let mut q = sqlx::query_as::<_, (i64, String, String)>(&sql);
         for d in chunk {
             q = q.bind(d.to_string());

@@ -102,7 +102,8 @@ async fn resent_batches_change_nothing_and_events_are_kept_once() {
         assert_eq!(r.body[0]["name"], "door.open");
         assert_eq!(r.body[0]["data"], r#"{"door":2}"#);
         let r = app.admin(Method::GET, &format!("/api/v1/devices/{d}/metrics"), None).await;
-        let names: Vec<&str> = r.body["items"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> =
+            r.body["items"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["cpu.percent", "drover.outbox.dropped", "mem.used"]);
         assert_eq!(r.body["items"][0]["last_value"], 30.0);
         assert!(r.body.get("next_cursor").is_none(), "{}", r.body);
@@ -419,7 +420,8 @@ async fn series_caps_leave_out_new_names_and_the_listing_is_paginated() {
         assert_eq!(w.refused_series, vec![1], "b3 over the organization's cap of 5");
         // Known names keep being stored; a fresh cache (another replica, a restart) agrees.
         let other = drover_server::telemetry::ingest::Ingest::new(app.db.clone(), ingest.config().clone());
-        let w = other.write_at(&[batch(&d[0], 3, &[("a1", t0 + 5, 3.0), ("a9", t0 + 5, 3.0)])], t0 + 1000).await.unwrap();
+        let w =
+            other.write_at(&[batch(&d[0], 3, &[("a1", t0 + 5, 3.0), ("a9", t0 + 5, 3.0)])], t0 + 1000).await.unwrap();
         assert_eq!((w.points, w.refused_series.clone()), (1, vec![1]));
         use std::sync::atomic::Ordering;
         assert_eq!(ingest.stats.refused_series.load(Ordering::Relaxed), 3);
@@ -476,7 +478,11 @@ async fn aggregates_of_huge_values_stay_finite() {
             .unwrap();
         }
         let r = app
-            .admin(Method::GET, &format!("/api/v1/metrics/fleet?metric=big&from={minute}&to={}&step=1m", minute + MIN), None)
+            .admin(
+                Method::GET,
+                &format!("/api/v1/metrics/fleet?metric=big&from={minute}&to={}&step=1m", minute + MIN),
+                None,
+            )
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         let b = &r.body["buckets"][0];
