@@ -60,7 +60,7 @@ impl AllowList {
 
     fn allows_host(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        self.hosts.iter().any(|h| *h == host)
+        self.hosts.contains(&host)
     }
 
     fn allows_ip(&self, ip: IpAddr) -> bool {
