@@ -724,6 +724,8 @@ mod e2e {
             .unwrap();
         assert!(metrics.contains("drover_telemetry_refused_points_total{reason=\"future\"} 1"), "{metrics}");
         assert!(metrics.contains("drover_telemetry_refused_points_total{reason=\"too_old\"} 2"), "{metrics}");
+        assert!(metrics.contains("drover_telemetry_refused_points_total{reason=\"series_limit\"} 0"), "{metrics}");
+        assert!(metrics.contains("drover_telemetry_refused_series_total 0"), "{metrics}");
         drop(server);
     }
 
