@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::db::{Backend, Db};
 
@@ -17,6 +18,8 @@ use super::{DAY_MS, DROPPED_METRIC, HOUR_MS, MINUTE_MS, QUARTER_MS};
 /// PostgreSQL's 65,535. Smaller statements are powers of two, so a handful of statement
 /// texts serve every batch size and stay prepared.
 const MAX_ROWS: usize = 2048;
+/// How long a count of an organization's series is used before it is counted again.
+const ORG_COUNT_TTL: Duration = Duration::from_secs(10);
 /// Series ids remembered, at most (then the cache starts again).
 const MAX_CACHED: usize = 2_000_000;
 
@@ -144,6 +147,7 @@ async fn read_series(
 async fn within_caps<'a>(
     tx: &mut crate::db::WriteTx,
     backend: Backend,
+    cache: &Cache,
     new: &[(&'a str, &'a str)],
     existing: &HashMap<(String, String), i64>,
     limits: SeriesLimits,
@@ -161,7 +165,9 @@ async fn within_caps<'a>(
             *n += 1;
         }
     }
-    // The organizations of the devices, and how many series each has.
+    // The organizations of the devices with room left, and how many series each has (counted
+    // at most every ORG_COUNT_TTL: a device at its cap sending new names costs no count).
+    devices.retain(|d| per_device.get(d).is_some_and(|n| *n < limits.per_device));
     let mut org_of: HashMap<String, String> = HashMap::new();
     for chunk in devices.chunks(MAX_ROWS) {
         let sql = format!("SELECT id, org_id FROM devices WHERE id IN {}", values(1, chunk.len(), backend));
@@ -176,13 +182,25 @@ async fn within_caps<'a>(
     orgs.sort_unstable();
     orgs.dedup();
     for org in orgs {
-        let (n,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM metric_series s JOIN devices d ON d.id = s.device_id WHERE d.org_id = $1",
-        )
-        .bind(org.clone())
-        .fetch_one(tx.conn())
-        .await?;
-        per_org.insert(org.clone(), u64::try_from(n).unwrap_or(0));
+        let cached = {
+            let c = cache.org_series.lock().unwrap_or_else(|e| e.into_inner());
+            c.get(org).filter(|(_, at)| at.elapsed() < ORG_COUNT_TTL).map(|(n, _)| *n)
+        };
+        let n = match cached {
+            Some(n) => n,
+            None => {
+                let (n,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM metric_series s JOIN devices d ON d.id = s.device_id WHERE d.org_id = $1",
+                )
+                .bind(org.clone())
+                .fetch_one(tx.conn())
+                .await?;
+                let n = u64::try_from(n).unwrap_or(0);
+                cache.org_series.lock().unwrap_or_else(|e| e.into_inner()).insert(org.clone(), (n, Instant::now()));
+                n
+            }
+        };
+        per_org.insert(org.clone(), n);
     }
     let mut allowed = Vec::with_capacity(new.len());
     for &(d, name) in new {
@@ -203,6 +221,13 @@ async fn within_caps<'a>(
         }
         allowed.push((d, name));
     }
+    // What this write adds, so that the cached counts stay close until the next count.
+    let mut c = cache.org_series.lock().unwrap_or_else(|e| e.into_inner());
+    for (org, n) in per_org {
+        if let Some(e) = c.get_mut(&org) {
+            e.0 = e.0.max(n);
+        }
+    }
     Ok(allowed)
 }
 
@@ -212,6 +237,8 @@ pub struct Cache {
     series: Mutex<HashMap<String, HashMap<String, i64>>>,
     cached: std::sync::atomic::AtomicUsize,
     days: Mutex<HashSet<i64>>,
+    /// Series per organization as last counted, and when (for the caps).
+    org_series: Mutex<HashMap<String, (u64, Instant)>>,
 }
 
 impl Cache {
@@ -382,7 +409,7 @@ pub async fn write_limited(
         read_series(&mut tx, db.backend(), &devices, &mut fresh).await?;
         let new: Vec<(&str, &str)> =
             missing.iter().copied().filter(|(d, n)| !fresh.contains_key(&(d.to_string(), n.to_string()))).collect();
-        let allowed = within_caps(&mut tx, db.backend(), &new, &fresh, limits, &mut refused).await?;
+        let allowed = within_caps(&mut tx, db.backend(), cache, &new, &fresh, limits, &mut refused).await?;
         let mut at = 0;
         for n in chunk_sizes(allowed.len()) {
             let sql = format!(
