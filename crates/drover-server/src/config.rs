@@ -114,6 +114,10 @@ notify_allow_hosts = []
 # retention_events_days = 30
 # prometheus_tags = ["site"]
 # prometheus_metrics = ["cpu.percent", "mem.used_percent"]
+# Metric series (device + name) a device, and all devices of an organization, may have; the
+# points of a new name past a cap are left out and counted in the batch's acknowledgement.
+# max_series_per_device = 1000
+# max_series_per_org = 1000000
 
 # Mark session cookies Secure. Set this when droverd is reached over HTTPS through a
 # reverse proxy that does not send X-Forwarded-Proto.
