@@ -224,6 +224,25 @@ mod tests {
         }
     }
 
+    /// The client's resolver (what guards the connection itself, after the check): a name
+    /// resolving only to loopback gives no address to connect to, unless allowed.
+    #[tokio::test]
+    async fn the_resolver_keeps_internal_addresses_out() {
+        use reqwest::dns::Resolve as _;
+        let name = |n: &str| n.parse::<reqwest::dns::Name>().unwrap();
+        let strict = CheckedResolver { allow: Arc::new(AllowList::default()) };
+        let err = match strict.resolve(name("localhost")).await {
+            Ok(a) => panic!("resolved to {:?}", a.collect::<Vec<_>>()),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("internal address") && err.contains("notify_allow_hosts"), "{err}");
+        let by_name = CheckedResolver { allow: Arc::new(AllowList::parse(&["localhost".into()]).unwrap()) };
+        assert!(by_name.resolve(name("localhost")).await.unwrap().any(|a| a.ip().is_loopback()));
+        let by_net = CheckedResolver { allow: Arc::new(AllowList::parse(&["127.0.0.0/8".into()]).unwrap()) };
+        let kept: Vec<SocketAddr> = by_net.resolve(name("localhost")).await.unwrap().collect();
+        assert!(!kept.is_empty() && kept.iter().all(|a| a.ip().is_ipv4()), "{kept:?}");
+    }
+
     #[test]
     fn allow_list_entries() {
         let a = AllowList::parse(&["hooks.Internal".into(), "10.1.0.0/16".into(), "::1".into(), " ".into()]).unwrap();
