@@ -16,6 +16,8 @@ pub(crate) enum MetricsCommand {
     List {
         /// The device: its id or its name.
         device: String,
+        #[command(flatten)]
+        paging: crate::commands::Paging,
     },
     /// One metric of one device, in buckets of --step.
     Show {
@@ -163,17 +165,17 @@ fn scope(q: &mut Vec<(&'static str, String)>, group: Option<String>, filter: Opt
 
 pub(crate) fn metrics(client: &Client, out: Format, cmd: MetricsCommand) -> Result<ExitCode, CliError> {
     match cmd {
-        MetricsCommand::List { device } => {
+        MetricsCommand::List { device, paging } => {
             let device = crate::fleet::resolve_device_id(client, &device)?;
-            let v: Value = client.get(&format!("/devices/{}/metrics", segment(&device)), &[])?;
+            // A page of the listing (by name), or every page with --all.
+            let items: Vec<Value> =
+                crate::commands::list(client, &format!("/devices/{}/metrics", segment(&device)), Vec::new(), &paging)?;
             if out == Format::Json {
-                println!("{}", output::json(&v));
+                println!("{}", output::json(&items));
                 return Ok(ExitCode::SUCCESS);
             }
-            let rows: Vec<Vec<String>> = v
-                .as_array()
-                .into_iter()
-                .flatten()
+            let rows: Vec<Vec<String>> = items
+                .iter()
                 .map(|m| {
                     vec![m["name"].as_str().unwrap_or_default().to_string(), num(&m["last_value"]), time(&m["last_t"])]
                 })

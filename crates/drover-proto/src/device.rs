@@ -15,6 +15,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The root of every Drover topic.
 pub const TOPIC_ROOT: &str = "drover/v1/d";
 
+/// Largest message on any topic, in bytes ("largest message" in `docs/protocol.md`): a
+/// larger uplink is refused before it is parsed.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
 /// Longest accepted inventory: attributes, and bytes of one key or value.
 pub const MAX_INVENTORY_ATTRIBUTES: usize = 256;
 pub const MAX_ATTRIBUTE_KEY_LEN: usize = 64;
@@ -282,6 +286,12 @@ pub fn decode_uplink(channel: Channel, payload: &[u8]) -> Result<Uplink, Message
     fn parse<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, MessageError> {
         serde_json::from_slice(payload).map_err(|e| MessageError::Malformed(e.to_string()))
     }
+    if payload.len() > MAX_MESSAGE_BYTES {
+        return Err(MessageError::Invalid(format!(
+            "{} bytes, larger than the largest message ({MAX_MESSAGE_BYTES} bytes)",
+            payload.len()
+        )));
+    }
     let VersionOnly { v } = parse(payload)?;
     if v != PROTOCOL_VERSION {
         return Err(MessageError::UnsupportedVersion(v));
@@ -453,6 +463,31 @@ mod tests {
         let payload = serde_json::to_vec(&Inventory { v: 1, attributes: many }).unwrap();
         assert!(matches!(decode_uplink(Channel::Inventory, &payload), Err(MessageError::Invalid(_))));
         assert!(decode_uplink(Channel::Ping, br#"{"v":1}"#).is_err());
+    }
+
+    /// Bad input: a message over the documented 256 KiB is refused whatever its channel, one
+    /// at the limit is not.
+    #[test]
+    fn messages_over_the_largest_size_are_refused() {
+        let pad = |total: usize| {
+            let head = r#"{"v":1,"attributes":{"k":""#;
+            let tail = r#""}}"#;
+            format!("{head}{}{tail}", " ".repeat(total - head.len() - tail.len()))
+        };
+        // At the limit: parsed (and refused for its value's length, not its size).
+        match decode_uplink(Channel::Inventory, pad(MAX_MESSAGE_BYTES).as_bytes()) {
+            Err(MessageError::Invalid(m)) => assert!(m.contains("attribute"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        match decode_uplink(Channel::Inventory, pad(MAX_MESSAGE_BYTES + 1).as_bytes()) {
+            Err(MessageError::Invalid(m)) => assert!(m.contains("largest message"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let mut big = br#"{"v":1,"uptime_s":1,"seq":1}"#.to_vec();
+        big.resize(MAX_MESSAGE_BYTES + 10, b' ');
+        assert!(matches!(decode_uplink(Channel::Heartbeat, &big), Err(MessageError::Invalid(_))));
+        big.truncate(MAX_MESSAGE_BYTES);
+        assert!(decode_uplink(Channel::Heartbeat, &big).is_ok());
     }
 
     #[test]

@@ -20,6 +20,11 @@ pub const MAX_NAME_LEN: usize = 64;
 pub const MAX_EVENT_ID_LEN: usize = 64;
 /// Largest `data` of an event, serialized as JSON, in bytes.
 pub const MAX_EVENT_DATA: usize = 1024;
+/// Largest magnitude of a point's value. Bigger finite numbers (up to 1.8e308) would make the
+/// server's sums over a bucket overflow to infinity, which JSON cannot carry; 1e18 leaves
+/// room for any sum of points (a sum overflows only past 1e290 points) and still holds a
+/// byte counter of 1 Gbit/s for 250 years.
+pub const MAX_ABS_VALUE: f64 = 1e18;
 /// Most rules in one rule set.
 pub const MAX_RULES: usize = 256;
 /// Longest hold time of a rule: one day.
@@ -29,6 +34,11 @@ pub const MAX_LOG_LINES: u32 = 10_000;
 /// Largest sum of the line lengths in a logs reply, in bytes (the device keeps the newest
 /// lines and sets `truncated`).
 pub const MAX_LOG_BYTES: usize = 128 * 1024;
+
+/// A value a point may carry: finite, with a magnitude of at most [`MAX_ABS_VALUE`].
+pub fn valid_value(v: f64) -> bool {
+    v.is_finite() && v.abs() <= MAX_ABS_VALUE
+}
 
 /// `[a-z0-9_.-]{1,64}`: metric names, event names.
 pub fn valid_name(name: &str) -> bool {
@@ -152,8 +162,11 @@ impl Point {
             ));
         }
         check_t(self.t, &format!("point {:?}", self.n))?;
-        if !self.v.is_finite() {
-            return Err(format!("point {:?}: value must be a finite number", self.n));
+        if !valid_value(self.v) {
+            return Err(format!(
+                "point {:?}: value {} must be a finite number of magnitude at most {MAX_ABS_VALUE:e}",
+                self.n, self.v
+            ));
         }
         Ok(())
     }
@@ -192,11 +205,15 @@ pub struct TelemetryAck {
     /// raw points (often a clock at 1970 before time sync); absent when none.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub refused_old: u64,
+    /// Metric names of this batch whose points the server did not store because the device
+    /// (or its organization) has as many metric series as it may; absent when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused_series: u64,
 }
 
 impl TelemetryAck {
     pub fn new(seq: u64) -> TelemetryAck {
-        TelemetryAck { v: crate::device::PROTOCOL_VERSION, seq, refused_future: 0, refused_old: 0 }
+        TelemetryAck { v: crate::device::PROTOCOL_VERSION, seq, refused_future: 0, refused_old: 0, refused_series: 0 }
     }
 }
 
@@ -527,6 +544,20 @@ mod tests {
         b = ok();
         b.points[0].v = f64::NAN;
         assert!(b.check().unwrap_err().contains("finite"));
+        for v in [1.797e308, -1.797e308, 1.000_001e18] {
+            b = ok();
+            b.points[0].v = v;
+            assert!(b.check().unwrap_err().contains("magnitude"), "{v}");
+        }
+        for v in [MAX_ABS_VALUE, -MAX_ABS_VALUE, 0.0, -1e-300] {
+            b = ok();
+            b.points[0].v = v;
+            b.check().unwrap();
+        }
+        assert!(matches!(
+            decode_uplink(Channel::Telemetry, br#"{"v":1,"seq":1,"points":[{"n":"a","t":1,"v":1.797e308}]}"#),
+            Err(MessageError::Invalid(_))
+        ));
         b = ok();
         b.points[0].t = -1;
         assert!(b.check().unwrap_err().contains("negative"));

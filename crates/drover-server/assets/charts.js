@@ -442,7 +442,8 @@
     async load(ctx) {
       let list;
       try {
-        list = await getJson(`/api/v1/devices/${enc(this.device)}/metrics`, ctx.signal);
+        // The first page of 500 (by name); a device has at most [telemetry] max_series_per_device.
+        list = (await getJson(`/api/v1/devices/${enc(this.device)}/metrics?limit=500`, ctx.signal)).items;
       } catch (e) {
         if (isAbort(e)) throw e;
         ctx.fail(errorText("The device's metrics could not be listed", e));
@@ -910,7 +911,7 @@
     };
     let list;
     try {
-      list = await getJson(`/api/v1/devices/${enc(device)}/metrics`);
+      list = (await getJson(`/api/v1/devices/${enc(device)}/metrics?limit=500`)).items;
     } catch (e) {
       say(errorText("The device's metrics could not be listed", e), "error");
       return;

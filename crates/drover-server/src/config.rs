@@ -110,6 +110,12 @@ smtp_password = ""
 # Extra CA certificates (PEM) to trust for webhooks and SMTP, besides the system's. Empty: none.
 notify_ca_file = ""
 
+# Webhook and Slack channels may not point at loopback, private, link-local (cloud metadata)
+# or other internal addresses, checked after DNS resolution (docs/alerts.md). Internal
+# receivers to allow all the same: host names, addresses or CIDR blocks, e.g.
+# ["hooks.corp.example", "10.20.0.0/16"].
+notify_allow_hosts = []
+
 # Telemetry (docs/telemetry-server.md): how long raw points, 1-minute and 1-hour rollups and
 # events are kept (days); a point arriving more than late_after_secs after it was measured is
 # stored as late; /metrics/fleet labels fleet aggregates by these tag keys. A TOML table: put
@@ -122,6 +128,10 @@ notify_ca_file = ""
 # retention_events_days = 30
 # prometheus_tags = ["site"]
 # prometheus_metrics = ["cpu.percent", "mem.used_percent"]
+# Metric series (device + name) a device, and all devices of an organization, may have; the
+# points of a new name past a cap are left out and counted in the batch's acknowledgement.
+# max_series_per_device = 1000
+# max_series_per_org = 1000000
 
 # Mark session cookies Secure. Set this when droverd is reached over HTTPS through a
 # reverse proxy that does not send X-Forwarded-Proto.
@@ -196,6 +206,7 @@ struct FileConfig {
     smtp_username: Option<String>,
     smtp_password: Option<String>,
     notify_ca_file: Option<String>,
+    notify_allow_hosts: Option<Vec<String>>,
     remote_idle_timeout_secs: Option<u64>,
     remote_max_duration_secs: Option<u64>,
     remote_lost_after_secs: Option<u64>,
@@ -381,6 +392,9 @@ impl Config {
                 *field = v;
             }
         }
+        if let Some(v) = f.notify_allow_hosts {
+            self.alerts.notify_allow_hosts = v;
+        }
         if let Some(v) = f.remote_idle_timeout_secs {
             self.remote_idle_timeout_secs = v;
         }
@@ -428,6 +442,10 @@ impl Config {
             if let Some(v) = env(name) {
                 *field = v;
             }
+        }
+        if let Some(v) = env("DROVER_NOTIFY_ALLOW_HOSTS") {
+            self.alerts.notify_allow_hosts =
+                v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         }
         if let Some(v) = env("DROVER_REMOTE_IDLE_TIMEOUT_SECS") {
             self.remote_idle_timeout_secs = parsed("DROVER_REMOTE_IDLE_TIMEOUT_SECS", v)?;

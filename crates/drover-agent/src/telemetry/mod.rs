@@ -254,7 +254,7 @@ impl Core {
     }
 
     fn point(&mut self, n: String, v: f64, t: i64) -> Result<(), OutboxError> {
-        if !v.is_finite() || !drover_proto::telemetry::valid_name(&n) {
+        if !drover_proto::telemetry::valid_value(v) || !drover_proto::telemetry::valid_name(&n) {
             tracing::debug!(name = %n, "telemetry: point outside the protocol's limits, skipped");
             return Ok(());
         }

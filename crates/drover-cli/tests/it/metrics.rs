@@ -52,6 +52,11 @@ fn metrics_list_show_fleet_top_and_logs() {
                         t: t0 + k * 60_000,
                         v: (10 * (i + 1)) as f64 + k as f64,
                     })
+                    .chain(std::iter::once(drover_server::telemetry::store::Point {
+                        name: "mem.used".into(),
+                        t: t0,
+                        v: 1.0,
+                    }))
                     .collect(),
                 events: vec![],
                 dropped: 0,
@@ -67,6 +72,14 @@ fn metrics_list_show_fleet_top_and_logs() {
 
     let out = ok(&drover(&cfg, &[], &["metrics", "list", &ids[0]], None));
     assert!(out.contains("cpu.percent") && out.contains("19"), "{out}");
+    // The listing is paginated: one page of --limit, a hint on stderr; --all follows every page.
+    let page = drover(&cfg, &[], &["metrics", "list", &ids[0], "--limit", "1"], None);
+    let out = ok(&page);
+    assert!(out.contains("cpu.percent") && !out.contains("mem.used"), "{out}");
+    assert!(String::from_utf8_lossy(&page.stderr).contains("--all"), "{page:?}");
+    let all = json_out(&drover(&cfg, &[], &["-o", "json", "metrics", "list", &ids[0], "--limit", "1", "--all"], None));
+    let names: Vec<&str> = all.as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["cpu.percent", "mem.used"]);
     let v = json_out(&drover(
         &cfg,
         &[],

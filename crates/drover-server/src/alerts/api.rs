@@ -156,7 +156,8 @@ async fn create_channel(
     ApiJson(req): ApiJson<CreateChannel>,
 ) -> AppResult<Response> {
     let ready = !s.config.alerts.smtp_server.is_empty() && !s.config.alerts.smtp_from.is_empty();
-    let r = rules::create_channel(&s.db, &p, req, ready).await?;
+    let allow = super::target::AllowList::parse(&s.config.alerts.notify_allow_hosts).map_err(AppError::Internal)?;
+    let r = rules::create_channel(&s.db, &p, req, ready, &allow).await?;
     Ok((StatusCode::CREATED, axum::Json(r)).into_response())
 }
 

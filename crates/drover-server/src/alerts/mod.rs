@@ -10,6 +10,8 @@
 //!   each tick takes the time as an input ([`engine::tick`]) so tests can move it.
 //! - [`notify`] — the delivery queue (`notifications`): claimed per row, so any replica may
 //!   send; retries with exponential backoff; one `notification_attempts` row per try.
+//! - [`target`] — where webhook and Slack channels may send: internal addresses are refused
+//!   after DNS resolution unless `notify_allow_hosts` allows them.
 //! - [`smtp`] — a small SMTP client (STARTTLS, AUTH PLAIN) on tokio and rustls.
 //! - [`api`] — the REST handlers and their OpenAPI document.
 
@@ -18,6 +20,7 @@ pub mod engine;
 pub mod notify;
 pub mod rules;
 pub mod smtp;
+pub mod target;
 pub mod types;
 
 /// Alert settings (`drover.toml`, `DROVER_*`). `Debug` leaves the SMTP password out.
@@ -36,6 +39,9 @@ pub struct AlertsConfig {
     pub smtp_password: String,
     /// A PEM file of extra CA certificates to trust for SMTP and webhooks (empty: none).
     pub notify_ca_file: String,
+    /// Webhook and Slack targets allowed although internal ([`target`]): host names, addresses,
+    /// CIDR blocks.
+    pub notify_allow_hosts: Vec<String>,
 }
 
 impl Default for AlertsConfig {
@@ -48,6 +54,7 @@ impl Default for AlertsConfig {
             smtp_username: String::new(),
             smtp_password: String::new(),
             notify_ca_file: String::new(),
+            notify_allow_hosts: Vec::new(),
         }
     }
 }
@@ -62,6 +69,7 @@ impl std::fmt::Debug for AlertsConfig {
             .field("smtp_username", &self.smtp_username)
             .field("smtp_password", &if self.smtp_password.is_empty() { "" } else { "***" })
             .field("notify_ca_file", &self.notify_ca_file)
+            .field("notify_allow_hosts", &self.notify_allow_hosts)
             .finish()
     }
 }

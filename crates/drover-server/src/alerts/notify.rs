@@ -67,6 +67,7 @@ pub struct Notifier {
     http: reqwest::Client,
     smtp_tls: Arc<rustls::ClientConfig>,
     config: AlertsConfig,
+    allow: Arc<super::target::AllowList>,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -90,10 +91,14 @@ impl Notifier {
     pub fn new(config: AlertsConfig) -> Result<Notifier, String> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let extra = extra_roots(&config)?;
+        let allow = Arc::new(super::target::AllowList::parse(&config.notify_allow_hosts)?);
+        // Redirects are not followed (a redirect could lead anywhere), and the client connects
+        // only to the addresses the resolver allowed.
         let mut http = reqwest::Client::builder()
             .timeout(SEND_TIMEOUT)
             .connect_timeout(SEND_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(super::target::CheckedResolver { allow: allow.clone() })
             .user_agent(concat!("drover/", env!("CARGO_PKG_VERSION")));
         for c in &extra {
             http = http.add_root_certificate(
@@ -102,7 +107,12 @@ impl Notifier {
         }
         let http = http.build().map_err(|e| format!("HTTP client: {e}"))?;
         let smtp_tls = super::smtp::tls_config(extra)?;
-        Ok(Notifier { http, smtp_tls, config })
+        Ok(Notifier { http, smtp_tls, config, allow })
+    }
+
+    /// The parsed `notify_allow_hosts`.
+    pub fn allow_list(&self) -> &super::target::AllowList {
+        &self.allow
     }
 
     /// Delivers one payload to one channel.
@@ -113,6 +123,9 @@ impl Notifier {
         secret: &str,
         payload: &serde_json::Value,
     ) -> Result<(), String> {
+        if matches!(kind, "webhook" | "slack") {
+            super::target::check(target, &self.allow, false).await?;
+        }
         match kind {
             "webhook" => {
                 let body = payload.to_string();
@@ -153,8 +166,21 @@ fn http_result(r: Result<reqwest::Response, reqwest::Error>) -> Result<(), Strin
     match r {
         Ok(resp) if resp.status().is_success() => Ok(()),
         Ok(resp) => Err(format!("the receiver answered HTTP {}", resp.status().as_u16())),
-        // Without the URL: its path may be the credential.
-        Err(e) => Err(format!("{}", e.without_url())),
+        // Without the URL: its path may be the credential. The source chain names a refused
+        // address (the resolver's error).
+        Err(e) => {
+            let e = e.without_url();
+            let mut m = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                let t = s.to_string();
+                if !m.contains(&t) {
+                    m = format!("{m}: {t}");
+                }
+                src = s.source();
+            }
+            Err(m)
+        }
     }
 }
 

@@ -705,6 +705,7 @@ pub async fn create_channel(
     p: &Principal,
     req: CreateChannel,
     email_ready: bool,
+    allow: &super::target::AllowList,
 ) -> AppResult<CreatedChannel> {
     p.require(Role::Operator, "creating notification channels")?;
     validate::display_name("channel", &req.name).map_err(AppError::BadRequest)?;
@@ -718,6 +719,9 @@ pub async fn create_channel(
             if !ok {
                 return Err(bad("target: an http:// or https:// URL"));
             }
+            // Internal addresses are refused (a name that does not resolve yet is checked
+            // again at every send).
+            super::target::check(&target, allow, true).await.map_err(bad)?;
         }
         "email" => {
             email_addresses(&target)?;

@@ -4,7 +4,7 @@
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use drover_proto::api::{ErrorBody, Role};
+use drover_proto::api::{ErrorBody, Page, Role};
 use serde::Deserialize;
 use utoipa::OpenApi;
 
@@ -35,6 +35,17 @@ pub fn routes() -> Router<AppState> {
     tags((name = "telemetry", description = "Device metrics and events, fleet aggregates, logs on demand (docs/telemetry-server.md)"))
 )]
 pub struct TelemetryApi;
+
+/// A page of a device's metrics.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsQuery {
+    /// Metrics per page (default 50, at most 500).
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
 
 /// A range: `from`/`to` as Unix ms, RFC 3339, `now` or `now-24h`; `step` as `10s`, `5m`, `1h`.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -69,15 +80,16 @@ async fn checked(s: &AppState, p: &Principal, scope: Scope) -> AppResult<Scope> 
     Ok(scope)
 }
 
-#[utoipa::path(get, path = "/api/v1/devices/{id}/metrics", tag = "telemetry", params(("id" = String, Path, description = "Device id")),
-    responses((status = 200, body = [MetricInfo], description = "The metrics the device has reported, with their newest value"), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/devices/{id}/metrics", tag = "telemetry", params(("id" = String, Path, description = "Device id"), MetricsQuery),
+    responses((status = 200, body = Page<MetricInfo>, description = "The metrics the device has reported, by name, with their newest value; paginated"), (status = 400, body = ErrorBody, description = "Bad limit or cursor"), (status = 404, body = ErrorBody)))]
 async fn device_metrics(
     State(s): State<AppState>,
     p: Principal,
     ApiPath(id): ApiPath<String>,
-) -> AppResult<Json<Vec<MetricInfo>>> {
+    ApiQuery(q): ApiQuery<MetricsQuery>,
+) -> AppResult<Json<Page<MetricInfo>>> {
     p.require(Role::Viewer, "reading metrics")?;
-    Ok(Json(query::metric_names(&s.db, p.org(), &id).await?))
+    Ok(Json(query::metric_names(&s.db, p.org(), &id, q.limit, q.cursor.as_deref()).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}/metrics/{metric}", tag = "telemetry",

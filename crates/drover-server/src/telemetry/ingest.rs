@@ -38,6 +38,9 @@ pub struct Stats {
     /// Points left out: stamped too far in the future, or older than the raw retention.
     pub refused_future: AtomicU64,
     pub refused_old: AtomicU64,
+    /// Points left out because their name would pass a series cap, and the names.
+    pub refused_series_points: AtomicU64,
+    pub refused_series: AtomicU64,
 }
 
 /// See the module documentation.
@@ -86,11 +89,13 @@ pub fn from_wire(device_id: &str, b: TelemetryBatch, window: std::ops::RangeIncl
     }
 }
 
-/// The `down/telemetry` message acknowledging `seq`.
-pub fn ack(b: &Batch) -> Outgoing {
+/// The `down/telemetry` message acknowledging `seq`, with `refused_series` names left out
+/// for the series caps.
+pub fn ack(b: &Batch, refused_series: u64) -> Outgoing {
     let mut a = TelemetryAck::new(b.seq);
     a.refused_future = b.refused_future;
     a.refused_old = b.refused_old;
+    a.refused_series = refused_series;
     Outgoing {
         topic: drover_proto::device::topic(&b.device_id, Channel::TelemetryAck),
         payload: serde_json::to_vec(&a).unwrap_or_default(),
@@ -190,7 +195,27 @@ impl Ingest {
 
     /// As [`Ingest::write`] with the time of arrival given.
     pub async fn write_at(&self, batches: &[Batch], now: i64) -> Result<store::Written, sqlx::Error> {
-        let w = store::write(&self.db, &self.cache, batches, now, self.config.late_after_ms()).await?;
+        let w = store::write_limited(
+            &self.db,
+            &self.cache,
+            batches,
+            now,
+            self.config.late_after_ms(),
+            self.config.series_limits(),
+        )
+        .await?;
+        let names: u64 = w.refused_series.iter().sum();
+        if names > 0 {
+            self.stats.refused_series.fetch_add(names, Ordering::Relaxed);
+            self.stats.refused_series_points.fetch_add(w.refused_series_points, Ordering::Relaxed);
+            for (b, n) in batches.iter().zip(&w.refused_series).filter(|(_, n)| **n > 0) {
+                tracing::debug!(
+                    device_id = b.device_id,
+                    names = n,
+                    "telemetry: new metric names over the series cap left out ([telemetry] max_series_per_device / max_series_per_org)"
+                );
+            }
+        }
         self.stats.batches.fetch_add(batches.len() as u64, Ordering::Relaxed);
         self.stats.points.fetch_add(w.points, Ordering::Relaxed);
         self.stats.late_points.fetch_add(w.late, Ordering::Relaxed);
@@ -228,12 +253,13 @@ impl Ingest {
                 group.push(b);
             }
             match self.write(&group).await {
-                Ok(_) => {
+                Ok(w) => {
                     // One ack per stored batch: a device reads an ack as covering that batch
                     // only (docs/protocol.md), so acking only the highest of a transaction
                     // would leave the others to be resent for ever.
-                    for b in &group {
-                        if let Err(e) = acks.try_send(ack(b)) {
+                    for (i, b) in group.iter().enumerate() {
+                        let refused = w.refused_series.get(i).copied().unwrap_or(0);
+                        if let Err(e) = acks.try_send(ack(b, refused)) {
                             tracing::debug!(
                                 device_id = b.device_id,
                                 "telemetry ack not sent (the device will resend): {e}"

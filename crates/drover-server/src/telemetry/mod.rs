@@ -80,6 +80,11 @@ pub struct TelemetryConfig {
     /// (the device's clock is ahead, or unset and garbage); nor is one older than the raw
     /// retention. Both are counted and named in the batch's acknowledgement.
     pub max_future_secs: u64,
+    /// Most metric series (names) one device may have; points of a new name past it are left
+    /// out and counted in the batch's acknowledgement (`refused_series`).
+    pub max_series_per_device: u64,
+    /// Most metric series the devices of one organization may have together.
+    pub max_series_per_org: u64,
 }
 
 impl Default for TelemetryConfig {
@@ -93,11 +98,17 @@ impl Default for TelemetryConfig {
             prometheus_tags: Vec::new(),
             prometheus_metrics: vec!["cpu.percent".into(), "mem.used_percent".into()],
             max_future_secs: 300,
+            max_series_per_device: 1000,
+            max_series_per_org: 1_000_000,
         }
     }
 }
 
 impl TelemetryConfig {
+    pub fn series_limits(&self) -> store::SeriesLimits {
+        store::SeriesLimits { per_device: self.max_series_per_device, per_org: self.max_series_per_org }
+    }
+
     pub fn late_after_ms(&self) -> i64 {
         i64::try_from(self.late_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
     }
@@ -126,6 +137,8 @@ pub struct TelemetryFile {
     prometheus_tags: Option<Vec<String>>,
     prometheus_metrics: Option<Vec<String>>,
     max_future_secs: Option<u64>,
+    max_series_per_device: Option<u64>,
+    max_series_per_org: Option<u64>,
 }
 
 /// Telemetry flags of `droverd` (they override the file and the environment).
@@ -164,6 +177,8 @@ impl TelemetryConfig {
             (f.retention_1h_days, &mut self.retention_1h_days),
             (f.retention_events_days, &mut self.retention_events_days),
             (f.max_future_secs, &mut self.max_future_secs),
+            (f.max_series_per_device, &mut self.max_series_per_device),
+            (f.max_series_per_org, &mut self.max_series_per_org),
         ];
         for (v, field) in nums {
             if let Some(v) = v {
@@ -186,6 +201,8 @@ impl TelemetryConfig {
             ("DROVER_RETENTION_1H_DAYS", &mut self.retention_1h_days),
             ("DROVER_RETENTION_EVENTS_DAYS", &mut self.retention_events_days),
             ("DROVER_TELEMETRY_MAX_FUTURE_SECS", &mut self.max_future_secs),
+            ("DROVER_TELEMETRY_MAX_SERIES_PER_DEVICE", &mut self.max_series_per_device),
+            ("DROVER_TELEMETRY_MAX_SERIES_PER_ORG", &mut self.max_series_per_org),
         ];
         for (name, field) in nums {
             if let Some(v) = env(name) {

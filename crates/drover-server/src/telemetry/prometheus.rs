@@ -36,7 +36,7 @@ fn emit(out: &mut String, metric: &str, labels: &str, rows: &[&DeviceWindow]) {
     if means.is_empty() {
         return;
     }
-    let avg = means.iter().sum::<f64>() / means.len() as f64;
+    let avg = super::query::mean(&means);
     let min = rows.iter().map(|r| r.min).fold(f64::INFINITY, f64::min);
     let max = rows.iter().map(|r| r.max).fold(f64::NEG_INFINITY, f64::max);
     for (name, v) in
@@ -137,7 +137,7 @@ pub async fn render(s: &AppState, p: &Principal, now: i64) -> AppResult<String> 
     let _ = writeln!(out, "drover_telemetry_late_points_total {}", st.late_points.load(Ordering::Relaxed));
     out.push_str("# HELP drover_telemetry_batches_total Batches this replica wrote.\n# TYPE drover_telemetry_batches_total counter\n");
     let _ = writeln!(out, "drover_telemetry_batches_total {}", st.batches.load(Ordering::Relaxed));
-    out.push_str("# HELP drover_telemetry_refused_points_total Points not stored because their time was outside the stored window.\n# TYPE drover_telemetry_refused_points_total counter\n");
+    out.push_str("# HELP drover_telemetry_refused_points_total Points not stored: their time was outside the stored window (future, too_old) or their name would pass a series cap (series_limit).\n# TYPE drover_telemetry_refused_points_total counter\n");
     let _ = writeln!(
         out,
         "drover_telemetry_refused_points_total{{reason=\"future\"}} {}",
@@ -148,6 +148,13 @@ pub async fn render(s: &AppState, p: &Principal, now: i64) -> AppResult<String> 
         "drover_telemetry_refused_points_total{{reason=\"too_old\"}} {}",
         st.refused_old.load(Ordering::Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "drover_telemetry_refused_points_total{{reason=\"series_limit\"}} {}",
+        st.refused_series_points.load(Ordering::Relaxed)
+    );
+    out.push_str("# HELP drover_telemetry_refused_series_total Metric names left out of batches because a series cap was reached.\n# TYPE drover_telemetry_refused_series_total counter\n");
+    let _ = writeln!(out, "drover_telemetry_refused_series_total {}", st.refused_series.load(Ordering::Relaxed));
     out.push_str("# HELP drover_telemetry_write_errors_total Failed telemetry transactions.\n# TYPE drover_telemetry_write_errors_total counter\n");
     let _ = writeln!(out, "drover_telemetry_write_errors_total {}", st.write_errors.load(Ordering::Relaxed));
     Ok(out)

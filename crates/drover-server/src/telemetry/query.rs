@@ -232,24 +232,34 @@ pub async fn check_device(db: &Db, org_id: &str, device_id: &str) -> AppResult<(
     found.map(|_| ()).ok_or_else(|| AppError::NotFound(format!("no device with id {device_id:?}")))
 }
 
-/// The metrics a device has reported, by name, with their newest value.
-pub async fn metric_names(db: &Db, org_id: &str, device_id: &str) -> AppResult<Vec<MetricInfo>> {
+/// The metrics a device has reported, by name, with their newest value: one page of
+/// `limit` (default 50, at most 500) after `cursor`.
+pub async fn metric_names(
+    db: &Db,
+    org_id: &str,
+    device_id: &str,
+    limit: Option<u32>,
+    cursor: Option<&str>,
+) -> AppResult<drover_proto::api::Page<MetricInfo>> {
+    const SORTS: &[crate::page::SortField] = &[crate::page::SortField { name: "name", column: "name", int: false }];
+    let page = crate::page::PageRequest::parse(limit, cursor, None, SORTS, "name")?;
     check_device(db, org_id, device_id).await?;
-    let rows: Vec<(i64, String)> =
-        sqlx::query_as("SELECT id, name FROM metric_series WHERE device_id = $1 ORDER BY name")
-            .bind(device_id.to_string())
-            .fetch_all(db.pool())
-            .await?;
-    let mut out = Vec::with_capacity(rows.len());
+    let mut f = crate::db::Filter::default();
+    f.and("device_id = ?", [crate::db::Bind::Text(device_id.to_string())]);
+    page.apply(&mut f, None);
+    let sql = format!("SELECT id, name FROM metric_series{}{}", f.sql(), page.order_limit(None));
+    let rows: Vec<(i64, String)> = crate::db::bind_all(sqlx::query_as(&sql), &f.binds).fetch_all(db.pool()).await?;
+    let (rows, next_cursor) = page.finish(rows, |r| (crate::page::CursorValue::Text(r.1.clone()), None));
+    let mut items = Vec::with_capacity(rows.len());
     for (id, name) in rows {
         let last: Option<(i64, f64)> =
             sqlx::query_as("SELECT ts, value FROM metric_points WHERE series_id = $1 ORDER BY ts DESC LIMIT 1")
                 .bind(id)
                 .fetch_optional(db.pool())
                 .await?;
-        out.push(MetricInfo { name, last_t: last.map(|l| l.0), last_value: last.map(|l| l.1) });
+        items.push(MetricInfo { name, last_t: last.map(|l| l.0), last_value: last.map(|l| finite(l.1)) });
     }
-    Ok(out)
+    Ok(drover_proto::api::Page { items, next_cursor })
 }
 
 /// One device's metric in buckets of `r.step`.
@@ -280,7 +290,13 @@ pub async fn series(db: &Db, org_id: &str, device_id: &str, metric: &str, r: Ran
         resolution: res,
         points: rows
             .into_iter()
-            .map(|(t, count, sum, min, max)| SeriesBucket { t, count, avg: sum / count.max(1) as f64, min, max })
+            .map(|(t, count, sum, min, max)| SeriesBucket {
+                t,
+                count,
+                avg: finite(finite(sum) / count.max(1) as f64),
+                min: finite(min),
+                max: finite(max),
+            })
             .collect(),
     })
 }
@@ -388,6 +404,24 @@ pub struct FleetSeries {
     pub buckets: Vec<FleetBucket>,
 }
 
+/// `x` as a number JSON can carry: infinities become the largest finite `f64` of their sign,
+/// NaN becomes 0. Ingest refuses values over [`drover_proto::telemetry::MAX_ABS_VALUE`], so
+/// this matters only for data stored before that bound (or a sum of them the database
+/// computed as infinity).
+pub fn finite(x: f64) -> f64 {
+    if x.is_nan() { 0.0 } else { x.clamp(-f64::MAX, f64::MAX) }
+}
+
+/// The mean of `values`, without overflowing on the way (each value is divided first);
+/// 0 for none.
+pub fn mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let n = values.len() as f64;
+    finite(values.iter().map(|v| finite(*v) / n).sum())
+}
+
 /// The nearest-rank percentile `p` (0–100) of sorted values.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -455,15 +489,18 @@ pub async fn fleet(db: &Db, org_id: &str, scope: &Scope, metric: &str, r: Range)
             .map(|m| m.trim().parse::<f64>())
             .collect::<Result<Vec<f64>, _>>()
             .map_err(|e| AppError::Internal(format!("a device mean the database sent does not read back: {e}")))?;
+        for m in &mut means {
+            *m = finite(*m);
+        }
         means.sort_unstable_by(f64::total_cmp);
         buckets.push(FleetBucket {
             t: b,
             devices: means.len() as i64,
-            avg: means.iter().sum::<f64>() / means.len() as f64,
-            min: lo,
-            max: hi,
-            p50: percentile(&means, 50.0),
-            p95: percentile(&means, 95.0),
+            avg: mean(&means),
+            min: finite(lo),
+            max: finite(hi),
+            p50: finite(percentile(&means, 50.0)),
+            p95: finite(percentile(&means, 95.0)),
         });
     }
     // Devices with a value anywhere in the range: one index probe per series of the metric.
@@ -642,10 +679,10 @@ async fn window(
         .map(|(device_id, count, min, max, sum, last)| DeviceWindow {
             device_id,
             count,
-            min,
-            max,
-            avg: sum / count.max(1) as f64,
-            last,
+            min: finite(min),
+            max: finite(max),
+            avg: finite(finite(sum) / count.max(1) as f64),
+            last: finite(last),
         })
         .collect())
 }

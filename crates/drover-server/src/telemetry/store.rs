@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::db::{Backend, Db};
 
@@ -17,6 +18,8 @@ use super::{DAY_MS, DROPPED_METRIC, HOUR_MS, MINUTE_MS, QUARTER_MS};
 /// PostgreSQL's 65,535. Smaller statements are powers of two, so a handful of statement
 /// texts serve every batch size and stay prepared.
 const MAX_ROWS: usize = 2048;
+/// How long a count of an organization's series is used before it is counted again.
+const ORG_COUNT_TTL: Duration = Duration::from_secs(10);
 /// Series ids remembered, at most (then the cache starts again).
 const MAX_CACHED: usize = 2_000_000;
 
@@ -87,13 +90,145 @@ pub struct Batch {
 }
 
 /// What one write did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Written {
     /// Points stored now (not the ones already there).
     pub points: u64,
     /// Of those, late ones.
     pub late: u64,
     pub events: u64,
+    /// Per batch (in the order given): metric names left out because making their series
+    /// would pass a cap ([`SeriesLimits`]).
+    pub refused_series: Vec<u64>,
+    /// The points of those names, in all batches.
+    pub refused_series_points: u64,
+}
+
+/// How many metric series (device + name) may exist: per device, and per organization.
+/// A new name over either cap is not stored (its points are left out and counted); the
+/// outbox drop counter's series is always made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeriesLimits {
+    pub per_device: u64,
+    pub per_org: u64,
+}
+
+impl Default for SeriesLimits {
+    fn default() -> Self {
+        SeriesLimits { per_device: 1000, per_org: 1_000_000 }
+    }
+}
+
+/// Reads every series of these devices into `out`.
+async fn read_series(
+    tx: &mut crate::db::WriteTx,
+    backend: Backend,
+    devices: &[&str],
+    out: &mut HashMap<(String, String), i64>,
+) -> Result<(), sqlx::Error> {
+    for chunk in devices.chunks(MAX_ROWS) {
+        let sql = format!(
+            "SELECT id, device_id, name FROM metric_series WHERE device_id IN {}",
+            values(1, chunk.len(), backend)
+        );
+        let mut q = sqlx::query_as::<_, (i64, String, String)>(&sql);
+        for d in chunk {
+            q = q.bind(d.to_string());
+        }
+        for (id, d, name) in q.fetch_all(tx.conn()).await? {
+            out.insert((d, name), id);
+        }
+    }
+    Ok(())
+}
+
+/// Of the new series `new` (none exists), those the caps allow, in order; the others go to
+/// `refused`. `existing` holds every series of the devices concerned.
+async fn within_caps<'a>(
+    tx: &mut crate::db::WriteTx,
+    backend: Backend,
+    cache: &Cache,
+    new: &[(&'a str, &'a str)],
+    existing: &HashMap<(String, String), i64>,
+    limits: SeriesLimits,
+    refused: &mut HashSet<(&'a str, &'a str)>,
+) -> Result<Vec<(&'a str, &'a str)>, sqlx::Error> {
+    if new.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut devices: Vec<&str> = new.iter().map(|(d, _)| *d).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    let mut per_device: HashMap<&str, u64> = devices.iter().map(|d| (*d, 0)).collect();
+    for (d, _) in existing.keys() {
+        if let Some(n) = per_device.get_mut(d.as_str()) {
+            *n += 1;
+        }
+    }
+    // The organizations of the devices with room left, and how many series each has (counted
+    // at most every ORG_COUNT_TTL: a device at its cap sending new names costs no count).
+    devices.retain(|d| per_device.get(d).is_some_and(|n| *n < limits.per_device));
+    let mut org_of: HashMap<String, String> = HashMap::new();
+    for chunk in devices.chunks(MAX_ROWS) {
+        let sql = format!("SELECT id, org_id FROM devices WHERE id IN {}", values(1, chunk.len(), backend));
+        let mut q = sqlx::query_as::<_, (String, String)>(&sql);
+        for d in chunk {
+            q = q.bind(d.to_string());
+        }
+        org_of.extend(q.fetch_all(tx.conn()).await?);
+    }
+    let mut per_org: HashMap<String, u64> = HashMap::new();
+    let mut orgs: Vec<&String> = org_of.values().collect();
+    orgs.sort_unstable();
+    orgs.dedup();
+    for org in orgs {
+        let cached = {
+            let c = cache.org_series.lock().unwrap_or_else(|e| e.into_inner());
+            c.get(org).filter(|(_, at)| at.elapsed() < ORG_COUNT_TTL).map(|(n, _)| *n)
+        };
+        let n = match cached {
+            Some(n) => n,
+            None => {
+                let (n,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM metric_series s JOIN devices d ON d.id = s.device_id WHERE d.org_id = $1",
+                )
+                .bind(org.clone())
+                .fetch_one(tx.conn())
+                .await?;
+                let n = u64::try_from(n).unwrap_or(0);
+                cache.org_series.lock().unwrap_or_else(|e| e.into_inner()).insert(org.clone(), (n, Instant::now()));
+                n
+            }
+        };
+        per_org.insert(org.clone(), n);
+    }
+    let mut allowed = Vec::with_capacity(new.len());
+    for &(d, name) in new {
+        if name == DROPPED_METRIC {
+            allowed.push((d, name));
+            continue;
+        }
+        let dn = per_device.entry(d).or_default();
+        let org = org_of.get(d).and_then(|o| per_org.get_mut(o));
+        let org_full = org.as_ref().is_some_and(|n| **n >= limits.per_org);
+        if *dn >= limits.per_device || org_full {
+            refused.insert((d, name));
+            continue;
+        }
+        *dn += 1;
+        if let Some(n) = org {
+            *n += 1;
+        }
+        allowed.push((d, name));
+    }
+    // What this write adds, so that the cached counts stay close until the next count.
+    let mut c = cache.org_series.lock().unwrap_or_else(|e| e.into_inner());
+    for (org, n) in per_org {
+        if let Some(e) = c.get_mut(&org) {
+            e.0 = e.0.max(n);
+        }
+    }
+    Ok(allowed)
 }
 
 /// Series ids by device and name, and (PostgreSQL) the day partitions known to exist.
@@ -102,6 +237,8 @@ pub struct Cache {
     series: Mutex<HashMap<String, HashMap<String, i64>>>,
     cached: std::sync::atomic::AtomicUsize,
     days: Mutex<HashSet<i64>>,
+    /// Series per organization as last counted, and when (for the caps).
+    org_series: Mutex<HashMap<String, (u64, Instant)>>,
 }
 
 impl Cache {
@@ -208,6 +345,18 @@ pub async fn write(
     now: i64,
     late_after_ms: i64,
 ) -> Result<Written, sqlx::Error> {
+    write_limited(db, cache, batches, now, late_after_ms, SeriesLimits::default()).await
+}
+
+/// As [`write`], with the series caps given.
+pub async fn write_limited(
+    db: &Db,
+    cache: &Cache,
+    batches: &[Batch],
+    now: i64,
+    late_after_ms: i64,
+    limits: SeriesLimits,
+) -> Result<Written, sqlx::Error> {
     let mut written = Written::default();
     // The dropped counter (once the outbox dropped anything) as a point of its own series, at
     // the batch's newest time, so a resent batch repeats it exactly.
@@ -246,39 +395,36 @@ pub async fn write(
             }
         }
     }
+    // Series not in the cache: those that exist are read back; new ones are made within the
+    // caps (per device, per organization); the names over a cap are refused.
     let mut fresh: HashMap<(String, String), i64> = HashMap::new();
+    let mut refused: HashSet<(&str, &str)> = HashSet::new();
     if !missing.is_empty() {
-        let mut at = 0;
-        for n in chunk_sizes(missing.len()) {
-            let sql = format!(
-                "INSERT INTO metric_series (device_id, name) VALUES {} ON CONFLICT (device_id, name) DO NOTHING",
-                values(n, 2, db.backend())
-            );
-            let mut q = sqlx::query(&sql);
-            for (d, name) in &missing[at..at + n] {
-                q = q.bind(d.to_string()).bind(name.to_string());
-            }
-            q.execute(tx.conn()).await?;
-            at += n;
-        }
         let devices: Vec<&str> = {
             let mut d: Vec<&str> = missing.iter().map(|(d, _)| *d).collect();
             d.sort_unstable();
             d.dedup();
             d
         };
-        for chunk in devices.chunks(MAX_ROWS) {
+        read_series(&mut tx, db.backend(), &devices, &mut fresh).await?;
+        let new: Vec<(&str, &str)> =
+            missing.iter().copied().filter(|(d, n)| !fresh.contains_key(&(d.to_string(), n.to_string()))).collect();
+        let allowed = within_caps(&mut tx, db.backend(), cache, &new, &fresh, limits, &mut refused).await?;
+        let mut at = 0;
+        for n in chunk_sizes(allowed.len()) {
             let sql = format!(
-                "SELECT id, device_id, name FROM metric_series WHERE device_id IN {}",
-                values(1, chunk.len(), db.backend())
+                "INSERT INTO metric_series (device_id, name) VALUES {} ON CONFLICT (device_id, name) DO NOTHING",
+                values(n, 2, db.backend())
             );
-            let mut q = sqlx::query_as::<_, (i64, String, String)>(&sql);
-            for d in chunk {
-                q = q.bind(d.to_string());
+            let mut q = sqlx::query(&sql);
+            for (d, name) in &allowed[at..at + n] {
+                q = q.bind(d.to_string()).bind(name.to_string());
             }
-            for (id, d, name) in q.fetch_all(tx.conn()).await? {
-                fresh.insert((d, name), id);
-            }
+            q.execute(tx.conn()).await?;
+            at += n;
+        }
+        if !allowed.is_empty() {
+            read_series(&mut tx, db.backend(), &devices, &mut fresh).await?;
         }
     }
 
@@ -287,12 +433,20 @@ pub async fn write(
     let late_before = now.saturating_sub(late_after_ms);
     let mut i = 0;
     for (b, dp) in batches.iter().zip(&dropped_points) {
+        let mut names: HashSet<&str> = HashSet::new();
         for p in b.points.iter().chain(dp.iter()) {
             let id = ids[i].or_else(|| fresh.get(&(b.device_id.clone(), p.name.clone())).copied());
             i += 1;
-            let Some(id) = id else { continue };
+            let Some(id) = id else {
+                if refused.contains(&(b.device_id.as_str(), p.name.as_str())) {
+                    written.refused_series_points += 1;
+                    names.insert(&p.name);
+                }
+                continue;
+            };
             rows.push((id, p.t, p.v, i64::from(p.t < late_before)));
         }
+        written.refused_series.push(names.len() as u64);
     }
     rows.sort_unstable_by_key(|r| (r.0, r.1));
     rows.dedup_by_key(|r| (r.0, r.1));

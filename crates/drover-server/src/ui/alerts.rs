@@ -336,9 +336,10 @@ async fn channel_create(State(s): State<AppState>, UiUser(p): UiUser, Form(f): F
     }
     let ready = !s.config.alerts.smtp_server.is_empty() && !s.config.alerts.smtp_from.is_empty();
     let req = CreateChannel { name: f.name, kind: f.kind, target: f.target };
+    let allow = crate::alerts::target::AllowList::parse(&s.config.alerts.notify_allow_hosts).unwrap_or_default();
     back(
         "/alerts/rules",
-        rules::create_channel(&s.db, &p, req, ready).await.map(|c| match c.secret {
+        rules::create_channel(&s.db, &p, req, ready, &allow).await.map(|c| match c.secret {
             Some(secret) => {
                 format!("Channel {} created. Its signing secret, shown this once: {secret}", c.channel.name)
             }

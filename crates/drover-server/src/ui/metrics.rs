@@ -270,8 +270,10 @@ async fn device_page(
     let r: AppResult<Html<String>> = async {
         let ctx = page_ctx(&s, &p, "devices", &Flash::default()).await?;
         let device = devices::get_device_detail(&s.db, &p, &id).await?;
-        let mut metrics: Vec<MetricRow> = query::metric_names(&s.db, p.org(), &id)
+        // The first 500 by name (a page of the API listing; the charts script reads the same).
+        let mut metrics: Vec<MetricRow> = query::metric_names(&s.db, p.org(), &id, Some(crate::page::MAX_LIMIT), None)
             .await?
+            .items
             .into_iter()
             .map(|m| MetricRow { name: m.name, last_at: m.last_t.map(to_rfc3339), last_value: m.last_value })
             .collect();

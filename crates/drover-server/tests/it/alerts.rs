@@ -212,6 +212,22 @@ async fn smtp_sink(inbox: Inbox, dir: &std::path::Path) -> (String, String) {
     (format!("localhost:{port}"), ca_file.display().to_string())
 }
 
+/// The test receivers listen on 127.0.0.1, which droverd refuses as a notification target
+/// unless `notify_allow_hosts` allows it: these tests allow it, as an operator with an internal
+/// receiver would.
+fn allow_local(c: &mut drover_server::config::Config) {
+    c.alerts.notify_allow_hosts = vec!["127.0.0.1".into()];
+}
+
+/// A notifier allowed to send to the local test receivers (see [`allow_local`]).
+fn local_notifier() -> Notifier {
+    Notifier::new(drover_server::alerts::AlertsConfig {
+        notify_allow_hosts: vec!["127.0.0.1".into()],
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 async fn post(app: &TestApp, token: &str, path: &str, body: Value) -> crate::support::Resp {
     app.call(Method::POST, path, Some(token), Some(body)).await
 }
@@ -239,7 +255,7 @@ async fn states(app: &TestApp, token: &str) -> Vec<(String, String)> {
 /// notified again; a viewer cannot create rules or channels, or read a channel's secret.
 #[tokio::test]
 async fn a_threshold_alert_fires_notifies_every_channel_and_resolves() {
-    each_backend!(|app| {
+    each_backend!(config = allow_local, |app| {
         let operator = app.token("operator").await;
         let viewer = app.token("viewer").await;
         let inbox = Inbox::default();
@@ -252,6 +268,7 @@ async fn a_threshold_alert_fires_notifies_every_channel_and_resolves() {
             smtp_username: "alerts".into(),
             smtp_password: "s3cret".into(),
             notify_ca_file: ca_file,
+            notify_allow_hosts: vec!["127.0.0.1".into()],
             ..Default::default()
         };
         let notifier = Notifier::new(cfg).unwrap();
@@ -296,6 +313,7 @@ async fn a_threshold_alert_fires_notifies_every_channel_and_resolves() {
                 target: "oncall@example.com, lead@example.com".into(),
             },
             true,
+            &Default::default(),
         )
         .await
         .unwrap()
@@ -417,15 +435,112 @@ async fn a_threshold_alert_fires_notifies_every_channel_and_resolves() {
     });
 }
 
+/// Bad input: webhook and Slack targets in droverd's own network — loopback, private,
+/// link-local (cloud metadata), IPv6 loopback, a name resolving to loopback — are refused when
+/// the channel is created and again when it sends (a channel stored before, or a name whose
+/// answer changed); `notify_allow_hosts` lets an operator allow an internal receiver.
+#[tokio::test]
+async fn notification_targets_inside_droverd_s_network_are_refused_unless_allowed() {
+    let inbox = Inbox::default();
+    let base = receivers(inbox.clone(), Arc::new(Mutex::new(String::new()))).await;
+    let port = base.rsplit(':').next().unwrap().to_string();
+    each_backend!(|app| {
+        let operator = app.token("operator").await;
+        for (i, target) in [
+            format!("http://127.0.0.1:{port}/slack/x"),
+            "http://10.0.0.1/hook".to_string(),
+            "http://169.254.169.254/latest/meta-data/".to_string(),
+            format!("http://[::1]:{port}/slack/x"),
+            format!("http://localhost:{port}/slack/x"),
+            "https://0.0.0.0/x".to_string(),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for kind in ["webhook", "slack"] {
+                let r = post(
+                    &app,
+                    &operator,
+                    "/api/v1/notification-channels",
+                    json!({"name": format!("c{i}{kind}"), "kind": kind, "target": target}),
+                )
+                .await;
+                assert_eq!(r.status, StatusCode::BAD_REQUEST, "{target}: {}", r.text);
+                assert!(r.text.contains("internal address") && r.text.contains("notify_allow_hosts"), "{}", r.text);
+            }
+        }
+        // A channel stored without the check (before it existed): the send refuses it, and the
+        // receiver hears nothing.
+        let org = drover_server::ops::find_org(&app.db, None).await.unwrap();
+        for (id, host) in [("old-ip", "127.0.0.1"), ("old-name", "localhost")] {
+            sqlx::query(
+                "INSERT INTO notification_channels (id, org_id, name, kind, target, secret, created_by, created_at) \
+                 VALUES ($1, $2, $1, 'slack', $3, '', 'test', 0)",
+            )
+            .bind(id)
+            .bind(org.clone())
+            .bind(format!("http://{host}:{port}/slack/x"))
+            .execute(app.db.pool())
+            .await
+            .unwrap();
+            let r = post(&app, &operator, &format!("/api/v1/notification-channels/{id}/test"), json!({})).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            assert_eq!(r.body["status"], "failed", "{}", r.body);
+            let err = r.body["last_error"].as_str().unwrap();
+            assert!(err.contains("internal address") && err.contains("notify_allow_hosts"), "{err}");
+        }
+        assert!(inbox.slack.lock().unwrap().is_empty(), "a refused target was reached");
+    });
+    // With the allow-list: the name, the address and a CIDR block.
+    each_backend!(
+        config = |c: &mut drover_server::config::Config| {
+            c.alerts.notify_allow_hosts = vec!["localhost".into(), "127.0.0.1".into(), "10.0.0.0/8".into()];
+        },
+        |app| {
+            let operator = app.token("operator").await;
+            for (name, target) in [
+                ("by-ip", format!("http://127.0.0.1:{port}/slack/x")),
+                ("by-name", format!("http://localhost:{port}/slack/x")),
+                ("by-net", "http://10.0.0.1/hook".to_string()),
+            ] {
+                let r = post(
+                    &app,
+                    &operator,
+                    "/api/v1/notification-channels",
+                    json!({"name": name, "kind": "slack", "target": target}),
+                )
+                .await;
+                assert_eq!(r.status, StatusCode::CREATED, "{target}: {}", r.text);
+            }
+            let before = inbox.slack.lock().unwrap().len();
+            for name in ["by-ip", "by-name"] {
+                let r = post(&app, &operator, &format!("/api/v1/notification-channels/{name}/test"), json!({})).await;
+                assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+                assert_eq!(r.body["status"], "sent", "{}", r.body);
+            }
+            assert_eq!(inbox.slack.lock().unwrap().len(), before + 2);
+            // Still refused: an internal address the list does not name.
+            let r = post(
+                &app,
+                &operator,
+                "/api/v1/notification-channels",
+                json!({"name": "meta", "kind": "webhook", "target": "http://169.254.169.254/"}),
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+        }
+    );
+}
+
 /// Tried: points that were measured while the device was offline (old timestamps) arriving
 /// now; a late event. Neither fires; the late event is in the history as late.
 #[tokio::test]
 async fn late_data_never_fires_as_if_now() {
-    each_backend!(|app| {
+    each_backend!(config = allow_local, |app| {
         let operator = app.token("operator").await;
         let inbox = Inbox::default();
         let base = receivers(inbox.clone(), Arc::new(Mutex::new(String::new()))).await;
-        let notifier = Notifier::new(Default::default()).unwrap();
+        let notifier = local_notifier();
         let r = post(
             &app,
             &operator,
@@ -472,11 +587,11 @@ async fn late_data_never_fires_as_if_now() {
 #[tokio::test]
 async fn flapping_is_notified_once_and_silences_mute() {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-    each_backend!(|app| {
+    each_backend!(config = allow_local, |app| {
         let operator = app.token("operator").await;
         let inbox = Inbox::default();
         let base = receivers(inbox.clone(), Arc::new(Mutex::new(String::new()))).await;
-        let notifier = Notifier::new(Default::default()).unwrap();
+        let notifier = local_notifier();
         let r = post(
             &app,
             &operator,
@@ -809,7 +924,7 @@ mod pages {
     /// device rule set that is not JSON (both sent back with the reason).
     #[tokio::test]
     async fn alert_pages_create_rules_channels_silences_and_rule_sets() {
-        each_backend!(|app| {
+        each_backend!(config = super::allow_local, |app| {
             let page = app.send(Request::get("/login").body(Body::empty()).unwrap()).await;
             let login_cookie =
                 page.headers.get(header::SET_COOKIE).unwrap().to_str().unwrap().split(';').next().unwrap().to_string();

@@ -120,8 +120,14 @@ pub struct Resp {
 
 impl TestApp {
     pub async fn new(tdb: &TestDb) -> TestApp {
+        TestApp::new_with(tdb, |_| {}).await
+    }
+
+    /// As [`TestApp::new`], with the configuration changed by `configure` first.
+    pub async fn new_with(tdb: &TestDb, configure: impl FnOnce(&mut Config)) -> TestApp {
         let mut config = Config::defaults(tdb.dir.path());
         config.database_url = tdb.url.clone();
+        configure(&mut config);
         let db = drover_server::app::open_db(&config, Some(ADMIN_PASSWORD.into())).await.unwrap();
         let org_id = drover_server::ops::find_org(&db, None).await.unwrap();
         let admin_token = drover_server::ops::create_token(
@@ -220,6 +226,15 @@ impl TestApp {
 /// Runs `f` against every backend, naming the backend when it fails.
 #[macro_export]
 macro_rules! each_backend {
+    (config = $configure:expr, |$app:ident| $body:block) => {{
+        for tdb in $crate::support::TestDb::all().await {
+            let $app = $crate::support::TestApp::new_with(&tdb, $configure).await;
+            eprintln!("— on {}", $app.label);
+            $body
+            $app.db.close().await;
+            tdb.drop_schema().await;
+        }
+    }};
     (|$app:ident| $body:block) => {{
         for tdb in $crate::support::TestDb::all().await {
             let $app = $crate::support::TestApp::new(&tdb).await;

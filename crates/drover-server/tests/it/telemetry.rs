@@ -102,9 +102,11 @@ async fn resent_batches_change_nothing_and_events_are_kept_once() {
         assert_eq!(r.body[0]["name"], "door.open");
         assert_eq!(r.body[0]["data"], r#"{"door":2}"#);
         let r = app.admin(Method::GET, &format!("/api/v1/devices/{d}/metrics"), None).await;
-        let names: Vec<&str> = r.body.as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> =
+            r.body["items"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["cpu.percent", "drover.outbox.dropped", "mem.used"]);
-        assert_eq!(r.body[0]["last_value"], 30.0);
+        assert_eq!(r.body["items"][0]["last_value"], 30.0);
+        assert!(r.body.get("next_cursor").is_none(), "{}", r.body);
     });
 }
 
@@ -390,6 +392,108 @@ async fn fleet_aggregates_match_values_computed_here() {
     });
 }
 
+/// A device past its series cap (or its organization past its own) keeps its known names;
+/// new names are left out and counted per batch and in the ingest counters; the listing of a
+/// device's metrics is paginated by name.
+#[tokio::test]
+async fn series_caps_leave_out_new_names_and_the_listing_is_paginated() {
+    each_backend!(|app| {
+        let d = accepted_devices(&app, "caps", 2).await;
+        let cfg = drover_server::telemetry::TelemetryConfig {
+            max_series_per_device: 3,
+            max_series_per_org: 5,
+            ..Default::default()
+        };
+        let ingest = drover_server::telemetry::ingest::Ingest::new(app.db.clone(), cfg);
+        let t0 = base_time();
+        fn pts(names: &[&'static str], t0: i64) -> Vec<(&'static str, i64, f64)> {
+            names.iter().map(|n| (*n, t0, 1.0)).collect()
+        }
+        let a = batch(&d[0], 1, &pts(&["a1", "a2", "a3", "a4"], t0));
+        let mut a2 = batch(&d[0], 2, &pts(&["a1", "a5"], t0));
+        a2.points.push(Point { name: "a5".into(), t: t0 + 1, v: 2.0 });
+        let w = ingest.write_at(&[a, a2], t0 + 1000).await.unwrap();
+        assert_eq!(w.refused_series, vec![1, 1], "a4, then a5 over the device's cap of 3");
+        assert_eq!(w.refused_series_points, 3);
+        // The second device: the organization holds 3 of its 5.
+        let w = ingest.write_at(&[batch(&d[1], 1, &pts(&["b1", "b2", "b3"], t0))], t0 + 1000).await.unwrap();
+        assert_eq!(w.refused_series, vec![1], "b3 over the organization's cap of 5");
+        // Known names keep being stored; a fresh cache (another replica, a restart) agrees.
+        let other = drover_server::telemetry::ingest::Ingest::new(app.db.clone(), ingest.config().clone());
+        let w =
+            other.write_at(&[batch(&d[0], 3, &[("a1", t0 + 5, 3.0), ("a9", t0 + 5, 3.0)])], t0 + 1000).await.unwrap();
+        assert_eq!((w.points, w.refused_series.clone()), (1, vec![1]));
+        use std::sync::atomic::Ordering;
+        assert_eq!(ingest.stats.refused_series.load(Ordering::Relaxed), 3);
+        assert_eq!(ingest.stats.refused_series_points.load(Ordering::Relaxed), 4);
+        assert_eq!(count(&app, "SELECT COUNT(*) FROM metric_series").await, 5);
+        let ack = drover_server::telemetry::ingest::ack(&batch(&d[0], 9, &[]), 2);
+        assert_eq!(serde_json::from_slice::<Value>(&ack.payload).unwrap(), json!({"v":1,"seq":9,"refused_series":2}));
+
+        // The listing, two by two.
+        let mut names = Vec::new();
+        let mut url = format!("/api/v1/devices/{}/metrics?limit=2", d[0]);
+        loop {
+            let r = app.admin(Method::GET, &url, None).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            let items = r.body["items"].as_array().unwrap();
+            assert!(items.len() <= 2);
+            names.extend(items.iter().map(|m| m["name"].as_str().unwrap().to_string()));
+            match r.body["next_cursor"].as_str() {
+                Some(c) => url = format!("/api/v1/devices/{}/metrics?limit=2&cursor={c}", d[0]),
+                None => break,
+            }
+        }
+        assert_eq!(names, ["a1", "a2", "a3"]);
+        // Bad input: a limit out of range, a cursor that is not one.
+        let r = app.admin(Method::GET, &format!("/api/v1/devices/{}/metrics?limit=0", d[0]), None).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+        let r = app.admin(Method::GET, &format!("/api/v1/devices/{}/metrics?cursor=zzz", d[0]), None).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    });
+}
+
+/// Values at the edge of what a double holds, stored before ingest refused them, read back as
+/// numbers (JSON has no infinity: `null` broke the published schema).
+#[tokio::test]
+async fn aggregates_of_huge_values_stay_finite() {
+    each_backend!(|app| {
+        let d = accepted_devices(&app, "huge", 3).await;
+        let t0 = base_time();
+        let minute = t0 - t0 % MIN;
+        for dev in &d {
+            sqlx::query("INSERT INTO metric_series (device_id, name) VALUES ($1, 'big')")
+                .bind(dev.clone())
+                .execute(app.db.pool())
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO metric_rollup_1m (series_id, bucket, count, sum, min, max) \
+                 SELECT id, $2, 1, 1.797e308, 1.797e308, 1.797e308 FROM metric_series WHERE device_id = $1",
+            )
+            .bind(dev.clone())
+            .bind(minute)
+            .execute(app.db.pool())
+            .await
+            .unwrap();
+        }
+        let r = app
+            .admin(
+                Method::GET,
+                &format!("/api/v1/metrics/fleet?metric=big&from={minute}&to={}&step=1m", minute + MIN),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let b = &r.body["buckets"][0];
+        assert_eq!(b["devices"], 3, "{}", r.body);
+        for k in ["avg", "min", "max", "p50", "p95"] {
+            let v = b[k].as_f64().unwrap_or_else(|| panic!("{k} is not a number: {b}"));
+            assert!((v - 1.797e308).abs() < 1e300, "{k} = {v}");
+        }
+    });
+}
+
 #[tokio::test]
 async fn bad_queries_get_clear_400s_and_roles_are_enforced() {
     each_backend!(|app| {
@@ -514,6 +618,19 @@ mod e2e {
         // Bad input: a batch with a metric name outside the alphabet is refused, never acked.
         let bad = json!({"v":1,"seq":1,"points":[{"n":"CPU!","t":now,"v":1.0}]});
         client.publish(&up, QoS::AtLeastOnce, false, bad.to_string()).await.unwrap();
+        // Bad input: a batch within every per-field limit (2,000 points, 100 events of 1 KiB)
+        // but over the largest message, 256 KiB (342 KB before the limit was enforced), and
+        // one with a value JSON aggregates cannot carry, are refused and never acked.
+        let long = "m".repeat(64);
+        let big = json!({"v":1,"seq":1,
+            "points": (0..2000).map(|i| json!({"n": long, "t": now - 1000 - i, "v": 1.2345678901234567e-300})).collect::<Vec<_>>(),
+            "events": (0..100).map(|i| json!({"id": format!("e{i}"), "t": now, "name": "x", "severity": "info",
+                "data": {"d": "x".repeat(1000)}})).collect::<Vec<_>>()})
+        .to_string();
+        assert!(big.len() > 256 * 1024 && big.len() < 1024 * 1024, "{}", big.len());
+        client.publish(&up, QoS::AtLeastOnce, false, big).await.unwrap();
+        let huge = json!({"v":1,"seq":1,"points":[{"n":"huge","t":now,"v":1.797e308}]});
+        client.publish(&up, QoS::AtLeastOnce, false, huge.to_string()).await.unwrap();
         // Five good batches of 100 points, then batch 3 again (its ack "lost").
         let batch = |seq: i64| {
             let pts: Vec<Value> = (0..100)
@@ -543,7 +660,11 @@ mod e2e {
                 assert!(n as i64 >= (seq - 1) * 100, "ack {seq} with only {n} points stored");
             }
         }
-        assert!(!acks.contains(&1), "the refused batch was acked: {acks:?}");
+        assert!(!acks.contains(&1), "a refused batch was acked: {acks:?}");
+        let (s, m) = get_json(&format!("{base}/api/v1/devices/{id}/metrics"), Some(&token));
+        assert_eq!(s, 200, "{m}");
+        let names: Vec<&str> = m["items"].as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap()).collect();
+        assert!(!names.iter().any(|n| n.starts_with("mmm") || *n == "huge"), "refused batches stored: {names:?}");
         // Every stored batch has its own ack: a device reads an ack as covering that batch
         // only, so an ack for the highest alone would leave the others resent for ever.
         for seq in 2..=6 {
@@ -556,7 +677,7 @@ mod e2e {
         assert!(pts.windows(2).all(|w| w[1].0 - w[0].0 == 1000 && w[1].1 - w[0].1 == 1.0));
         let (s, m) = get_json(&format!("{base}/api/v1/devices/{id}/metrics"), Some(&token));
         assert_eq!(s, 200);
-        let dropped = m.as_array().unwrap().iter().find(|x| x["name"] == "drover.outbox.dropped").unwrap();
+        let dropped = m["items"].as_array().unwrap().iter().find(|x| x["name"] == "drover.outbox.dropped").unwrap();
         assert_eq!(dropped["last_value"], 7.0);
 
         // Bad input: points stamped a day ahead (a clock set wrong), at 1970 (a clock never
@@ -603,6 +724,8 @@ mod e2e {
             .unwrap();
         assert!(metrics.contains("drover_telemetry_refused_points_total{reason=\"future\"} 1"), "{metrics}");
         assert!(metrics.contains("drover_telemetry_refused_points_total{reason=\"too_old\"} 2"), "{metrics}");
+        assert!(metrics.contains("drover_telemetry_refused_points_total{reason=\"series_limit\"} 0"), "{metrics}");
+        assert!(metrics.contains("drover_telemetry_refused_series_total 0"), "{metrics}");
         drop(server);
     }
 
