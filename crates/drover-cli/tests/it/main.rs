@@ -60,6 +60,9 @@ impl Server {
                 // The scripted devices of these tests enroll on the API's address (the device
                 // endpoint's port is random); real agents use the device endpoint.
                 config.insecure_enroll_over_http = true;
+                // The tests' webhook receivers listen on 127.0.0.1, which droverd refuses as a
+                // notification target unless allowed, as a real internal receiver would be.
+                config.alerts.notify_allow_hosts = vec!["127.0.0.1".into()];
                 drover_server::app::prepare_data_dir(&data).unwrap();
                 let db = drover_server::app::open_db(&config, Some("cli test admin pw".into())).await.unwrap();
                 let org = drover_server::ops::find_org(&db, None).await.unwrap();
