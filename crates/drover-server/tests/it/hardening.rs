@@ -71,7 +71,7 @@ async fn nul_characters_are_refused_at_the_edge_on_every_backend() {
         let users = app.admin(Method::GET, "/api/v1/users", None).await;
         assert_eq!(users.body["items"].as_array().unwrap().len(), users_before);
         let tokens = app.admin(Method::GET, "/api/v1/enrollment-tokens", None).await;
-        assert_eq!(tokens.body.as_array().unwrap().len(), 0, "{}", tokens.text);
+        assert_eq!(tokens.body["items"].as_array().unwrap().len(), 0, "{}", tokens.text);
         let pre = app.admin(Method::GET, "/api/v1/preauthorizations", None).await;
         assert_eq!(pre.status, StatusCode::OK, "{}", pre.text);
         assert!(!pre.text.contains("SN-1"), "{}", pre.text);
