@@ -11,7 +11,9 @@ use drover_proto::{filter, remote};
 /// Every `code span` and fenced block line of a Markdown document.
 fn md_snippets(md: &str) -> Vec<String> {
     let mut out: Vec<String> = md.split('`').skip(1).step_by(2).filter(|s| !s.is_empty()).map(String::from).collect();
-    out.extend(md.lines().filter(|l| l.starts_with('{') || l.contains(" and ") || l.contains(" or ")).map(String::from));
+    out.extend(
+        md.lines().filter(|l| l.starts_with('{') || l.contains(" and ") || l.contains(" or ")).map(String::from),
+    );
     out
 }
 
@@ -23,8 +25,25 @@ fn filter_parse() {
     Fuzz::new("filter_parse")
         .seeds(&seeds)
         .dict([
-            " and ", " or ", " not ", "(", ")", " in (", "\"", "\\\"", " exists", " ~ ", " = ", " != ", "tag.", "attr.",
-            "artifact.commit", "online", "status", "group", "*",
+            " and ",
+            " or ",
+            " not ",
+            "(",
+            ")",
+            " in (",
+            "\"",
+            "\\\"",
+            " exists",
+            " ~ ",
+            " = ",
+            " != ",
+            "tag.",
+            "attr.",
+            "artifact.commit",
+            "online",
+            "status",
+            "group",
+            "*",
         ])
         .max_len(filter::MAX_FILTER_LEN + 64)
         .run(|data| {
@@ -124,20 +143,30 @@ fn device_decode_uplink() {
     let mut seeds: Vec<Vec<u8>> = docs.lines().filter(|l| l.starts_with('{')).map(|l| l.as_bytes().to_vec()).collect();
     // Each seed tagged with every channel: the first byte picks the channel.
     let examples = seeds.len();
-    let decoded = seeds
-        .iter()
-        .filter(|s| Channel::ALL.iter().any(|c| decode_uplink(*c, s).is_ok()))
-        .count();
+    let decoded = seeds.iter().filter(|s| Channel::ALL.iter().any(|c| decode_uplink(*c, s).is_ok())).count();
     assert!(examples >= 10 && decoded >= 6, "{decoded} of docs/protocol.md's {examples} examples decode");
-    seeds = seeds
-        .iter()
-        .flat_map(|s| (0..Channel::ALL.len() as u8).map(move |c| [&[c][..], s].concat()))
-        .collect();
+    seeds = seeds.iter().flat_map(|s| (0..Channel::ALL.len() as u8).map(move |c| [&[c][..], s].concat())).collect();
     Fuzz::new("device_decode_uplink")
         .seeds(&seeds)
         .dict([
-            "{", "}", "[", "]", ",", ":", "\"", "null", "true", "-1", "1e308", "0.5", "18446744073709551616",
-            "\"v\":1", "\"\\u0000\"", "\"\\ud800\"", "{\"a\":", "[[[[[[[[",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "\"",
+            "null",
+            "true",
+            "-1",
+            "1e308",
+            "0.5",
+            "18446744073709551616",
+            "\"v\":1",
+            "\"\\u0000\"",
+            "\"\\ud800\"",
+            "{\"a\":",
+            "[[[[[[[[",
         ])
         .max_len(256 * 1024)
         .run(|data| {

@@ -103,7 +103,12 @@ fn reopen_and_read(seg: &[u8], state: &[u8]) {
             // Nothing read, `last` is where reading starts: the acknowledged records.
             [] if round == 0 => {}
             // Never an invented record: what comes out is what was written at that index.
-            [p] => assert_eq!((p.n.as_str(), p.t, p.v), ("m", batch.last as i64, batch.last as f64), "record {}", batch.last),
+            [p] => assert_eq!(
+                (p.n.as_str(), p.t, p.v),
+                ("m", batch.last as i64, batch.last as f64),
+                "record {}",
+                batch.last
+            ),
             [] => lost += 1,
             more => panic!("one point asked for, {} read", more.len()),
         }
@@ -128,7 +133,7 @@ fn outbox_segment_corrupted() {
     assert_eq!(seg, seg_acked, "acks do not touch the segment");
     Fuzz::new("agent_outbox_segment").seed(&seg).max_len(64 * 1024).run(|data| {
         // Half the inputs with the state of five acknowledged records.
-        let state = if fnv(data) % 2 == 0 { &state } else { &state_acked };
+        let state = if fnv(data).is_multiple_of(2) { &state } else { &state_acked };
         reopen_and_read(data, state);
     });
 }

@@ -19,9 +19,11 @@ use crate::{TempDir, bytes, manifest};
 fn small_artifact(key: &SigningKey) -> Vec<u8> {
     let dir = TempDir::new("fuzz-build");
     let mut b = Builder::new(manifest());
-    for (name, data, role) in
-        [("app.tar", bytes(3, 700), PayloadRole::Install), ("empty", vec![], PayloadRole::Install), ("sbom.json", bytes(4, 40), PayloadRole::Sbom)]
-    {
+    for (name, data, role) in [
+        ("app.tar", bytes(3, 700), PayloadRole::Install),
+        ("empty", vec![], PayloadRole::Install),
+        ("sbom.json", bytes(4, 40), PayloadRole::Sbom),
+    ] {
         std::fs::write(dir.join(name), &data).unwrap();
         b = b.payload(name, dir.join(name), role);
     }
@@ -108,7 +110,7 @@ fn unpack_safe_stays_inside() {
             // Most mutations break a header's checksum, which the tar reader refuses: for half
             // the inputs, fix the checksum of every block that looks like a ustar header.
             let mut fixed = data.to_vec();
-            if fnv(data) % 2 == 0 {
+            if fnv(data).is_multiple_of(2) {
                 fix_checksums(&mut fixed);
             }
             let data = &fixed[..];
@@ -129,7 +131,6 @@ fn unpack_safe_stays_inside() {
             }
         });
 }
-
 
 fn fix_checksums(tar: &mut [u8]) {
     for h in tar.chunks_exact_mut(512) {

@@ -84,17 +84,17 @@ fn mqtt_packet_read() {
 fn check_packet(p: &Packet) {
     match p {
         Packet::Publish(publish) => {
-            if let Ok(t) = std::str::from_utf8(&publish.topic) {
-                if valid_topic(t) {
-                    assert!(!t.contains(['+', '#']));
-                }
+            if let Ok(t) = std::str::from_utf8(&publish.topic)
+                && valid_topic(t)
+            {
+                assert!(!t.contains(['+', '#']));
             }
         }
         Packet::Subscribe(s) => {
             for f in &s.filters {
                 if valid_filter(&f.path) {
                     // A valid filter matches the topic made of its own literal levels.
-                    let literal: String = f.path.replace('+', "x").replace('#', "x");
+                    let literal: String = f.path.replace(['+', '#'], "x");
                     if !literal.starts_with('$') {
                         assert!(topic_matches(&literal, &f.path), "{:?} does not match {literal:?}", f.path);
                     }
@@ -139,11 +139,8 @@ fn sub(client: &str) -> Subscriber {
 #[test]
 fn trie_matches_like_topic_matches() {
     let seed = "+a/b\n+a/+\n+a/#\n+#\n+$SYS/#\n++/b\n-a/+\na/b\na\n$SYS/x\n/\n+/\n//\na//b\n+a//#\n";
-    Fuzz::new("broker_trie")
-        .seed(seed)
-        .dict(["\n+", "\n-", "\n", "/", "+", "#", "$", "a", "b"])
-        .max_len(4096)
-        .run(|data| {
+    Fuzz::new("broker_trie").seed(seed).dict(["\n+", "\n-", "\n", "/", "+", "#", "$", "a", "b"]).max_len(4096).run(
+        |data| {
             let text = String::from_utf8_lossy(data);
             let mut trie = Trie::default();
             let mut filters: BTreeSet<String> = BTreeSet::new();
@@ -169,5 +166,6 @@ fn trie_matches_like_topic_matches() {
                 }
                 assert_eq!(trie.len(), filters.len());
             }
-        });
+        },
+    );
 }

@@ -431,9 +431,13 @@ async fn a_short_disconnect_is_a_normal_disconnect() {
     let mut io = tls.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
     let mut connect = bytes::BytesMut::new();
     let will = LastWill::new(status, "offline", QoS::AtLeastOnce, false, None);
-    Packet::Connect(Connect { keep_alive: 30, client_id: "dev-s".into(), clean_start: true, properties: None }, Some(will), None)
-        .write(&mut connect, None)
-        .unwrap();
+    Packet::Connect(
+        Connect { keep_alive: 30, client_id: "dev-s".into(), clean_start: true, properties: None },
+        Some(will),
+        None,
+    )
+    .write(&mut connect, None)
+    .unwrap();
     io.write_all(&connect).await.unwrap();
     let mut connack = [0u8; 2];
     tokio::time::timeout(WAIT, io.read_exact(&mut connack)).await.unwrap().unwrap();
