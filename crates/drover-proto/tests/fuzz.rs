@@ -173,9 +173,21 @@ fn device_decode_uplink() {
             let Some((&c, payload)) = data.split_first() else { return };
             let channel = Channel::ALL[c as usize % Channel::ALL.len()];
             if let Ok(u) = decode_uplink(channel, payload) {
-                // What was accepted re-encodes to a message that decodes to the same thing.
+                // What was accepted re-encodes to a message that decodes to the same thing
+                // (for telemetry values, within a few ULP: serde_json's default float parser
+                // is not always correctly rounded; see FUZZING.md).
                 let again = decode_uplink(channel, &reencode(&u)).expect("a re-encoded message decodes");
-                assert_eq!(again, u);
+                match (&again, &u) {
+                    (Uplink::Telemetry(a), Uplink::Telemetry(b)) => {
+                        assert_eq!((a.v, a.seq, &a.events, a.dropped), (b.v, b.seq, &b.events, b.dropped));
+                        assert_eq!(a.points.len(), b.points.len());
+                        for (x, y) in a.points.iter().zip(&b.points) {
+                            assert_eq!((&x.n, x.t), (&y.n, y.t));
+                            assert!((x.v - y.v).abs() <= 1e-14 * x.v.abs().max(y.v.abs()), "{} became {}", y.v, x.v);
+                        }
+                    }
+                    _ => assert_eq!(again, u),
+                }
             }
         });
 }

@@ -113,6 +113,19 @@ fn check_packet(p: &Packet) {
     if matches!(p, Packet::Disconnect(d) if d.properties.is_none()) {
         return;
     }
+    // The broker clears a client's subscription identifiers before it forwards a publish
+    // (clients may not send them; rumqttc mis-sizes several of them when writing).
+    let mut p = p.clone();
+    if let Packet::Publish(publish) = &mut p
+        && let Some(props) = publish.properties.as_mut()
+    {
+        props.subscription_identifiers.clear();
+        // Empty properties are written as none.
+        if *props == Default::default() {
+            publish.properties = None;
+        }
+    }
+    let p = &p;
     // What was read writes back, and reads back to the same packet.
     let mut out = BytesMut::new();
     if p.write(&mut out, None).is_ok() {
