@@ -9,7 +9,8 @@ pub mod agent;
 pub mod backoff;
 pub mod check;
 pub mod config;
-mod der;
+#[doc(hidden)] // public for the fuzz targets in tests/it/fuzz.rs only
+pub mod der;
 pub mod enroll;
 pub mod http;
 pub mod inventory;

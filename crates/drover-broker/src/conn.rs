@@ -24,6 +24,25 @@ use crate::{Admission, ClientEntry, Delivery, Identity, Kick, Message, Shared, v
 
 type Io = TlsStream<TcpStream>;
 
+/// Takes the next packet from `buf`: `Ok(None)` while it is incomplete. What the broker reads
+/// from every connection (the fuzz target `broker_mqtt_packet_read` feeds it arbitrary bytes).
+pub fn read_packet(buf: &mut BytesMut, max_packet_size: u32) -> Result<Option<Packet>, CodecError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    // MQTT 5 (3.14.2.1): a DISCONNECT with reason 0x00 and no properties may have a remaining
+    // length of 0. rumqttc's reader refuses that form, so it is read here.
+    if buf.starts_with(&[0xe0, 0x00]) {
+        let _ = buf.split_to(2);
+        return Ok(Some(Packet::Disconnect(Disconnect::new(DisconnectReasonCode::NormalDisconnection))));
+    }
+    match Packet::read(buf, Some(max_packet_size)) {
+        Ok(p) => Ok(Some(p)),
+        Err(CodecError::InsufficientBytes(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Why a connection ended, for the will and the log.
 enum End {
     /// DISCONNECT 0x00 from the client: no will.
@@ -171,14 +190,7 @@ impl Conn {
     }
 
     fn parse(&mut self) -> Result<Option<Packet>, CodecError> {
-        if self.rbuf.is_empty() {
-            return Ok(None);
-        }
-        match Packet::read(&mut self.rbuf, Some(self.shared.config.max_packet_size)) {
-            Ok(p) => Ok(Some(p)),
-            Err(CodecError::InsufficientBytes(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+        read_packet(&mut self.rbuf, self.shared.config.max_packet_size)
     }
 
     async fn refuse(&mut self, code: ConnectReturnCode, why: &str) {

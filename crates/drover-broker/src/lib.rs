@@ -29,6 +29,7 @@ use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, PublishProperties};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, mpsc};
 
+pub use conn::read_packet;
 pub use trie::{Subscriber, Trie};
 
 /// The client id suffix of a device's second connection, for remote-access sessions: a device

@@ -227,8 +227,8 @@ impl Outbox {
         Ok(ob)
     }
 
-    /// Finds the last valid record of the last segment: the next index follows it, and a torn
-    /// tail after it is cut off so appends start on a clean frame.
+    /// Finds the valid records of the last segment: the next index follows the highest, and a
+    /// torn tail after the last one is cut off so appends start on a clean frame.
     fn recover_tail(&mut self) -> Result<(), OutboxError> {
         while let Some(last) = self.segments.last() {
             let path = last.path.clone();
@@ -237,7 +237,9 @@ impl Outbox {
             let mut end = 0;
             let mut last_index = None;
             while let Some((_, idx, _, next)) = scan(&data, pos) {
-                last_index = Some(idx);
+                // The highest index, not the last one: after a stale copy of an older frame
+                // at the end, new records must still get indices above every one written.
+                last_index = Some(last_index.map_or(idx, |l: u64| l.max(idx)));
                 end = next;
                 pos = next;
             }

@@ -2,6 +2,7 @@
 //! Mosquitto with mutual TLS (started by each test on a free port).
 
 mod binary;
+mod fuzz;
 mod remote;
 mod session;
 mod support;

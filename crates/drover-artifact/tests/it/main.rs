@@ -1,6 +1,7 @@
 //! The artifact format end to end, on real files in temporary directories.
 
 mod format;
+mod fuzz;
 mod root;
 mod tree;
 

@@ -35,9 +35,9 @@ fn raw_entry(out: &mut Vec<u8>, name: &str, kind: u8, link: &str, mode: u32, dat
     out.resize(out.len().div_ceil(512) * 512, 0);
 }
 
-struct E<'a>(&'a str, u8, &'a str, &'a [u8]);
+pub(crate) struct E<'a>(pub &'a str, pub u8, pub &'a str, pub &'a [u8]);
 
-fn raw_tar(entries: &[E]) -> Vec<u8> {
+pub(crate) fn raw_tar(entries: &[E]) -> Vec<u8> {
     let mut out = Vec::new();
     for E(name, kind, link, data) in entries {
         raw_entry(&mut out, name, *kind, link, 0o644, data);
@@ -63,9 +63,22 @@ fn listing(root: &Path) -> Vec<String> {
     out
 }
 
+/// Every path under `dir` (symlinks not followed).
+pub(crate) fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if fs::symlink_metadata(&p).unwrap().is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
 /// Unpacks `tar` into `box/dest`; checks that nothing appeared in `box` outside `dest` and
 /// that no link inside `dest` points outside it.
-fn unpack_in_box(tag: &str, tar: &[u8]) -> (Result<(), UnpackError>, TempDir) {
+pub(crate) fn unpack_in_box(tag: &str, tar: &[u8]) -> (Result<(), UnpackError>, TempDir) {
     let sandbox = TempDir::new(tag);
     fs::write(sandbox.join("outside.txt"), b"keep").unwrap();
     let dest = sandbox.join("dest");
@@ -74,11 +87,12 @@ fn unpack_in_box(tag: &str, tar: &[u8]) -> (Result<(), UnpackError>, TempDir) {
     assert_eq!(outside, ["outside.txt"], "{tag}: something was written outside dest");
     assert_eq!(fs::read(sandbox.join("outside.txt")).unwrap(), b"keep");
     if dest.exists() {
-        for p in listing(&dest) {
-            let full = dest.join(&p);
+        // Paths, not strings: a name need not be UTF-8.
+        for full in walk(&dest) {
             if fs::symlink_metadata(&full).unwrap().file_type().is_symlink() {
                 let resolved = fs::canonicalize(&full);
                 if let Ok(r) = resolved {
+                    let p = full.display();
                     assert!(r.starts_with(fs::canonicalize(&dest).unwrap()), "{tag}: {p} -> {}", r.display());
                 }
             }
@@ -182,7 +196,7 @@ fn unpack_drops_setuid_and_needs_an_empty_destination() {
     unpack_safe(&tar[..], &b.join("empty")).unwrap();
 }
 
-fn sample_tree(dir: &Path) {
+pub(crate) fn sample_tree(dir: &Path) {
     fs::create_dir_all(dir.join("bin")).unwrap();
     fs::create_dir_all(dir.join("share/doc/deep/er")).unwrap();
     fs::write(dir.join("bin/app"), b"#!/bin/sh\necho hi\n").unwrap();

@@ -6,6 +6,8 @@
 //! an oversized packet, an MQTT 3.1.1 client, a connection dropped without DISCONNECT and a
 //! client that goes silent (keep-alive).
 
+mod fuzz;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -407,6 +409,52 @@ async fn wills_retained_status_and_disconnects() {
     assert!(e.contains("SessionTakenOver"), "{e}");
     server.silent_on(status, Duration::from_millis(500)).await;
     assert!(h.broker.is_connected("dev-w"));
+}
+
+/// MQTT 5 lets a normal DISCONNECT omit its reason code (remaining length 0; rumqttc's own
+/// client writes it so): that is a clean disconnect, so the will is discarded. (Found by the
+/// fuzz target `broker_mqtt_packet_read`: rumqttc's reader refuses the short form.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_disconnect_is_a_normal_disconnect() {
+    use rumqttc::v5::mqttbytes::v5::Connect;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let h = harness().await;
+    let status = "drover/v1/d/dev-s/up/status";
+    let mut server = Client::service(&h, "droverd");
+    server.connected().await;
+    subscribed(&mut server, "drover/v1/d/+/up/status").await;
+
+    let identity = leaf(&h.ca, "dev-s", vec![], false);
+    let tls = tokio_rustls::TlsConnector::from(client_tls(&h.ca, Some(&identity)));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    let mut io = tls.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+    let mut connect = bytes::BytesMut::new();
+    let will = LastWill::new(status, "offline", QoS::AtLeastOnce, false, None);
+    Packet::Connect(
+        Connect { keep_alive: 30, client_id: "dev-s".into(), clean_start: true, properties: None },
+        Some(will),
+        None,
+    )
+    .write(&mut connect, None)
+    .unwrap();
+    io.write_all(&connect).await.unwrap();
+    let mut connack = [0u8; 2];
+    tokio::time::timeout(WAIT, io.read_exact(&mut connack)).await.unwrap().unwrap();
+    assert_eq!(connack[0], 0x20, "CONNACK expected");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !h.broker.is_connected("dev-s") {
+        assert!(tokio::time::Instant::now() < deadline, "dev-s never connected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    io.write_all(&[0xe0, 0x00]).await.unwrap();
+    io.flush().await.unwrap();
+    while h.broker.is_connected("dev-s") {
+        assert!(tokio::time::Instant::now() < deadline, "dev-s still connected after DISCONNECT");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.silent_on(status, Duration::from_millis(500)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
