@@ -334,16 +334,12 @@ async fn enroll_on_api(State(s): State<AppState>, req: axum::extract::Request) -
         )));
     }
     let (parts, body) = req.into_parts();
-    let source = crate::app::source_of(&parts);
-    let ip = client_ip(&parts);
-    let ApiJson(req) = <ApiJson<EnrollRequest> as axum::extract::FromRequest<()>>::from_request(
-        axum::extract::Request::from_parts(parts, body),
+    let json = <ApiJson<EnrollRequest> as axum::extract::FromRequest<()>>::from_request(
+        axum::extract::Request::from_parts(parts.clone(), body),
         &(),
     )
     .await?;
-    let resp = crate::devices::enroll(&s.db, &s.ca, req, &source, ip, &s.enroll_limiter).await?;
-    let status = if resp.status == DeviceStatus::Pending { StatusCode::ACCEPTED } else { StatusCode::OK };
-    Ok((status, Json(resp)).into_response())
+    enroll(State(s), parts, json).await
 }
 
 #[utoipa::path(get, path = "/api/v1/devices", tag = "devices", params(DeviceListQuery),

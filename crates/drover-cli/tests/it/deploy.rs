@@ -18,17 +18,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 
-use super::{Server, drover, fails, json, ok};
+use super::{Server, drover, fails, free_port, http, json, ok};
 
 const COMMIT: &str = "4f1c2a9e8b7d6c5f4e3d2c1b0a9f8e7d6c5b4a39";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
-}
 
 fn api(s: &Server, method: &str, path: &str, body: Value) -> Value {
     let url = format!("{}/api/v1{path}", s.url);

@@ -18,6 +18,16 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_drover");
 
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An HTTP client that hands back error statuses instead of failing on them.
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+}
+
 struct Server {
     url: String,
     admin_token: String,

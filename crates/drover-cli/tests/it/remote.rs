@@ -11,15 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{BIN, Server, drover, fails, ok};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
-}
+use super::{BIN, Server, drover, fails, free_port, http, ok};
 
 fn api(s: &Server, method: &str, path: &str, body: Value) -> Value {
     let url = format!("{}/api/v1{path}", s.url);
